@@ -1,0 +1,1 @@
+"""Pieces both services share: config files and the MQTT connection."""

@@ -1,0 +1,1 @@
+"""storegate gateway: the in-store service (pure core + I/O edges)."""

@@ -1,0 +1,118 @@
+"""`storegate`: the gateway.
+
+    storegate run --config /etc/storegate/gateway.toml
+    storegate status [--config FILE | --url http://127.0.0.1:8080]
+    storegate demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from common.configfile import ConfigError
+
+
+async def serve(cfg: dict, *, ready=None) -> None:
+    """Run the gateway and its POS API until SIGTERM/SIGINT."""
+    from gateway.api import create_app
+    from gateway.service import Gateway
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Gateway(cfg) as gw:
+        app = create_app(gw)
+        server = asyncio.create_task(app.start_server(host=cfg["api"]["host"], port=cfg["api"]["port"]))
+        logging.getLogger("storegate").info("POS API on %s:%s", cfg["api"]["host"], cfg["api"]["port"])
+        if ready:
+            ready(gw)
+        await stop.wait()
+        app.shutdown()
+        await asyncio.wait_for(server, 5)
+
+
+def _status(args) -> int:
+    url = args.url
+    if url is None:
+        if args.config:
+            from gateway import config as gw_config
+            cfg = gw_config.load(args.config)
+            host = cfg["api"]["host"]
+            url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{cfg['api']['port']}"
+        else:
+            url = "http://127.0.0.1:8080"
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as resp:
+            status = json.load(resp)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"gateway at {url} is not answering: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2, ensure_ascii=False))
+    else:
+        print(render_status(status))
+    return 0
+
+
+def render_status(s: dict, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    contact = s.get("last_hq_contact")
+    age = s.get("oldest_unsent_age_s")
+    rows = [
+        f"store            {s['store']}",
+        f"uplink           {s['uplink']}",
+        f"last HQ contact  {f'{now - contact:.0f} s ago' if contact else 'never'}",
+        f"rules version    {s['rules_version'] if s['rules_version'] is not None else 'none'}",
+        f"backlog          {s['backlog']} record(s)" + (f", oldest {age:.0f} s" if age is not None else ""),
+        f"delivered        {s['acked_records']} acked by HQ since start, last seq {s['last_seq']}",
+        "lanes            " + ", ".join(f"{lid} ({l['reader']}, {l['taps']} taps)" for lid, l in s["lanes"].items()),
+    ]
+    for fault in s.get("faults", []):
+        rows.append(f"FAULT            {fault}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="storegate", description="storegate in-store gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the gateway")
+    run.add_argument("--config", required=True)
+    st = sub.add_parser("status", help="show the running gateway's status")
+    st.add_argument("--config")
+    st.add_argument("--url")
+    st.add_argument("--json", action="store_true")
+    demo = sub.add_parser("demo", help="run a whole store on this machine with simulated readers")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's working directory")
+    args = parser.parse_args(argv)
+
+    if args.command == "status":
+        try:
+            return _status(args)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+    if args.command == "demo":
+        from gateway.demo import run_demo
+        return asyncio.run(run_demo(keep=args.keep))
+    from gateway import config as gw_config
+    try:
+        cfg = gw_config.load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg["logging"]["level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

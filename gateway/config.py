@@ -1,0 +1,108 @@
+"""The gateway's config file (TOML). Documented example: deploy/gateway.example.toml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common import configfile
+from common.mqtt import MQTT_CONFIG_SCHEMA
+
+_PIN = {"type": ["integer", "string"]}
+
+GATEWAY_CONFIG_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["store", "mqtt", "lanes"],
+    "properties": {
+        "store": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["id"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "region": {"type": "string"},
+                "timezone": {"type": "string", "default": "Asia/Shanghai"},
+                "data_dir": {"type": "string", "default": "/var/lib/storegate"},
+            },
+        },
+        "mqtt": MQTT_CONFIG_SCHEMA,
+        "api": {
+            "type": "object",
+            "additionalProperties": False,
+            "default": {},
+            "properties": {
+                "host": {"type": "string", "default": "0.0.0.0"},
+                "port": {"type": "integer", "minimum": 0, "maximum": 65535, "default": 8080},
+                "token": {"type": "string", "minLength": 16,
+                          "description": "POS terminals send 'Authorization: Bearer <token>'"},
+                "member_hold_s": {"type": "integer", "minimum": 10, "default": 300},
+            },
+        },
+        "uplink": {
+            "type": "object",
+            "additionalProperties": False,
+            "default": {},
+            "properties": {
+                "batch_max": {"type": "integer", "minimum": 1, "maximum": 5000, "default": 500},
+                "window": {"type": "integer", "minimum": 1, "maximum": 64, "default": 4},
+                "resend_after_s": {"type": "number", "minimum": 1, "default": 10},
+                "status_interval_s": {"type": "number", "minimum": 1, "default": 10},
+            },
+        },
+        "lanes": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["id", "reader"],
+                "properties": {
+                    "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,16}$"},
+                    "reader": {"enum": ["simulated", "terminal"]},
+                    "indicator": {"enum": ["simulated", "gpio"], "default": "simulated"},
+                    "gpio": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["green", "red"],
+                        "properties": {
+                            "green": _PIN, "red": _PIN, "buzzer": _PIN, "status": _PIN,
+                            "mock": {"type": "boolean", "default": False,
+                                     "description": "drive gpiozero's MockFactory instead of real pins"},
+                        },
+                    },
+                },
+            },
+        },
+        "logging": {
+            "type": "object",
+            "additionalProperties": False,
+            "default": {},
+            "properties": {"level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"], "default": "INFO"}},
+        },
+    },
+}
+
+
+def check(config: dict, source: str = "config") -> dict:
+    config = configfile.validate(config, GATEWAY_CONFIG_SCHEMA, source)
+    problems = []
+    seen = set()
+    for i, lane in enumerate(config["lanes"]):
+        if lane["id"] in seen:
+            problems.append(f"lanes[{i}].id: duplicate lane id {lane['id']!r}")
+        seen.add(lane["id"])
+        if lane["indicator"] == "gpio" and "gpio" not in lane:
+            problems.append(f"lanes[{i}].gpio: required when indicator = \"gpio\"")
+    try:
+        from zoneinfo import ZoneInfo
+        ZoneInfo(config["store"]["timezone"])
+    except Exception:
+        problems.append(f"store.timezone: unknown time zone {config['store']['timezone']!r}")
+    if problems:
+        raise configfile.ConfigError(f"config error in {source}:\n  " + "\n  ".join(problems))
+    return config
+
+
+def load(path: str | Path) -> dict:
+    raw = configfile.load(path, {"type": "object"})  # TOML syntax errors first
+    return check(raw, str(path))

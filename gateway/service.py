@@ -1,0 +1,263 @@
+"""The gateway service: readers -> validation -> indicator and POS; sales ->
+journal -> uplink. This is the imperative shell around gateway.engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from gateway import engine
+from gateway.journal import Appended, Journal
+from gateway.rules_store import RulesStore
+from gateway.uplink import Uplink, UplinkSettings
+from hardware.indicators import GpioIndicator, Indicator, SimulatedIndicator
+from hardware.readers import CardRead, CardReader, SimulatedReader
+from wire.messages import Status
+
+log = logging.getLogger("storegate.gateway")
+
+
+class NoMember(ValueError):
+    """A member sale was asked for on a lane where no member card was accepted."""
+
+
+class QuoteChanged(ValueError):
+    """The POS's expected total no longer matches the price (rules changed)."""
+
+
+@dataclass
+class Lane:
+    id: str
+    reader: CardReader | None  # None: a lane terminal that posts its reads
+    indicator: Indicator
+    member: engine.Verdict | None = None
+    member_at: float = 0.0
+    taps: int = 0
+    listeners: set = field(default_factory=set)  # asyncio.Queue per SSE client
+
+    def publish(self, event: dict) -> None:
+        for q in list(self.listeners):
+            if q.full():
+                q.get_nowait()  # a slow listener loses the oldest event, not the newest
+            q.put_nowait(event)
+
+
+def build_indicator(lane_cfg: dict, pin_factory=None) -> Indicator:
+    if lane_cfg["indicator"] == "gpio":
+        pins = lane_cfg["gpio"]
+        factory = pin_factory
+        if factory is None and pins.get("mock"):
+            from gpiozero.pins.mock import MockFactory
+            factory = MockFactory()
+        return GpioIndicator(green=pins["green"], red=pins["red"], buzzer=pins.get("buzzer"),
+                             status=pins.get("status"), pin_factory=factory)
+    return SimulatedIndicator()
+
+
+class Gateway:
+    """Use as ``async with Gateway(config) as gw:``; serves until closed."""
+
+    def __init__(self, config: dict, *, pin_factory=None, clock=time.time) -> None:
+        self.config = config
+        store = config["store"]
+        self.store_id = store["id"]
+        self.tz = ZoneInfo(store["timezone"])
+        self.clock = clock
+        data_dir = Path(store["data_dir"])
+        self.journal = Journal(data_dir / "journal.sqlite3", clock=clock)
+        self.rules = RulesStore(data_dir / "rules.json", self.store_id, store.get("region"))
+        self.lanes: dict[str, Lane] = {}
+        for lane_cfg in config["lanes"]:
+            reader = SimulatedReader(lane_cfg["id"]) if lane_cfg["reader"] == "simulated" else None
+            self.lanes[lane_cfg["id"]] = Lane(lane_cfg["id"], reader, build_indicator(lane_cfg, pin_factory))
+        self.uplink = Uplink(config["mqtt"], self.store_id, self.journal, self.rules, self.status_message,
+                             UplinkSettings(**config["uplink"]), on_connection_change=self._on_link)
+        self.started_at = clock()
+        self._tasks: list[asyncio.Task] = []
+        self.stats = {"taps": 0, "accepted": 0, "denied": 0, "sales": 0}
+
+    # -- lifetime -----------------------------------------------------------
+
+    async def __aenter__(self) -> "Gateway":
+        self.rules.load()
+        await self.journal.open()
+        for lane in self.lanes.values():
+            if lane.reader is not None:
+                await lane.reader.open()
+                self._tasks.append(asyncio.create_task(self._read_loop(lane), name=f"reader-{lane.id}"))
+            lane.indicator.show("offline")  # until the uplink says otherwise
+        self._tasks.append(asyncio.create_task(self.uplink.run(), name="uplink"))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for task in reversed(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for lane in self.lanes.values():
+            if lane.reader is not None:
+                await lane.reader.close()
+            lane.indicator.close()
+        await self.journal.close()
+
+    def _on_link(self, up: bool) -> None:
+        for lane in self.lanes.values():
+            lane.indicator.show("online" if up else "offline")
+
+    async def _read_loop(self, lane: Lane) -> None:
+        async for read in lane.reader.reads():
+            try:
+                await self.handle_read(read)
+            except Exception:  # one bad read must not stop the lane
+                log.exception("lane %s: tap handling failed", lane.id)
+
+    # -- counter ------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), self.tz)
+
+    def lane(self, lane_id: str) -> Lane:
+        try:
+            return self.lanes[lane_id]
+        except KeyError:
+            raise KeyError(f"unknown lane {lane_id!r}; this store has lanes {sorted(self.lanes)}") from None
+
+    async def handle_read(self, read: CardRead) -> engine.Verdict:
+        lane = self.lane(read.lane)
+        verdict = engine.validate(read.source, read.raw, self.rules.current, self.now())
+        lane.indicator.show(verdict.pattern)
+        lane.taps += 1
+        self.stats["taps"] += 1
+        if verdict.accepted:
+            self.stats["accepted"] += 1
+            lane.member, lane.member_at = verdict, self.clock()
+        else:
+            self.stats["denied"] += 1
+        # Logs carry the reason and the masked card, never the raw read.
+        log.info("lane %s: %s tap -> %s (%s) card %s", lane.id, read.source, verdict.verdict,
+                 verdict.reason, engine.mask_card(verdict.card_no) if verdict.card_no else "-")
+        lane.publish({"type": "tap", "lane": lane.id, "source": read.source, **verdict.public()})
+        return verdict
+
+    def current_member(self, lane: Lane) -> engine.Verdict | None:
+        hold = self.config["api"]["member_hold_s"]
+        if lane.member and self.clock() - lane.member_at <= hold:
+            return lane.member
+        return None
+
+    def _quote(self, lane: Lane, request: dict) -> tuple[engine.Verdict | None, dict]:
+        lines = engine.check_basket(request.get("lines"))
+        use_member = request.get("member", True)
+        if not isinstance(use_member, bool):
+            raise engine.BasketError("member: must be true (the lane's member) or false (no member)")
+        member = self.current_member(lane) if use_member else None
+        if use_member and request.get("member") is True and member is None:
+            raise NoMember(f"no member card accepted on lane {lane.id} in the last "
+                           f"{self.config['api']['member_hold_s']} s")
+        quote = engine.quote(lines, member.member if member else None, self.rules.current, self.now())
+        return member, quote
+
+    def quote(self, lane_id: str, request: dict) -> dict:
+        lane = self.lane(lane_id)
+        member, quote = self._quote(lane, request)
+        return {"lane": lane.id, "member": member.public() if member else None, **quote}
+
+    async def commit_sale(self, lane_id: str, request: dict) -> Appended:
+        """Price the basket again (the POS's numbers are not trusted), journal
+        the sale durably, and only then answer."""
+        lane = self.lane(lane_id)
+        key = request.get("idempotency_key")
+        if not isinstance(key, str) or not 8 <= len(key) <= 128:
+            raise engine.BasketError("idempotency_key: required, a string of 8-128 characters unique per sale")
+        idem_request = {k: request.get(k) for k in ("lines", "member", "expected_total")} | {"lane": lane.id}
+        earlier = await self.journal.lookup(key, idem_request)
+        if earlier:
+            return earlier  # a retry: the first answer, whatever changed since
+        member, quote = self._quote(lane, request)
+        expected = request.get("expected_total")
+        if expected is not None and expected != quote["total"]:
+            raise QuoteChanged(f"expected_total {expected} but the sale prices at {quote['total']}; quote again")
+        body = {
+            "lane": lane.id,
+            "idempotency_key": key,
+            "member_id": member.member["member_id"] if member else None,
+            "card_no": member.card_no if member else None,
+            "tier": member.member["tier"]["code"] if member else None,
+            "rules_version": quote["rules_version"],
+            "lines": quote["lines"],
+            "subtotal": quote["subtotal"],
+            "discount": quote["discount"],
+            "total": quote["total"],
+            "points_earned": quote["points"]["earned"],
+        }
+        response = {"lane": lane.id, "total": quote["total"], "discount": quote["discount"],
+                    "points_earned": quote["points"]["earned"], "receipt": quote["receipt"]}
+        result = await self.journal.append("sale", body, idempotency_key=key, request=idem_request,
+                                           response=response)
+        if not result.duplicate:
+            self.stats["sales"] += 1
+            lane.member = None  # the member's visit ends with the sale
+            lane.publish({"type": "sale", "lane": lane.id, "seq": result.seq, "total": quote["total"]})
+        return result
+
+    # -- status -------------------------------------------------------------
+
+    async def status(self) -> dict:
+        backlog = await self.journal.backlog()
+        rules = self.rules.current
+        up = self.uplink.state
+        return {
+            "store": self.store_id,
+            "uplink": "online" if up.connected else "offline",
+            "last_hq_contact": up.last_hq_contact,
+            "backlog": backlog["depth"],
+            "oldest_unsent_age_s": backlog["oldest_age_s"],
+            "last_seq": backlog["last_seq"],
+            "acked_records": up.acked_records,
+            "rules_version": rules.version if rules else None,
+            "rules_issued_at": rules.issued_at if rules else None,
+            "rules_rejection": self.rules.last_rejection,
+            "lanes": {lid: {"reader": (l.reader.kind if l.reader else "terminal"), "taps": l.taps}
+                      for lid, l in self.lanes.items()},
+            "faults": self.faults(),
+            "stats": dict(self.stats),
+        }
+
+    def faults(self) -> list[str]:
+        faults = list(self.journal.faults)
+        if self.rules.last_rejection:
+            faults.append(f"rules rejected: {self.rules.last_rejection}")
+        return faults
+
+    async def status_message(self, state: str) -> Status:
+        backlog = await self.journal.backlog()
+        rules = self.rules.current
+        readers = {lid: (l.reader.state if l.reader else "terminal") for lid, l in self.lanes.items()}
+        return Status(self.store_id, state, int(self.clock()), backlog["depth"], backlog["oldest_age_s"],
+                      rules.version if rules else None, readers, self.faults())
+
+    def sim_reader(self, lane_id: str) -> SimulatedReader:
+        reader = self.lane(lane_id).reader
+        if not isinstance(reader, SimulatedReader):
+            raise KeyError(f"lane {lane_id!r} has no simulated reader")
+        return reader
+
+
+def quote_error_status(exc: Exception) -> tuple[int, str]:
+    """HTTP status and error code for an error from quote/commit."""
+    mapping: dict[type, tuple[int, str]] = {
+        engine.BasketError: (400, "bad_request"),
+        NoMember: (409, "no_member"),
+        QuoteChanged: (409, "quote_changed"),
+    }
+    for cls, answer in mapping.items():
+        if isinstance(exc, cls):
+            return answer
+    return 500, "internal"
+

@@ -1,0 +1,209 @@
+"""A whole store on one machine: the broker and the network the demo and the
+tests run against. Not used by the gateway in production.
+
+- MosquittoBroker: a real mosquitto on a free loopback port, killable and
+  restartable (outages), with persistence so QoS 1 sessions survive restarts.
+- EmbeddedBroker: amqtt in-process, for a demo machine without mosquitto.
+- LinkProxy: a TCP proxy between gateway and broker that can cut the link
+  (drop connections, refuse new ones) and add latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def mosquitto_path() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
+
+
+class MosquittoBroker:
+    """A real mosquitto on 127.0.0.1; ``kill()`` and ``start()`` simulate outages."""
+
+    def __init__(self, workdir: str | Path | None = None, port: int | None = None) -> None:
+        exe = mosquitto_path()
+        if exe is None:
+            raise RuntimeError("mosquitto is not installed (Debian package 'mosquitto')")
+        self.exe = exe
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="sg-mosquitto-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.workdir}/\n"
+            "autosave_interval 1\n"
+            "max_queued_messages 0\n"   # no cap on a persistent session's queue
+            "max_inflight_messages 0\n"
+            f"log_dest file {self.workdir}/mosquitto.log\n"
+        )
+        self.conf = conf
+
+    def start(self) -> "MosquittoBroker":
+        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        try:
+            wait_for_port(self.port)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
+
+    def kill(self) -> None:
+        """An outage: SIGKILL, no goodbye to anyone."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> "MosquittoBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class EmbeddedBroker:
+    """amqtt inside this process (``pip install storegate[embedded-broker]``)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._broker = None
+
+    async def start(self) -> "EmbeddedBroker":
+        from amqtt.broker import Broker  # optional dependency
+
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        self._broker = Broker(config)
+        await self._broker.start()
+        return self
+
+    async def stop(self) -> None:
+        if self._broker:
+            await self._broker.shutdown()
+            self._broker = None
+
+
+class LinkProxy:
+    """TCP proxy on a free port forwarding to ``target_port``.
+
+    ``cut()`` drops every open connection and refuses new ones until
+    ``restore()``; ``latency_s`` delays every chunk in each direction.
+    """
+
+    def __init__(self, target_port: int, *, latency_s: float = 0.0) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.latency_s = latency_s
+        self.up = True
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> "LinkProxy":
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        return self
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        self.up = False
+        for writer in list(self._conns):
+            writer.transport.abort()
+        self._conns.clear()
+
+    def restore(self) -> None:
+        self.up = True
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if not self.up:
+            client_w.transport.abort()
+            return
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_w.transport.abort()
+            return
+        self._conns.update((client_w, server_w))
+        await asyncio.gather(self._pipe(client_r, server_w), self._pipe(server_r, client_w),
+                             return_exceptions=True)
+        for w in (client_w, server_w):
+            self._conns.discard(w)
+            w.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while self.up:
+            data = await reader.read(65536)
+            if not data:
+                break
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
+            writer.write(data)
+            await writer.drain()
+        writer.transport.abort()
+
+
+def http_json(port: int, method: str, path: str, body=None, *, raw: bytes | None = None,
+              token: str | None = None, timeout: float = 10.0) -> tuple[int, dict]:
+    """A POS-like HTTP/JSON call to the gateway (blocking; use asyncio.to_thread)."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        payload = resp.read()
+        return resp.status, (json.loads(payload) if payload else {})
+    finally:
+        conn.close()

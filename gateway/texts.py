@@ -1,0 +1,42 @@
+"""Every text a cashier or member sees, in zh-CN and en, keyed by reason code.
+
+Codes are stable (POS software switches on them); texts may change.
+"""
+
+REASONS: dict[str, tuple[str, str]] = {
+    # verdict reasons
+    "ok": ("会员卡有效", "Member card accepted"),
+    "member_not_in_snapshot": ("会员卡有效（离线，按普通会员处理）", "Card accepted offline as a basic member (not in the store's member list yet)"),
+    "no_rules": ("门店尚未收到会员规则，暂不能识别会员", "The store has no member rules from HQ yet; members cannot be identified"),
+    "unknown_card_format": ("无法识别的卡号，请确认是本店会员卡", "Card number not recognised; is this one of our member cards?"),
+    "bad_check_digit": ("卡号校验失败，请重新刷卡", "Card number check digit is wrong; please present the card again"),
+    "unknown_nfc_card": ("未登记的会员卡，请到服务台办理", "This NFC card is not registered; please see the service desk"),
+    "lost": ("此卡已挂失，请到服务台办理", "This card has been reported lost; please see the service desk"),
+    "frozen": ("此卡已冻结，请到服务台办理", "This card is frozen; please see the service desk"),
+    "cancelled": ("此卡已注销", "This card has been cancelled"),
+    "replaced": ("此卡已换新卡，请使用新卡", "This card was replaced; please use the new card"),
+    "expired": ("会员卡已过期，请续期", "This membership card has expired; please renew"),
+    "not_activated": ("此卡尚未激活，请到服务台激活", "This card is not activated yet; please activate it at the service desk"),
+    "tap_again": ("读卡失败，请重新刷卡", "Card could not be read; please present it again"),
+}
+
+RECEIPT: dict[str, tuple[str, str]] = {
+    "tier_discount": ("{tier}折扣", "{tier} discount"),
+    "subtotal": ("商品合计", "Subtotal"),
+    "discount_total": ("优惠合计", "Discounts"),
+    "total": ("应付金额", "Total"),
+    "points_earned": ("本次积分", "Points earned"),
+    "member": ("会员", "Member"),
+}
+
+
+def reason_text(code: str) -> dict[str, str]:
+    zh, en = REASONS[code]
+    return {"zh-CN": zh, "en": en}
+
+
+def yuan(fen: int) -> str:
+    """Format integer fen as yuan for receipts: 1234 -> '12.34', -50 -> '-0.50'."""
+    sign = "-" if fen < 0 else ""
+    fen = abs(fen)
+    return f"{sign}{fen // 100}.{fen % 100:02d}"

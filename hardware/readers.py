@@ -1,0 +1,89 @@
+"""Card readers: one lane per reader, each yields CardRead events.
+
+A reader is used like an aiomqtt client::
+
+    async with SimulatedReader("1") as reader:
+        async for read in reader.reads():
+            ...
+
+The raw identifier (NFC UID, track data, QR payload) is personal data: it is
+kept out of repr() and must never be logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+SOURCES = ("nfc", "magstripe", "qr")
+
+
+@dataclass(frozen=True)
+class CardRead:
+    """One card presented at one lane."""
+
+    lane: str
+    source: str  # one of SOURCES
+    raw: str = field(repr=False)  # never logged
+    at: float = 0.0  # wall-clock seconds (time.time()) when read
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown card source {self.source!r}; expected one of {SOURCES}")
+        if not isinstance(self.raw, str) or not self.raw:
+            raise ValueError("card read has an empty raw identifier")
+
+
+class CardReader:
+    """Interface every reader implements."""
+
+    kind = "abstract"
+
+    def __init__(self, lane: str) -> None:
+        self.lane = lane
+        self.state = "closed"  # closed | ready | absent | fault
+
+    async def __aenter__(self) -> "CardReader":
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        self.state = "ready"
+
+    async def close(self) -> None:
+        self.state = "closed"
+
+    def reads(self) -> AsyncIterator[CardRead]:
+        raise NotImplementedError  # pragma: no cover - interface
+
+
+class QueueReader(CardReader):
+    """A reader fed through an asyncio queue: the base of the simulated twin and
+    of lane terminals that post their reads over the LAN."""
+
+    def __init__(self, lane: str, *, maxsize: int = 64) -> None:
+        super().__init__(lane)
+        self._queue: asyncio.Queue[CardRead] = asyncio.Queue(maxsize)
+
+    def push(self, source: str, raw: str, at: float | None = None) -> CardRead:
+        read = CardRead(self.lane, source, raw, time.time() if at is None else at)
+        self._queue.put_nowait(read)
+        return read
+
+    async def reads(self) -> AsyncIterator[CardRead]:
+        while True:
+            yield await self._queue.get()
+
+
+class SimulatedReader(QueueReader):
+    """The simulated twin: tests and the demo present cards with present()."""
+
+    kind = "simulated"
+
+    def present(self, raw: str, source: str = "nfc") -> CardRead:
+        return self.push(source, raw)

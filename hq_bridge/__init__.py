@@ -1,0 +1,1 @@
+"""storegate HQ bridge: ingest store transactions into HQ's ledger exactly once, ack, publish rules."""

@@ -1,0 +1,85 @@
+"""The HQ bridge: store transactions in, ledger commit, acks out.
+
+An ack is published only after the batch is committed in the ledger, so the
+gateway frees exactly what HQ holds. Duplicates are acked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiomqtt
+
+from common import mqtt
+from hq_bridge.ledger import Ledger
+from wire.messages import Ack, Status, TxBatch, WireError
+from wire.topics import Topics
+
+log = logging.getLogger("storegate.hq")
+
+
+class Bridge:
+    def __init__(self, mqtt_settings: dict, ledger: Ledger, *, client_id: str = "storegate-hq") -> None:
+        self.mqtt_settings = mqtt_settings
+        self.ledger = ledger
+        self.client_id = client_id
+        self.topics = Topics(mqtt_settings.get("prefix", "sg/v1"))
+        self.connected = asyncio.Event()
+        self.stats = {"batches": 0, "applied": 0, "duplicates": 0, "conflicts": 0, "rejected": 0}
+
+    async def run(self) -> None:
+        backoff = mqtt.Backoff()
+        while True:
+            try:
+                # A persistent session: the broker keeps QoS 1 batches for us while we are down.
+                async with mqtt.client(self.mqtt_settings, identifier=self.client_id, clean_session=False) as client:
+                    backoff.reset()
+                    await client.subscribe(self.topics.all_tx(), qos=1)
+                    await client.subscribe(self.topics.all_status(), qos=1)
+                    self.connected.set()
+                    log.info("HQ bridge connected")
+                    try:
+                        async for message in client.messages:
+                            await self._handle(client, message)
+                    finally:
+                        self.connected.clear()
+            except aiomqtt.MqttError as exc:
+                log.warning("HQ bridge disconnected: %s", exc)
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        topic = str(message.topic)
+        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
+        try:
+            store = self.topics.store_of(topic)
+        except ValueError as exc:
+            log.warning("ignored message: %s", exc)
+            return
+        if topic.endswith("/status"):
+            if payload:
+                try:
+                    status = Status.decode(payload)
+                    await asyncio.to_thread(self.ledger.record_status, store, payload.decode())
+                    log.debug("store %s is %s, backlog %s", store, status.state, status.backlog)
+                except WireError as exc:
+                    log.warning("store %s: bad status: %s", store, exc)
+            return
+        try:
+            batch = TxBatch.decode(payload)
+            if batch.store != store:
+                raise WireError(f"batch for store {batch.store!r} published on {topic}")
+        except WireError as exc:
+            # Not acked: nothing was committed. The store's own log and status tell ops.
+            self.stats["rejected"] += 1
+            log.error("store %s: rejected batch: %s", store, exc)
+            return
+        committed = await asyncio.to_thread(self.ledger.commit, batch)
+        self.stats["batches"] += 1
+        self.stats["applied"] += committed.applied
+        self.stats["duplicates"] += committed.duplicates
+        self.stats["conflicts"] += committed.conflicts
+        if committed.conflicts:
+            log.error("store %s: %d record(s) reuse a sequence number with a different id; kept in conflicts",
+                      store, committed.conflicts)
+        await client.publish(self.topics.ack(store), Ack.of(store, committed.seqs).encode(), qos=1)

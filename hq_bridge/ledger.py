@@ -1,0 +1,129 @@
+"""HQ's ledger (SQLite by default): every store transaction exactly once.
+
+A record is keyed by (store, seq) and by its globally unique id. A batch is
+committed in one transaction; records already there are duplicates (a
+resend) and are acked again without being applied twice. A record whose
+(store, seq) is already taken by a *different* id means the store's journal
+was reset: it is kept in ``conflicts`` for ops to resolve, and acked, so the
+store does not resend it forever and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from wire.messages import TxBatch
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS transactions (
+    store TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    tx_id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (store, seq)
+);
+CREATE TABLE IF NOT EXISTS conflicts (
+    store TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    tx_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (tx_id)
+);
+CREATE TABLE IF NOT EXISTS stores (
+    store TEXT PRIMARY KEY,
+    status TEXT,
+    updated_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS rule_versions (
+    scope TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    published_at INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Committed:
+    seqs: list[int]      # every seq of the batch now safely in the ledger (ack all of them)
+    applied: int         # new rows
+    duplicates: int      # already there
+    conflicts: int       # seq reused with another id: kept aside
+
+
+class Ledger:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def commit(self, batch: TxBatch) -> Committed:
+        now = int(time.time() * 1000)
+        applied = duplicates = conflicts = 0
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for r in batch.records:
+                    body = json.dumps(r.body, ensure_ascii=False, separators=(",", ":"))
+                    cur = conn.execute(
+                        "INSERT OR IGNORE INTO transactions(store, seq, tx_id, type, ts, body, received_at)"
+                        " VALUES (?,?,?,?,?,?,?)", (batch.store, r.seq, r.id, r.type, r.ts, body, now))
+                    if cur.rowcount == 1:
+                        applied += 1
+                        continue
+                    row = conn.execute("SELECT store, seq FROM transactions WHERE tx_id=?", (r.id,)).fetchone()
+                    if row == (batch.store, r.seq):
+                        duplicates += 1
+                    else:
+                        conn.execute("INSERT OR IGNORE INTO conflicts(store, seq, tx_id, type, ts, body, received_at)"
+                                     " VALUES (?,?,?,?,?,?,?)", (batch.store, r.seq, r.id, r.type, r.ts, body, now))
+                        conflicts += 1
+                conn.execute("COMMIT")  # durable before the ack goes out
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return Committed([r.seq for r in batch.records], applied, duplicates, conflicts)
+
+    def record_status(self, store: str, status_json: str) -> None:
+        with self._lock:
+            self._conn.execute("INSERT INTO stores(store, status, updated_at) VALUES (?,?,?) "
+                               "ON CONFLICT(store) DO UPDATE SET status=excluded.status, updated_at=excluded.updated_at",
+                               (store, status_json, int(time.time())))
+
+    def next_rules_version(self, scope: str) -> int:
+        """Reserve the next rule-set version for a scope (monotonic, durable)."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute("SELECT version FROM rule_versions WHERE scope=?", (scope,)).fetchone()
+            version = (row[0] if row else 0) + 1
+            conn.execute("INSERT INTO rule_versions(scope, version, published_at) VALUES (?,?,?) "
+                         "ON CONFLICT(scope) DO UPDATE SET version=excluded.version, published_at=excluded.published_at",
+                         (scope, version, int(time.time())))
+            conn.execute("COMMIT")
+            return version
+
+    def counts(self) -> dict:
+        with self._lock:
+            n = self._conn.execute("SELECT COUNT(*) FROM transactions").fetchone()[0]
+            c = self._conn.execute("SELECT COUNT(*) FROM conflicts").fetchone()[0]
+        return {"transactions": n, "conflicts": c}

@@ -1,0 +1,162 @@
+"""Helpers for tests that run the real services as processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gateway.testbed import free_port, http_json, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+RULES_FILE = ROOT / "deploy" / "examples" / "rules.demo.toml"
+GOLD_UID = "04A1B2C3D4E5F6"          # 880000000013, gold, 5% off, 1.5x points
+SILVER_CARD = "880000000021"
+LOST_CARD = "880000000054"
+
+
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Service:
+    """A storegate process with its config file and log."""
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Service":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+class HQ(Service):
+    def __init__(self, tmp: Path, broker_port: int) -> None:
+        self.db = tmp / "hq" / "ledger.sqlite3"
+        self.config = write_toml(tmp / "hq.toml", f"""
+[hq]
+database = "{self.db}"
+[mqtt]
+host = "127.0.0.1"
+port = {broker_port}
+keepalive = 5
+""")
+        super().__init__([str(BIN / "storegate-hq"), "run", "--config", str(self.config)], tmp / "hq.log")
+
+    def publish_rules(self, store: str = "S001", rules_file: Path = RULES_FILE) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "storegate-hq"), "rules", "publish", str(rules_file), "--store", store,
+                               "--config", str(self.config)], capture_output=True, text=True, timeout=30)
+
+    def rows(self, store: str = "S001") -> list[tuple]:
+        if not self.db.exists():
+            return []
+        conn = sqlite3.connect(self.db)
+        try:
+            return conn.execute("SELECT seq, tx_id, type, body FROM transactions WHERE store=? ORDER BY seq",
+                                (store,)).fetchall()
+        except sqlite3.OperationalError:
+            return []
+        finally:
+            conn.close()
+
+
+class GatewayProc(Service):
+    def __init__(self, tmp: Path, mqtt_port: int, store: str = "S001", lanes=("1", "2"), extra: str = "") -> None:
+        self.api_port = free_port()
+        self.data_dir = tmp / "store"
+        lanes_toml = "".join(f'\n[[lanes]]\nid = "{l}"\nreader = "simulated"\n' for l in lanes)
+        self.config = write_toml(tmp / "gateway.toml", f"""
+[store]
+id = "{store}"
+data_dir = "{self.data_dir}"
+[mqtt]
+host = "127.0.0.1"
+port = {mqtt_port}
+keepalive = 5
+[api]
+host = "127.0.0.1"
+port = {self.api_port}
+[uplink]
+resend_after_s = 2
+status_interval_s = 1
+{extra}
+{lanes_toml}
+""")
+        super().__init__([str(BIN / "storegate"), "run", "--config", str(self.config)], tmp / "gateway.log")
+
+    def start(self) -> "GatewayProc":
+        super().start()
+        wait_for_port(self.api_port, 15)
+        return self
+
+    def call(self, method: str, path: str, body=None, **kw) -> tuple[int, dict]:
+        return http_json(self.api_port, method, path, body, **kw)
+
+    def status(self) -> dict:
+        return self.call("GET", "/status")[1]
+
+    def journal_seqs(self) -> list[int]:
+        conn = sqlite3.connect(self.data_dir / "journal.sqlite3")
+        try:
+            return [r[0] for r in conn.execute("SELECT seq FROM records ORDER BY seq")]
+        finally:
+            conn.close()
+
+
+def sale_body(key: str, lines=None, member=None) -> dict:
+    body = {"idempotency_key": key, "lines": lines or [
+        {"sku": "6901234567892", "name": "大米 5kg", "category": "staples", "qty": 1, "unit_price": 4990}]}
+    if member is not None:
+        body["member"] = member
+    return body
+
+
+def ledger_by_id(hq: HQ, store: str = "S001") -> dict[str, int]:
+    """tx_id -> how many rows HQ holds for it (must be 1)."""
+    out: dict[str, int] = {}
+    for _seq, tx_id, _t, _b in hq.rows(store):
+        out[tx_id] = out.get(tx_id, 0) + 1
+    return out
+
+
+__all__ = ["json"]

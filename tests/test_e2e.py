@@ -1,0 +1,70 @@
+"""End to end through a real mosquitto, the real HQ bridge and gateway processes."""
+
+import json
+import time
+
+import pytest
+
+from tests.support import GOLD_UID, HQ, LOST_CARD, GatewayProc, ledger_by_id, sale_body, wait_until
+
+
+@pytest.fixture
+def store(tmp_path, broker):
+    hq = HQ(tmp_path, broker.port).start()
+    published = hq.publish_rules()
+    assert published.returncode == 0, published.stderr
+    gw = GatewayProc(tmp_path, broker.port).start()
+    wait_until(lambda: gw.status()["rules_version"] == 1, what="rules applied at the gateway")
+    yield hq, gw
+    gw.stop()
+    hq.stop()
+
+
+def test_tap_quote_commit_reaches_hq_and_journal_empties(store):
+    hq, gw = store
+    status, verdict = gw.call("POST", "/lanes/1/taps", {"source": "nfc", "raw": GOLD_UID})
+    assert status == 200
+    assert verdict["verdict"] == "accept" and verdict["pattern"] == "accept"
+    assert verdict["member"]["tier"]["code"] == "gold"
+    assert verdict["card"] == "8800****0013"  # masked, never the full number
+    assert verdict["text"]["zh-CN"] and verdict["text"]["en"]
+
+    status, member = gw.call("GET", "/lanes/1/member")
+    assert status == 200 and member["member"]["member"]["member_id"] == "M1001"
+
+    status, quote = gw.call("POST", "/lanes/1/quote", sale_body("unused-key"))
+    assert status == 200
+    # 49.90 rice, gold 5% off: 249.5 fen -> 250 (half-up); 4740 fen; points 47.40 * 1 * 1.5 -> 71
+    assert (quote["subtotal"], quote["discount"], quote["total"]) == (4990, 250, 4740)
+    assert quote["points"]["earned"] == 71
+
+    status, sale = gw.call("POST", "/lanes/1/sales", {**sale_body("pos1-000001"), "expected_total": 4740})
+    assert status == 201, sale
+    assert sale["total"] == 4740 and sale["seq"] == 1
+
+    wait_until(lambda: len(hq.rows()) == 1, what="the sale at HQ")
+    seq, tx_id, type_, body = hq.rows()[0]
+    assert (seq, tx_id, type_) == (1, sale["tx_id"], "sale")
+    body = json.loads(body)
+    assert body["member_id"] == "M1001" and body["total"] == 4740 and body["points_earned"] == 71
+    wait_until(lambda: gw.journal_seqs() == [], what="the journal to empty after HQ's ack")
+    assert gw.status()["backlog"] == 0
+
+    # a deny-listed card is refused with its reason
+    status, verdict = gw.call("POST", "/lanes/2/taps", {"source": "qr", "raw": LOST_CARD})
+    assert verdict["verdict"] == "deny" and verdict["reason"] == "lost"
+    assert "挂失" in verdict["text"]["zh-CN"]
+
+
+def test_sale_retry_with_same_key_is_one_sale(store):
+    hq, gw = store
+    first = gw.call("POST", "/lanes/1/sales", sale_body("pos1-retry-01", member=False))
+    again = gw.call("POST", "/lanes/1/sales", sale_body("pos1-retry-01", member=False))
+    assert first[0] == 201 and again[0] == 200
+    assert again[1]["tx_id"] == first[1]["tx_id"] and again[1]["duplicate"] is True
+    other = gw.call("POST", "/lanes/1/sales", sale_body("pos1-retry-01", lines=[
+        {"sku": "x1", "qty": 2, "unit_price": 100}], member=False))
+    assert other[0] == 409 and other[1]["error"]["code"] == "idempotency_conflict"
+    wait_until(lambda: len(hq.rows()) == 1 and gw.journal_seqs() == [], what="one sale at HQ")
+    time.sleep(0.5)
+    assert len(hq.rows()) == 1
