@@ -150,17 +150,18 @@ async def run_demo(keep: bool = False) -> int:
 async def _visits(gw: Gateway, port: int, visits, committed: dict[str, int]) -> None:
     for lane, source, raw, basket, what in visits:
         if source:
-            gw.sim_reader(lane).present(raw, source)
-            await _until(lambda: gw.lanes[lane].taps and gw.lanes[lane].indicator.history, 5, "the tap")
-            await asyncio.sleep(0.05)
-            status, member = await asyncio.to_thread(http_json, port, "GET", f"/lanes/{lane}/member")
-            verdict = member["member"]
-            if verdict:
-                tier = verdict["member"]["tier"]["name"]
-                _say(f"lane {lane}: {what}: {verdict['verdict']} — {tier['zh-CN']} / {tier['en']} ({verdict['card']})")
-            else:
-                last = gw.lanes[lane].indicator.history[-1]
-                _say(f"lane {lane}: {what}: {last.value if hasattr(last, 'value') else last}")
+            events: asyncio.Queue = asyncio.Queue()
+            gw.lanes[lane].listeners.add(events)  # what the lane's POS sees on /lanes/<lane>/events
+            try:
+                gw.sim_reader(lane).present(raw, source)
+                tap = await asyncio.wait_for(events.get(), 5)
+            finally:
+                gw.lanes[lane].listeners.discard(events)
+            text = f"{tap['text']['zh-CN']} / {tap['text']['en']}"
+            if tap["member"]:
+                tier = tap["member"]["tier"]["name"]
+                text = f"{tier['zh-CN']} / {tier['en']} ({tap['card']})"
+            _say(f"lane {lane}: {what}: {tap['verdict']} — {text}")
         if basket:
             use_member = source is not None
             status, quote = await asyncio.to_thread(

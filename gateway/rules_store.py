@@ -9,7 +9,6 @@ temporary file, fsync, rename) so a reboot comes up with it, without HQ.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -60,6 +59,9 @@ class RulesStore:
             msg = RulesMessage.decode(payload)
             check_scope(msg, self.store, self.region)
             running = self.current.version if self.current else 0
+            if msg.version == running and self._is_running(msg):
+                log.debug("rule set v%d is already running", running)  # the retained copy, again
+                return self.current
             if msg.version <= running:
                 raise RulesRejected(f"rule set v{msg.version} is not newer than the running v{running}")
             rules = Rules.from_message(msg)
@@ -72,6 +74,11 @@ class RulesStore:
         self.last_rejection = None
         log.info("applied rules v%d", rules.version)
         return rules
+
+    def _is_running(self, msg: RulesMessage) -> bool:
+        c = self.current
+        return (c.version, c.issued_at, c.scope) == (msg.version, msg.issued_at, msg.scope) and \
+            self.path.exists() and RulesMessage.decode(self.path.read_bytes()) == msg
 
     def _persist(self, msg: RulesMessage) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
