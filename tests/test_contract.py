@@ -100,8 +100,10 @@ def test_rules_store_refuses_bad_updates_and_keeps_running_rules(tmp_path):
     store.offer(build_message(RULES, "S001", 3, now=0).encode())
     assert store.current.version == 3
     running = store.current
+    assert store.offer(build_message(RULES, "S001", 3, now=0).encode()) is running  # the retained copy again
+    assert store.last_rejection is None
     refused = [
-        (build_message(RULES, "S001", 3, now=0).encode(), "not newer"),
+        (build_message(RULES, "S001", 3, now=5).encode(), "not newer"),        # same version, other content
         (build_message(RULES, "S001", 2, now=0).encode(), "not newer"),
         (build_message(RULES, "S002", 9, now=0).encode(), "not for store 'S001'"),
         (b"{broken", "not JSON"),
