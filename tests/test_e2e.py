@@ -68,3 +68,39 @@ def test_sale_retry_with_same_key_is_one_sale(store):
     wait_until(lambda: len(hq.rows()) == 1 and gw.journal_seqs() == [], what="one sale at HQ")
     time.sleep(0.5)
     assert len(hq.rows()) == 1
+
+
+def test_status_command_shows_backlog_and_rules(store):
+    import subprocess
+
+    from tests.support import BIN
+
+    _hq, gw = store
+    out = subprocess.run([str(BIN / "storegate"), "status", "--config", str(gw.config)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "rules version    1" in out.stdout and "backlog          0 record(s)" in out.stdout
+    assert "uplink           online" in out.stdout
+
+
+def test_gateway_refuses_to_start_with_a_bad_config_naming_the_key(tmp_path):
+    import subprocess
+
+    from tests.support import BIN
+
+    bad = tmp_path / "gw.toml"
+    bad.write_text('[store]\nid = "S001"\n[mqtt]\nhost = "h"\nport = "eighty"\n[[lanes]]\nid = "1"\nreader = "simulated"\n')
+    out = subprocess.run([str(BIN / "storegate"), "run", "--config", str(bad)], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2
+    assert "mqtt.port: 'eighty' is not of type 'integer'" in out.stderr
+
+
+def test_demo_runs_the_whole_store_and_exits_0():
+    import subprocess
+
+    from tests.support import BIN
+
+    out = subprocess.run([str(BIN / "storegate"), "demo"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "OK: every committed sale is in HQ's database exactly once" in out.stdout
