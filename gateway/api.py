@@ -24,7 +24,7 @@ from microdot import Microdot, Request
 from microdot.sse import sse_response
 
 from gateway import engine
-from gateway.journal import IdempotencyConflict, JournalError
+from gateway.journal import IdempotencyConflict, JournalError, JournalFull
 from gateway.service import Gateway, NoMember, QuoteChanged
 from hardware.readers import SOURCES, CardRead
 
@@ -36,6 +36,8 @@ Request.max_content_length = 256 * 1024  # a 500-line basket fits comfortably
 CASHIER_TEXT = {
     "journal_unavailable": ("交易未能保存，请勿重复收款，稍后重试或联系店长",
                             "The sale could not be saved. Do not take payment again; retry or call the manager"),
+    "journal_full": ("门店存储已满，会员交易暂停，请按非会员结账并联系店长",
+                     "Store storage is full: member sales are paused. Check out as a non-member and call the manager"),
     "no_member": ("本通道没有已验证的会员卡，请重新刷卡", "No member card accepted on this lane; please tap again"),
     "quote_changed": ("价格已更新，请重新计算", "Prices changed; please quote again"),
 }
@@ -183,6 +185,8 @@ def create_app(gw: Gateway) -> Microdot:
             return error(409, "quote_changed", str(exc))
         except IdempotencyConflict as exc:
             return error(409, "idempotency_conflict", str(exc))
+        except JournalFull as exc:
+            return error(507, "journal_full", str(exc))
         except JournalError as exc:
             return error(507, "journal_unavailable", str(exc))
         return {**result.response, "duplicate": result.duplicate}, (200 if result.duplicate else 201)

@@ -49,6 +49,15 @@ GATEWAY_CONFIG_SCHEMA = {
                 "status_interval_s": {"type": "number", "minimum": 1, "default": 10},
             },
         },
+        "journal": {
+            "type": "object",
+            "additionalProperties": False,
+            "default": {},
+            "properties": {
+                "max_mb": {"type": "integer", "minimum": 1, "default": 1024,
+                           "description": "cap on the journal's disk use; past it, sales are refused (507)"},
+            },
+        },
         "lanes": {
             "type": "array",
             "minItems": 1,

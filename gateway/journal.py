@@ -1,63 +1,81 @@
-"""The store-and-forward journal: SQLite in WAL mode with synchronous=FULL.
+"""The store-and-forward journal: an append-only log of checksummed frames.
 
-Every committed counter operation is a record with a store sequence number
-(monotonic, never reused: AUTOINCREMENT) and a globally unique id. A record
-is durable (fsync) before append() returns, so before the POS gets its OK.
-It is deleted only when HQ's ack says HQ has committed it.
+Why not SQLite: measured on this machine (bench.journal), SQLite WAL with
+synchronous=FULL made one lane 28 % of the disk's raw append+fdatasync rate
+and wrote ~33 KB per transaction (five 4 KiB b-tree pages per commit); this
+log writes one frame (~0.5 KB) and one fdatasync per group of appends.
 
-One writer thread owns the connection. Concurrent appends from several lanes
-queue up and are committed together in one transaction (group commit), so
-they share one fsync.
+Layout: a directory of segment files ``NNNNNNNN.log``. Each frame is
 
-Idempotency: the POS supplies a key per operation; the key, a hash of the
-request and the response are stored with the record in the same
-transaction. A retry with the same key returns the first response; the same
-key with a different request is refused.
+    b"SG" | u32 length | u32 crc32(payload) | payload (compact JSON)
+
+with three kinds of payload: a segment header ``{"k":"h","next":N}`` (the
+next sequence number when the segment was opened, so sequence numbers are
+never reused even after every record is acked and compacted away), a record
+``{"k":"r","seq","id","type","ts","body",...}`` and an ack
+``{"k":"a","r":[[lo,hi],...]}``.
+
+- Durable before the OK: append() returns only after its frame is written
+  and fdatasync'd. Everything appended in one turn of the event loop (several
+  lanes) is written with one write and one fdatasync (group commit).
+- Writer: "inline" (default) writes and syncs on the event loop at the end of
+  the turn: a thread hand-off costs ~70 us here, a third of an fdatasync, and
+  while the loop waits for the disk new requests gather into the next group.
+  "thread" keeps the loop free during the sync, for media whose fdatasync
+  stalls for tens of milliseconds (cheap SD cards); see bench.journal.
+- Forget only on HQ's ack: mark_acked() appends an ack frame; records are
+  dropped from the backlog, and a segment file is deleted once none of its
+  records is pending and its idempotency keys have expired.
+- Recovery on open: every frame's checksum is verified. A torn tail (a crash
+  during a write: those frames were never acknowledged) is cut off. Damage
+  inside a segment sets a copy aside (never deleted), keeps every intact
+  frame, and is reported as a fault on the status topic and in the logs.
+- Full: past ``max_bytes`` or on ENOSPC an append fails with JournalFull and
+  nothing is half-written (the file is cut back to its previous length).
+
+The index (what is pending, idempotency keys, the next sequence number) is
+plain data rebuilt from the frames: see JournalIndex.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import hashlib
-import json
 import logging
 import os
 import queue
-import sqlite3
+import shutil
+import struct
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+import orjson
 
 from wire.messages import TxRecord
 
 log = logging.getLogger("storegate.journal")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    type TEXT NOT NULL,
-    ts INTEGER NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS idempotency (
-    key TEXT PRIMARY KEY,
-    request_hash TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    response TEXT NOT NULL,
-    ts INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS idempotency_ts ON idempotency(ts);
-"""
+MAGIC = b"SG"
+HEADER = struct.Struct("<2sII")
+MAX_FRAME = 16 * 1024 * 1024
+SEGMENT_BYTES = 16 * 1024 * 1024
 IDEMPOTENCY_RETENTION_S = 7 * 24 * 3600
-GROUP_MAX = 256
+GROUP_MAX = 512
 
 
 class JournalError(RuntimeError):
-    """The journal could not make an operation durable (disk full, I/O error)."""
+    """The journal could not make an operation durable."""
+
+
+class JournalFull(JournalError):
+    """The journal's disk is full or the journal is at its configured cap."""
 
 
 class IdempotencyConflict(ValueError):
@@ -73,21 +91,153 @@ class Appended:
 
 
 def request_hash(request: Any) -> str:
-    return hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+# -- frames (pure) ------------------------------------------------------------
+
+def encode_frame(payload: dict) -> bytes:
+    data = orjson.dumps(payload)
+    return HEADER.pack(MAGIC, len(data), zlib.crc32(data)) + data
+
+
+def scan_frames(buf: bytes, start: int = 0):
+    """Yield (offset, length, payload dict) for each intact frame from start,
+    and stop at the first bad one. The caller compares the end it reached
+    with len(buf) to see whether anything was left unread."""
+    pos = start
+    while pos + HEADER.size <= len(buf):
+        magic, length, crc = HEADER.unpack_from(buf, pos)
+        end = pos + HEADER.size + length
+        if magic != MAGIC or length > MAX_FRAME or end > len(buf):
+            return
+        data = buf[pos + HEADER.size:end]
+        if zlib.crc32(data) != crc:
+            return
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        yield pos, end - pos, payload
+        pos = end
+
+
+def frames_after_damage(buf: bytes, start: int):
+    """Resynchronise after a damaged spot: every intact frame found by
+    searching for the next magic that starts a valid frame."""
+    pos = buf.find(MAGIC, start + 1)
+    while pos != -1:
+        frames = list(scan_frames(buf, pos))
+        if frames:
+            yield from frames
+            last_off, last_len, _ = frames[-1]
+            pos = buf.find(MAGIC, last_off + last_len + 1) if last_off + last_len < len(buf) else -1
+            if pos != -1 and pos < last_off + last_len:
+                pos = buf.find(MAGIC, last_off + last_len)
+        else:
+            pos = buf.find(MAGIC, pos + 1)
+
+
+# -- the index: plain data rebuilt from frames (pure) -------------------------
+
+@dataclass
+class JournalIndex:
+    next_seq: int = 1
+    pending: dict = field(default_factory=dict)        # seq -> (segment no, offset, length, ts ms)
+    order: list = field(default_factory=list)          # pending seqs in ascending order (may hold acked ones)
+    idempotency: dict = field(default_factory=dict)    # key -> (request hash, seq, response, ts ms, segment)
+    live: dict = field(default_factory=dict)           # segment no -> pending records in it
+
+    def on_header(self, next_seq: int) -> None:
+        self.next_seq = max(self.next_seq, next_seq)
+
+    def on_record(self, frame: dict, segment: int, offset: int, length: int) -> None:
+        seq = frame["seq"]
+        self.next_seq = max(self.next_seq, seq + 1)
+        if seq not in self.pending:
+            self.pending[seq] = (segment, offset, length, frame["ts"])
+            if self.order and seq < self.order[-1]:
+                bisect.insort(self.order, seq)
+            else:
+                self.order.append(seq)
+            self.live[segment] = self.live.get(segment, 0) + 1
+        if frame.get("key"):
+            self.idempotency[frame["key"]] = (frame["rh"], seq, frame["resp"], frame["ts"], segment)
+
+    def on_ack(self, ranges) -> int:
+        freed = 0
+        for lo, hi in ranges:
+            self.next_seq = max(self.next_seq, hi + 1)  # HQ holds these: never reuse them
+            if hi - lo > len(self.pending):
+                hits = [s for s in self.pending if lo <= s <= hi]
+            else:
+                hits = [s for s in range(lo, hi + 1) if s in self.pending]
+            for seq in hits:
+                segment = self.pending.pop(seq)[0]
+                self.live[segment] -= 1
+                freed += 1
+        if len(self.order) > 2 * len(self.pending) + 1024:
+            self.order = [s for s in self.order if s in self.pending]
+        return freed
+
+    def after(self, cursor: int, limit: int) -> list[int]:
+        i = bisect.bisect_right(self.order, cursor)
+        out = []
+        while i < len(self.order) and len(out) < limit:
+            seq = self.order[i]
+            if seq in self.pending:
+                out.append(seq)
+            i += 1
+        return out
+
+    def expire_keys(self, older_than_ms: int) -> None:
+        for key in [k for k, v in self.idempotency.items() if v[3] < older_than_ms]:
+            del self.idempotency[key]
+
+    def segment_in_use(self, segment: int) -> bool:
+        return self.live.get(segment, 0) > 0 or any(v[4] == segment for v in self.idempotency.values())
+
+
+# -- the journal (I/O) ----------------------------------------------------------
+
+@dataclass
+class _Write:
+    data: bytes
+    future: asyncio.Future | None
+    loop: asyncio.AbstractEventLoop | None
 
 
 class Journal:
-    """Use as ``async with Journal(path) as journal:``."""
+    """Use as ``async with Journal(directory) as journal:``."""
 
-    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
+    def __init__(self, directory: str | Path, *, max_bytes: int = 1 << 30, fsync: bool = True,
+                 clock: Callable[[], float] = time.time, segment_bytes: int = SEGMENT_BYTES,
+                 writer: str = "inline") -> None:
+        if writer not in ("inline", "thread"):
+            raise ValueError(f"journal writer must be 'inline' or 'thread', not {writer!r}")
+        self.dir = Path(directory)
+        self.writer = writer
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
         self._clock = clock
-        self._ops: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._conn: sqlite3.Connection | None = None
+        self.index = JournalIndex()
         self.faults: list[str] = []
         self.on_append: Callable[[], None] | None = None  # the uplink's wake-up
-        self.stats = {"commits": 0, "groups": 0}
+        self.stats = {"appends": 0, "groups": 0, "bytes": 0}
+        self._writes: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._inflight_keys: dict[str, asyncio.Future] = {}
+        self._batch: list[_Write] = []
+        self._open = False
+        self._segment = 0            # number of the segment being written
+        self._fd: int | None = None
+        self._size = 0               # bytes in the active segment
+        self._total = 0              # bytes in all segments
+        self._readers: dict[int, int] = {}
+        self._readers_lock = threading.Lock()
+        self._segments: set[int] = set()  # segment files on disk
+        self._logical: dict[int, int] = {}  # segment -> bytes of frames in it
 
     # -- lifetime -----------------------------------------------------------
 
@@ -99,267 +249,347 @@ class Journal:
         await self.close()
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        ready: asyncio.Future = asyncio.get_running_loop().create_future()
-        loop = asyncio.get_running_loop()
-
-        def run() -> None:
-            try:
-                self._conn = self._connect()
-            except BaseException as exc:  # report to the opener, end the thread
-                loop.call_soon_threadsafe(ready.set_exception, exc)
-                return
-            loop.call_soon_threadsafe(ready.set_result, None)
-            self._writer_loop()
-
-        self._thread = threading.Thread(target=run, name="journal-writer", daemon=True)
-        self._thread.start()
-        await ready
+        await asyncio.to_thread(self._recover)
+        self._open = True
+        if self.writer == "thread":
+            self._thread = threading.Thread(target=self._writer_loop, name="journal-writer", daemon=True)
+            self._thread.start()
 
     async def close(self) -> None:
+        if self._batch:
+            self._hand_over()  # frames queued in this turn (ack frames) still go to disk
+        self._open = False
         if self._thread:
-            self._ops.put(None)
+            self._writes.put(None)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        for fd in self._readers.values():
+            os.close(fd)
+        self._readers.clear()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            ok = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if ok != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {ok}")
-            conn.executescript(SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            return self._set_aside_and_recover(exc)
-        return conn
+    # -- recovery -----------------------------------------------------------
 
-    def _set_aside_and_recover(self, exc: Exception) -> sqlite3.Connection:
-        """A damaged journal is renamed (never deleted); every record that can
-        still be read is copied into a fresh journal."""
-        aside = self.path.with_name(f"{self.path.name}.damaged-{int(self._clock())}")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(str(self.path) + suffix)
-            if src.exists():
-                os.replace(src, Path(str(aside) + suffix))
-        salvaged, high_water = _salvage(aside)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(SCHEMA)
-        conn.execute("BEGIN")
-        conn.executemany("INSERT OR IGNORE INTO records(seq, id, type, ts, body) VALUES (?,?,?,?,?)", salvaged)
-        # Sequence numbers are never reused, even for records acked and gone.
-        high_water = max([high_water] + [r[0] for r in salvaged])
-        conn.execute("DELETE FROM sqlite_sequence WHERE name='records'")
-        conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('records', ?)", (high_water,))
-        conn.execute("COMMIT")
-        recovered = conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]
-        fault = f"journal damaged ({exc}); set aside as {aside.name}; recovered {recovered} records"
+    def _segment_path(self, n: int) -> Path:
+        return self.dir / f"{n:08d}.log"
+
+    def _recover(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        segments = sorted(int(p.stem) for p in self.dir.glob("*.log") if p.stem.isdigit())
+        self._segments = set(segments)
+        for n in segments:
+            self._load_segment(n, last=(n == segments[-1]))
+        self._total = sum(self._logical.values())
+        self._segment = segments[-1] if segments else 0
+        self._open_new_segment()  # a fresh segment per start: old ones are never appended to again
+        self._sync_dir()
+
+    def _load_segment(self, n: int, last: bool) -> None:
+        path = self._segment_path(n)
+        buf = path.read_bytes()
+        good_end = 0
+        for offset, length, frame in scan_frames(buf):
+            self._index_frame(frame, n, offset, length)
+            good_end = offset + length
+        self._logical[n] = good_end
+        if good_end == len(buf) or not buf[good_end:].strip(b"\0"):
+            return  # the end of the frames; the rest is preallocated space
+        rescued = list(frames_after_damage(buf, good_end))
+        if not rescued and last:
+            # A crash during a write: frames never fsync'd, never acknowledged.
+            log.warning("journal %s: cut a torn tail of %d bytes (an interrupted write)", path.name,
+                        len(buf) - good_end)
+            with open(path, "r+b") as f:
+                f.truncate(good_end)
+                os.fsync(f.fileno())
+            return
+        aside = path.with_name(f"{path.name}.damaged-{int(self._clock())}")
+        shutil.copy2(path, aside)
+        # Keep the intact frames: rewrite the segment from them, atomically.
+        kept = buf[:good_end] + b"".join(buf[o:o + l] for o, l, _ in rescued)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        base = good_end
+        for offset, length, frame in rescued:
+            self._index_frame(frame, n, base, length)
+            base += length
+        self._logical[n] = base
+        lost = len(buf) - len(kept)
+        fault = (f"journal segment {path.name} damaged: {lost} bytes unreadable, copy set aside as "
+                 f"{aside.name}; {len(rescued)} frames after the damage recovered")
         log.error(fault)
         self.faults.append(fault)
-        return conn
 
-    # -- the writer thread --------------------------------------------------
+    def _index_frame(self, frame: dict, segment: int, offset: int, length: int) -> None:
+        kind = frame.get("k")
+        if kind == "r":
+            self.index.on_record(frame, segment, offset, length)
+        elif kind == "a":
+            self.index.on_ack(frame["r"])
+        elif kind == "h":
+            self.index.on_header(frame["next"])
+
+    def _open_new_segment(self) -> None:
+        """Start the next segment, its space allocated up front: an fdatasync
+        then need not commit a new file size each time (measured ~1.4x the
+        raw append+fdatasync rate on ext4), and a full disk shows here, at
+        rotation, never in the middle of a frame."""
+        n = self._segment + 1
+        path = self._segment_path(n)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        header = encode_frame({"k": "h", "next": self.index.next_seq})
+        try:
+            try:
+                os.posix_fallocate(fd, 0, max(self.segment_bytes, len(header)))
+            except OSError as exc:
+                if exc.errno not in (95, 22):  # EOPNOTSUPP/EINVAL: a file system without fallocate
+                    raise
+            os.pwrite(fd, header, 0)
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            if exc.errno in (28, 27):  # ENOSPC, EFBIG
+                raise JournalFull("the journal disk is full") from None
+            raise
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._segment = fd, n
+        self._segments.add(n)
+        self._size = len(header)
+        self._logical[n] = len(header)
+        self._total += len(header)
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- the writer thread: one write and one fdatasync per group ------------
 
     def _writer_loop(self) -> None:
-        conn = self._conn
-        assert conn is not None
         while True:
-            first = self._ops.get()
+            first = self._writes.get()
             if first is None:
-                conn.close()
                 return
-            group = [first]
+            group = list(first)
             while len(group) < GROUP_MAX:
                 try:
-                    op = self._ops.get_nowait()
+                    more = self._writes.get_nowait()
                 except queue.Empty:
                     break
-                if op is None:
-                    self._ops.put(None)  # close after this group
+                if more is None:
+                    self._writes.put(None)
                     break
-                group.append(op)
-            self._run_group(conn, group)
+                group.extend(more)
+            outcomes = self._write_group(group)
+            if outcomes:  # one wake-up of the event loop for the whole group
+                outcomes[0][0].get_loop().call_soon_threadsafe(_settle_all, outcomes)
 
-    def _run_group(self, conn: sqlite3.Connection, group: list) -> None:
-        results = []
+    def _write_group(self, group: list[_Write]) -> list:
+        """Write and fdatasync a group of frames; (future, result, error) for each."""
+        data = b"".join(w.data for w in group)
+        error: Exception | None = None
+        placed: tuple[int, int] | None = None
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn, _fut, _loop in group:
-                conn.execute("SAVEPOINT op")
-                try:
-                    results.append((True, fn(conn)))
-                    conn.execute("RELEASE op")
-                except sqlite3.Error:
-                    raise
-                except Exception as exc:  # an error of this op alone
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((False, exc))
-            conn.execute("COMMIT")  # synchronous=FULL: fsync before this returns
-            self.stats["groups"] += 1
-            self.stats["commits"] += len(group)
-        except sqlite3.Error as exc:
+            if self._size + len(data) > self.segment_bytes and self._size > 0:
+                self._open_new_segment()
+                self._sync_dir()
+            if self._total + len(data) > self.max_bytes and any(w.future for w in group):
+                raise JournalFull(f"the journal is at its cap of {self.max_bytes} bytes")
+            start = self._size
             try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            log.error("journal commit failed: %s", exc)
-            error = JournalError(_explain(exc))
-            results = [(False, error)] * len(group)
-        for (ok, value), (_fn, fut, loop) in zip(results, group):
-            loop.call_soon_threadsafe(_settle, fut, ok, value)
+                written = os.pwrite(self._fd, data, start)
+                if written != len(data):
+                    raise OSError(28, "short write")
+                if self.fsync:
+                    os.fdatasync(self._fd)
+            except OSError as exc:
+                # Nothing half-written stays in the log: zero what was written.
+                with contextlib.suppress(OSError):
+                    os.pwrite(self._fd, b"\0" * len(data), start)
+                    os.fdatasync(self._fd)
+                if exc.errno in (28, 27):
+                    raise JournalFull("the journal disk is full") from None
+                raise JournalError(f"journal write failed: {exc.strerror or exc}") from None
+            self._size += len(data)
+            self._logical[self._segment] = self._size
+            self._total += len(data)
+            placed = (self._segment, start)
+            self.stats["groups"] += 1
+            self.stats["bytes"] += len(data)
+        except (JournalError, OSError) as exc:
+            error = exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc}")
+            log.error("journal: %s", error)
+        offset = placed[1] if placed else 0
+        outcomes = []
+        for w in group:
+            if w.future is not None:
+                outcomes.append((w.future, (placed[0], offset, len(w.data)) if placed else None, error))
+            offset += len(w.data)
+        return outcomes
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        if self._thread is None:
+    def _submit(self, data: bytes) -> asyncio.Future:
+        """Queue a frame; everything queued in one turn of the event loop goes
+        to the writer together, so concurrent lanes share one fdatasync."""
+        if not self._open:
             raise JournalError("journal is not open")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._ops.put((fn, fut, loop))
-        return await fut
+        self._queue_frame(_Write(data, fut, loop))
+        return fut
 
-    # -- operations ---------------------------------------------------------
+    def _queue_frame(self, write: "_Write") -> None:
+        if not self._batch:
+            asyncio.get_running_loop().call_soon(self._hand_over)
+        self._batch.append(write)
+
+    def _hand_over(self) -> None:
+        batch, self._batch = self._batch, []
+        if self.writer == "thread":
+            self._writes.put(batch)
+        else:
+            _settle_all(self._write_group(batch))
+
+    # -- operations (called on the event loop) --------------------------------
+
+    def _stored(self, key: str, req_hash: str) -> Appended | None:
+        entry = self.index.idempotency.get(key)
+        if entry is None:
+            return None
+        if entry[0] != req_hash:
+            raise IdempotencyConflict(f"idempotency key {key!r} was already used for a different request")
+        return Appended(entry[1], entry[2]["tx_id"], entry[2], True)
+
+    async def lookup(self, idempotency_key: str, request: Any, *, req_hash: str | None = None) -> Appended | None:
+        """The stored answer for a key already used, None for a new key;
+        IdempotencyConflict when the key came with a different request."""
+        req_hash = req_hash or request_hash(request)
+        inflight = self._inflight_keys.get(idempotency_key)
+        if inflight is not None:
+            await asyncio.shield(inflight)
+        return self._stored(idempotency_key, req_hash)
 
     async def append(self, type_: str, body: dict, *, idempotency_key: str | None = None,
                      request: Any = None, response: dict | None = None) -> Appended:
         """Make a record durable. With an idempotency key, a repeat of the
         same request returns the first answer instead of a new record."""
-        tx_id = uuid.uuid4().hex
-        now_ms = int(self._clock() * 1000)
-        body_json = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
         req_hash = request_hash(request) if idempotency_key else ""
-        response = response or {}
-
-        def op(conn: sqlite3.Connection) -> Appended:
+        if idempotency_key:
+            earlier = await self.lookup(idempotency_key, request, req_hash=req_hash)
+            if earlier:
+                return earlier
+        seq = self.index.next_seq
+        self.index.next_seq += 1  # taken even if the write fails: never reused
+        tx_id = uuid.uuid4().hex
+        ts = int(self._clock() * 1000)
+        full = {**(response or {}), "seq": seq, "tx_id": tx_id}
+        frame = {"k": "r", "seq": seq, "id": tx_id, "type": type_, "ts": ts, "body": body}
+        if idempotency_key:
+            frame.update(key=idempotency_key, rh=req_hash, resp=full)
+        fut = self._submit(encode_frame(frame))
+        if idempotency_key:
+            self._inflight_keys[idempotency_key] = fut
+        try:
+            segment, offset, length = await fut
+        finally:
             if idempotency_key:
-                row = conn.execute("SELECT request_hash, seq, response FROM idempotency WHERE key=?",
-                                   (idempotency_key,)).fetchone()
-                if row:
-                    if row[0] != req_hash:
-                        raise IdempotencyConflict(
-                            f"idempotency key {idempotency_key!r} was already used for a different request")
-                    stored = json.loads(row[2])
-                    return Appended(row[1], stored["tx_id"], stored, True)
-            cur = conn.execute("INSERT INTO records(id, type, ts, body) VALUES (?,?,?,?)",
-                               (tx_id, type_, now_ms, body_json))
-            seq = cur.lastrowid
-            full = {**response, "seq": seq, "tx_id": tx_id}
-            if idempotency_key:
-                conn.execute("INSERT INTO idempotency(key, request_hash, seq, response, ts) VALUES (?,?,?,?,?)",
-                             (idempotency_key, req_hash, seq, json.dumps(full, ensure_ascii=False), now_ms))
-            return Appended(seq, tx_id, full, False)
-
-        result = await self._run(op)
-        if not result.duplicate and self.on_append:
+                self._inflight_keys.pop(idempotency_key, None)
+        self.index.on_record(frame, segment, offset, length)
+        self.stats["appends"] += 1
+        if self.on_append:
             self.on_append()
-        return result
-
-    async def lookup(self, idempotency_key: str, request: Any) -> Appended | None:
-        """The stored answer for a key already used, None for a new key;
-        IdempotencyConflict when the key came with a different request."""
-        req_hash = request_hash(request)
-
-        def op(conn):
-            row = conn.execute("SELECT request_hash, seq, response FROM idempotency WHERE key=?",
-                               (idempotency_key,)).fetchone()
-            return row
-        row = await self._run(op)
-        if row is None:
-            return None
-        if row[0] != req_hash:
-            raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was already used for a different request")
-        stored = json.loads(row[2])
-        return Appended(row[1], stored["tx_id"], stored, True)
+        return Appended(seq, tx_id, full, False)
 
     async def pending(self, after_seq: int = 0, limit: int = 500) -> list[TxRecord]:
-        def op(conn):
-            rows = conn.execute("SELECT seq, id, type, ts, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
-                                (after_seq, limit)).fetchall()
-            return [TxRecord(s, i, t, ts, json.loads(b)) for s, i, t, ts, b in rows]
-        return await self._run(op)
+        seqs = self.index.after(after_seq, limit)
+        locs = [(s, self.index.pending[s]) for s in seqs]
+        return await asyncio.to_thread(self._read_records, locs)
+
+    def _read_records(self, locs) -> list[TxRecord]:
+        out = []
+        with self._readers_lock:
+            for seq, (segment, offset, length, _ts) in locs:
+                fd = self._readers.get(segment)
+                if fd is None:
+                    fd = self._readers[segment] = os.open(self._segment_path(segment), os.O_RDONLY)
+                frame = next(scan_frames(os.pread(fd, length, offset)))[2]
+                out.append(TxRecord(frame["seq"], frame["id"], frame["type"], frame["ts"], frame["body"]))
+        return out
 
     async def mark_acked(self, seqs: list[int]) -> int:
-        """HQ committed these: forget them. Returns how many were still here."""
-        cutoff = int(self._clock() * 1000) - IDEMPOTENCY_RETENTION_S * 1000
+        """HQ committed these: forget them. Returns how many were pending."""
+        from wire.messages import seqs_to_ranges
 
-        def op(conn):
-            cur = conn.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s in seqs])
-            conn.execute("DELETE FROM idempotency WHERE ts < ?", (cutoff,))
-            return cur.rowcount
-        return await self._run(op)
+        ranges = seqs_to_ranges(seqs)
+        freed = self.index.on_ack(ranges)
+        if freed:
+            # Not awaited: losing this frame in a crash only means a resend,
+            # which HQ acks again. It rides along with the next fsync.
+            self._queue_frame(_Write(encode_frame({"k": "a", "r": ranges}), None, None))
+            await self._compact()
+        return freed
+
+    async def _compact(self) -> None:
+        """Delete segments that hold nothing pending and no live idempotency key."""
+        self.index.expire_keys(int((self._clock() - IDEMPOTENCY_RETENTION_S) * 1000))
+        for n in sorted(self._segments):
+            if n >= self._segment or self.index.segment_in_use(n):
+                continue
+            path = self._segment_path(n)
+            with self._readers_lock:
+                fd = self._readers.pop(n, None)
+                if fd is not None:
+                    os.close(fd)
+            path.unlink(missing_ok=True)
+            self._total -= self._logical.pop(n, 0)
+            self._segments.discard(n)
+            self.index.live.pop(n, None)
 
     async def backlog(self) -> dict:
         """Depth of the backlog and the age of its oldest record."""
-        now_ms = int(self._clock() * 1000)
-
-        def op(conn):
-            n, oldest, last = conn.execute("SELECT COUNT(*), MIN(ts), MAX(seq) FROM records").fetchone()
-            seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
-            return {"depth": n, "oldest_age_s": (now_ms - oldest) / 1000 if oldest else None,
-                    "last_seq": seq[0] if seq else 0}
-        return await self._run(op)
-
-
-def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
-    if fut.done():
-        return
-    if ok:
-        fut.set_result(value)
-    else:
-        fut.set_exception(value)
-
-
-def _explain(exc: sqlite3.Error) -> str:
-    text = str(exc)
-    if "full" in text:
-        return "the journal disk is full; the operation was not recorded"
-    return f"the journal could not record the operation ({text})"
-
-
-def _plausible(row: tuple) -> bool:
-    seq, tx_id, type_, ts, body = row
-    if not (isinstance(seq, int) and seq > 0 and isinstance(tx_id, str) and len(tx_id) == 32
-            and isinstance(type_, str) and isinstance(ts, int) and isinstance(body, str)):
-        return False
-    try:
-        return isinstance(json.loads(body), dict)
-    except ValueError:
-        return False
-
-
-def _salvage(path: Path) -> tuple[list[tuple], int]:
-    """The records that can still be read from a damaged journal file, and
-    its sequence high-water mark (0 when unreadable)."""
-    rows: list[tuple] = []
-    high_water = 0
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return rows, high_water
-    try:
-        try:
-            found = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
-            high_water = found[0] if found else 0
-        except sqlite3.Error:
-            pass
-        # Walk the records in seq order; at a damaged spot, skip ahead in
-        # growing steps until the b-tree reads again (bounded work).
-        start, skip, failures = 1, 1, 0
-        while failures < 64:
-            try:
-                for row in conn.execute("SELECT seq, id, type, ts, body FROM records WHERE seq >= ? ORDER BY seq",
-                                        (start,)):
-                    if _plausible(row):  # a damaged page can yield garbage cells
-                        rows.append(row)
-                    start, skip = max(start, row[0] + 1), 1
+        pending = self.index.pending
+        oldest = None
+        for seq in self.index.order:
+            if seq in pending:
+                oldest = pending[seq][3]
                 break
-            except sqlite3.Error:
-                failures += 1
-                start += skip
-                skip *= 2
-    finally:
-        conn.close()
-    return rows, high_water
+        now_ms = int(self._clock() * 1000)
+        return {"depth": len(pending), "oldest_age_s": (now_ms - oldest) / 1000 if oldest else None,
+                "last_seq": self.index.next_seq - 1, "bytes": self._total}
+
+
+def read_index(directory: str | Path) -> JournalIndex:
+    """The index of a journal directory, read-only (for tools and tests;
+    a running gateway's journal may be mid-write)."""
+    index = JournalIndex()
+    for path in sorted(Path(directory).glob("*.log")):
+        if not path.stem.isdigit():
+            continue
+        for offset, length, frame in scan_frames(path.read_bytes()):
+            kind = frame.get("k")
+            if kind == "r":
+                index.on_record(frame, int(path.stem), offset, length)
+            elif kind == "a":
+                index.on_ack(frame["r"])
+            elif kind == "h":
+                index.on_header(frame["next"])
+    return index
+
+
+def _settle_all(outcomes) -> None:
+    for fut, result, error in outcomes:
+        if fut.done():
+            continue
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)

@@ -136,11 +136,10 @@ status_interval_s = 1
         return self.call("GET", "/status")[1]
 
     def journal_seqs(self) -> list[int]:
-        conn = sqlite3.connect(self.data_dir / "journal.sqlite3")
-        try:
-            return [r[0] for r in conn.execute("SELECT seq FROM records ORDER BY seq")]
-        finally:
-            conn.close()
+        """Sequence numbers still pending in the journal on disk."""
+        from gateway.journal import read_index
+
+        return sorted(read_index(self.data_dir / "journal").pending)
 
 
 def sale_body(key: str, lines=None, member=None) -> dict:

@@ -1,15 +1,16 @@
-"""The journal on a real SQLite file: durability, idempotency, group commit, recovery."""
+"""The journal on real files: durability, idempotency, group commit, recovery, caps."""
 
 import asyncio
-import sqlite3
+import os
 
 import pytest
 
-from gateway.journal import IdempotencyConflict, Journal
+from gateway.journal import (IdempotencyConflict, Journal, JournalFull, JournalIndex, encode_frame,
+                             read_index, scan_frames)
 
 
 async def test_append_pending_ack_cycle(tmp_path):
-    async with Journal(tmp_path / "j.sqlite3") as j:
+    async with Journal(tmp_path / "j") as j:
         a = await j.append("sale", {"total": 100})
         b = await j.append("sale", {"total": 200})
         assert (a.seq, b.seq) == (1, 2) and a.id != b.id
@@ -21,66 +22,137 @@ async def test_append_pending_ack_cycle(tmp_path):
         assert (await j.backlog())["depth"] == 1
 
 
-async def test_records_survive_reopen_and_seq_never_reused(tmp_path):
-    path = tmp_path / "j.sqlite3"
+async def test_records_and_acks_survive_reopen_and_seq_never_reused(tmp_path):
+    path = tmp_path / "j"
     async with Journal(path) as j:
-        for i in range(3):
+        for i in range(5):
             await j.append("sale", {"i": i})
         await j.mark_acked([1, 2, 3])
+        await j.append("sale", {"i": 5})               # the ack frame is on disk with this fsync
+    async with Journal(path) as j:
+        assert [r.body["i"] for r in await j.pending()] == [3, 4, 5]
+        await j.mark_acked([4, 5, 6])
+        await asyncio.sleep(0.05)
+    async with Journal(path) as j:
+        assert (await j.append("sale", {"i": 6})).seq == 7
+
+
+async def test_seq_survives_compaction_of_everything(tmp_path):
+    path = tmp_path / "j"
+    async with Journal(path, segment_bytes=2048) as j:
+        for i in range(40):
+            await j.append("sale", {"i": i, "pad": "x" * 100})
+        await j.mark_acked(list(range(1, 41)))
+        segments_left = len(list(path.glob("*.log")))
+    assert segments_left <= 2                            # compacted: acked segments deleted
     async with Journal(path) as j:
         assert await j.pending() == []
-        assert (await j.append("sale", {"i": 3})).seq == 4
+        assert (await j.append("sale", {})).seq == 41    # the segment header kept the high-water mark
 
 
 async def test_idempotency(tmp_path):
-    async with Journal(tmp_path / "j.sqlite3") as j:
+    async with Journal(tmp_path / "j") as j:
         req = {"lines": [1]}
-        first = await j.append("sale", {"x": 1}, idempotency_key="k-000001", request=req, response={"total": 5})
-        again = await j.append("sale", {"x": 1}, idempotency_key="k-000001", request=req, response={"total": 5})
+        first, again = await asyncio.gather(  # concurrent retries of one request: one record
+            j.append("sale", {"x": 1}, idempotency_key="k-000001", request=req, response={"total": 5}),
+            j.append("sale", {"x": 1}, idempotency_key="k-000001", request=req, response={"total": 5}))
         assert again.duplicate and again.seq == first.seq and again.response == first.response
         assert (await j.lookup("k-000001", req)).seq == first.seq
         assert await j.lookup("k-000002", req) is None
         with pytest.raises(IdempotencyConflict):
             await j.append("sale", {"x": 2}, idempotency_key="k-000001", request={"lines": [2]})
         assert len(await j.pending()) == 1
+    async with Journal(tmp_path / "j") as j:              # keys survive a restart
+        assert (await j.lookup("k-000001", req)).response["total"] == 5
 
 
-async def test_concurrent_lanes_share_commits(tmp_path):
-    async with Journal(tmp_path / "j.sqlite3") as j:
+async def test_concurrent_lanes_share_fsyncs(tmp_path):
+    async with Journal(tmp_path / "j") as j:
         results = await asyncio.gather(*(j.append("sale", {"n": n}) for n in range(200)))
         assert sorted(r.seq for r in results) == list(range(1, 201))
-        assert j.stats["commits"] == 200
-        assert j.stats["groups"] < 200                  # group commit: fewer fsyncs than records
+        assert j.stats["appends"] == 200
+        assert j.stats["groups"] < 100                  # group commit: far fewer fsyncs than records
 
 
-async def test_damaged_journal_is_set_aside_and_intact_records_recovered(tmp_path):
-    path = tmp_path / "j.sqlite3"
+async def test_torn_tail_is_cut_without_a_fault(tmp_path):
+    path = tmp_path / "j"
+    async with Journal(path) as j:
+        for i in range(10):
+            await j.append("sale", {"i": i})
+    seg = sorted(path.glob("*.log"))[-1]
+    frame = encode_frame({"k": "r", "seq": 11, "id": "x" * 32, "type": "sale", "ts": 1, "body": {}})
+    with open(seg, "ab") as f:
+        f.write(frame[: len(frame) // 2])                # power cut in the middle of a write
+    async with Journal(path) as j:
+        assert j.faults == []
+        assert len(await j.pending(limit=100)) == 10
+        assert (await j.append("sale", {})).seq == 11
+
+
+async def test_damage_inside_a_segment_is_set_aside_and_the_rest_recovered(tmp_path):
+    path = tmp_path / "j"
     async with Journal(path) as j:
         for i in range(50):
-            await j.append("sale", {"i": i, "pad": "x" * 200})
-        await j.mark_acked(list(range(1, 11)))
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
-    data = bytearray(path.read_bytes())
-    page = 4096
-    at = data.index(b'"i":30,') // page * page
-    data[at + 8: at + page] = b"\xff" * (page - 8)           # wreck the leaf page holding record 31
-    path.write_bytes(bytes(data))
+            await j.append("sale", {"i": i, "pad": "x" * 100})
+    seg = sorted(path.glob("*.log"))[-1]
+    data = bytearray(seg.read_bytes())
+    at = data.index(b'"i":20,')
+    data[at: at + 300] = b"\x00" * 300                   # wreck records 21-22 in the middle
+    seg.write_bytes(bytes(data))
     async with Journal(path) as j:
         assert j.faults and "set aside" in j.faults[0]
-        assert list(tmp_path.glob("j.sqlite3.damaged-*"))     # never deleted
+        assert list(path.glob("*.damaged-*"))            # the damaged copy is never deleted
         recovered = [r.body["i"] for r in await j.pending(limit=100)]
-        assert 0 < len(recovered) < 40                          # the intact ones, not the wrecked page
-        assert all(isinstance(i, int) and 10 <= i < 50 for i in recovered)
-        nxt = await j.append("sale", {"i": "after"})
-        assert nxt.seq > 50                                     # never reuses a sequence number
+        assert recovered[:20] == list(range(20)) and recovered[-1] == 49
+        assert 45 <= len(recovered) < 50                 # everything intact, nothing invented
+        assert (await j.append("sale", {})).seq == 51    # never reuses a sequence number
 
 
-async def test_corrupt_file_that_is_not_a_database(tmp_path):
-    path = tmp_path / "j.sqlite3"
-    path.write_bytes(b"this is not a database" * 100)
-    async with Journal(path) as j:
-        assert j.faults
-        assert (await j.append("sale", {})).seq == 1
-    assert (tmp_path.glob("j.sqlite3.damaged-*"))
+async def test_cap_refuses_appends_clearly_and_keeps_everything(tmp_path):
+    async with Journal(tmp_path / "j", max_bytes=4096, segment_bytes=1024) as j:
+        done = 0
+        with pytest.raises(JournalFull, match="cap"):
+            for i in range(100):
+                await j.append("sale", {"i": i, "pad": "x" * 200})
+                done += 1
+        assert 5 < done < 20
+        assert [r.body["i"] for r in await j.pending(limit=100)] == list(range(done))
+        await j.mark_acked(list(range(1, done + 1)))
+    async with Journal(tmp_path / "j", max_bytes=4096, segment_bytes=1024) as j:
+        assert (await j.backlog())["depth"] == 0
+
+
+async def test_disk_full_leaves_no_half_frame(tmp_path):
+    """A real file-size limit (RLIMIT_FSIZE: EFBIG, like ENOSPC) hit when the
+    next segment's space is allocated: a clear JournalFull, nothing half-written."""
+    import resource
+    import signal
+
+    async with Journal(tmp_path / "j", segment_bytes=2048) as j:
+        await j.append("sale", {"i": 0})
+        old = resource.getrlimit(resource.RLIMIT_FSIZE)
+        old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, old[1]))
+        try:
+            with pytest.raises(JournalFull, match="disk is full"):
+                for i in range(1, 40):
+                    await j.append("sale", {"i": i, "pad": "y" * 100})
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old)
+            signal.signal(signal.SIGXFSZ, old_handler)
+        ok = await j.append("sale", {"i": "after"})
+    index = read_index(tmp_path / "j")
+    assert ok.seq in index.pending and len(index.pending) >= 2
+    for p in (tmp_path / "j").glob("*.log"):             # every byte on disk is an intact frame or zero
+        buf = p.read_bytes()
+        end = sum(length for _o, length, _f in scan_frames(buf))
+        assert not buf[end:].strip(b"\0")
+
+
+def test_index_is_plain_data():
+    idx = JournalIndex()
+    for seq in (1, 2, 3, 5):
+        idx.on_record({"seq": seq, "ts": 0}, 1, seq * 10, 10)
+    assert idx.after(0, 10) == [1, 2, 3, 5] and idx.after(2, 1) == [3]
+    assert idx.on_ack([[2, 3]]) == 2 and idx.after(0, 10) == [1, 5]
+    assert idx.on_ack([[1, 100]]) == 2 and idx.next_seq == 101
