@@ -43,8 +43,8 @@ GATEWAY_CONFIG_SCHEMA = {
             "additionalProperties": False,
             "default": {},
             "properties": {
-                "batch_max": {"type": "integer", "minimum": 1, "maximum": 5000, "default": 500},
-                "window": {"type": "integer", "minimum": 1, "maximum": 64, "default": 4},
+                "batch_max": {"type": "integer", "minimum": 1, "maximum": 5000, "default": 1000},
+                "window": {"type": "integer", "minimum": 1, "maximum": 64, "default": 8},
                 "resend_after_s": {"type": "number", "minimum": 1, "default": 10},
                 "status_interval_s": {"type": "number", "minimum": 1, "default": 10},
             },

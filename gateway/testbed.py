@@ -131,7 +131,9 @@ class LinkProxy:
     """TCP proxy on a free port forwarding to ``target_port``.
 
     ``cut()`` drops every open connection and refuses new ones until
-    ``restore()``; ``latency_s`` delays every chunk in each direction.
+    ``restore()``; ``stall()`` keeps connections open but forwards nothing
+    until ``unstall()``; ``latency_s`` delays every byte by that much in each
+    direction (a delay line: throughput is not limited by the latency).
     """
 
     def __init__(self, target_port: int, *, latency_s: float = 0.0) -> None:
@@ -139,6 +141,8 @@ class LinkProxy:
         self.port = free_port()
         self.latency_s = latency_s
         self.up = True
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.StreamWriter] = set()
 
@@ -160,6 +164,13 @@ class LinkProxy:
 
     def restore(self) -> None:
         self.up = True
+        self._flowing.set()
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def unstall(self) -> None:
+        self._flowing.set()
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         if not self.up:
@@ -171,22 +182,41 @@ class LinkProxy:
             client_w.transport.abort()
             return
         self._conns.update((client_w, server_w))
-        await asyncio.gather(self._pipe(client_r, server_w), self._pipe(server_r, client_w),
-                             return_exceptions=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(self._pipe(client_r, server_w), self._pipe(server_r, client_w),
+                                 return_exceptions=True)
         for w in (client_w, server_w):
             self._conns.discard(w)
             w.transport.abort()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while self.up:
-            data = await reader.read(65536)
-            if not data:
-                break
-            if self.latency_s:
-                await asyncio.sleep(self.latency_s)
-            writer.write(data)
-            await writer.drain()
-        writer.transport.abort()
+        line: asyncio.Queue = asyncio.Queue()
+
+        async def deliver() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                due, data = await line.get()
+                if data is None:
+                    return
+                delay = due - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.create_task(deliver())
+        try:
+            while self.up:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                line.put_nowait((asyncio.get_running_loop().time() + self.latency_s, data))
+            line.put_nowait((0, None))
+            await sender
+        finally:
+            sender.cancel()
+            writer.transport.abort()
 
 
 def http_json(port: int, method: str, path: str, body=None, *, raw: bytes | None = None,

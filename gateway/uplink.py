@@ -32,8 +32,8 @@ log = logging.getLogger("storegate.uplink")
 
 @dataclass
 class UplinkSettings:
-    batch_max: int = 500
-    window: int = 4
+    batch_max: int = 1000
+    window: int = 8
     resend_after_s: float = 10.0
     status_interval_s: float = 10.0
 
@@ -111,7 +111,7 @@ class Uplink:
         inflight: dict[int, float] = {}  # last seq of a batch -> when sent
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._receive(client, inflight))
-            tasks.create_task(self._send(client, inflight))
+            tasks.create_task(self._send(client, inflight, tasks))
             tasks.create_task(self._publish_status_periodically(client))
 
     async def _receive(self, client: aiomqtt.Client, inflight: dict[int, float]) -> None:
@@ -152,7 +152,7 @@ class Uplink:
             pass  # logged by the store; reported in the status below
         await self._publish_status(client)
 
-    async def _send(self, client: aiomqtt.Client, inflight: dict[int, float]) -> None:
+    async def _send(self, client: aiomqtt.Client, inflight: dict[int, float], tasks: asyncio.TaskGroup) -> None:
         cursor = 0  # a new connection sends everything not yet acked
         topic = self.topics.tx(self.store)
         while True:
@@ -165,7 +165,11 @@ class Uplink:
             if len(inflight) < self.settings.window:
                 records = await self.journal.pending(cursor, self.settings.batch_max)
                 if records:
-                    await client.publish(topic, TxBatch(self.store, records).encode(), qos=1)
+                    # Not awaited here: the broker's PUBACK frees nothing, HQ's
+                    # ack does. Tasks start in order, so batches go out in order;
+                    # a failed publish fails the session and everything unacked
+                    # is sent again on the next connection.
+                    tasks.create_task(client.publish(topic, TxBatch(self.store, records).encode(), qos=1))
                     cursor = records[-1].seq
                     inflight[cursor] = time.monotonic()
                     self.state.sent_batches += 1

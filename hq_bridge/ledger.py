@@ -10,12 +10,13 @@ store does not resend it forever and nothing is lost.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import orjson
 
 from wire.messages import TxBatch
 
@@ -83,7 +84,7 @@ class Ledger:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for r in batch.records:
-                    body = json.dumps(r.body, ensure_ascii=False, separators=(",", ":"))
+                    body = orjson.dumps(r.body).decode()
                     cur = conn.execute(
                         "INSERT OR IGNORE INTO transactions(store, seq, tx_id, type, ts, body, received_at)"
                         " VALUES (?,?,?,?,?,?,?)", (batch.store, r.seq, r.id, r.type, r.ts, body, now))

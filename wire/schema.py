@@ -13,7 +13,7 @@ OUT = Path(__file__).parent / "schemas"
 
 def render() -> dict[str, str]:
     return {
-        name: json.dumps({"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}, indent=2, ensure_ascii=False) + "\n"
+        name: json.dumps({"$schema": "http://json-schema.org/draft-07/schema#", **schema}, indent=2, ensure_ascii=False) + "\n"
         for name, schema in ALL_SCHEMAS.items()
     }
 
