@@ -56,6 +56,10 @@ GATEWAY_CONFIG_SCHEMA = {
             "properties": {
                 "max_mb": {"type": "integer", "minimum": 1, "default": 1024,
                            "description": "cap on the journal's disk use; past it, sales are refused (507)"},
+                "segment_mb": {"type": "integer", "minimum": 1, "maximum": 256, "default": 16,
+                               "description": "size of a journal segment file, allocated up front"},
+                "writer": {"enum": ["inline", "thread"], "default": "inline",
+                           "description": "'thread' keeps the event loop free during fdatasync (slow SD cards)"},
             },
         },
         "lanes": {

@@ -66,8 +66,9 @@ MAGIC = b"SG"
 HEADER = struct.Struct("<2sII")
 MAX_FRAME = 16 * 1024 * 1024
 SEGMENT_BYTES = 16 * 1024 * 1024
-IDEMPOTENCY_RETENTION_S = 7 * 24 * 3600
+IDEMPOTENCY_RETENTION_S = 24 * 3600  # a POS retries within minutes; a day is generous
 GROUP_MAX = 512
+MEMORY_ONLY = -1  # the "segment" of idempotency keys not on disk (full disk)
 
 
 class JournalError(RuntimeError):
@@ -194,8 +195,13 @@ class JournalIndex:
         for key in [k for k, v in self.idempotency.items() if v[3] < older_than_ms]:
             del self.idempotency[key]
 
-    def segment_in_use(self, segment: int) -> bool:
-        return self.live.get(segment, 0) > 0 or any(v[4] == segment for v in self.idempotency.values())
+    def on_key(self, frame: dict, segment: int) -> None:
+        """An idempotency key carried forward out of a compacted segment."""
+        self.idempotency[frame["key"]] = (frame["rh"], frame["seq"], frame["resp"], frame["ts"], segment)
+        self.next_seq = max(self.next_seq, frame["seq"] + 1)
+
+    def keys_in(self, segment: int) -> list:
+        return [(k, v) for k, v in self.idempotency.items() if v[4] == segment]
 
 
 # -- the journal (I/O) ----------------------------------------------------------
@@ -283,7 +289,13 @@ class Journal:
             self._load_segment(n, last=(n == segments[-1]))
         self._total = sum(self._logical.values())
         self._segment = segments[-1] if segments else 0
-        self._open_new_segment()  # a fresh segment per start: old ones are never appended to again
+        try:
+            self._open_new_segment()  # a fresh segment per start: old ones are never appended to again
+        except JournalFull as exc:
+            # Start anyway: taps, quotes and the drain to HQ work without new records.
+            fault = f"journal cannot take new records at start-up: {exc}"
+            log.error(fault)
+            self.faults.append(fault)
         self._sync_dir()
 
     def _load_segment(self, n: int, last: bool) -> None:
@@ -334,6 +346,8 @@ class Journal:
             self.index.on_ack(frame["r"])
         elif kind == "h":
             self.index.on_header(frame["next"])
+        elif kind == "i":
+            self.index.on_key(frame, segment)
 
     def _open_new_segment(self) -> None:
         """Start the next segment, its space allocated up front: an fdatasync
@@ -400,7 +414,7 @@ class Journal:
         error: Exception | None = None
         placed: tuple[int, int] | None = None
         try:
-            if self._size + len(data) > self.segment_bytes and self._size > 0:
+            if self._fd is None or (self._size + len(data) > self.segment_bytes and self._size > 0):
                 self._open_new_segment()
                 self._sync_dir()
             if self._total + len(data) > self.max_bytes and any(w.future for w in group):
@@ -474,8 +488,13 @@ class Journal:
         IdempotencyConflict when the key came with a different request."""
         req_hash = req_hash or request_hash(request)
         inflight = self._inflight_keys.get(idempotency_key)
-        if inflight is not None:
-            await asyncio.shield(inflight)
+        if inflight is not None:  # the first request with this key is being written now
+            first_hash, done = inflight
+            if first_hash != req_hash:
+                raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was already used for a "
+                                          "different request")
+            first = await asyncio.shield(done)  # its answer, or its error
+            return Appended(first.seq, first.id, first.response, True)
         return self._stored(idempotency_key, req_hash)
 
     async def append(self, type_: str, body: dict, *, idempotency_key: str | None = None,
@@ -496,18 +515,28 @@ class Journal:
         if idempotency_key:
             frame.update(key=idempotency_key, rh=req_hash, resp=full)
         fut = self._submit(encode_frame(frame))
+        done: asyncio.Future | None = None
         if idempotency_key:
-            self._inflight_keys[idempotency_key] = fut
+            done = asyncio.get_running_loop().create_future()
+            self._inflight_keys[idempotency_key] = (req_hash, done)
         try:
             segment, offset, length = await fut
+            self.index.on_record(frame, segment, offset, length)
+            result = Appended(seq, tx_id, full, False)
+        except BaseException as exc:
+            if done is not None:
+                done.set_exception(exc if isinstance(exc, Exception) else JournalError("append cancelled"))
+                done.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
         finally:
             if idempotency_key:
                 self._inflight_keys.pop(idempotency_key, None)
-        self.index.on_record(frame, segment, offset, length)
+        if done is not None:
+            done.set_result(result)
         self.stats["appends"] += 1
         if self.on_append:
             self.on_append()
-        return Appended(seq, tx_id, full, False)
+        return result
 
     async def pending(self, after_seq: int = 0, limit: int = 500) -> list[TxRecord]:
         seqs = self.index.after(after_seq, limit)
@@ -539,10 +568,30 @@ class Journal:
         return freed
 
     async def _compact(self) -> None:
-        """Delete segments that hold nothing pending and no live idempotency key."""
+        """Delete segments with nothing pending. Idempotency keys still within
+        their retention are first carried forward into the active segment.
+        On a full disk they are kept in memory only (and carried forward by a
+        later compaction): freeing the space matters more than keeping a
+        retry's answer across a crash during the full-disk episode."""
         self.index.expire_keys(int((self._clock() - IDEMPOTENCY_RETENTION_S) * 1000))
-        for n in sorted(self._segments):
-            if n >= self._segment or self.index.segment_in_use(n):
+        for n in [MEMORY_ONLY] + sorted(self._segments):
+            if n != MEMORY_ONLY and (n >= self._segment or self.index.live.get(n, 0) > 0):
+                continue
+            keys = self.index.keys_in(n)
+            if keys:
+                frames = b"".join(encode_frame({"k": "i", "key": k, "rh": v[0], "seq": v[1], "resp": v[2],
+                                                "ts": v[3]}) for k, v in keys)
+                try:
+                    segment, _offset, _length = await self._submit(frames)
+                except JournalError:
+                    segment = MEMORY_ONLY
+                    if n == MEMORY_ONLY:
+                        return
+                    log.warning("journal full: %d idempotency key(s) kept in memory only", len(keys))
+                for k, v in keys:
+                    if self.index.idempotency.get(k) == v:
+                        self.index.idempotency[k] = (*v[:4], segment)
+            if n == MEMORY_ONLY:
                 continue
             path = self._segment_path(n)
             with self._readers_lock:
@@ -582,6 +631,8 @@ def read_index(directory: str | Path) -> JournalIndex:
                 index.on_ack(frame["r"])
             elif kind == "h":
                 index.on_header(frame["next"])
+            elif kind == "i":
+                index.on_key(frame, int(path.stem))
     return index
 
 

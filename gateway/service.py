@@ -70,7 +70,9 @@ class Gateway:
         self.tz = ZoneInfo(store["timezone"])
         self.clock = clock
         data_dir = Path(store["data_dir"])
-        self.journal = Journal(data_dir / "journal", max_bytes=config["journal"]["max_mb"] << 20, clock=clock)
+        jcfg = config["journal"]
+        self.journal = Journal(data_dir / "journal", max_bytes=jcfg["max_mb"] << 20,
+                               segment_bytes=jcfg["segment_mb"] << 20, writer=jcfg["writer"], clock=clock)
         self.rules = RulesStore(data_dir / "rules.json", self.store_id, store.get("region"))
         self.lanes: dict[str, Lane] = {}
         for lane_cfg in config["lanes"]:

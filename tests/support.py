@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -101,8 +102,11 @@ keepalive = 5
 
 
 class GatewayProc(Service):
-    def __init__(self, tmp: Path, mqtt_port: int, store: str = "S001", lanes=("1", "2"), extra: str = "") -> None:
+    def __init__(self, tmp: Path, mqtt_port: int, store: str = "S001", lanes=("1", "2"), extra: str = "",
+                 uplink: dict | None = None) -> None:
         self.api_port = free_port()
+        uplink = {"resend_after_s": 2, "status_interval_s": 1, **(uplink or {})}
+        uplink_toml = "".join(f"{k} = {v}\n" for k, v in uplink.items())
         self.data_dir = tmp / "store"
         lanes_toml = "".join(f'\n[[lanes]]\nid = "{l}"\nreader = "simulated"\n' for l in lanes)
         self.config = write_toml(tmp / "gateway.toml", f"""
@@ -117,8 +121,7 @@ keepalive = 5
 host = "127.0.0.1"
 port = {self.api_port}
 [uplink]
-resend_after_s = 2
-status_interval_s = 1
+{uplink_toml}
 {extra}
 {lanes_toml}
 """)
@@ -126,7 +129,10 @@ status_interval_s = 1
 
     def start(self) -> "GatewayProc":
         super().start()
-        wait_for_port(self.api_port, 15)
+        try:
+            wait_for_port(self.api_port, 15)
+        except TimeoutError:
+            raise AssertionError(f"gateway did not start; its log:\n{self.log()[-3000:]}") from None
         return self
 
     def call(self, method: str, path: str, body=None, **kw) -> tuple[int, dict]:
@@ -159,3 +165,115 @@ def ledger_by_id(hq: HQ, store: str = "S001") -> dict[str, int]:
 
 
 __all__ = ["json"]
+
+
+class ProxyThread:
+    """gateway.testbed.LinkProxy on its own event loop in a thread, for sync tests."""
+
+    def __init__(self, target_port: int, latency_s: float = 0.0) -> None:
+        import asyncio
+        import threading
+
+        from gateway.testbed import LinkProxy
+
+        self.loop = asyncio.new_event_loop()
+        self.proxy = LinkProxy(target_port, latency_s=latency_s)
+        self.port = self.proxy.port
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self._call(self.proxy.start())
+
+    def _call(self, coro_or_fn):
+        import asyncio
+
+        if asyncio.iscoroutine(coro_or_fn):
+            return asyncio.run_coroutine_threadsafe(coro_or_fn, self.loop).result(10)
+        done = __import__("concurrent.futures").futures.Future()
+        self.loop.call_soon_threadsafe(lambda: done.set_result(coro_or_fn()))
+        return done.result(10)
+
+    def cut(self):
+        self._call(self.proxy.cut)
+
+    def restore(self):
+        self._call(self.proxy.restore)
+
+    def stall(self):
+        self._call(self.proxy.stall)
+
+    def unstall(self):
+        self._call(self.proxy.unstall)
+
+    def set_latency(self, seconds: float):
+        self._call(lambda: setattr(self.proxy, "latency_s", seconds))
+
+    def close(self):
+        self._call(self.proxy.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class PosLanes:
+    """POS terminals committing sales on several lanes, as a real POS does:
+    a request that got no answer is retried with the same idempotency key
+    until it gets one. ``told`` holds what the POS was told is committed."""
+
+    def __init__(self, gw: "GatewayProc", lanes=("1", "2"), pause_s: float = 0.005) -> None:
+        import threading
+
+        self.gw = gw
+        self.lanes = lanes
+        self.pause_s = pause_s
+        self.told: dict[str, int] = {}       # tx_id -> seq
+        self.keys: dict[str, str] = {}       # idempotency key -> tx_id
+        self.refused: list = []              # 4xx/5xx answers (should stay empty)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(lane,), daemon=True) for lane in lanes]
+
+    def start(self) -> "PosLanes":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    def _run(self, lane: str) -> None:
+        import uuid
+
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            key = f"pos{lane}-{uuid.uuid4().hex[:16]}"
+            body = sale_body(key, member=False)
+            while True:  # until this sale has a complete answer
+                try:
+                    status, answer = self.gw.call("POST", f"/lanes/{lane}/sales", body, timeout=5)
+                except (OSError, http.client.HTTPException, ValueError):
+                    time.sleep(0.05)     # gateway down or the answer cut off: retry the same sale
+                    continue
+                if status in (200, 201) and "seq" not in answer:
+                    continue
+                break
+            with self._lock:
+                if status in (200, 201):
+                    self.told[answer["tx_id"]] = answer["seq"]
+                    self.keys[key] = answer["tx_id"]
+                else:
+                    self.refused.append((status, answer))
+            time.sleep(self.pause_s)
+
+
+def assert_hq_holds_exactly(hq: HQ, told: dict[str, int], timeout: float = 60.0) -> None:
+    """The invariant: HQ's ledger holds exactly the sales the POS was told
+    were committed, each once."""
+    def settled():
+        return set(ledger_by_id(hq)) == set(told)
+    wait_until(settled, timeout, what=f"HQ to hold the {len(told)} committed sales")
+    counts = ledger_by_id(hq)
+    assert all(n == 1 for n in counts.values()), "a sale applied twice"
+    rows = {tx_id: seq for seq, tx_id, _t, _b in hq.rows()}
+    assert rows == told, "HQ's sequence numbers differ from what the POS was told"

@@ -156,3 +156,20 @@ def test_index_is_plain_data():
     assert idx.after(0, 10) == [1, 2, 3, 5] and idx.after(2, 1) == [3]
     assert idx.on_ack([[2, 3]]) == 2 and idx.after(0, 10) == [1, 5]
     assert idx.on_ack([[1, 100]]) == 2 and idx.next_seq == 101
+
+
+async def test_compaction_carries_idempotency_keys_forward(tmp_path):
+    path = tmp_path / "j"
+    async with Journal(path, segment_bytes=1024) as j:
+        for i in range(30):
+            await j.append("sale", {"i": i, "pad": "z" * 60}, idempotency_key=f"key-{i:04d}", request={"i": i},
+                           response={"total": i})
+        record_segments = {loc[0] for loc in j.index.pending.values()}
+        await j.mark_acked(list(range(1, 31)))
+        left = {int(p.stem) for p in path.glob("*.log")}
+        assert not (record_segments - {j._segment}) & left  # acked segments are gone...
+        assert (await j.lookup("key-0003", {"i": 3})).response["total"] == 3   # ...their keys are not
+    async with Journal(path, segment_bytes=1024) as j:
+        again = await j.append("sale", {}, idempotency_key="key-0005", request={"i": 5})
+        assert again.duplicate and again.seq == 6
+        assert (await j.append("sale", {})).seq == 31
