@@ -50,17 +50,55 @@ def _status(args) -> int:
             url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{cfg['api']['port']}"
         else:
             url = "http://127.0.0.1:8080"
-    try:
+    def fetch() -> dict:
         with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as resp:
-            status = json.load(resp)
+            return json.load(resp)
+
+    try:
+        status = fetch()
+        if args.json:
+            print(json.dumps(status, indent=2, ensure_ascii=False))
+            return 0
+        print(render_status(status))
+        if args.watch:
+            _watch_drain(fetch, status)
     except (urllib.error.URLError, OSError) as exc:
         print(f"gateway at {url} is not answering: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(status, indent=2, ensure_ascii=False))
-    else:
-        print(render_status(status))
+    except KeyboardInterrupt:
+        print()
     return 0
+
+
+def progress_line(peak: int, backlog: int, rate: float, width: int = 30) -> str:
+    """``drain [#########.....]  61%  3,902 left  1,250 rec/s  ~3 s``"""
+    done = peak - backlog
+    frac = done / peak if peak else 1.0
+    filled = int(frac * width)
+    eta = f"  ~{backlog / rate:.0f} s" if rate > 0 and backlog else ""
+    return (f"drain [{'#' * filled}{'.' * (width - filled)}] {frac * 100:4.0f}%  "
+            f"{backlog:,} left  {rate:,.0f} rec/s{eta}")
+
+
+def _watch_drain(fetch, status: dict, interval: float = 1.0) -> None:
+    """Redraw a progress bar while the backlog drains; stop when it is empty."""
+    peak = status["backlog"]
+    last_backlog, last_t = peak, time.monotonic()
+    rate = 0.0
+    while True:
+        backlog = status["backlog"]
+        peak = max(peak, backlog)
+        now = time.monotonic()
+        if now > last_t:
+            rate = 0.7 * rate + 0.3 * max(0.0, (last_backlog - backlog) / (now - last_t))
+        last_backlog, last_t = backlog, now
+        uplink = "" if status["uplink"] == "online" else "  (HQ unreachable)"
+        print("\r" + progress_line(peak, backlog, rate) + uplink, end="", flush=True)
+        if backlog == 0:
+            print()
+            return
+        time.sleep(interval)
+        status = fetch()
 
 
 def render_status(s: dict, now: float | None = None) -> str:
@@ -90,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--config")
     st.add_argument("--url")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--watch", action="store_true", help="show a progress bar until the backlog has drained")
     demo = sub.add_parser("demo", help="run a whole store on this machine with simulated readers")
     demo.add_argument("--keep", action="store_true", help="keep the demo's working directory")
     args = parser.parse_args(argv)

@@ -141,3 +141,16 @@ def test_ledger_applies_once_and_keeps_conflicts(tmp_path):
     # the same seq at another store is another transaction
     assert ledger.commit(TxBatch("S002", [TxRecord(1, "id-00000003", "sale", 1, {})])).applied == 1
     assert ledger.next_rules_version("store:S001") == 1 and ledger.next_rules_version("store:S001") == 2
+
+
+def test_drain_progress_line():
+    from gateway.cli import progress_line, render_status
+
+    assert progress_line(1000, 250, 100.0, width=10) == "drain [#######...]   75%  250 left  100 rec/s  ~2 s"
+    assert progress_line(0, 0, 0.0, width=4) == "drain [####]  100%  0 left  0 rec/s"
+    text = render_status({"store": "S001", "uplink": "offline", "last_hq_contact": None, "rules_version": None,
+                          "backlog": 3, "oldest_unsent_age_s": 42.0, "acked_records": 0, "last_seq": 3,
+                          "lanes": {"1": {"reader": "simulated", "taps": 2}}, "faults": ["journal damaged"]},
+                         now=100.0)
+    assert "backlog          3 record(s), oldest 42 s" in text and "last HQ contact  never" in text
+    assert "FAULT            journal damaged" in text
