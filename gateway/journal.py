@@ -50,7 +50,6 @@ import shutil
 import struct
 import threading
 import time
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -508,7 +507,7 @@ class Journal:
                 return earlier
         seq = self.index.next_seq
         self.index.next_seq += 1  # taken even if the write fails: never reused
-        tx_id = uuid.uuid4().hex
+        tx_id = os.urandom(16).hex()  # 128 random bits, like uuid4, for a third of the cost
         ts = int(self._clock() * 1000)
         full = {**(response or {}), "seq": seq, "tx_id": tx_id}
         frame = {"k": "r", "seq": seq, "id": tx_id, "type": type_, "ts": ts, "body": body}
