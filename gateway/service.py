@@ -100,7 +100,9 @@ class Gateway:
     async def __aexit__(self, *exc) -> None:
         for task in reversed(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        done, stuck = await asyncio.wait(self._tasks, timeout=10)
+        for task in stuck:  # never hang a shutdown (systemd would SIGKILL us anyway)
+            log.error("task %s did not stop within 10 s", task.get_name())
         self._tasks.clear()
         for lane in self.lanes.values():
             if lane.reader is not None:
@@ -141,6 +143,8 @@ class Gateway:
             lane.member, lane.member_at = verdict, self.clock()
         else:
             self.stats["denied"] += 1
+            if verdict.verdict == "deny":
+                lane.member = None  # the card just refused is the lane's customer now
         # Logs carry the reason and the masked card, never the raw read.
         log.info("lane %s: %s tap -> %s (%s) card %s", lane.id, read.source, verdict.verdict,
                  verdict.reason, engine.mask_card(verdict.card_no) if verdict.card_no else "-")

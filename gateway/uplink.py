@@ -95,8 +95,9 @@ class Uplink:
     async def _say_offline(self, client: aiomqtt.Client, will: aiomqtt.Will) -> None:
         """On a clean shutdown the broker sends no will: publish it ourselves."""
         try:
-            await asyncio.wait_for(client.publish(will.topic, will.payload, qos=1, retain=True), 2.0)
-        except (aiomqtt.MqttError, TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(2.0):
+                await client.publish(will.topic, will.payload, qos=1, retain=True)
+        except (aiomqtt.MqttError, TimeoutError):
             pass
 
     def _set_connected(self, up: bool) -> None:
@@ -176,7 +177,11 @@ class Uplink:
                     continue
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that arrives as the event is set, and the
+                # session would never end.
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 

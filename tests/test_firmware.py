@@ -134,7 +134,8 @@ def test_lane_reader_against_a_real_gateway(tmp_path, broker):
         for _ in range(6):
             reader.step()
         assert Leds.shown == ["accept", "deny"]
-        assert gw.call("GET", "/lanes/1/member")[1]["member"]["member"]["member_id"] == "M1001"
+        assert gw.status()["lanes"]["1"]["taps"] == 2        # held card: one tap; the second card: one
+        assert gw.call("GET", "/lanes/1/member")[1]["member"] is None  # the refused card ended the member's visit
     finally:
         gw.stop()
         hq.stop()
