@@ -19,7 +19,6 @@ key with a different request is refused.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -28,10 +27,10 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from gateway.journal import Appended, IdempotencyConflict, JournalError, request_hash
 from wire.messages import TxRecord
 
 log = logging.getLogger("storegate.journal")
@@ -55,26 +54,6 @@ CREATE INDEX IF NOT EXISTS idempotency_ts ON idempotency(ts);
 """
 IDEMPOTENCY_RETENTION_S = 7 * 24 * 3600
 GROUP_MAX = 256
-
-
-class JournalError(RuntimeError):
-    """The journal could not make an operation durable (disk full, I/O error)."""
-
-
-class IdempotencyConflict(ValueError):
-    """The same idempotency key came with a different request."""
-
-
-@dataclass(frozen=True)
-class Appended:
-    seq: int
-    id: str
-    response: dict
-    duplicate: bool  # True when this is the stored answer to an earlier request
-
-
-def request_hash(request: Any) -> str:
-    return hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class Journal:

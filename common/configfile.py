@@ -15,6 +15,14 @@ from typing import Any
 import jsonschema
 
 
+LOGGING_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "default": {},
+    "properties": {"level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"], "default": "INFO"}},
+}
+
+
 class ConfigError(ValueError):
     """The config file is missing, unreadable or has a wrong/missing key."""
 

@@ -86,12 +86,7 @@ GATEWAY_CONFIG_SCHEMA = {
                 },
             },
         },
-        "logging": {
-            "type": "object",
-            "additionalProperties": False,
-            "default": {},
-            "properties": {"level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"], "default": "INFO"}},
-        },
+        "logging": configfile.LOGGING_SCHEMA,
     },
 }
 

@@ -224,7 +224,7 @@ def _summary(committed: dict[str, int], status: dict, ledger: Ledger, patterns: 
     stats = status["stats"]
     print("\nsummary")
     print(f"  taps                 {stats['taps']} ({stats['accepted']} accepted, {stats['denied']} denied)")
-    print(f"  indicator patterns   " + ", ".join(f"{k} {v}" for k, v in sorted(patterns.items())))
+    print("  indicator patterns   " + ", ".join(f"{k} {v}" for k, v in sorted(patterns.items())))
     print(f"  sales committed      {len(committed)} (POS got OK after fsync)")
     print(f"  journaled            {status['last_seq']} record(s), sequence 1..{status['last_seq']}")
     print(f"  delivered            {status['acked_records']} acked by HQ")

@@ -21,12 +21,7 @@ HQ_CONFIG_SCHEMA = {
             },
         },
         "mqtt": MQTT_CONFIG_SCHEMA,
-        "logging": {
-            "type": "object",
-            "additionalProperties": False,
-            "default": {},
-            "properties": {"level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"], "default": "INFO"}},
-        },
+        "logging": configfile.LOGGING_SCHEMA,
     },
 }
 

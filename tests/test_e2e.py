@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.support import GOLD_UID, HQ, LOST_CARD, GatewayProc, ledger_by_id, sale_body, wait_until
+from tests.support import GOLD_UID, HQ, LOST_CARD, GatewayProc, sale_body, wait_until
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from gpiozero.pins.mock import MockFactory
 
 from gateway import config as gw_config
 from gateway.service import Gateway
-from hq_bridge.ledger import Ledger
 from hq_bridge.rules import build_message, load_rules_file
 from tests.support import GOLD_UID, RULES_FILE
 

@@ -1,7 +1,6 @@
 """The journal on real files: durability, idempotency, group commit, recovery, caps."""
 
 import asyncio
-import os
 
 import pytest
 

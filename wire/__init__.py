@@ -14,3 +14,5 @@ from wire.messages import (  # noqa: F401
     WireError,
 )
 from wire.topics import Topics  # noqa: F401
+
+__all__ = ["Ack", "RulesMessage", "Status", "TxBatch", "TxRecord", "WireError", "Topics"]
