@@ -488,12 +488,11 @@ class Journal:
         req_hash = req_hash or request_hash(request)
         inflight = self._inflight_keys.get(idempotency_key)
         if inflight is not None:  # the first request with this key is being written now
-            first_hash, done = inflight
+            first_hash, written = inflight
             if first_hash != req_hash:
                 raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was already used for a "
                                           "different request")
-            first = await asyncio.shield(done)  # its answer, or its error
-            return Appended(first.seq, first.id, first.response, True)
+            await asyncio.shield(written)  # the first one's error, if it failed
         return self._stored(idempotency_key, req_hash)
 
     async def append(self, type_: str, body: dict, *, idempotency_key: str | None = None,
@@ -514,28 +513,25 @@ class Journal:
         if idempotency_key:
             frame.update(key=idempotency_key, rh=req_hash, resp=full)
         fut = self._submit(encode_frame(frame))
-        done: asyncio.Future | None = None
         if idempotency_key:
-            done = asyncio.get_running_loop().create_future()
-            self._inflight_keys[idempotency_key] = (req_hash, done)
-        try:
-            segment, offset, length = await fut
-            self.index.on_record(frame, segment, offset, length)
-            result = Appended(seq, tx_id, full, False)
-        except BaseException as exc:
-            if done is not None:
-                done.set_exception(exc if isinstance(exc, Exception) else JournalError("append cancelled"))
-                done.exception()  # retrieved: no "never retrieved" warning when nobody waits
-            raise
-        finally:
+            self._inflight_keys[idempotency_key] = (req_hash, fut)
+
+        def written(f: asyncio.Future) -> None:
+            # Runs when the frame is on disk, even if the caller was cancelled
+            # meanwhile (a POS that hung up): the record is indexed and sent,
+            # and a retry with the same key finds it.
             if idempotency_key:
                 self._inflight_keys.pop(idempotency_key, None)
-        if done is not None:
-            done.set_result(result)
-        self.stats["appends"] += 1
-        if self.on_append:
-            self.on_append()
-        return result
+            if f.cancelled() or f.exception() is not None:
+                return
+            self.index.on_record(frame, *f.result())
+            self.stats["appends"] += 1
+            if self.on_append:
+                self.on_append()
+
+        fut.add_done_callback(written)  # before any waiter's callback: indexed first
+        await asyncio.shield(fut)
+        return Appended(seq, tx_id, full, False)
 
     async def pending(self, after_seq: int = 0, limit: int = 500) -> list[TxRecord]:
         seqs = self.index.after(after_seq, limit)

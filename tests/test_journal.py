@@ -172,3 +172,18 @@ async def test_compaction_carries_idempotency_keys_forward(tmp_path):
         again = await j.append("sale", {}, idempotency_key="key-0005", request={"i": 5})
         assert again.duplicate and again.seq == 6
         assert (await j.append("sale", {})).seq == 31
+
+
+async def test_a_cancelled_caller_does_not_lose_or_double_its_record(tmp_path):
+    """The POS hung up while its sale was being written: the record is still
+    indexed (and sent), and the POS's retry with the same key finds it."""
+    async with Journal(tmp_path / "j") as j:
+        task = asyncio.create_task(j.append("sale", {"x": 1}, idempotency_key="k-cancel-1", request={"a": 1},
+                                            response={"total": 1}))
+        await asyncio.sleep(0)        # queued for the writer
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        retry = await j.append("sale", {"x": 1}, idempotency_key="k-cancel-1", request={"a": 1})
+        assert retry.duplicate and retry.seq == 1
+        assert [r.seq for r in await j.pending()] == [1]
