@@ -116,14 +116,16 @@ class Uplink:
             tasks.create_task(self._publish_status_periodically(client))
 
     async def _receive(self, client: aiomqtt.Client, inflight: dict[int, float]) -> None:
-        ack_topic = self.topics.ack(self.store)
+        ack_topic, rules_topic = self.topics.ack(self.store), self.topics.rules(self.store)
         async for message in client.messages:
             topic = str(message.topic)
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
             if topic == ack_topic:
                 await self._on_ack(payload, inflight)
-            else:
+            elif topic == rules_topic:
                 await self._on_rules(client, payload)
+            else:  # some brokers (amqtt) echo messages we did not subscribe to
+                log.debug("ignored a message on %s", topic)
 
     async def _on_ack(self, payload: bytes, inflight: dict[int, float]) -> None:
         try:

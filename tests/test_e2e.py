@@ -104,3 +104,14 @@ def test_demo_runs_the_whole_store_and_exits_0():
     out = subprocess.run([str(BIN / "storegate"), "demo"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK: every committed sale is in HQ's database exactly once" in out.stdout
+
+
+def test_demo_on_the_embedded_broker_when_mosquitto_is_missing(monkeypatch, capsys):
+    import asyncio
+
+    import gateway.demo as demo
+
+    monkeypatch.setattr(demo, "mosquitto_path", lambda: None)
+    assert asyncio.run(demo.run_demo()) == 0
+    out = capsys.readouterr().out
+    assert "amqtt (embedded)" in out and "exactly once" in out
