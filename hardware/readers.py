@@ -12,6 +12,7 @@ kept out of repr() and must never be logged.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ class CardRead:
             raise ValueError("card read has an empty raw identifier")
 
 
-class CardReader:
+class CardReader(abc.ABC):
     """Interface every reader implements."""
 
     kind = "abstract"
@@ -58,8 +59,9 @@ class CardReader:
     async def close(self) -> None:
         self.state = "closed"
 
+    @abc.abstractmethod
     def reads(self) -> AsyncIterator[CardRead]:
-        raise NotImplementedError  # pragma: no cover - interface
+        """Yield one CardRead per tap, for as long as the reader is open."""
 
 
 class QueueReader(CardReader):
