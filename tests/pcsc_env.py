@@ -16,6 +16,7 @@ socket path that every daemon of the session serves in turn.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -37,6 +38,7 @@ def use_private_socket() -> Path:
     global _socket_dir
     if _socket_dir is None:
         _socket_dir = Path(tempfile.mkdtemp(prefix="storegate-pcscd-"))
+        atexit.register(shutil.rmtree, _socket_dir, ignore_errors=True)
         os.environ["PCSCLITE_CSOCK_NAME"] = str(_socket_dir / "pcscd.comm")
     return _socket_dir
 
@@ -106,7 +108,8 @@ class PcscDaemon:
         if os.geteuid() != 0:
             namespace[1:1] = ["--user", "--map-root-user"]  # an unprivileged user gets mount rights there
         return [*namespace, "sh", "-c", _NAMESPACE_SCRIPT, "pcscd-ns", str(self.socket_dir),
-                self.pcscd, "--foreground", "--info", "--config", str(self.config_dir)]
+                # --auto-exit: a daemon orphaned by a killed test run ends itself after 60 s without clients.
+                self.pcscd, "--foreground", "--info", "--auto-exit", "--config", str(self.config_dir)]
 
     def start(self, timeout: float = 20.0) -> "PcscDaemon":
         if self.running:
