@@ -71,7 +71,9 @@ GATEWAY_CONFIG_SCHEMA = {
                 "required": ["id", "reader"],
                 "properties": {
                     "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,16}$"},
-                    "reader": {"enum": ["simulated", "terminal"]},
+                    "reader": {"enum": ["simulated", "terminal", "pcsc"]},
+                    "pcsc_reader": {"type": "string", "minLength": 1,
+                                    "description": "regular expression matched against PC/SC reader names"},
                     "indicator": {"enum": ["simulated", "gpio"], "default": "simulated"},
                     "gpio": {
                         "type": "object",
@@ -101,6 +103,8 @@ def check(config: dict, source: str = "config") -> dict:
         seen.add(lane["id"])
         if lane["indicator"] == "gpio" and "gpio" not in lane:
             problems.append(f"lanes[{i}].gpio: required when indicator = \"gpio\"")
+        if lane["reader"] == "pcsc" and "pcsc_reader" not in lane:
+            problems.append(f"lanes[{i}].pcsc_reader: required when reader = \"pcsc\" (e.g. \"ACR122U\")")
     try:
         from zoneinfo import ZoneInfo
         ZoneInfo(config["store"]["timezone"])

@@ -47,6 +47,18 @@ class Lane:
             q.put_nowait(event)
 
 
+def build_reader(lane_cfg: dict) -> CardReader | None:
+    """The lane's reader; None for a lane terminal, which posts its reads."""
+    kind = lane_cfg["reader"]
+    if kind == "simulated":
+        return SimulatedReader(lane_cfg["id"])
+    if kind == "pcsc":
+        from hardware.nfc import PcscReader  # needs libpcsclite only when used
+
+        return PcscReader(lane_cfg["id"], lane_cfg["pcsc_reader"])
+    return None
+
+
 def build_indicator(lane_cfg: dict, pin_factory=None) -> Indicator:
     if lane_cfg["indicator"] == "gpio":
         pins = lane_cfg["gpio"]
@@ -75,13 +87,13 @@ class Gateway:
         self.rules = RulesStore(data_dir / "rules.json", self.store_id, store.get("region"))
         self.lanes: dict[str, Lane] = {}
         for lane_cfg in config["lanes"]:
-            reader = SimulatedReader(lane_cfg["id"]) if lane_cfg["reader"] == "simulated" else None
-            self.lanes[lane_cfg["id"]] = Lane(lane_cfg["id"], reader, build_indicator(lane_cfg, pin_factory))
+            self.lanes[lane_cfg["id"]] = Lane(lane_cfg["id"], build_reader(lane_cfg),
+                                              build_indicator(lane_cfg, pin_factory))
         self.uplink = Uplink(config["mqtt"], self.store_id, self.journal, self.rules, self.status_message,
                              UplinkSettings(**config["uplink"]), on_connection_change=self._on_link)
         self.started_at = clock()
         self._tasks: list[asyncio.Task] = []
-        self.stats = {"taps": 0, "accepted": 0, "denied": 0, "sales": 0}
+        self.stats = {"taps": 0, "accepted": 0, "denied": 0, "retries": 0, "sales": 0}
 
     # -- lifetime -----------------------------------------------------------
 
@@ -116,7 +128,10 @@ class Gateway:
     async def _read_loop(self, lane: Lane) -> None:
         async for read in lane.reader.reads():
             try:
-                await self.handle_read(read)
+                if isinstance(read, CardRead):
+                    await self.handle_read(read)
+                else:  # a failed read (card pulled away mid-read): the member taps again
+                    self.show_verdict(lane, "nfc", engine.Verdict("retry", "tap_again"))
             except Exception:  # one bad read must not stop the lane
                 log.exception("lane %s: tap handling failed", lane.id)
 
@@ -134,21 +149,26 @@ class Gateway:
     async def handle_read(self, read: CardRead) -> engine.Verdict:
         lane = self.lane(read.lane)
         verdict = engine.validate(read.source, read.raw, self.rules.current, self.now())
+        self.show_verdict(lane, read.source, verdict)
+        return verdict
+
+    def show_verdict(self, lane: Lane, source: str, verdict: engine.Verdict) -> None:
+        """The counter side of a verdict: indicator, lane state, POS event, log."""
         lane.indicator.show(verdict.pattern)
         lane.taps += 1
         self.stats["taps"] += 1
         if verdict.accepted:
             self.stats["accepted"] += 1
             lane.member, lane.member_at = verdict, self.clock()
-        else:
+        elif verdict.verdict == "deny":
             self.stats["denied"] += 1
-            if verdict.verdict == "deny":
-                lane.member = None  # the card just refused is the lane's customer now
+            lane.member = None  # the card just refused is the lane's customer now
+        else:
+            self.stats["retries"] += 1
         # Logs carry the reason and the masked card, never the raw read.
-        log.info("lane %s: %s tap -> %s (%s) card %s", lane.id, read.source, verdict.verdict,
+        log.info("lane %s: %s tap -> %s (%s) card %s", lane.id, source, verdict.verdict,
                  verdict.reason, engine.mask_card(verdict.card_no) if verdict.card_no else "-")
-        lane.publish({"type": "tap", "lane": lane.id, "source": read.source, **verdict.public()})
-        return verdict
+        lane.publish({"type": "tap", "lane": lane.id, "source": source, **verdict.public()})
 
     def current_member(self, lane: Lane) -> engine.Verdict | None:
         hold = self.config["api"]["member_hold_s"]

@@ -446,3 +446,41 @@ def test_ndef_uri_parsing():
     assert ndef_uri(text + bytes([0x51, 0x01, len(payload)]) + b"U" + payload) == "https://member.example.com/t?e=00"
     assert ndef_uri(record[:-3]) is None
     assert ndef_uri(b"") is None
+
+
+# -- the gateway with a PC/SC lane ----------------------------------------------
+async def test_gateway_lane_on_a_pcsc_reader(pcscd, cards, tmp_path, broker):
+    """pyscard -> pcscd -> vpcd -> virtual card, into the gateway: verdict,
+    indicator and the lane's POS events; a card pulled away mid-read is "tap again"."""
+    from gateway import config as gw_config
+    from gateway.service import Gateway
+    from hq_bridge.rules import build_message, load_rules_file
+    from tests.support import RULES_FILE
+
+    cfg = gw_config.check({
+        "store": {"id": "S001", "data_dir": str(tmp_path / "store")},
+        "mqtt": {"host": "127.0.0.1", "port": broker.port},
+        "lanes": [{"id": "1", "reader": "pcsc", "pcsc_reader": READER}],
+    })
+    async with Gateway(cfg) as gw:
+        gw.rules.offer(build_message(load_rules_file(RULES_FILE), "S001", 1, now=0).encode())
+        taps: asyncio.Queue = asyncio.Queue()
+        gw.lanes["1"].listeners.add(taps)
+        await until(lambda: gw.lanes["1"].reader.state == "ready", what="the reader")
+
+        card = Ntag215(pcscd.port, GOLD_UID)
+        cards.append(card)
+        card.insert()
+        tap = await asyncio.wait_for(taps.get(), EVENT_TIMEOUT)
+        assert (tap["verdict"], tap["member"]["member_id"], tap["source"]) == ("accept", "M1001", "nfc")
+        assert gw.lanes["1"].indicator.history[-1].value == "accept"
+
+        card.remove()
+        await until(lambda: not card.present, what="the card to leave")
+        await asyncio.sleep(1.0)
+        card.pull_away_on = lambda apdu: apdu[1] == 0xCA     # pulled away during the UID read
+        card.insert()
+        tap = await asyncio.wait_for(taps.get(), EVENT_TIMEOUT)
+        assert (tap["verdict"], tap["reason"], tap["pattern"]) == ("retry", "tap_again", "tap_again")
+        assert "重新" in tap["text"]["zh-CN"]
+        assert (await gw.status())["lanes"]["1"]["reader"] == "pcsc"
