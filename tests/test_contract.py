@@ -154,3 +154,4 @@ def test_drain_progress_line():
                          now=100.0)
     assert "backlog          3 record(s), oldest 42 s" in text and "last HQ contact  never" in text
     assert "FAULT            journal damaged" in text
+
