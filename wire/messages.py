@@ -111,7 +111,11 @@ STATUS_SCHEMA = {
         "ts": {"type": "integer", "minimum": 0},
         "backlog": {"type": "integer", "minimum": 0},
         "oldest_unsent_age_s": {"type": ["number", "null"], "minimum": 0},
-        "rules_version": {"type": ["integer", "null"]},
+        "rules_version": {"type": ["integer", "null"], "description": "version of the rule set applied"},
+        "rules_issued_at": {"type": ["integer", "null"]},
+        "deny_version": {"type": ["integer", "null"], "description": "last deny-list delta applied"},
+        "rules_rejection": {"type": ["string", "null"],
+                            "description": "why the last rule set or delta offered was refused (null: none)"},
         "readers": {"type": "object", "additionalProperties": {"type": "string"}},
         "faults": {"type": "array", "items": {"type": "string"}},
     },
@@ -213,6 +217,9 @@ class Status:
     rules_version: int | None = None
     readers: dict = field(default_factory=dict)
     faults: list = field(default_factory=list)
+    deny_version: int | None = None
+    rules_rejection: str | None = None
+    rules_issued_at: int | None = None
 
     def encode(self) -> bytes:
         return _dumps(self.__dict__)
@@ -242,9 +249,276 @@ class RulesMessage:
         return cls(**obj)
 
 
+# -- rule-set distribution (signed; see wire/RULESET.md and README "Rules from HQ") --
+
+_SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_KEY_ID = {"type": "string", "pattern": "^[0-9a-f]{16}$"}
+_SIG = {"type": "string", "minLength": 8, "maxLength": 200, "description": "base64 Ed25519 signature over the canonical encoding"}
+_PUBKEY = {"type": "string", "pattern": "^[A-Za-z0-9+/]{43}=$", "description": "base64 of a raw Ed25519 public key"}
+_EPOCH = {"type": "integer", "minimum": 0, "description": "epoch seconds"}
+PART_NAME = r"^(layer:chain|layer:region:[A-Za-z0-9_-]{1,64}|layer:store:[A-Za-z0-9_-]{1,64}|members|deny)$"
+TABLE_PARTS = ("members", "deny")
+DENY_STATUSES = ["not_activated", "lost", "frozen", "cancelled", "replaced", "expired"]
+
+PART_SCHEMA = {
+    "type": "object",
+    "required": ["name", "sha256", "size", "topic", "encoding"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": PART_NAME,
+                 "description": "a table may come as several parts of the same name: their rows in manifest order"},
+        "sha256": _SHA256,
+        "size": {"type": "integer", "minimum": 0, "description": "bytes of the payload as published"},
+        "topic": {"type": "string", "minLength": 1, "description": "retained topic keyed by the sha256"},
+        "encoding": {"enum": ["json", "ndjson+zlib"]},
+    },
+}
+
+MANIFEST_SCHEMA = {
+    "$id": SCHEMA_BASE + "manifest.json",
+    "title": "Signed rule-set manifest for one store, HQ -> gateway, retained; topic {prefix}/stores/{store}/rules",
+    "type": "object",
+    "required": ["store", "version", "issued_at", "max_age_s", "scope", "parts", "members", "deny_version",
+                 "next_key", "key_id", "sig"],
+    "additionalProperties": False,
+    "properties": {
+        "store": _STORE,
+        "version": {"type": "integer", "minimum": 1, "description": "per store, strictly increasing"},
+        "issued_at": _EPOCH,
+        "max_age_s": {"type": "integer", "minimum": 60},
+        "scope": {
+            "type": "object",
+            "required": ["store", "region"],
+            "additionalProperties": False,
+            "properties": {"store": _STORE, "region": {"type": ["string", "null"]}},
+        },
+        "parts": {"type": "array", "minItems": 1, "maxItems": 4096, "items": PART_SCHEMA},
+        "members": {
+            "type": ["object", "null"],
+            "required": ["as_of", "store_seq"],
+            "additionalProperties": False,
+            "properties": {"as_of": _EPOCH, "store_seq": {"type": "integer", "minimum": 0}},
+        },
+        "deny_version": {"type": "integer", "minimum": 0,
+                         "description": "the deny part is the deny list as of this delta version"},
+        "next_key": {"anyOf": [_PUBKEY, {"type": "null"}],
+                     "description": "HQ's next public key: trusted from now on for rotation"},
+        "key_id": _KEY_ID,
+        "sig": _SIG,
+    },
+}
+
+DENY_ENTRY_SCHEMA = {
+    "type": "object",
+    "required": ["card_no", "status"],
+    "additionalProperties": False,
+    "properties": {
+        "card_no": {"type": "string", "pattern": "^[0-9]{6,19}$"},
+        "status": {"enum": DENY_STATUSES + ["active"], "description": "active: lifted, off the deny list"},
+        "since": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"},
+        "replaced_by": {"type": "string", "pattern": "^[0-9]{6,19}$"},
+    },
+}
+
+DENY_DELTA_SCHEMA = {
+    "$id": SCHEMA_BASE + "deny_delta.json",
+    "title": "Signed deny-list delta, HQ -> every store, retained (latest); topic {prefix}/rules/deny",
+    "type": "object",
+    "required": ["version", "issued_at", "entries", "key_id", "sig"],
+    "additionalProperties": False,
+    "properties": {
+        "version": {"type": "integer", "minimum": 1, "description": "chain-wide, +1 per delta"},
+        "issued_at": _EPOCH,
+        "entries": {"type": "array", "minItems": 1, "maxItems": 10000, "items": DENY_ENTRY_SCHEMA},
+        "key_id": _KEY_ID,
+        "sig": _SIG,
+    },
+}
+
+RESYNC_SCHEMA = {
+    "$id": SCHEMA_BASE + "resync.json",
+    "title": "A gateway asks HQ to republish its rule set; gateway -> HQ; topic {prefix}/stores/{store}/resync",
+    "type": "object",
+    "required": ["store", "reason"],
+    "additionalProperties": False,
+    "properties": {
+        "store": _STORE,
+        "rules_version": {"type": ["integer", "null"]},
+        "deny_version": {"type": ["integer", "null"]},
+        "reason": {"type": "string", "maxLength": 500},
+    },
+}
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    sha256: str
+    size: int
+    topic: str
+    encoding: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A signed rule-set manifest. ``doc`` is the signed document as received."""
+
+    doc: dict
+
+    @property
+    def store(self) -> str: return self.doc["store"]
+    @property
+    def version(self) -> int: return self.doc["version"]
+    @property
+    def issued_at(self) -> int: return self.doc["issued_at"]
+    @property
+    def max_age_s(self) -> int: return self.doc["max_age_s"]
+    @property
+    def scope(self) -> dict: return self.doc["scope"]
+    @property
+    def parts(self) -> list[Part]: return [Part(**p) for p in self.doc["parts"]]
+    @property
+    def members(self) -> dict | None: return self.doc["members"]
+    @property
+    def deny_version(self) -> int: return self.doc["deny_version"]
+    @property
+    def next_key(self) -> str | None: return self.doc["next_key"]
+    @property
+    def key_id(self) -> str: return self.doc["key_id"]
+
+    @staticmethod
+    def unsigned(*, store: str, version: int, issued_at: int, max_age_s: int, region: str | None,
+                 parts: list[Part], members: dict | None, deny_version: int, next_key: str | None) -> dict:
+        return {"store": store, "version": version, "issued_at": issued_at, "max_age_s": max_age_s,
+                "scope": {"store": store, "region": region}, "parts": [p.to_dict() for p in parts],
+                "members": members, "deny_version": deny_version, "next_key": next_key}
+
+    def encode(self) -> bytes:
+        return _dumps(self.doc)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "Manifest":
+        obj = _loads(payload, "rule-set manifest")
+        _check("manifest.json", obj, "rule-set manifest")
+        if obj["scope"]["store"] != obj["store"]:
+            raise WireError(f"rule-set manifest: scope.store {obj['scope']['store']!r} is not store {obj['store']!r}")
+        return cls(obj)
+
+
+@dataclass(frozen=True)
+class DenyDelta:
+    doc: dict
+
+    @property
+    def version(self) -> int: return self.doc["version"]
+    @property
+    def issued_at(self) -> int: return self.doc["issued_at"]
+    @property
+    def entries(self) -> list[dict]: return self.doc["entries"]
+
+    def encode(self) -> bytes:
+        return _dumps(self.doc)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "DenyDelta":
+        obj = _loads(payload, "deny delta")
+        _check("deny_delta.json", obj, "deny delta")
+        return cls(obj)
+
+
+@dataclass(frozen=True)
+class ResyncRequest:
+    store: str
+    reason: str
+    rules_version: int | None = None
+    deny_version: int | None = None
+
+    def encode(self) -> bytes:
+        return _dumps(self.__dict__)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "ResyncRequest":
+        obj = _loads(payload, "resync request")
+        _check("resync.json", obj, "resync request")
+        return cls(**obj)
+
+
+# Part payloads. Layer documents: canonical JSON. Tables (members, deny): one
+# JSON object per line, zlib-compressed; read back as a stream so a million
+# rows never sit in memory at once.
+
+def encode_layer(doc: dict) -> bytes:
+    return _dumps(doc)
+
+
+def decode_layer(payload: bytes, name: str) -> dict:
+    obj = _loads(payload, f"part {name}")
+    if not isinstance(obj, dict):
+        raise WireError(f"part {name}: a layer document must be a JSON object")
+    return obj
+
+
+def encode_table(rows, level: int = 6) -> bytes:
+    comp = zlib.compressobj(level)
+    out = []
+    buf = []
+    size = 0
+    for row in rows:
+        line = orjson.dumps(row, option=orjson.OPT_SORT_KEYS)
+        buf.append(line)
+        size += len(line) + 1
+        if size > 1 << 20:
+            out.append(comp.compress(b"\n".join(buf) + b"\n"))
+            buf, size = [], 0
+    if buf:
+        out.append(comp.compress(b"\n".join(buf) + b"\n"))
+    out.append(comp.flush())
+    return b"".join(out)
+
+
+def iter_table(chunks, name: str, batch: int = 5000):
+    """Rows of a table part, in batches (lists of dicts), from an iterable of
+    compressed byte chunks (a file read in blocks)."""
+    d = zlib.decompressobj()
+    tail = b""
+    rows: list = []
+    lineno = 0
+    try:
+        for chunk in chunks:
+            data = tail + d.decompress(chunk)
+            lines = data.split(b"\n")
+            tail = lines.pop()
+            for line in lines:
+                lineno += 1
+                if line:
+                    rows.append(orjson.loads(line))
+                    if len(rows) >= batch:
+                        yield rows
+                        rows = []
+        data = tail + d.flush()
+        if not d.eof:
+            raise WireError(f"part {name}: truncated zlib stream")
+        for line in data.split(b"\n"):
+            lineno += 1
+            if line:
+                rows.append(orjson.loads(line))
+    except zlib.error as exc:
+        raise WireError(f"part {name}: bad zlib stream: {exc}") from None
+    except orjson.JSONDecodeError as exc:
+        raise WireError(f"part {name}: line {lineno}: not JSON: {exc}") from None
+    if rows:
+        yield rows
+
+
 ALL_SCHEMAS = {
     "tx_batch.json": TX_BATCH_SCHEMA,
     "ack.json": ACK_SCHEMA,
     "status.json": STATUS_SCHEMA,
     "rules.json": RULES_SCHEMA,
+    "manifest.json": MANIFEST_SCHEMA,
+    "deny_delta.json": DENY_DELTA_SCHEMA,
+    "resync.json": RESYNC_SCHEMA,
 }

@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 DEFAULT_PREFIX = "sg/v1"
 _STORE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_sha(sha256: str) -> str:
+    if not isinstance(sha256, str) or not _SHA.match(sha256):
+        raise ValueError(f"{sha256!r} is not a lowercase hex sha256")
+    return sha256
 
 
 def check_store_id(store: str) -> str:
@@ -34,12 +41,39 @@ class Topics:
     def status(self, store: str) -> str:
         return f"{self.prefix}/stores/{check_store_id(store)}/status"
 
+    def resync(self, store: str) -> str:
+        """Gateway -> HQ: republish my rule set (a gap in deny deltas, a part
+        that never came). Not retained."""
+        return f"{self.prefix}/stores/{check_store_id(store)}/resync"
+
+    def store_part(self, store: str, sha256: str) -> str:
+        """A part only this store may read (the ACL): its store layer, a store snapshot."""
+        return f"{self.prefix}/stores/{check_store_id(store)}/parts/{_check_sha(sha256)}"
+
+    def chain_part(self, sha256: str) -> str:
+        """A part every store may read: chain and region layers, chain-wide tables."""
+        return f"{self.prefix}/rules/parts/{_check_sha(sha256)}"
+
+    def deny(self) -> str:
+        """Signed deny-list deltas to every store (retained: the latest one)."""
+        return f"{self.prefix}/rules/deny"
+
+    def part_topic_ok(self, store: str, topic: str) -> bool:
+        """Is ``topic`` a part topic this store may be told to fetch?"""
+        for head in (f"{self.prefix}/rules/parts/", f"{self.prefix}/stores/{store}/parts/"):
+            if topic.startswith(head) and _SHA.match(topic[len(head):]):
+                return True
+        return False
+
     # HQ side subscriptions over all stores
     def all_tx(self) -> str:
         return f"{self.prefix}/stores/+/tx"
 
     def all_status(self) -> str:
         return f"{self.prefix}/stores/+/status"
+
+    def all_resync(self) -> str:
+        return f"{self.prefix}/stores/+/resync"
 
     def chain_rules(self) -> str:
         return f"{self.prefix}/rules/#"
