@@ -75,6 +75,24 @@ GATEWAY_CONFIG_SCHEMA = {
                     "pcsc_reader": {"type": "string", "minLength": 1,
                                     "description": "regular expression matched against PC/SC reader names"},
                     "indicator": {"enum": ["simulated", "gpio"], "default": "simulated"},
+                    "hid": {  # keyboard-wedge inputs (hardware/hid.py), in addition to the lane's reader
+                        "type": "array",
+                        "default": [],
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["kind"],
+                            "properties": {
+                                "kind": {"enum": ["magstripe", "scanner"]},
+                                "device": {"type": "string", "pattern": "^/", "description": "/dev/input/by-id/... path"},
+                                "name": {"type": "string", "minLength": 1, "description": "input device name"},
+                                "usb": {"type": "string", "pattern": "^[0-9A-Fa-f]{4}:[0-9A-Fa-f]{4}$",
+                                        "description": "USB vendor:product in hex"},
+                                "gap_ms": {"type": "integer", "minimum": 5, "maximum": 2000, "default": 100,
+                                           "description": "inter-key timeout that ends a frame without Enter"},
+                            },
+                        },
+                    },
                     "gpio": {
                         "type": "object",
                         "additionalProperties": False,
@@ -105,6 +123,11 @@ def check(config: dict, source: str = "config") -> dict:
             problems.append(f"lanes[{i}].gpio: required when indicator = \"gpio\"")
         if lane["reader"] == "pcsc" and "pcsc_reader" not in lane:
             problems.append(f"lanes[{i}].pcsc_reader: required when reader = \"pcsc\" (e.g. \"ACR122U\")")
+        for j, hid in enumerate(lane["hid"]):
+            chosen = [k for k in ("device", "name", "usb") if k in hid]
+            if len(chosen) != 1:
+                problems.append(f"lanes[{i}].hid[{j}]: select the input device with exactly one of device, "
+                                f"name or usb (got {', '.join(chosen) or 'none'})")
     try:
         from zoneinfo import ZoneInfo
         ZoneInfo(config["store"]["timezone"])

@@ -40,3 +40,24 @@ def yuan(fen: int) -> str:
     sign = "-" if fen < 0 else ""
     fen = abs(fen)
     return f"{sign}{fen // 100}.{fen % 100:02d}"
+
+
+# -- magstripe swipes and member QR codes (hardware/hid.py, gateway/qr_replay.py) --
+REASONS.update({
+    "swipe_again": ("刷卡失败，请重新刷卡", "The card could not be read; please swipe it again"),
+    "scan_again": ("扫码失败，请重新扫码", "The code could not be read; please scan it again"),
+    "qr_bad_format": ("无法识别的会员码，请在会员App中刷新后重试",
+                      "Member code not recognised; please refresh it in the member app and try again"),
+    "qr_unknown_issuer": ("会员码签发方未知，请更新会员App或到服务台办理",
+                          "This member code was not issued by us (unknown key); please update the app or see the service desk"),
+    "qr_bad_signature": ("会员码校验失败，请在会员App中刷新后重试",
+                         "The member code failed verification; please refresh it in the member app"),
+    "qr_credential_expired": ("会员码已失效，请重新登录会员App",
+                              "The member app's sign-in has expired; please sign in to the app again"),
+    "qr_step_out_of_window": ("会员码已过期，请刷新后重试（请检查手机时间）",
+                              "The member code has expired; please refresh it (and check the phone's clock)"),
+    "qr_used": ("会员码已使用过，请刷新后重试", "This member code was already used; please refresh it and try again"),
+    "qr_not_configured": ("本店暂不支持动态会员码，请使用会员卡",
+                          "This store cannot check app member codes yet; please use the member card"),
+    "qr_static_refused": ("请出示会员App中的动态会员码", "Please show the dynamic member code from the member app"),
+})
