@@ -77,6 +77,8 @@ class MemberQrCheck:
 
     def identify(self, payload: str, rules, now: float) -> tuple[str | None, str | None]:
         """(card number for engine.validate, None) or (None, verdict reason)."""
+        if rules is None:
+            return payload, None  # engine.validate refuses it: no rules yet
         policy = policy_of(rules)
         if not member_qr.is_dynamic(payload):
             return (payload, None) if policy["static_codes"] else (None, "qr_static_refused")

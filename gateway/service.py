@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 
 from gateway import engine
 from gateway.journal import Appended, Journal
+from gateway.qr_replay import MemberQrCheck, ReplayStore
 from gateway.rules_store import RulesStore
 from gateway.uplink import Uplink, UplinkSettings
 from hardware.indicators import GpioIndicator, Indicator, SimulatedIndicator
@@ -39,6 +40,7 @@ class Lane:
     member_at: float = 0.0
     taps: int = 0
     listeners: set = field(default_factory=set)  # asyncio.Queue per SSE client
+    inputs: list = field(default_factory=list)  # keyboard-wedge readers ([[lanes.hid]], hardware/hid.py)
 
     def publish(self, event: dict) -> None:
         for q in list(self.listeners):
@@ -57,6 +59,16 @@ def build_reader(lane_cfg: dict) -> CardReader | None:
 
         return PcscReader(lane_cfg["id"], lane_cfg["pcsc_reader"])
     return None
+
+
+def build_inputs(lane_cfg: dict) -> list[CardReader]:
+    """The lane's keyboard-wedge inputs (magstripe readers, scanners)."""
+    if not lane_cfg.get("hid"):
+        return []
+    from hardware.hid import HidReader, HidSelector
+
+    return [HidReader(lane_cfg["id"], HidSelector.of(h), h["kind"], gap_s=h.get("gap_ms", 100) / 1000)
+            for h in lane_cfg["hid"]]
 
 
 def build_indicator(lane_cfg: dict, pin_factory=None) -> Indicator:
@@ -88,7 +100,8 @@ class Gateway:
         self.lanes: dict[str, Lane] = {}
         for lane_cfg in config["lanes"]:
             self.lanes[lane_cfg["id"]] = Lane(lane_cfg["id"], build_reader(lane_cfg),
-                                              build_indicator(lane_cfg, pin_factory))
+                                              build_indicator(lane_cfg, pin_factory), inputs=build_inputs(lane_cfg))
+        self.qr = MemberQrCheck(ReplayStore(data_dir / "qr_replay.sqlite3"))
         self.uplink = Uplink(config["mqtt"], self.store_id, self.journal, self.rules, self.status_message,
                              UplinkSettings(**config["uplink"]), on_connection_change=self._on_link)
         self.started_at = clock()
@@ -104,6 +117,9 @@ class Gateway:
             if lane.reader is not None:
                 await lane.reader.open()
                 self._tasks.append(asyncio.create_task(self._read_loop(lane), name=f"reader-{lane.id}"))
+            for j, hid in enumerate(lane.inputs):
+                await hid.open()
+                self._tasks.append(asyncio.create_task(self._read_loop(lane, hid), name=f"hid-{lane.id}-{j}"))
             lane.indicator.show("offline")  # until the uplink says otherwise
         self._tasks.append(asyncio.create_task(self.uplink.run(), name="uplink"))
         return self
@@ -118,20 +134,25 @@ class Gateway:
         for lane in self.lanes.values():
             if lane.reader is not None:
                 await lane.reader.close()
+            for hid in lane.inputs:
+                await hid.close()
             lane.indicator.close()
         await self.journal.close()
+        self.qr.close()
 
     def _on_link(self, up: bool) -> None:
         for lane in self.lanes.values():
             lane.indicator.show("online" if up else "offline")
 
-    async def _read_loop(self, lane: Lane) -> None:
-        async for read in lane.reader.reads():
+    async def _read_loop(self, lane: Lane, reader: CardReader | None = None) -> None:
+        async for read in (reader or lane.reader).reads():
             try:
                 if isinstance(read, CardRead):
                     await self.handle_read(read)
                 else:  # a failed read (card pulled away mid-read): the member taps again
-                    self.show_verdict(lane, "nfc", engine.Verdict("retry", "tap_again"))
+                    source = getattr(read, "source", "nfc")  # hardware/hid.py SwipeAgain: a bad swipe or scan
+                    again = {"magstripe": "swipe_again", "qr": "scan_again"}.get(source, "tap_again")
+                    self.show_verdict(lane, source, engine.Verdict("retry", again))
             except Exception:  # one bad read must not stop the lane
                 log.exception("lane %s: tap handling failed", lane.id)
 
@@ -148,7 +169,14 @@ class Gateway:
 
     async def handle_read(self, read: CardRead) -> engine.Verdict:
         lane = self.lane(read.lane)
-        verdict = engine.validate(read.source, read.raw, self.rules.current, self.now())
+        raw = read.raw
+        if read.source == "qr":  # a dynamic member code: verified and claimed once, then its card number
+            raw, refused = self.qr.identify(raw, self.rules.current, self.clock())
+            if refused:
+                verdict = engine.Verdict("deny", refused)
+                self.show_verdict(lane, read.source, verdict)
+                return verdict
+        verdict = engine.validate(read.source, raw, self.rules.current, self.now())
         self.show_verdict(lane, read.source, verdict)
         return verdict
 
@@ -264,6 +292,8 @@ class Gateway:
         backlog = await self.journal.backlog()
         rules = self.rules.current
         readers = {lid: (l.reader.state if l.reader else "terminal") for lid, l in self.lanes.items()}
+        readers.update({f"{lid}.{h.input_kind}{j}": h.state
+                        for lid, l in self.lanes.items() for j, h in enumerate(l.inputs)})
         return Status(self.store_id, state, int(self.clock()), backlog["depth"], backlog["oldest_age_s"],
                       rules.version if rules else None, readers, self.faults())
 
