@@ -188,13 +188,14 @@ class WedgeDecoder:
 
     def expire(self, now: float) -> Frame | None:
         """The frame in progress if no key came for gap_s before `now`."""
-        if self.pending and self._last_at is not None and now - self._last_at >= self.gap_s:
+        if self.pending and self._last_at is not None and now - self._last_at >= self.gap_s - 1e-6:
             return self._take("gap")
         return None
 
-    def flush(self) -> Frame | None:
-        """The frame in progress, whatever the time (the device went away)."""
-        return self._take("flush") if self.pending else None
+    def flush(self, ended_by: str = "flush") -> Frame | None:
+        """The frame in progress, whatever the time (the shell's gap timer
+        fired, or the device went away)."""
+        return self._take(ended_by) if self.pending else None
 
     def reset(self) -> None:
         """Forget everything (a new device session: no key is held)."""
@@ -330,7 +331,7 @@ class HidReader(CardReader):
         self.selector = selector
         self.input_kind = input_kind
         self.decoder = WedgeDecoder(gap_s)
-        self._finder = finder or find_device
+        self.finder = finder or find_device
         self._queue: asyncio.Queue = asyncio.Queue(queue_size)
         self._task: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -379,7 +380,7 @@ class HidReader(CardReader):
         delay = RETRY_MIN
         while True:
             try:
-                device = self._finder(self.selector)
+                device = self.finder(self.selector)
             except DeviceGone as gone:
                 self._set_state(gone.state, str(gone))
                 await asyncio.sleep(delay)
@@ -441,9 +442,9 @@ class HidReader(CardReader):
 
     def _on_gap(self) -> None:
         self._timer = None
-        # The kernel stamps events with CLOCK_REALTIME; the timer fired after gap_s
-        # of loop time, so the frame is over whatever the wall clock did meanwhile.
-        frame = self.decoder.expire(max(time.time(), (self.decoder.last_key_at or 0) + self.decoder.gap_s))
+        # gap_s of loop time without a key: the frame is over, whatever the wall
+        # clock (which stamps the kernel's events) did meanwhile.
+        frame = self.decoder.flush("gap")
         if frame is not None:
             self._emit(frame)
 
@@ -467,3 +468,111 @@ class HidReader(CardReader):
                 step()
             except OSError:
                 pass  # already gone
+
+
+# -- the simulated twin ---------------------------------------------------
+_TYPING = {}
+for _code, (_plain, _shifted) in KEYMAP.items():
+    if _code in (e.KEY_KP0, e.KEY_KP1, e.KEY_KP2, e.KEY_KP3, e.KEY_KP4, e.KEY_KP5, e.KEY_KP6, e.KEY_KP7,
+                 e.KEY_KP8, e.KEY_KP9, e.KEY_KPMINUS, e.KEY_KPPLUS, e.KEY_KPASTERISK, e.KEY_KPSLASH, e.KEY_KPDOT):
+        continue  # type with the main keys, as most wedges do
+    _TYPING.setdefault(_plain, (_code, False))
+    _TYPING.setdefault(_shifted, (_code, True))
+
+
+def key_events(text: str, start: float = 0.0, interval: float = 0.004, *, enter: bool = True,
+               shift_key: int = e.KEY_LEFTSHIFT) -> list[InputEvent]:
+    """The evdev events a US-layout keyboard wedge sends to type `text`
+    (then Enter): shift down/up around shifted characters, key down, key up,
+    each report closed by EV_SYN, one character every `interval` seconds."""
+    events: list[InputEvent] = []
+    t = start
+
+    def at(type_: int, code: int, value: int) -> None:
+        sec = int(t)
+        events.append(InputEvent(sec, int(round((t - sec) * 1e6)), type_, code, value))
+
+    def report(code: int, value: int) -> None:
+        at(e.EV_MSC, e.MSC_SCAN, code)   # real keyboards send the scan code first
+        at(e.EV_KEY, code, value)
+        at(e.EV_SYN, e.SYN_REPORT, 0)
+
+    keys = [(_TYPING[ch] if ch in _TYPING else _unknown(ch)) for ch in text]
+    if enter:
+        keys.append((e.KEY_ENTER, False))
+    for code, shifted in keys:
+        if shifted:
+            report(shift_key, KEY_DOWN)
+        report(code, KEY_DOWN)
+        t += interval / 2
+        report(code, KEY_UP)
+        if shifted:
+            report(shift_key, KEY_UP)
+        t += interval / 2
+    return events
+
+
+def _unknown(ch: str):
+    raise ValueError(f"{ch!r} cannot be typed on a US keyboard")
+
+
+class SimulatedInputDevice:
+    """The twin of an evdev.InputDevice for HidReader(finder=...): events go
+    through a pipe as the kernel's struct input_event and are read back by
+    python-evdev's own reader, so HidReader runs its real read path.
+    `unplug()` makes the next read fail with ENODEV, like a pulled cable."""
+
+    def __init__(self, name: str = "Simulated wedge", path: str = "/dev/input/event-sim") -> None:
+        import struct
+
+        self._struct = struct.Struct("llHHi")
+        self.name, self.path = name, path
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        self.held: list[int] = []      # what active_keys() reports
+        self.grabbed = False
+        self.unplugged = False
+        self.closed = False
+
+    @property
+    def fd(self) -> int:
+        return self._r
+
+    def send(self, events: Iterable[InputEvent]) -> None:
+        """Write events (timestamps as given) for the reader to pick up."""
+        os.write(self._w, b"".join(self._struct.pack(ev.sec, ev.usec, ev.type, ev.code, ev.value)
+                                   for ev in events))
+
+    def type(self, text: str, *, enter: bool = True, interval: float = 0.002) -> None:
+        self.send(key_events(text, time.time(), interval, enter=enter))
+
+    def read(self):
+        if self.unplugged:
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        from evdev import _input
+
+        return [InputEvent(*raw) for raw in _input.device_read_many(self._r)]
+
+    def active_keys(self) -> list[int]:
+        if self.unplugged:
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        return list(self.held)
+
+    def grab(self) -> None:
+        if self.unplugged:
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        self.grabbed = True
+
+    def ungrab(self) -> None:
+        self.grabbed = False
+
+    def unplug(self) -> None:
+        self.unplugged = True
+        os.write(self._w, b"\0")  # wake the reader, whose read then fails
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self._r)
+            os.close(self._w)
+
