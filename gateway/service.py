@@ -11,10 +11,11 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from gateway import engine
+from gateway import engine, lane_faults
 from gateway.journal import Appended, Journal
 from gateway.qr_replay import MemberQrCheck, ReplayStore
 from gateway.rules_store import RulesStore
+from gateway.secure_nfc import SecureNfc
 from gateway.uplink import Uplink, UplinkSettings
 from hardware.indicators import GpioIndicator, Indicator, SimulatedIndicator
 from hardware.readers import CardRead, CardReader, SimulatedReader
@@ -102,6 +103,11 @@ class Gateway:
             self.lanes[lane_cfg["id"]] = Lane(lane_cfg["id"], build_reader(lane_cfg),
                                               build_indicator(lane_cfg, pin_factory), inputs=build_inputs(lane_cfg))
         self.qr = MemberQrCheck(ReplayStore(data_dir / "qr_replay.sqlite3"))
+        # NTAG 424 DNA SUN checks with the keys that come with the rules (gateway/secure_nfc.py).
+        self.secure_nfc = SecureNfc(data_dir / "sun_counters.sqlite", lambda: self.rules.current,
+                                    rules_path=self.rules.path)
+        for lane in self.lanes.values():
+            self.secure_nfc.attach(lane.reader)
         self.uplink = Uplink(config["mqtt"], self.store_id, self.journal, self.rules, self.status_message,
                              UplinkSettings(**config["uplink"]), on_connection_change=self._on_link)
         self.started_at = clock()
@@ -122,6 +128,7 @@ class Gateway:
                 self._tasks.append(asyncio.create_task(self._read_loop(lane, hid), name=f"hid-{lane.id}-{j}"))
             lane.indicator.show("offline")  # until the uplink says otherwise
         self._tasks.append(asyncio.create_task(self.uplink.run(), name="uplink"))
+        self._tasks.append(asyncio.create_task(lane_faults.watch(self), name="lane-faults"))
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -138,6 +145,7 @@ class Gateway:
                 await hid.close()
             lane.indicator.close()
         await self.journal.close()
+        self.secure_nfc.close()
         self.qr.close()
 
     def _on_link(self, up: bool) -> None:
@@ -169,6 +177,11 @@ class Gateway:
 
     async def handle_read(self, read: CardRead) -> engine.Verdict:
         lane = self.lane(read.lane)
+        # Secure NFC cards (SUN): refused here, or raw becomes the UID the message authenticated.
+        read, refused = await self.secure_nfc.check(read, self.rules.current)
+        if refused:
+            self.show_verdict(lane, read.source, refused)
+            return refused
         raw = read.raw
         if read.source == "qr":  # a dynamic member code: verified and claimed once, then its card number
             raw, refused = self.qr.identify(raw, self.rules.current, self.clock())
@@ -276,7 +289,8 @@ class Gateway:
             "rules_version": rules.version if rules else None,
             "rules_issued_at": rules.issued_at if rules else None,
             "rules_rejection": self.rules.last_rejection,
-            "lanes": {lid: {"reader": (l.reader.kind if l.reader else "terminal"), "taps": l.taps}
+            "lanes": {lid: {"reader": (l.reader.kind if l.reader else "terminal"), "taps": l.taps,
+                            "state": l.reader.state if l.reader else "terminal"}
                       for lid, l in self.lanes.items()},
             "faults": self.faults(),
             "stats": dict(self.stats),

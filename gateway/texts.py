@@ -18,6 +18,21 @@ REASONS: dict[str, tuple[str, str]] = {
     "expired": ("会员卡已过期，请续期", "This membership card has expired; please renew"),
     "not_activated": ("此卡尚未激活，请到服务台激活", "This card is not activated yet; please activate it at the service desk"),
     "tap_again": ("读卡失败，请重新刷卡", "Card could not be read; please present it again"),
+    # -- secure NFC cards (NTAG 424 DNA SUN messages; gateway/secure_nfc.py) --
+    "sun_missing": ("此卡须为安全芯片卡，未读到防伪信息，请到服务台办理",
+                    "This card must carry a secure NFC message and none was read; please see the service desk"),
+    "sun_bad_format": ("卡片防伪信息格式错误，请到服务台办理",
+                       "The card's secure NFC message is malformed; please see the service desk"),
+    "sun_bad_mac": ("卡片防伪校验失败，疑似复制卡，请到服务台办理",
+                    "The card's secure NFC message failed verification (possible copy); please see the service desk"),
+    "sun_replayed": ("卡片防伪信息已使用过，疑似复制卡，请到服务台办理",
+                     "The card's secure NFC message was already used (possible copy); please see the service desk"),
+    "sun_uid_mismatch": ("卡片防伪信息与卡号不符，疑似复制卡，请到服务台办理",
+                         "The card's secure NFC message belongs to another card; please see the service desk"),
+    "sun_key_mismatch": ("此卡不属于该会员卡类型，请到服务台办理",
+                         "This card was not issued under its card programme's keys; please see the service desk"),
+    "sun_no_keys": ("门店缺少此类会员卡的校验密钥，请联系总部",
+                    "The store has no keys to verify this kind of card; please contact HQ"),
 }
 
 RECEIPT: dict[str, tuple[str, str]] = {

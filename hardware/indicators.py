@@ -6,7 +6,20 @@ Used like a gpiozero device::
         ind.show("accept")        # returns at once; gpiozero blinks in its own thread
 
 A new lane pattern (accept / deny / tap_again) cuts the previous one short.
-Status patterns (offline / online / fault) drive only the status LED.
+Status patterns (offline / online / fault) drive only the status LED. A
+fault outranks the link state: while it is set, online/offline are only
+remembered, and clear_fault() puts the status LED back to the link state.
+
+Patterns (times in seconds):
+
+| pattern   | green              | red                | buzzer                 | status LED       |
+|-----------|--------------------|--------------------|------------------------|------------------|
+| accept    | on 1.0             |                    | one 0.1 beep           |                  |
+| deny      |                    | 3x (0.2 on/0.2 off)| 3x (0.2 on/0.2 off)    |                  |
+| tap_again | 2x (0.3 on/0.2 off)| with green         | 2x (0.05 on/0.45 off)  |                  |
+| online    |                    |                    |                        | steady on        |
+| offline   |                    |                    |                        | 0.5 on / 1.5 off |
+| fault     |                    |                    |                        | 0.1 on / 0.1 off |
 
 Wiring (BCM numbers, DEFAULT_PINS): each LED from its GPIO pin through a
 330 Ω series resistor to the anode, cathode to GND (~5 mA at 3.3 V). The
@@ -44,20 +57,41 @@ DEFAULT_PINS = {"green": 17, "red": 27, "buzzer": 22, "status": 23}
 
 
 class Indicator:
-    """Interface: show() is non-blocking; history records every pattern shown."""
+    """Interface: show() is non-blocking; history records every pattern asked for."""
 
     def __init__(self) -> None:
         self.history: list[Pattern] = []
         self._closed = False
+        self.link: Pattern | None = None  # the last online/offline asked for
+        self.fault = False                # a fault is showing on the status LED
 
     def show(self, pattern: Pattern | str) -> None:
         p = Pattern.of(pattern)
         if self._closed:
             raise RuntimeError("indicator is closed")
-        self._show(p)
+        if p in (Pattern.ONLINE, Pattern.OFFLINE):
+            self.link = p
+            if not self.fault:  # a fault outranks the link state
+                self._show(p)
+        else:
+            if p is Pattern.FAULT:
+                self.fault = True
+            self._show(p)
         self.history.append(p)
 
+    def clear_fault(self) -> None:
+        """The fault is over: the status LED shows the link state again."""
+        if self._closed or not self.fault:
+            return
+        self.fault = False
+        self._clear_status()
+        if self.link is not None:
+            self._show(self.link)
+
     def _show(self, pattern: Pattern) -> None:
+        pass
+
+    def _clear_status(self) -> None:
         pass
 
     def close(self) -> None:
@@ -111,6 +145,11 @@ class GpioIndicator(Indicator):
                     self.status.on()
                 else:  # FAULT
                     self.status.blink(on_time=0.1, off_time=0.1, background=True)
+
+    def _clear_status(self) -> None:
+        with self._lock:
+            if self.status is not None:
+                self.status.off()
 
     def _beep(self, *, on: float, off: float, n: int) -> None:
         if self.buzzer is not None:

@@ -61,6 +61,9 @@ Reading a card
   which is the card's real UID even when it sends a random ID), a SunError
   reason ("bad_format", "bad_mac", "replayed"), or "missing" when the card
   has no NDEF file; the gateway must refuse anything but "ok" on such lanes.
+- With `read_ndef` (and no sun_verifier) the NDEF URL is read the same way
+  but not verified: NfcRead.sun_url carries it to the gateway, which picks
+  the keys by the card's programme (gateway/secure_nfc.py).
 - Transport failure, an empty answer or SW 63 00 (the reader's "card did
   not answer") at any step means the card left the field: TapAgain
   ("removed"). A card that answers but will not give its UID, or will not
@@ -107,6 +110,9 @@ class NfcRead(CardRead):
     data: bytes | None = field(default=None, repr=False)  # the pages of read_pages; personal data
     sun: str | None = None        # None: not checked; "ok", "missing" or a SunError reason
     counter: int | None = None    # SDMReadCtr of a SUN message that checked out
+    # With read_ndef: the NDEF URL as read, unverified (None: the card has none);
+    # the gateway verifies it with the keys of the card's programme (gateway/secure_nfc.py).
+    sun_url: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,7 @@ class PcscReader(CardReader):
     kind = "pcsc"
 
     def __init__(self, lane: str, name_pattern: str, *, read_pages: tuple[int, int] | None = None,
-                 sun_verifier=None, queue_size: int = 64) -> None:
+                 sun_verifier=None, read_ndef=False, queue_size: int = 64) -> None:
         super().__init__(lane)
         self.name_pattern = name_pattern
         try:
@@ -171,6 +177,8 @@ class PcscReader(CardReader):
                                  f"0 <= first <= last <= 255, not {read_pages!r}")
         self.read_pages = read_pages
         self.sun_verifier = sun_verifier
+        # bool, or a callable asked at each tap (the gateway: "do the rules have SUN keys?")
+        self.read_ndef = read_ndef
         self.reader_name: str | None = None   # the PC/SC name in use, for status pages
         self._queue_size = queue_size
         self._queue: asyncio.Queue | None = None
@@ -361,7 +369,10 @@ class PcscReader(CardReader):
                     sun = refused.reason
                 else:
                     sun, counter, raw = "ok", message.counter, message.uid_hex
-        return NfcRead(self.lane, "nfc", raw, at, data=data, sun=sun, counter=counter)
+        sun_url = None
+        if self.sun_verifier is None and (self.read_ndef() if callable(self.read_ndef) else self.read_ndef):
+            sun_url = self._read_ndef_url(card, protocol)
+        return NfcRead(self.lane, "nfc", raw, at, data=data, sun=sun, counter=counter, sun_url=sun_url)
 
     def _transmit(self, card: int, protocol: int, apdu: bytes) -> tuple[bytes, bytes]:
         """(data, SW) of one APDU; _CardGone when the card no longer answers."""

@@ -166,6 +166,37 @@ def decrypt_file_data(file_read_key: bytes, uid: bytes, counter: int, enc: bytes
     return decryptor.update(enc) + decryptor.finalize()
 
 
+def diversify_key(master_key: bytes, uid: bytes, extra: bytes = b"") -> bytes:
+    """A card's own AES-128 key from a programme master key (NXP AN10922, 2.2).
+
+    Diversification input M = UID || extra (storegate uses the 7-byte UID
+    alone: the rule set's `diversify = "uid"`); D = 01 || M padded to 32
+    bytes with 80 00.., CMAC-style subkey K2 on the last block when padded,
+    K1 when not. Card personalisation must use the same function.
+    """
+    _check_key(master_key, "master")
+    data = b"\x01" + bytes(uid) + bytes(extra)
+    if not 2 <= len(data) <= 32:
+        raise ValueError("diversification input must be 1..31 bytes")
+    padded = len(data) < 32
+    if padded:
+        data = (data + b"\x80").ljust(32, b"\x00")
+    ecb = Cipher(algorithms.AES(bytes(master_key)), modes.ECB()).encryptor()
+    k0 = ecb.update(bytes(16))
+
+    def double(block: bytes) -> bytes:
+        value = int.from_bytes(block, "big") << 1
+        if value >> 128:
+            value = (value & ((1 << 128) - 1)) ^ 0x87
+        return value.to_bytes(16, "big")
+
+    k1 = double(k0)
+    subkey = double(k1) if padded else k1
+    data = data[:16] + bytes(a ^ b for a, b in zip(data[16:], subkey))
+    cbc = Cipher(algorithms.AES(bytes(master_key)), modes.CBC(bytes(16))).encryptor()
+    return (cbc.update(data) + cbc.finalize())[-16:]
+
+
 # -- parsing ---------------------------------------------------------------
 def _hex_param(params: dict[str, str], name: str, *, length: int | None = None,
                block: int | None = None, required: bool = True) -> tuple[bytes, str] | None:
