@@ -1,0 +1,42 @@
+"""Integer money arithmetic shared by pricing and returns (pure, no floats).
+
+- ``half_up(n, d)``: n / d rounded half-up, for non-negative n and positive d
+  (line discounts, RULESET.md "Rounding").
+- ``allocate(total, weights)``: an order-level amount split over lines pro rata
+  by weight (the lines' net), rounded down per line, the remainder to the last
+  line with weight; no share ever exceeds its weight, so no line goes below zero.
+- ``prorate(value, done_before, done_after, qty)``: the part of a per-line
+  value that belongs to units ``done_before+1 .. done_after`` of ``qty``, by
+  cumulative floors, so any sequence of partial returns adds up to ``value``
+  exactly and every part is non-negative.
+"""
+
+from __future__ import annotations
+
+
+def half_up(n: int, d: int) -> int:
+    return (2 * n + d) // (2 * d)
+
+
+def allocate(total: int, weights: list[int]) -> list[int]:
+    base = sum(weights)
+    if total <= 0 or base <= 0:
+        return [0] * len(weights)
+    if total > base:
+        total = base  # callers cap first; this keeps the "never below zero" promise regardless
+    shares = [total * w // base for w in weights]
+    rest = total - sum(shares)
+    i = len(weights) - 1
+    while rest and i >= 0:
+        # Remainder to the last line with room; spills backwards only when a
+        # tiny last line cannot take it all.
+        take = min(weights[i] - shares[i], rest)
+        if take > 0:
+            shares[i] += take
+            rest -= take
+        i -= 1
+    return shares
+
+
+def prorate(value: int, done_before: int, done_after: int, qty: int) -> int:
+    return value * done_after // qty - value * done_before // qty

@@ -1,0 +1,789 @@
+"""The pricing core: quotes, tenders, returns, top-ups, packages, card services.
+
+Pure functions over plain data (DESIGN.md principle 1): no I/O, no clock
+reads, deterministic. Money is integer fen, points are integers, no floats.
+Sibling modules: ``allocation`` (rounding and splitting), ``promotions``
+(member discount, promotions, stacking), ``points`` (earning, birthdays),
+``pricing_texts`` (zh-CN/en texts).
+
+Inputs
+------
+``policy``: the effective rule set (wire/RULESET.md v2) with defaults filled:
+``tiers``, ``card_types``, ``discount_excluded_categories/_skus``, ``earning``,
+``promotions``, ``redemption``, ``stored_value``, ``packages``, ``coupons``,
+``fees``, ``max_age_s``. Optional ``version`` is copied into sale records.
+
+``member`` (the caller builds it from the snapshot and its local deltas)::
+
+    {
+      "member_id": "M1001", "card_no": "880000000013",
+      "tier": "gold",                    # key into policy.tiers
+      "card_type": "personal" | None,    # key into policy.card_types
+      "birthday": "03-15" | None, "birthday_calendar": "solar" | "lunar",
+      "points_available": 5230,          # snapshot points +/- local deltas since it
+      "balance_available_fen": 20000,    # stored value, snapshot +/- local deltas
+      "packages": {"car_wash10": 3},     # count packages: remaining uses
+      "coupons": ["C2026-0001"],         # coupon codes held and not used (as far as known)
+      "today": {                         # store-local calendar day, from the local deltas
+        "points_redeemed": 0, "stored_value_paid_fen": 0,
+        "promotion_uses": {"spend100": 1}, "coupons_used": [],
+      },
+      "limited": False,   # accepted offline without a snapshot entry, or rules stale:
+                          # no stored value, no redemption, no coupons (points accrue)
+    }
+
+Missing optional keys mean: no birthday, 0 points/balance, no packages or
+coupons, nothing used today, not limited. A subsidiary card's context carries
+its primary's balance and points (the caller resolves ``primary_card``).
+
+``now``: an aware datetime *in the store's time zone* (promotion windows,
+member days, birthdays and coupon dates are store-local). ``rules_age_s``:
+now minus the rule set's issue time, for the staleness limits.
+
+Public functions and return shapes
+----------------------------------
+``quote(lines, member, policy, now, *, store, region, tender=None, rules_age_s=0)``
+  lines: ``[{"sku", "qty", "unit_price" (fen), "name"?, "category"?}]``;
+  tender: ``{"points": n, "stored_value_fen": x, "coupons": [codes]}`` or None.
+  Returns::
+
+    {"lines": [{"index", "sku", "name", "category", "qty", "unit_price", "amount",
+                "discounts": [{"source", "kind", "name", "fen", "allocated"}],
+                "discount", "net", "points_redeemed", "redeemed_fen",
+                "stored_value_fen", "cash_fen", "points_earned"}],
+     "subtotal", "discount", "total",           # total = after discounts and coupons
+     "promotions": [{"source", "kind", "name", "fen"}],   # money savings, incl. tier/coupons
+     "points": {"earned", "eligible_fen", "points_per_yuan", "reason",
+                "breakdown": [{"source", "id", "name", "multiplier_percent", "points"}]},
+     "available": {"points": {"max_points", "max_fen", "reason", ...limits},
+                   "stored_value": {"max_fen", "balance_fen", "reason", ...limits},
+                   "coupons": [codes usable now]},
+     "tender": {"points", "points_fen", "stored_value_fen", "coupons", "cash_fen"},
+     "balances_after": {"points", "stored_value_fen"} | None,
+     "receipt": {"zh-CN": [str], "en": [str]},
+     "record": <sale record body, below>}
+
+  Sale record body (what the journal stores and HQ applies)::
+
+    {"type": "sale", "v": 1, "at", "store", "region", "rules_version",
+     "member": {"member_id", "card_no", "tier"} | None,
+     "redemption_points_per_yuan",
+     "lines": [{"sku", "name", "category", "qty", "unit_price", "amount",
+                "discounts": [{"source", "fen", "allocated"}], "net",
+                "points_redeemed", "redeemed_fen", "stored_value_fen", "cash_fen",
+                "points_earned"}],
+     "totals": {"subtotal", "discount", "total", "points_redeemed", "redeemed_fen",
+                "stored_value_fen", "cash_fen", "points_earned"},
+     "coupons": [codes], "promotions": [ids applied],
+     "deltas": {"points", "points_earned", "points_redeemed", "stored_value_fen",
+                "promotion_uses": {id: 1}, "coupons_used": [codes]}}
+
+  Per line: ``amount = sum(discounts) + net`` and
+  ``net = redeemed_fen + stored_value_fen + cash_fen``.
+
+``return_quote(original_sale_body, return_lines, earlier_returns, policy, now)``
+  return_lines: ``[{"line": index, "qty": n}]`` or ``[{"sku": s, "qty": n}]``
+  (a SKU spreads over the sale's lines of that SKU in order); earlier_returns:
+  the ``record`` bodies of earlier returns of the same sale. Returns
+  ``{"lines", "totals", "deltas", "receipt", "record"}`` where record is
+  ``{"type": "return", "v": 1, "at", "sale_at", "member", "lines": [{"index",
+  "sku", "qty", "amount", "discount", "discounts", "refund_fen", "redeemed_fen",
+  "points_redeemed", "stored_value_fen", "cash_fen", "points_earned"}],
+  "totals": {...}, "deltas": {"points", "points_earned", "points_redeemed",
+  "stored_value_fen"}}``.
+
+``topup(policy, member, *, package_id=None, amount_fen=None, now=None)``
+``consume_package(policy, member, package_id, uses, *, now=None)``
+``card_operation(policy, kind, member=None, *, card_no=None, new_card_no=None, now=None)``
+  each returns ``{"record": body with "deltas", "receipt": {...}}``.
+
+Errors: ``PricingError`` (and its ``TenderError``, ``ReturnError``) with
+``code`` (stable reason), ``field`` (what was wrong, e.g. ``tender.points``),
+``params``, ``text`` ({zh-CN, en}) and a message ``"<field>: <en text>"``.
+
+Decisions
+---------
+Rounding (RULESET.md): line discounts half-up per line; order-level amounts
+(threshold, coupon, redemption, stored value) pro rata by net, floored per
+line, remainder to the last eligible line, never below zero; points floored
+once per transaction; redemption cash = floor(points x 100 / points_per_yuan).
+
+Stacking: see ``gateway.promotions``. Coupons apply after promotions, in the
+order given; then points redemption; then stored value; the rest is cash.
+
+Points are earned on what the member paid in money (net less the part paid
+with points); stored value counts as money.
+
+Redemption needs ``min_points``, multiples of ``step_points``, at most
+``max_share_percent`` of the total after discounts, and offline at most
+``offline_max_points_per_tx`` and what is left of ``offline_max_points_per_day``;
+refused when the rules are older than ``max_age_s``. Stored value: needs the
+card type to allow it (a member without a card type is not restricted), at
+most the amount due, the balance, ``offline_max_per_tx_fen`` and what is left
+of ``offline_max_per_day_fen``; refused past ``max_sync_age_s`` (or
+``max_age_s``). Limited members get neither, nor coupons.
+
+Refunds follow the original tender, line by line: for returned units
+``r_before+1..r_after`` of a line sold ``qty``, every recorded per-line value
+(each discount, cash, stored value, redeemed fen and points, earned points) is
+refunded as ``floor(v*r_after/qty) - floor(v*r_before/qty)``. So a return is
+paid back in the same mix (cash as cash, stored value to the balance, redeemed
+points back to points), earned points are taken back, and any set of partial
+returns that covers the whole sale reverses it exactly. Discounts are reversed
+pro rata too (no re-pricing of the rest: a customer keeps the share of a
+满减 that belongs to the units kept). Coupons and promotion uses are not
+given back (single use; HQ may reissue).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from gateway import points as pts
+from gateway.allocation import allocate, half_up, prorate
+from gateway.pricing_texts import PRICING_RECEIPT, PRICING_REASONS
+from gateway.promotions import Pricer
+from gateway.texts import yuan
+
+MAX_LINES = 500
+MAX_QTY = 9999
+MAX_UNIT_PRICE = 100_000_000
+MAX_TOPUP_FEN = 10_000_000  # 100,000 yuan: a sanity bound, HQ's policy may be lower
+LANGS = ("zh-CN", "en")
+
+
+class PricingError(ValueError):
+    """A request that cannot be priced; names the field and carries zh-CN/en text."""
+
+    def __init__(self, code: str, field: str, **params: Any):
+        self.code, self.field = code, field
+        self.params = {k: v for k, v in params.items() if k != "_fen"}
+        zh, en = PRICING_REASONS[code]
+        fmt = {k: (yuan(v) if k in params.get("_fen", ()) else v) for k, v in params.items()}
+        self.text = {"zh-CN": zh.format(**fmt), "en": en.format(**fmt)}
+        super().__init__(f"{field}: {self.text['en']}")
+
+    def public(self) -> dict:
+        return {"code": self.code, "field": self.field, "message": str(self), "text": self.text}
+
+
+class TenderError(PricingError):
+    """A tender (points, stored value, coupons) that exceeds a limit or is not allowed."""
+
+
+class ReturnError(PricingError):
+    """A return that does not match the original sale."""
+
+
+def _name(obj: dict | None, fallback: str) -> dict:
+    return (obj or {}).get("name") or {"zh-CN": fallback, "en": fallback}
+
+
+def _label(label: str, lang: str, **kw) -> str:
+    return PRICING_RECEIPT[label][0 if lang == "zh-CN" else 1].format(**kw)
+
+
+# ---------------------------------------------------------------- input checks
+
+def check_lines(lines: Any) -> list[dict]:
+    def bad(field, detail):
+        raise PricingError("basket_invalid", field, detail=f"{field}: {detail}")
+
+    if not isinstance(lines, list) or not lines:
+        bad("lines", "must be a non-empty list")
+    if len(lines) > MAX_LINES:
+        bad("lines", f"at most {MAX_LINES} lines")
+    out = []
+    for i, line in enumerate(lines):
+        where = f"lines[{i}]"
+        if not isinstance(line, dict):
+            bad(where, "must be an object")
+        unknown = set(line) - {"sku", "name", "category", "qty", "unit_price"}
+        if unknown:
+            bad(where, f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+        sku = line.get("sku")
+        if not isinstance(sku, str) or not sku or len(sku) > 64:
+            bad(f"{where}.sku", "required, a string of 1-64 characters")
+        qty = line.get("qty")
+        if type(qty) is not int or not 1 <= qty <= MAX_QTY:
+            bad(f"{where}.qty", f"required, a whole number from 1 to {MAX_QTY}")
+        price = line.get("unit_price")
+        if type(price) is not int or not 0 <= price <= MAX_UNIT_PRICE:
+            bad(f"{where}.unit_price", f"required, whole fen from 0 to {MAX_UNIT_PRICE}")
+        for key in ("name", "category"):
+            if key in line and not isinstance(line[key], str):
+                bad(f"{where}.{key}", "must be a string")
+        out.append({"sku": sku, "name": line.get("name") or sku, "category": line.get("category", ""),
+                    "qty": qty, "unit_price": price})
+    return out
+
+
+def check_tender(tender: Any) -> dict:
+    def bad(field, detail):
+        raise TenderError("tender_invalid", field, detail=f"{field}: {detail}")
+
+    if tender is None:
+        return {"points": 0, "stored_value_fen": 0, "coupons": []}
+    if not isinstance(tender, dict):
+        bad("tender", "must be an object")
+    unknown = set(tender) - {"points", "stored_value_fen", "coupons"}
+    if unknown:
+        bad("tender", f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    out = {}
+    for key in ("points", "stored_value_fen"):
+        v = tender.get(key, 0)
+        if type(v) is not int or v < 0:
+            bad(f"tender.{key}", "a whole number >= 0")
+        out[key] = v
+    coupons = tender.get("coupons", [])
+    if not isinstance(coupons, list) or not all(isinstance(c, str) and c for c in coupons):
+        bad("tender.coupons", "a list of coupon codes")
+    for i, c in enumerate(coupons):
+        if c in coupons[:i]:
+            raise TenderError("coupon_duplicate", f"tender.coupons[{i}]", code=c)
+    out["coupons"] = list(coupons)
+    return out
+
+
+def _today(member: dict) -> dict:
+    return member.get("today") or {}
+
+
+# ---------------------------------------------------------------- availability
+
+def redeemable(member: dict | None, policy: dict, total_fen: int, rules_age_s: int) -> dict:
+    """The most points the member may redeem on a bill of ``total_fen`` offline."""
+    red = policy.get("redemption") or {}
+    out = {"max_points": 0, "max_fen": 0, "reason": None}
+    if member is None:
+        out["reason"] = "member_required"
+        return out
+    if member.get("limited"):
+        out["reason"] = "member_limited"
+        return out
+    limit_s = min(policy.get("max_age_s", 604800), red.get("max_sync_age_s", 1 << 62))
+    if rules_age_s > limit_s:
+        out.update(reason="rules_stale", age_s=rules_age_s, limit_s=limit_s)
+        return out
+    ppy = red.get("points_per_yuan", 0)
+    if ppy <= 0:
+        out["reason"] = "redemption_disabled"
+        return out
+    step = max(red.get("step_points", 1), 1)
+    caps = {
+        "points_insufficient": max(member.get("points_available", 0), 0),
+        "points_max_share": total_fen * red.get("max_share_percent", 100) // 100 * ppy // 100,
+        "points_offline_tx_limit": red.get("offline_max_points_per_tx", 1 << 62),
+        "points_offline_day_limit": max(red.get("offline_max_points_per_day", 1 << 62)
+                                        - _today(member).get("points_redeemed", 0), 0),
+    }
+    binding = min(caps, key=lambda k: caps[k])  # dict order breaks ties deterministically
+    most = caps[binding] // step * step
+    out.update(min_points=red.get("min_points", 0), step_points=step, points_per_yuan=ppy,
+               max_share_percent=red.get("max_share_percent", 100),
+               limits={k: v for k, v in caps.items() if v < 1 << 61})
+    if most < red.get("min_points", 0) or most <= 0:
+        out["reason"] = "points_min" if caps[binding] > 0 else binding
+        return out
+    out.update(max_points=most, max_fen=most * 100 // ppy)
+    return out
+
+
+def stored_value_payable(member: dict | None, policy: dict, due_fen: int, rules_age_s: int) -> dict:
+    """The most stored value the member may pay on ``due_fen`` offline."""
+    sv = policy.get("stored_value") or {}
+    out = {"max_fen": 0, "balance_fen": 0, "reason": None}
+    if member is None:
+        out["reason"] = "member_required"
+        return out
+    out["balance_fen"] = max(member.get("balance_available_fen", 0), 0)
+    if member.get("limited"):
+        out["reason"] = "member_limited"
+        return out
+    ctype = (policy.get("card_types") or {}).get(member.get("card_type") or "")
+    if ctype is not None and not ctype.get("stored_value", False):
+        out["reason"] = "stored_value_not_allowed"
+        return out
+    limit_s = min(policy.get("max_age_s", 604800), sv.get("max_sync_age_s", 1 << 62))
+    if rules_age_s > limit_s:
+        out.update(reason="rules_stale", age_s=rules_age_s, limit_s=limit_s)
+        return out
+    caps = {
+        "stored_value_exceeds_due": max(due_fen, 0),
+        "stored_value_insufficient": out["balance_fen"],
+        "stored_value_offline_tx_limit": sv.get("offline_max_per_tx_fen", 1 << 62),
+        "stored_value_offline_day_limit": max(sv.get("offline_max_per_day_fen", 1 << 62)
+                                              - _today(member).get("stored_value_paid_fen", 0), 0),
+    }
+    binding = min(caps, key=lambda k: caps[k])
+    out.update(max_fen=caps[binding], limits={k: v for k, v in caps.items() if v < 1 << 61})
+    if caps[binding] <= 0:
+        out["reason"] = binding
+    return out
+
+
+def _check_points(asked: int, avail: dict, policy: dict) -> None:
+    field = "tender.points"
+    reason = avail["reason"]
+    if reason in ("member_required", "member_limited", "redemption_disabled"):
+        raise TenderError(reason, field)
+    if reason == "rules_stale":
+        raise TenderError("rules_stale", field, age_s=avail["age_s"], limit_s=avail["limit_s"],
+                          what_zh="积分抵现", what_en="points redemption")
+    red = policy["redemption"]
+    step = avail["step_points"]
+    if asked % step:
+        raise TenderError("points_step", field, asked=asked, limit=step)
+    if asked < avail["min_points"]:
+        raise TenderError("points_min", field, asked=asked, limit=avail["min_points"])
+    for code in ("points_insufficient", "points_offline_tx_limit", "points_offline_day_limit", "points_max_share"):
+        limit = avail["limits"].get(code)
+        if limit is not None and asked > limit:
+            raise TenderError(code, field, asked=asked, limit=limit,
+                              percent=red.get("max_share_percent", 100))
+
+
+def _check_stored_value(asked: int, avail: dict) -> None:
+    field = "tender.stored_value_fen"
+    reason = avail["reason"]
+    if reason in ("member_required", "member_limited", "stored_value_not_allowed"):
+        raise TenderError(reason, field)
+    if reason == "rules_stale":
+        raise TenderError("rules_stale", field, age_s=avail["age_s"], limit_s=avail["limit_s"],
+                          what_zh="储值支付", what_en="stored-value payment")
+    for code in ("stored_value_exceeds_due", "stored_value_insufficient",
+                 "stored_value_offline_tx_limit", "stored_value_offline_day_limit"):
+        limit = avail["limits"][code] if code in avail["limits"] else None
+        if limit is not None and asked > limit:
+            raise TenderError(code, field, asked=asked, limit=limit, _fen=("asked", "limit"))
+
+
+def _coupon_lines(coupon: dict, lines: list[dict], discountable: list[int]) -> list[int]:
+    cats, skus = set(coupon.get("categories") or ()), set(coupon.get("skus") or ())
+    if cats or skus:
+        return [i for i, l in enumerate(lines) if l["category"] in cats or l["sku"] in skus]
+    return discountable
+
+
+def _coupon_problem(code: str, member: dict, policy: dict, today_iso: str) -> tuple[str, dict] | None:
+    coupon = (policy.get("coupons") or {}).get(code)
+    if coupon is None or coupon.get("disabled"):
+        return "coupon_unknown", {}
+    if coupon.get("member_id") and coupon["member_id"] != member.get("member_id"):
+        return "coupon_not_member", {}
+    held = member.get("coupons")
+    if code in (_today(member).get("coupons_used") or ()) or (held is not None and code not in held):
+        return "coupon_used", {}
+    if coupon.get("from") and today_iso < coupon["from"]:
+        return "coupon_not_yet_valid", {"date": coupon["from"]}
+    if coupon.get("to") and today_iso > coupon["to"]:
+        return "coupon_expired", {"date": coupon["to"]}
+    return None
+
+
+# ---------------------------------------------------------------- quote
+
+def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
+          store: str | None = None, region: str | None = None, tender: Any = None,
+          rules_age_s: int = 0) -> dict:
+    """Price a basket; with a tender, apply coupons, redemption and stored value."""
+    lines = check_lines(lines)
+    tender = check_tender(tender)
+    today = now.date()
+    today_iso = today.isoformat()
+    pricer = Pricer(lines, member, policy, store=store, region=region,
+                    now_min=now.strftime("%Y-%m-%dT%H:%M"), weekday=today.isoweekday())
+    nets, adj, applied = pricer.price()
+    promos = policy.get("promotions") or {}
+
+    # Coupons: order-level, after promotions, in the order given.
+    coupons_used = []
+    if tender["coupons"] and member is None:
+        raise TenderError("member_required", "tender.coupons")
+    if tender["coupons"] and member.get("limited"):
+        raise TenderError("member_limited", "tender.coupons")
+    for k, code in enumerate(tender["coupons"]):
+        field = f"tender.coupons[{k}]"
+        problem = _coupon_problem(code, member, policy, today_iso)
+        if problem:
+            raise TenderError(problem[0], field, code=code, **problem[1])
+        coupon = policy["coupons"][code]
+        idx = _coupon_lines(coupon, lines, pricer.discountable)
+        weights = [nets[i] for i in idx]
+        base = sum(weights)
+        need = coupon.get("min_spend_fen", 0)
+        if base < need or base <= 0:
+            raise TenderError("coupon_min_spend", field, code=code, limit=need, asked=base,
+                              _fen=("limit", "asked"))
+        off = coupon["value_fen"] if "value_fen" in coupon else half_up(base * coupon.get("percent", 0), 100)
+        off = min(off, base)
+        for i, d in zip(idx, allocate(off, weights)):
+            if d:
+                nets[i] -= d
+                adj[i].append((f"coupon:{code}", d, True))
+        coupons_used.append((code, off))
+
+    subtotal = sum(l["qty"] * l["unit_price"] for l in lines)
+    total = sum(nets)
+
+    # Redemption, then stored value, both allocated to lines by what is left to pay.
+    ppy_red = (policy.get("redemption") or {}).get("points_per_yuan", 0)
+    avail_pts = redeemable(member, policy, total, rules_age_s)
+    n = len(lines)
+    red_pts, red_fen = [0] * n, [0] * n
+    asked_pts = tender["points"]
+    points_fen = 0
+    if asked_pts:
+        _check_points(asked_pts, avail_pts, policy)
+        points_fen = asked_pts * 100 // ppy_red
+        red_fen = allocate(points_fen, nets)
+        red_pts = allocate(asked_pts, nets) if points_fen else [0] * n
+    due = total - points_fen
+    avail_sv = stored_value_payable(member, policy, due, rules_age_s)
+    sv_line = [0] * n
+    asked_sv = tender["stored_value_fen"]
+    if asked_sv:
+        _check_stored_value(asked_sv, avail_sv)
+        sv_line = allocate(asked_sv, [nets[i] - red_fen[i] for i in range(n)])
+    cash = [nets[i] - red_fen[i] - sv_line[i] for i in range(n)]
+
+    # Points on what was paid in money.
+    campaigns = [(p.id, _name(p.src, p.id), p.src["multiplier_percent"], p.elig)
+                 for p, _ in applied if p.kind == "points_multiplier"]
+    earned = pts.earn(lines, [nets[i] - red_fen[i] for i in range(n)], member, policy, today, campaigns)
+
+    # Everything the POS and the receipt show about each saving.
+    kinds = {pricer.base_src: pricer.base_src.split(":")[0]} if pricer.base_src else {}
+    names = {pricer.base_src: pricer.base_name} if pricer.base_src else {}
+    for p, _ in applied:
+        kinds[p.id], names[p.id] = p.kind, _name(p.src, p.id)
+    for code, _ in coupons_used:
+        kinds[f"coupon:{code}"] = "coupon"
+        names[f"coupon:{code}"] = _name(policy["coupons"][code], code)
+
+    out_lines, body_lines = [], []
+    summary: dict[str, int] = {}
+    for i, l in enumerate(lines):
+        amount = l["qty"] * l["unit_price"]
+        disc = [{"source": s, "fen": d, "allocated": a} for s, d, a in adj[i]]
+        for s, d, _ in adj[i]:
+            summary[s] = summary.get(s, 0) + d
+        row = {**l, "amount": amount, "discounts": disc, "net": nets[i],
+               "points_redeemed": red_pts[i], "redeemed_fen": red_fen[i],
+               "stored_value_fen": sv_line[i], "cash_fen": cash[i],
+               "points_earned": earned["line_points"][i]}
+        body_lines.append(row)
+        out_lines.append({"index": i, **row, "discount": amount - nets[i],
+                          "discounts": [{**d, "kind": kinds[d["source"]], "name": names[d["source"]]}
+                                        for d in disc]})
+    promotions_out = [{"source": s, "kind": kinds[s], "name": names[s], "fen": f} for s, f in summary.items()]
+    uses = {p.id: 1 for p, _ in applied}
+    deltas = {"points": earned["earned"] - asked_pts, "points_earned": earned["earned"],
+              "points_redeemed": asked_pts, "stored_value_fen": -asked_sv,
+              "promotion_uses": uses, "coupons_used": [c for c, _ in coupons_used]}
+    totals = {"subtotal": subtotal, "discount": subtotal - total, "total": total,
+              "points_redeemed": asked_pts, "redeemed_fen": points_fen, "stored_value_fen": asked_sv,
+              "cash_fen": sum(cash), "points_earned": earned["earned"]}
+    record = {
+        "type": "sale", "v": 1, "at": now.isoformat(), "store": store, "region": region,
+        "rules_version": policy.get("version"),
+        "member": ({"member_id": member.get("member_id"), "card_no": member.get("card_no"),
+                    "tier": member.get("tier")} if member else None),
+        "redemption_points_per_yuan": ppy_red,
+        "lines": body_lines, "totals": totals,
+        "coupons": [c for c, _ in coupons_used], "promotions": list(uses),
+        "deltas": deltas,
+    }
+    balances = None
+    if member is not None:
+        balances = {"points": member.get("points_available", 0) + deltas["points"],
+                    "stored_value_fen": member.get("balance_available_fen", 0) - asked_sv}
+    usable = []
+    if member is not None and not member.get("limited"):
+        usable = [c for c in member.get("coupons") or ()
+                  if _coupon_problem(c, member, policy, today_iso) is None and c not in tender["coupons"]]
+    result = {
+        "lines": out_lines, "subtotal": subtotal, "discount": subtotal - total, "total": total,
+        "promotions": promotions_out,
+        "points": {k: earned[k] for k in ("earned", "eligible_fen", "points_per_yuan", "breakdown", "reason")},
+        "available": {"points": avail_pts, "stored_value": avail_sv, "coupons": usable},
+        "tender": {"points": asked_pts, "points_fen": points_fen, "stored_value_fen": asked_sv,
+                   "coupons": [c for c, _ in coupons_used], "cash_fen": sum(cash)},
+        "balances_after": balances,
+        "record": record,
+    }
+    result["receipt"] = {lang: _sale_receipt(result, member, policy, pricer, lang) for lang in LANGS}
+    return result
+
+
+def _source_label(d: dict, pricer: Pricer, lang: str) -> str:
+    if d["kind"] in ("tier", "card_type"):
+        return _label("tier_discount", lang, name=d["name"][lang], percent=pricer.base_pct)
+    if d["kind"] == "coupon":
+        return _label("coupon", lang, code=d["source"].split(":", 1)[1])
+    return d["name"][lang]
+
+
+def _sale_receipt(q: dict, member: dict | None, policy: dict, pricer: Pricer, lang: str) -> list[str]:
+    rows = []
+    if member:
+        tier = policy["tiers"].get(member.get("tier") or "")
+        rows.append(f"{_label('member', lang)}: {_name(tier, member.get('tier') or '')[lang]}")
+    for l in q["lines"]:
+        rows.append(f"{l['name']} x{l['qty']}  {yuan(l['amount'])}")
+        for d in l["discounts"]:
+            label = _source_label(d, pricer, lang)
+            if d["allocated"]:
+                label = _label("allocated", lang, name=label)
+            rows.append(f"  {label}  -{yuan(d['fen'])}")
+    rows.append(f"{_label('subtotal', lang)}  {yuan(q['subtotal'])}")
+    if q["discount"]:
+        rows.append(f"{_label('discount_total', lang)}  -{yuan(q['discount'])}")
+        for p in q["promotions"]:
+            rows.append(f"  {_source_label(p, pricer, lang)}  -{yuan(p['fen'])}")
+    rows.append(f"{_label('total', lang)}  {yuan(q['total'])}")
+    t = q["tender"]
+    if t["points"]:
+        rows.append(f"{_label('points_redeemed', lang, points=t['points'])}  -{yuan(t['points_fen'])}")
+    if t["stored_value_fen"]:
+        rows.append(f"{_label('stored_value_paid', lang)}  -{yuan(t['stored_value_fen'])}")
+    if t["points"] or t["stored_value_fen"]:
+        rows.append(f"{_label('cash_due', lang)}  {yuan(t['cash_fen'])}")
+    if t["stored_value_fen"]:
+        rows.append(f"{_label('stored_value_left', lang)}  {yuan(q['balances_after']['stored_value_fen'])}")
+    if member:
+        p = q["points"]
+        rows.append(f"{_label('points_earned', lang)}  {p['earned']}")
+        if p["reason"] == "min_spend":
+            rows.append("  " + _label("pts_min_spend", lang, limit=yuan(policy["earning"]["min_spend_fen"])))
+        for b in p["breakdown"]:
+            rows.append(f"  {_points_label(b, policy, lang)}  {'+' if b['source'] != 'base' and b['points'] >= 0 else ''}{b['points']}")
+        rows.append(f"{_label('points_balance', lang)}  {q['balances_after']['points']}")
+    return rows
+
+
+def _points_label(b: dict, policy: dict, lang: str) -> str:
+    src, m = b["source"], b["multiplier_percent"]
+    if src == "base":
+        return _label("pts_base", lang, ppy=policy["earning"]["points_per_yuan"])
+    if src == "tier":
+        return _label("pts_tier", lang, name=b["name"][lang], percent=m)
+    if src in ("category", "sku"):
+        return _label(f"pts_{src}", lang, key=b["id"], percent=m)
+    if src == "member_day":
+        return _label("pts_member_day", lang, percent=m)
+    if src == "birthday":
+        day = b["id"] == "day"
+        return _label("pts_birthday", lang, percent=m, period_zh="当日" if day else "月",
+                      period_en="day" if day else "month")
+    return _label("pts_campaign", lang, name=b["name"][lang], percent=m)
+
+
+# ---------------------------------------------------------------- returns
+
+_LINE_VALUES = ("cash_fen", "stored_value_fen", "redeemed_fen", "points_redeemed", "points_earned")
+
+
+def return_quote(original: dict, return_lines: Any, earlier_returns: list[dict] | None,
+                 policy: dict, now: datetime) -> dict:
+    """Reverse part or all of a sale, in the sale's own tender mix."""
+    sold = original["lines"]
+    done: dict[int, int] = {}
+    for r in earlier_returns or ():
+        for rl in r["lines"]:
+            done[rl["index"]] = done.get(rl["index"], 0) + rl["qty"]
+    if not isinstance(return_lines, list) or not return_lines:
+        raise ReturnError("return_invalid", "return_lines", detail="return_lines: must be a non-empty list")
+    asked: dict[int, int] = {}
+
+    def left(i):
+        return sold[i]["qty"] - done.get(i, 0) - asked.get(i, 0)
+
+    for k, rl in enumerate(return_lines):
+        where = f"return_lines[{k}]"
+        if not isinstance(rl, dict) or set(rl) - {"line", "sku", "qty"} or ("line" in rl) == ("sku" in rl):
+            raise ReturnError("return_invalid", where, detail=f"{where}: an object with qty and one of line, sku")
+        qty = rl.get("qty")
+        if type(qty) is not int or qty < 1:
+            raise ReturnError("return_invalid", f"{where}.qty", detail=f"{where}.qty: a whole number >= 1")
+        if "line" in rl:
+            i = rl["line"]
+            if type(i) is not int or not 0 <= i < len(sold):
+                raise ReturnError("return_unknown_line", f"{where}.line", detail=f"line {i!r}")
+            if qty > left(i):
+                raise ReturnError("return_qty_exceeds", f"{where}.qty", limit=left(i), asked=qty)
+            asked[i] = asked.get(i, 0) + qty
+        else:
+            idx = [i for i, l in enumerate(sold) if l["sku"] == rl["sku"]]
+            if not idx:
+                raise ReturnError("return_unknown_line", f"{where}.sku", detail=f"sku {rl['sku']!r}")
+            avail = sum(left(i) for i in idx)
+            if qty > avail:
+                raise ReturnError("return_qty_exceeds", f"{where}.qty", limit=avail, asked=qty)
+            for i in idx:
+                take = min(left(i), qty)
+                if take:
+                    asked[i] = asked.get(i, 0) + take
+                    qty -= take
+
+    out_lines = []
+    totals = {"refund_fen": 0, "discount": 0, **{k: 0 for k in _LINE_VALUES}}
+    for i in sorted(asked):
+        l = sold[i]
+        before, after = done.get(i, 0), done.get(i, 0) + asked[i]
+        discounts = [{"source": d["source"], "fen": prorate(d["fen"], before, after, l["qty"])}
+                     for d in l["discounts"]]
+        row = {"index": i, "sku": l["sku"], "name": l["name"], "qty": asked[i]}
+        for k in _LINE_VALUES:
+            row[k] = prorate(l[k], before, after, l["qty"])
+        row["discounts"] = [d for d in discounts if d["fen"]]
+        row["discount"] = sum(d["fen"] for d in discounts)
+        row["refund_fen"] = row["cash_fen"] + row["stored_value_fen"] + row["redeemed_fen"]
+        row["amount"] = row["refund_fen"] + row["discount"]
+        out_lines.append(row)
+        for k in totals:
+            totals[k] += row[k]
+    deltas = {"points": totals["points_redeemed"] - totals["points_earned"],
+              "points_earned": -totals["points_earned"], "points_redeemed": -totals["points_redeemed"],
+              "stored_value_fen": totals["stored_value_fen"]}
+    record = {"type": "return", "v": 1, "at": now.isoformat(), "sale_at": original.get("at"),
+              "sale_id": original.get("id"), "member": original.get("member"),
+              "lines": out_lines, "totals": totals, "deltas": deltas}
+    receipt = {lang: _return_receipt(record, lang) for lang in LANGS}
+    return {"lines": out_lines, "totals": totals, "deltas": deltas, "receipt": receipt, "record": record}
+
+
+def _return_receipt(r: dict, lang: str) -> list[str]:
+    t = r["totals"]
+    rows = [_label("return", lang)]
+    for l in r["lines"]:
+        rows.append(f"{l['name']} x{l['qty']}  {yuan(l['amount'])}")
+        if l["discount"]:
+            rows.append(f"  {_label('discount_reversed', lang)}  -{yuan(l['discount'])}")
+    rows.append(f"{_label('refund_total', lang)}  {yuan(t['refund_fen'])}")
+    if t["redeemed_fen"] or t["points_redeemed"]:
+        rows.append(f"  {_label('refund_points', lang, points=t['points_redeemed'])}  {yuan(t['redeemed_fen'])}")
+    if t["stored_value_fen"]:
+        rows.append(f"  {_label('refund_stored_value', lang)}  {yuan(t['stored_value_fen'])}")
+    rows.append(f"  {_label('refund_cash', lang)}  {yuan(t['cash_fen'])}")
+    if r["member"]:
+        rows.append(f"{_label('points_reversed', lang)}  -{t['points_earned']}")
+    return rows
+
+
+# ---------------------------------------------------------------- stored value, packages, card services
+
+def _member_base(member: dict) -> dict:
+    return {"member_id": member.get("member_id"), "card_no": member.get("card_no")}
+
+
+def topup(policy: dict, member: dict, *, package_id: str | None = None, amount_fen: int | None = None,
+          now: datetime | None = None) -> dict:
+    """Top up stored value. A package pays its ``pay_fen`` and adds its
+    ``bonus_fen``; a free amount earns the bonus of the largest package whose
+    ``pay_fen`` it reaches (充值赠送 by threshold)."""
+    if not isinstance(member, dict):
+        raise PricingError("member_required", "member")
+    if member.get("limited"):
+        raise PricingError("member_limited", "member")
+    ctype = (policy.get("card_types") or {}).get(member.get("card_type") or "")
+    if ctype is not None and not ctype.get("stored_value", False):
+        raise PricingError("stored_value_not_allowed", "member.card_type")
+    packages = (policy.get("stored_value") or {}).get("topup_packages") or {}
+    if (package_id is None) == (amount_fen is None):
+        raise PricingError("topup_invalid", "package_id", detail="give exactly one of package_id, amount_fen")
+    if package_id is not None:
+        pkg = packages.get(package_id)
+        if pkg is None or pkg.get("disabled"):
+            raise PricingError("topup_unknown_package", "package_id", code=package_id)
+        pay, bonus = pkg["pay_fen"], pkg.get("bonus_fen", 0)
+    else:
+        if type(amount_fen) is not int or not 1 <= amount_fen <= MAX_TOPUP_FEN:
+            raise PricingError("topup_invalid", "amount_fen",
+                               detail=f"amount_fen: whole fen from 1 to {MAX_TOPUP_FEN}")
+        pay, bonus = amount_fen, 0
+        best = None
+        for pid in sorted(packages):
+            pkg = packages[pid]
+            if not pkg.get("disabled") and pkg["pay_fen"] <= amount_fen and (
+                    best is None or pkg["pay_fen"] > packages[best]["pay_fen"]):
+                best = pid
+        if best is not None:
+            package_id, bonus = best, packages[best].get("bonus_fen", 0)
+    before = member.get("balance_available_fen", 0)
+    credit = pay + bonus
+    record = {"type": "topup", "v": 1, "at": now.isoformat() if now else None, **_member_base(member),
+              "package_id": package_id, "pay_fen": pay, "bonus_fen": bonus, "credit_fen": credit,
+              "balance_before_fen": before, "balance_after_fen": before + credit,
+              "deltas": {"stored_value_fen": credit}}
+    receipt = {}
+    for lang in LANGS:
+        rows = [f"{_label('topup', lang)}  {yuan(pay)}"]
+        if bonus:
+            name = _name(packages.get(package_id), package_id)[lang]
+            rows.append(f"  {_label('topup_bonus', lang)} ({name})  {yuan(bonus)}")
+        rows.append(f"{_label('credited', lang)}  {yuan(credit)}")
+        rows.append(f"{_label('stored_value_left', lang)}  {yuan(before + credit)}")
+        receipt[lang] = rows
+    return {"record": record, "receipt": receipt}
+
+
+def consume_package(policy: dict, member: dict, package_id: str, uses: int, *,
+                    now: datetime | None = None) -> dict:
+    """Use a count package (计次卡); remaining uses never go below zero."""
+    if not isinstance(member, dict):
+        raise PricingError("member_required", "member")
+    pkg = (policy.get("packages") or {}).get(package_id)
+    remaining = (member.get("packages") or {}).get(package_id)
+    if pkg is None or remaining is None:
+        raise PricingError("package_unknown", "package_id", code=package_id)
+    if type(uses) is not int or not 1 <= uses <= MAX_QTY:
+        raise PricingError("package_invalid_uses", "uses", limit=MAX_QTY)
+    if uses > remaining:
+        raise PricingError("package_insufficient", "uses", limit=remaining, asked=uses)
+    record = {"type": "package_use", "v": 1, "at": now.isoformat() if now else None, **_member_base(member),
+              "package_id": package_id, "uses": uses, "remaining_before": remaining,
+              "remaining_after": remaining - uses, "deltas": {"packages": {package_id: -uses}}}
+    receipt = {lang: [_label("package_use", lang, name=_name(pkg, package_id)[lang], uses=uses),
+                      f"{_label('package_left', lang)}  {remaining - uses}"] for lang in LANGS}
+    return {"record": record, "receipt": receipt}
+
+
+CARD_OPS = {  # kind -> (fee key in policy.fees, card status afterwards)
+    "issue": ("issue_fen", "active"),
+    "report_lost": (None, "lost"),
+    "freeze": (None, "frozen"),
+    "unfreeze": (None, "active"),
+    "replace": ("replace_fen", "replaced"),
+    "annual_fee": ("annual_fen", "active"),
+}
+
+
+def card_operation(policy: dict, kind: str, member: dict | None = None, *, card_no: str | None = None,
+                   new_card_no: str | None = None, now: datetime | None = None) -> dict:
+    """A counter card service with its fee from ``policy.fees``. ``issue``
+    takes the new card's ``card_no`` (member may be None); ``replace`` needs
+    ``new_card_no``; the record says the card's status afterwards (for
+    ``replace``: the old card's)."""
+    if kind not in CARD_OPS:
+        raise PricingError("card_op_invalid", "kind", detail=f"kind: one of {', '.join(CARD_OPS)}")
+    card = card_no or (member or {}).get("card_no")
+    if not isinstance(card, str) or not card.isdigit():
+        raise PricingError("card_op_invalid", "card_no", detail="card_no: the card's number (digits)")
+    if kind != "issue" and not isinstance(member, dict):
+        raise PricingError("member_required", "member")
+    if kind == "replace" and not (isinstance(new_card_no, str) and new_card_no.isdigit() and new_card_no != card):
+        raise PricingError("card_op_invalid", "new_card_no", detail="new_card_no: the new card's number (digits)")
+    fee_key, status = CARD_OPS[kind]
+    fee = (policy.get("fees") or {}).get(fee_key, 0) if fee_key else 0
+    record = {"type": "card_op", "v": 1, "op": kind, "at": now.isoformat() if now else None,
+              "member_id": (member or {}).get("member_id"), "card_no": card, "new_card_no": new_card_no,
+              "fee_fen": fee, "status_after": status, "deltas": {}}
+    receipt = {}
+    for lang in LANGS:
+        rows = [_label(f"card_{kind}", lang)]
+        if fee:
+            rows.append(f"{_label('fee', lang)}  {yuan(fee)}")
+        receipt[lang] = rows
+    return {"record": record, "receipt": receipt}
