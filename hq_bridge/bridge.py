@@ -1,7 +1,13 @@
-"""The HQ bridge: store transactions in, ledger commit, acks out.
+"""The HQ bridge: store transactions in, ledger commit, acks out; resyncs.
 
 An ack is published only after the batch is committed in the ledger, so the
 gateway frees exactly what HQ holds. Duplicates are acked again.
+
+A store that saw a gap in the deny deltas (or a part that never came)
+publishes on ``{prefix}/stores/{store}/resync``; the bridge answers by
+publishing that store's manifest and every part of it again (a new version
+with a fresh deny part when the deny list has moved on), at most once per
+``resync_min_interval_s`` per store.
 """
 
 from __future__ import annotations
@@ -13,20 +19,26 @@ import aiomqtt
 
 from common import mqtt
 from hq_bridge.ledger import Ledger
-from wire.messages import Ack, Status, TxBatch, WireError
+import time
+
+from wire.messages import Ack, ResyncRequest, Status, TxBatch, WireError
 from wire.topics import Topics
 
 log = logging.getLogger("storegate.hq")
 
 
 class Bridge:
-    def __init__(self, mqtt_settings: dict, ledger: Ledger, *, client_id: str = "storegate-hq") -> None:
+    def __init__(self, mqtt_settings: dict, ledger: Ledger, *, client_id: str = "storegate-hq",
+                 publisher=None, resync_min_interval_s: float = 5.0) -> None:
         self.mqtt_settings = mqtt_settings
         self.ledger = ledger
+        self.publisher = publisher  # hq_bridge.rules.Publisher, to answer resync requests
+        self.resync_min_interval_s = resync_min_interval_s
+        self._last_resync: dict[str, float] = {}
         self.client_id = client_id
         self.topics = Topics(mqtt_settings.get("prefix", "sg/v1"))
         self.connected = asyncio.Event()
-        self.stats = {"batches": 0, "applied": 0, "duplicates": 0, "conflicts": 0, "rejected": 0}
+        self.stats = {"batches": 0, "applied": 0, "duplicates": 0, "conflicts": 0, "rejected": 0, "resyncs": 0}
 
     async def run(self) -> None:
         backoff = mqtt.Backoff()
@@ -37,6 +49,7 @@ class Bridge:
                     backoff.reset()
                     await client.subscribe(self.topics.all_tx(), qos=1)
                     await client.subscribe(self.topics.all_status(), qos=1)
+                    await client.subscribe(self.topics.all_resync(), qos=1)
                     self.connected.set()
                     log.info("HQ bridge connected")
                     try:
@@ -65,6 +78,9 @@ class Bridge:
                 except WireError as exc:
                     log.warning("store %s: bad status: %s", store, exc)
             return
+        if topic.endswith("/resync"):
+            await self._resync(client, store, payload)
+            return
         try:
             batch = TxBatch.decode(payload)
             if batch.store != store:
@@ -83,3 +99,28 @@ class Bridge:
             log.error("store %s: %d record(s) reuse a sequence number with a different id; kept in conflicts",
                       store, committed.conflicts)
         await client.publish(self.topics.ack(store), Ack.of(store, committed.seqs).encode(), qos=1)
+
+    async def _resync(self, client: aiomqtt.Client, store: str, payload: bytes) -> None:
+        try:
+            req = ResyncRequest.decode(payload)
+            if req.store != store:
+                raise WireError(f"resync for store {req.store!r} published on store {store}'s topic")
+        except WireError as exc:
+            log.warning("store %s: bad resync request: %s", store, exc)
+            return
+        if self.publisher is None:
+            log.warning("store %s asks for a resync (%s) but this bridge has no signing key", store, req.reason)
+            return
+        now = time.monotonic()
+        if now - self._last_resync.get(store, -1e9) < self.resync_min_interval_s:
+            log.info("store %s: resync asked again within %.0f s; ignored", store, self.resync_min_interval_s)
+            return
+        self._last_resync[store] = now
+        try:
+            manifest = await self.publisher.resync(client, store)
+        except Exception as exc:  # a store HQ does not know, a bad layer: log, keep bridging
+            log.error("store %s: resync failed: %s", store, exc)
+            return
+        self.stats["resyncs"] += 1
+        log.info("store %s: resync (%s): manifest v%d and its parts published again", store, req.reason,
+                 manifest.version)

@@ -1,28 +1,55 @@
 """`storegate-hq`: the HQ side.
 
     storegate-hq run --config hq.toml
-    storegate-hq rules publish FILE --store S --config hq.toml
+    storegate-hq rules publish FILE (--store S | --region R | --all) [--members F] [--deny F] --config hq.toml
+    storegate-hq rules snapshot (--store S | --region R | --all) [--members F] [--deny F] --config hq.toml
+    storegate-hq rules republish (--store S | --region R | --all) --config hq.toml
+    storegate-hq card deny|freeze|unfreeze|replace CARD --reason TEXT [--status lost] [--new-card N] --config hq.toml
+    storegate-hq fleet --config hq.toml [--wait 2] [--json]
+    storegate-hq keys generate|rotate [--promote]|show --config hq.toml
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
+import time
 
+import aiomqtt
+
+from common import mqtt
 from common.configfile import ConfigError
 from hq_bridge import config as hq_config
+from hq_bridge import keys as hq_keys
 from hq_bridge.bridge import Bridge
 from hq_bridge.ledger import Ledger
-from hq_bridge.rules import load_rules_file, publish_to_store
+from hq_bridge.rules import Catalog, PublishError, Publisher
+from wire.messages import Status, WireError
 from wire.ruleset import RulesetError
+from wire.topics import Topics
+
+
+def make_publisher(cfg: dict, ledger: Ledger) -> Publisher:
+    key = cfg["hq"].get("signing_key")
+    if not key:
+        raise hq_keys.KeyFileError("hq.signing_key: required to sign rule sets (create one with "
+                                   "`storegate-hq keys generate`)")
+    catalog = Catalog(cfg["hq"]["database"], cfg["hq"].get("parts_dir"))
+    return Publisher(cfg["mqtt"], ledger, catalog, key, cfg["stores"])
 
 
 async def _run(cfg: dict) -> None:
     ledger = Ledger(cfg["hq"]["database"])
-    bridge = Bridge(cfg["mqtt"], ledger)
+    publisher = make_publisher(cfg, ledger) if cfg["hq"].get("signing_key") else None
+    if publisher is None:
+        logging.getLogger("storegate.hq").warning("no hq.signing_key: resync requests from stores go unanswered")
+    bridge = Bridge(cfg["mqtt"], ledger, publisher=publisher,
+                    resync_min_interval_s=cfg["hq"]["resync_min_interval_s"])
     task = asyncio.create_task(bridge.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -35,17 +62,92 @@ async def _run(cfg: dict) -> None:
         ledger.close()
 
 
+async def fleet_status(mqtt_settings: dict, wait_s: float = 2.0) -> dict[str, dict]:
+    """Every store's retained status message (collected for ``wait_s``)."""
+    topics = Topics(mqtt_settings.get("prefix", "sg/v1"))
+    out: dict[str, dict] = {}
+    async with mqtt.client(mqtt_settings, identifier=f"storegate-hq-fleet-{os.getpid()}") as client:
+        await client.subscribe(topics.all_status(), qos=1)
+        try:
+            async with asyncio.timeout(wait_s):
+                async for message in client.messages:
+                    try:
+                        store = topics.store_of(str(message.topic))
+                        out[store] = Status.decode(message.payload).__dict__
+                    except (ValueError, WireError) as exc:
+                        out.setdefault(str(message.topic), {"error": str(exc)})
+        except TimeoutError:
+            pass
+    return out
+
+
+def render_fleet(statuses: dict[str, dict], expected: dict[str, int | None], now: float) -> str:
+    head = f"{'store':<10} {'state':<8} {'rules':>6} {'sent':>6} {'deny':>6} {'backlog':>8} {'oldest':>8}  problem"
+    lines = [head]
+    for store in sorted(set(statuses) | set(expected)):
+        s = statuses.get(store) or {}
+        if "error" in s:
+            lines.append(f"{store:<10} bad status: {s['error']}")
+            continue
+        state = s.get("state", "never")
+        if state == "online" and now - s.get("ts", 0) > 120:
+            state = "silent"
+        applied, sent = s.get("rules_version"), expected.get(store)
+        oldest = s.get("oldest_unsent_age_s")
+        problem = s.get("rules_rejection") or ""
+        if sent and applied != sent and not problem:
+            problem = f"behind: runs v{applied}, sent v{sent}"
+        lines.append(f"{store:<10} {state:<8} {str(applied or '-'):>6} {str(sent or '-'):>6} "
+                     f"{str(s.get('deny_version') if s.get('deny_version') is not None else '-'):>6} "
+                     f"{s.get('backlog', '-'):>8} {(f'{oldest:.0f}s' if oldest else '-'):>8}  {problem}")
+    return "\n".join(lines)
+
+
+def _scope_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--store")
+    g.add_argument("--region")
+    g.add_argument("--all", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="storegate-hq", description="storegate HQ bridge")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="ingest store transactions into the ledger and ack them")
+    run = sub.add_parser("run", help="ingest store transactions into the ledger and ack them; answer resyncs")
     run.add_argument("--config", required=True)
+
     rules = sub.add_parser("rules", help="rule sets")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
-    pub = rules_sub.add_parser("publish", help="validate a rule set and publish it to a store")
+    pub = rules_sub.add_parser("publish", help="store an authored layer and publish to every affected store")
     pub.add_argument("file")
-    pub.add_argument("--store", required=True)
-    pub.add_argument("--config", required=True)
+    _scope_args(pub)
+    for p in (pub, snap := rules_sub.add_parser("snapshot", help="publish a member snapshot and/or deny list")):
+        p.add_argument("--members", help="member snapshot: NDJSON (one member per line), JSON or TOML")
+        p.add_argument("--deny", help="the whole deny list (chain-wide, with --all)")
+        p.add_argument("--as-of", type=int, help="epoch seconds the snapshot's balances are as of (default: now)")
+        p.add_argument("--config", required=True)
+    _scope_args(snap)
+    rep = rules_sub.add_parser("republish", help="sign and publish the current layers again (new version)")
+    _scope_args(rep)
+    rep.add_argument("--config", required=True)
+
+    card = sub.add_parser("card", help="report a card: a signed deny-list delta to every store, now")
+    card.add_argument("action", choices=["deny", "freeze", "unfreeze", "replace"])
+    card.add_argument("card_no")
+    card.add_argument("--reason", required=True, help="kept at HQ; not sent to the stores")
+    card.add_argument("--status", default=None, help="for deny: lost (default), cancelled, expired, not_activated")
+    card.add_argument("--new-card", help="for replace: the new card number")
+    card.add_argument("--config", required=True)
+
+    fleet = sub.add_parser("fleet", help="every store's rules and deny versions, state, backlog")
+    fleet.add_argument("--config", required=True)
+    fleet.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained status messages")
+    fleet.add_argument("--json", action="store_true")
+
+    keys = sub.add_parser("keys", help="HQ's rule-signing keys")
+    keys.add_argument("keys_command", choices=["generate", "rotate", "show"])
+    keys.add_argument("--promote", action="store_true", help="rotate: make the announced next key current")
+    keys.add_argument("--config", required=True)
     args = parser.parse_args(argv)
 
     try:
@@ -58,14 +160,91 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_run(cfg))
         return 0
     try:
-        rules_doc = load_rules_file(args.file)
-        ledger = Ledger(cfg["hq"]["database"])
-        msg = asyncio.run(publish_to_store(cfg["mqtt"], ledger, args.store, rules_doc))
-    except RulesetError as exc:
-        print(f"rule set rejected: {exc}", file=sys.stderr)
+        return _command(args, cfg)
+    except (RulesetError, PublishError) as exc:
+        print(f"refused: {exc}", file=sys.stderr)
         return 2
-    print(f"published rules v{msg.version} to store {args.store}")
+    except hq_keys.KeyFileError as exc:
+        print(f"key error: {exc}", file=sys.stderr)
+        return 2
+    except aiomqtt.MqttError as exc:
+        print(f"broker unreachable: {exc}", file=sys.stderr)
+        return 3
+
+
+def _command(args, cfg: dict) -> int:
+    if args.command == "keys":
+        path = cfg["hq"].get("signing_key")
+        if not path:
+            raise hq_keys.KeyFileError("hq.signing_key: set the key file's path in hq.toml")
+        if args.keys_command == "generate":
+            pub = hq_keys.generate(path)
+            print(f"created {path} (mode 0600) and {path}.pub\n"
+                  f"put this public key in every gateway's config, rules.hq_public_keys:\n  {pub}")
+        elif args.keys_command == "show":
+            print(hq_keys.describe(path))
+        elif args.promote:
+            hq_keys.promote(path)
+            print(f"the next key is now current: {hq_keys.describe(path)}")
+            _republish_all(args, cfg)
+        else:
+            hq_keys.rotate(path)
+            print(f"next key created and announced: {hq_keys.describe(path)}")
+            _republish_all(args, cfg)
+        return 0
+    if args.command == "fleet":
+        statuses = asyncio.run(fleet_status(cfg["mqtt"], args.wait))
+        ledger = Ledger(cfg["hq"]["database"])
+        expected = {s: m.version for s, m in Catalog(cfg["hq"]["database"], cfg["hq"].get("parts_dir"))
+                    .manifests().items()}
+        for s in cfg["stores"]:
+            expected.setdefault(s, None)
+        ledger.close()
+        if args.json:
+            print(json.dumps({"statuses": statuses, "sent": expected}, indent=2, ensure_ascii=False))
+        else:
+            print(render_fleet(statuses, expected, time.time()))
+        return 0
+    ledger = Ledger(cfg["hq"]["database"])
+    publisher = make_publisher(cfg, ledger)
+    scope = {"store": getattr(args, "store", None), "region": getattr(args, "region", None),
+             "all_": getattr(args, "all", False)}
+    try:
+        if args.command == "card":
+            delta = asyncio.run(publisher.card_action(args.action, args.card_no, args.reason, status=args.status,
+                                                      new_card=args.new_card))
+            print(f"deny delta v{delta.version} sent to every store: {args.action} card ****{args.card_no[-4:]}")
+            return 0
+        if args.rules_command == "publish":
+            manifests = asyncio.run(publisher.publish_layer(args.file, members_file=args.members,
+                                                            deny_file=args.deny, as_of=args.as_of, **scope))
+        elif args.rules_command == "snapshot":
+            if not args.members and not args.deny:
+                raise PublishError("snapshot needs --members and/or --deny")
+            manifests = asyncio.run(publisher.snapshot(members_file=args.members, deny_file=args.deny,
+                                                       as_of=args.as_of, **scope))
+        else:
+            manifests = asyncio.run(publisher.publish_stores(publisher.affected(**scope)))
+    finally:
+        ledger.close()
+    for m in manifests:
+        print(f"published rules v{m.version} to store {m.store}")
     return 0
+
+
+def _republish_all(args, cfg: dict) -> None:
+    if not cfg["stores"]:
+        return
+    ledger = Ledger(cfg["hq"]["database"])
+    try:
+        publisher = make_publisher(cfg, ledger)
+        have = set(publisher.catalog.manifests())
+        stores = [s for s in publisher.affected(all_=True) if s in have]
+        if stores:
+            for m in asyncio.run(publisher.publish_stores(stores)):
+                print(f"published rules v{m.version} to store {m.store}")
+    finally:
+        ledger.close()
 
 
 if __name__ == "__main__":
