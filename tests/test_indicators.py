@@ -116,3 +116,136 @@ def test_simulated_twin_records_history():
     ind.show("accept")
     ind.show(Pattern.OFFLINE)
     assert ind.history == [Pattern.ACCEPT, Pattern.OFFLINE]
+
+
+# -- timings, every pattern, cut short, fault over the link state -----------------
+TOL = 0.15  # a shared 2-core machine: gpiozero's blink thread may wake late
+
+
+def durations(pin):
+    """Seconds each state change came after the previous one (MockPin timestamps are deltas)."""
+    return [s.timestamp for s in pin.states[2:]]
+
+
+def near(value, target, tol=TOL):
+    return target - 0.05 <= value <= target + tol
+
+
+def test_deny_timings(rig):
+    ind, pins = rig
+    ind.show("deny")
+    wait_states(pins["red"], [False] + [True, False] * 3)
+    assert all(near(d, 0.2) for d in durations(pins["red"])), durations(pins["red"])
+
+
+def test_tap_again_blinks_both_leds_twice_with_two_short_beeps(rig):
+    ind, pins = rig
+    ind.show("tap_again")
+    for led in ("green", "red"):
+        wait_states(pins[led], [False] + [True, False] * 2)
+        on1, off1, on2 = durations(pins[led])[:3]
+        assert near(on1, 0.3) and near(off1, 0.2) and near(on2, 0.3), durations(pins[led])
+    wait_states(pins["buzzer"], [False] + [True, False] * 2)
+    beep, gap, beep2 = durations(pins["buzzer"])[:3]
+    assert beep < 0.05 + TOL and near(gap, 0.45) and beep2 < 0.05 + TOL
+
+
+def test_accept_cut_short_by_deny(rig):
+    ind, pins = rig
+    ind.show("accept")
+    time.sleep(0.3)
+    ind.show("deny")
+    wait_states(pins["red"], [False] + [True, False] * 3)
+    green = pins["green"].states
+    assert values(pins["green"]) == [False, True, False]
+    assert green[2].timestamp < 0.3 + TOL                        # green went off at the deny, not after 1 s
+    assert values(pins["buzzer"])[-1] is False
+
+
+def test_tap_again_cut_short_by_accept(rig):
+    ind, pins = rig
+    ind.show("tap_again")
+    time.sleep(0.1)
+    ind.show("accept")
+    time.sleep(1.3)
+    assert values(pins["red"]) == [False, True, False]           # one blink begun, then stopped
+    assert values(pins["green"])[-1] is False and values(pins["green"]).count(True) == 2  # tap_again's, then accept's
+    assert pins["red"].states[2].timestamp < 0.1 + TOL
+
+
+def test_offline_blinks_the_status_led_slowly(rig):
+    ind, pins = rig
+    ind.show("offline")
+    wait_states(pins["status"], [False, True, False, True], timeout=5)
+    on, off = durations(pins["status"])[:2]
+    assert near(on, 0.5) and near(off, 1.5), durations(pins["status"])
+
+
+def test_fault_outranks_the_link_state_until_cleared(rig):
+    ind, pins = rig
+    ind.show("offline")
+    ind.show("fault")
+    assert ind.fault
+    ind.show("online")                                          # HQ is back; the fault still shows
+    time.sleep(0.6)
+    assert values(pins["status"]).count(True) >= 3              # fast blink, not steady
+    fast = durations(pins["status"])[-4:]
+    assert all(near(d, 0.1) for d in fast), fast
+    ind.clear_fault()
+    assert not ind.fault and ind.link.value == "online"
+    time.sleep(0.3)
+    assert pins["status"].state is True
+    settled = len(pins["status"].states)
+    time.sleep(0.5)
+    assert len(pins["status"].states) == settled                # steady on: online
+    for lane_pin in ("green", "red", "buzzer"):
+        assert True not in values(pins[lane_pin])
+
+
+def test_cleared_fault_goes_back_to_offline(rig):
+    ind, pins = rig
+    ind.show("fault")
+    ind.show("offline")
+    time.sleep(0.3)
+    ind.clear_fault()
+    pins["status"].clear_states()
+    time.sleep(2.2)
+    on_off = values(pins["status"])
+    assert on_off[:3] in ([True, False, True], [False, True, False]), on_off  # slow: ~2 changes in 2 s
+    assert len(on_off) <= 4
+
+
+def test_clear_fault_without_a_fault_changes_nothing(rig):
+    ind, pins = rig
+    ind.show("online")
+    time.sleep(0.1)
+    before = values(pins["status"])
+    ind.clear_fault()
+    time.sleep(0.2)
+    assert values(pins["status"]) == before
+
+
+def test_taps_keep_working_during_a_fault(rig):
+    ind, pins = rig
+    ind.show("fault")
+    ind.show("accept")
+    wait_states(pins["green"], [False, True, False], timeout=3)
+    assert ind.fault
+
+
+def test_fault_and_clear_without_a_status_led():
+    with GpioIndicator(green=5, red=6, pin_factory=MockFactory()) as ind:
+        ind.show("fault")
+        ind.clear_fault()
+        assert not ind.fault
+
+
+def test_simulated_twin_tracks_fault_and_link():
+    ind = SimulatedIndicator()
+    ind.show("online")
+    ind.show("fault")
+    ind.show("offline")
+    assert ind.fault and ind.link is Pattern.OFFLINE
+    ind.clear_fault()
+    assert not ind.fault
+    assert ind.history == [Pattern.ONLINE, Pattern.FAULT, Pattern.OFFLINE]
