@@ -1,6 +1,8 @@
 """The pure core: card validation and pricing over plain data.
 
-No I/O and no clock reads: time is an argument. Money is integer fen, points
+No I/O and no clock reads: time is an argument; the member snapshot is
+reached only through ``rules.members`` (get / card_for_uid / denied /
+local_totals), an injected lookup. Money is integer fen, points
 are integers. Rounding (DESIGN.md principle 3):
 - tier discount per line = amount * percent / 100, rounded half-up to the fen;
 - points = eligible fen * points_per_yuan * multiplier% / (100 * 100),
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
+from gateway.member_store import InMemoryMembers
 from gateway.texts import RECEIPT, reason_text, yuan
 from wire.messages import RulesMessage
 from wire.ruleset import validate_ruleset, with_defaults
@@ -27,20 +30,61 @@ MAX_UNIT_PRICE = 100_000_000  # one million yuan in fen
 
 @dataclass(frozen=True)
 class Rules:
-    """A validated rule set with its lookup indexes, ready to decide by."""
+    """A validated effective rule set, ready to decide by.
+
+    ``data``: the policy (wire/RULESET.md sections, defaults filled; the
+    inline ``members``/``deny`` tables are taken out). ``members``: the member
+    snapshot and deny list behind the MemberStore interface (SQLite
+    ``MemberStore`` or ``InMemoryMembers``)."""
 
     version: int
     issued_at: int
     scope: dict
     data: dict
-    uid_index: dict = field(repr=False)
+    members: Any = field(repr=False, compare=False)
+    programs: tuple = field(default=(), repr=False, compare=False)  # (prefix, length, id, program), longest prefix first
+
+    def __post_init__(self) -> None:
+        progs = sorted(((p["prefix"], p["length"], pid, p) for pid, p in self.data["card_programs"].items()),
+                       key=lambda t: -len(t[0]))
+        object.__setattr__(self, "programs", tuple(progs))
 
     @classmethod
-    def from_message(cls, msg: RulesMessage) -> "Rules":
-        validate_ruleset(msg.rules)  # raises RulesetError naming the field
+    def from_message(cls, msg: RulesMessage, members: Any = None) -> "Rules":
+        """From a rules message. Without ``members`` the rule set's inline
+        ``members``/``deny`` tables become an InMemoryMembers; with a
+        MemberStore (large snapshots come as parts) inline tables are ignored."""
+        validate_ruleset(msg.rules)  # raises RulesetError naming the rule and field
         data = with_defaults(msg.rules)
-        uid_index = {m["nfc_uid"]: no for no, m in data["members"].items() if m.get("nfc_uid")}
-        return cls(msg.version, msg.issued_at, msg.scope, data, uid_index)
+        inline_members, inline_deny = data.pop("members", {}), data.pop("deny", {})
+        if members is None:
+            members = InMemoryMembers(inline_members, inline_deny, version=msg.version, as_of=msg.issued_at)
+        return cls(msg.version, msg.issued_at, msg.scope, data, members)
+
+    @property
+    def uid_index(self) -> "_UidLookup":
+        """Read-only mapping UID -> card number (``.get``), backed by the member store."""
+        return _UidLookup(self.members)
+
+
+class _UidLookup(dict):
+    """Compatibility for callers that did ``rules.uid_index.get(uid)``."""
+
+    def __init__(self, members) -> None:
+        super().__init__()
+        self._members = members
+
+    def get(self, uid, default=None):
+        return self._members.card_for_uid(uid) or default
+
+    def __getitem__(self, uid):
+        card = self._members.card_for_uid(uid)
+        if card is None:
+            raise KeyError(uid)
+        return card
+
+    def __contains__(self, uid) -> bool:
+        return self._members.card_for_uid(uid) is not None
 
 
 @dataclass(frozen=True)
@@ -49,6 +93,7 @@ class Verdict:
     reason: str
     card_no: str | None = field(default=None, repr=False)  # never logged or shown in full
     member: dict | None = None
+    detail: dict | None = None  # fills the reason text, e.g. {"last4": "0021"} for replaced
 
     @property
     def accepted(self) -> bool:
@@ -63,7 +108,7 @@ class Verdict:
         return {
             "verdict": self.verdict,
             "reason": self.reason,
-            "text": reason_text(self.reason),
+            "text": reason_text(self.reason, self.detail),
             "pattern": self.pattern,
             "card": mask_card(self.card_no) if self.card_no else None,
             "member": self.member,
@@ -78,6 +123,13 @@ def mask_card(card_no: str) -> str:
     if len(card_no) <= 8:
         return "*" * (len(card_no) - 2) + card_no[-2:]
     return card_no[:4] + "*" * (len(card_no) - 8) + card_no[-4:]
+
+
+def mask_name(name: str | None) -> str | None:
+    """HQ sends names masked (王*); masked again here in case one slips through."""
+    if not name:
+        return None
+    return name[0] + "*" * max(1, len(name) - 1)
 
 
 def luhn_ok(number: str) -> bool:
@@ -97,8 +149,7 @@ def card_number_of(source: str, raw: str, rules: Rules) -> tuple[str | None, str
     """(card number, None) or (None, reason). NFC cards are looked up by UID
     in the member snapshot; magstripe and QR carry the card number itself."""
     if source == "nfc":
-        uid = raw.strip().upper().replace(":", "")
-        card_no = rules.uid_index.get(uid)
+        card_no = rules.members.card_for_uid(raw)
         return (card_no, None) if card_no else (None, "unknown_nfc_card")
     card_no = raw.strip()
     if not _DIGITS.match(card_no):
@@ -106,18 +157,22 @@ def card_number_of(source: str, raw: str, rules: Rules) -> tuple[str | None, str
     return card_no, None
 
 
-def _program_for(card_no: str, rules: Rules) -> tuple[dict | None, str | None]:
-    for prog in rules.data["card_programs"]:
-        if len(card_no) == prog["length"] and card_no.startswith(prog["prefix"]):
+def program_for(card_no: str, rules: Rules) -> tuple[str | None, dict | None, str | None]:
+    """(program id, program, None) or (None, None, reason): the longest
+    matching prefix of the right length wins."""
+    for prefix, length, pid, prog in rules.programs:
+        if len(card_no) == length and card_no.startswith(prefix):
             if prog["check_digit"] == "luhn" and not luhn_ok(card_no):
-                return None, "bad_check_digit"
-            return prog, None
-    return None, "unknown_card_format"
+                return None, None, "bad_check_digit"
+            return pid, prog, None
+    return None, None, "unknown_card_format"
 
 
 def _tier_summary(tier_code: str, rules: Rules) -> dict:
     tier = rules.data["tiers"][tier_code]
-    return {"code": tier_code, "name": tier["name"], "discount_percent": tier["discount_percent"]}
+    return {"code": tier_code, "name": tier["name"], "rank": tier["rank"],
+            "discount_percent": tier["discount_percent"],
+            "points_multiplier_percent": tier["points_multiplier_percent"]}
 
 
 def _default_tier(rules: Rules) -> str:
@@ -125,36 +180,145 @@ def _default_tier(rules: Rules) -> str:
     return rules.data.get("default_tier") or min(tiers, key=lambda t: tiers[t]["rank"])
 
 
+def _card_type_summary(code: str, rules: Rules) -> dict:
+    ct = rules.data["card_types"][code]
+    return {"code": code, "name": ct["name"], "kind": ct["kind"], "earns_points": ct["earns_points"],
+            "stored_value": ct["stored_value"], "discount_percent": ct["discount_percent"]}
+
+
+def _deny_verdict(status: str, card_no: str, entry: dict | None = None) -> Verdict:
+    detail = None
+    if status == "replaced" and entry and entry.get("replaced_by"):
+        detail = {"last4": entry["replaced_by"][-4:]}
+    return Verdict("deny", status, card_no, detail=detail)
+
+
+def _expired(record: dict, today: date) -> bool:
+    return "expires" in record and date.fromisoformat(record["expires"]) < today
+
+
+NOT_OFFLINE = {"stored_value": False, "redemption": False, "coupons": False}
+
+
 def validate(source: str, raw: str, rules: Rules | None, now: datetime) -> Verdict:
-    """Decide whether a card read identifies a member in good standing."""
+    """Decide whether a card read identifies a member in good standing
+    (wire/RULESET.md "Card status verdicts"). Pure: the member store is the
+    only lookup, ``now`` (aware, store time) the only clock."""
     if rules is None:
         return Verdict("deny", "no_rules")
     card_no, reason = card_number_of(source, raw, rules)
     if card_no is None:
         return Verdict("deny", reason)
-    _prog, reason = _program_for(card_no, rules)
+    _pid, prog, reason = program_for(card_no, rules)
     if reason:
         return Verdict("deny", reason)
-    denied = rules.data["deny"].get(card_no)
+    if source not in prog["sources"]:
+        return Verdict("deny", "source_not_allowed", card_no)
+    members = rules.members
+    denied = members.denied(card_no)
     if denied:
-        return Verdict("deny", denied["status"], card_no)
-    member = rules.data["members"].get(card_no)
-    if member is None:
+        return _deny_verdict(denied["status"], card_no, denied)
+    data = rules.data
+    today = now.date()
+    age_s = int(now.timestamp()) - rules.issued_at
+    stale = age_s > data["max_age_s"]
+    limits = ["rules_stale"] if stale else []
+
+    record = members.get(card_no)
+    if record is None:
         # A valid card number HQ has not sent us yet (issued elsewhere today):
         # identify as a basic member, points accrue, HQ reconciles.
-        tier = _default_tier(rules)
-        return Verdict("accept_limited", "member_not_in_snapshot", card_no,
-                       {"member_id": None, "name": None, "tier": _tier_summary(tier, rules)})
-    if member["status"] != "active":
-        return Verdict("deny", member["status"], card_no)
-    if "expires" in member and date.fromisoformat(member["expires"]) < now.date():
+        return Verdict("accept_limited", "member_not_in_snapshot", card_no, {
+            "member_id": None, "account_id": None, "name": None,
+            "tier": _tier_summary(_default_tier(rules), rules),
+            "card_type": _card_type_summary(prog["card_type"], rules),
+            "points": None, "balance_fen": None, "allowed": dict(NOT_OFFLINE),
+            "offline_left": {"stored_value_fen": 0, "redemption_points": 0},
+            "limits": ["member_not_in_snapshot", *limits]})
+    if record["status"] != "active":
+        return _deny_verdict(record["status"], card_no)
+    if _expired(record, today):
         return Verdict("deny", "expired", card_no)
-    return Verdict("accept", "ok", card_no, {
-        "member_id": member["member_id"],
-        "name": member.get("name"),
-        "tier": _tier_summary(member["tier"], rules),
-        "points": member.get("points"),
-    })
+
+    card_type = record.get("card_type") or prog["card_type"]
+    if card_type not in data["card_types"]:
+        card_type = prog["card_type"]  # a snapshot older than the rules: the program's type
+    tier = record["tier"] if record["tier"] in data["tiers"] else _default_tier(rules)
+
+    # Subsidiary (附属卡): pays from and earns to the primary's account.
+    account, reason, primary_card = record, "ok", None
+    if record.get("primary_card"):
+        primary_card = record["primary_card"]
+        primary = members.get(primary_card)
+        primary_denied = members.denied(primary_card)
+        if (primary_denied and primary_denied["status"] in ("frozen", "cancelled")) or \
+                (primary and (primary["status"] in ("frozen", "cancelled") or _expired(primary, today))):
+            return Verdict("deny", "primary_inactive", card_no)
+        if primary is None:
+            reason, account = "primary_not_in_snapshot", None
+            limits.append("primary_not_in_snapshot")
+        else:
+            account = primary
+    if stale and reason == "ok":
+        reason = "rules_stale"
+    summary = _summary(record, account, card_no, primary_card, tier, card_type, rules, now, age_s, limits)
+    return Verdict("accept" if reason == "ok" else "accept_limited", reason, card_no, summary)
+
+
+def _summary(record: dict, account: dict | None, card_no: str, primary_card: str | None, tier: str,
+             card_type: str, rules: Rules, now: datetime, age_s: int, limits: list) -> dict:
+    data = rules.data
+    ct = data["card_types"][card_type]
+    out = {
+        "member_id": record["member_id"],
+        "account_id": account["member_id"] if account else None,  # whose points and balance (deltas key)
+        "name": mask_name(record.get("name")),
+        "tier": _tier_summary(tier, rules),
+        "card_type": _card_type_summary(card_type, rules),
+        "primary_card": mask_card(primary_card) if primary_card else None,
+        "group_id": record.get("group_id"),
+        "expires": record.get("expires"),
+        "birthday": record.get("birthday"),            # MM-DD, for the birthday earning bonus
+        "birthday_calendar": record.get("birthday_calendar", "solar"),
+        "points": None, "balance_fen": None, "packages": {}, "coupons": [],
+        "promotion_uses_today": {},
+        "allowed": dict(NOT_OFFLINE),
+        "offline_left": {"stored_value_fen": 0, "redemption_points": 0},
+        "limits": limits,
+    }
+    if account is None:
+        return out
+    totals = rules.members.local_totals(account["member_id"], now.date().isoformat())
+    points = max(0, account["points"] + totals["points"])
+    balance = max(0, account["balance_fen"] + totals["balance_fen"])
+    out["points"], out["balance_fen"] = points, balance
+    out["packages"] = {pkg: max(0, n - totals["packages"].get(pkg, 0))
+                       for pkg, n in account.get("packages", {}).items() if pkg in data["packages"]}
+    coupons = data["coupons"]
+    out["coupons"] = [c for c in record.get("coupons", [])
+                      if c in coupons and coupons[c]["member_id"] == record["member_id"] and c not in totals["coupons"]]
+    out["promotion_uses_today"] = totals["today"]["promotions"]
+    if "rules_stale" in limits:
+        return out  # identify and accrue only
+
+    sv = data["stored_value"]
+    sync_age = int(now.timestamp()) - min(rules.issued_at, getattr(rules.members, "as_of", None) or rules.issued_at)
+    if ct["stored_value"] and sv["offline_max_per_tx_fen"] > 0:
+        if sync_age > sv["max_sync_age_s"]:
+            limits.append("sync_stale")
+        else:
+            out["allowed"]["stored_value"] = True
+            left_today = sv["offline_max_per_day_fen"] - totals["today"]["balance_paid_fen"]
+            out["offline_left"]["stored_value_fen"] = max(0, min(sv["offline_max_per_tx_fen"], left_today, balance))
+    red = data["redemption"]
+    if red["offline_max_points_per_tx"] > 0:
+        out["allowed"]["redemption"] = True
+        left = min(red["offline_max_points_per_tx"],
+                   red["offline_max_points_per_day"] - totals["today"]["points_redeemed"], points)
+        left -= left % red["step_points"] if left > 0 else left
+        out["offline_left"]["redemption_points"] = left if points >= red["min_points"] and left > 0 else 0
+    out["allowed"]["coupons"] = True
+    return out
 
 
 def check_basket(lines: Any) -> list[dict]:

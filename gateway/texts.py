@@ -18,6 +18,16 @@ REASONS: dict[str, tuple[str, str]] = {
     "expired": ("会员卡已过期，请续期", "This membership card has expired; please renew"),
     "not_activated": ("此卡尚未激活，请到服务台激活", "This card is not activated yet; please activate it at the service desk"),
     "tap_again": ("读卡失败，请重新刷卡", "Card could not be read; please present it again"),
+    "rules_stale": ("会员卡有效（会员规则已过期，仅识别会员和积分，暂停储值、积分抵现和优惠券）",
+                    "Card accepted; the store's member rules are out of date: identification and points only "
+                    "(no stored value, redemption or coupons)"),
+    "source_not_allowed": ("此类会员卡不能以这种方式使用，请换用实体卡或会员码",
+                           "This card cannot be presented this way; please use the card or the member code"),
+    "primary_inactive": ("主卡已冻结或注销，附属卡不能使用，请到服务台办理",
+                         "The primary card of this linked card is frozen or cancelled; please see the service desk"),
+    "primary_not_in_snapshot": ("会员卡有效（离线，主卡信息暂缺，暂停储值和积分抵现）",
+                                "Card accepted offline; the primary card is not in the store's member list yet "
+                                "(no stored value or redemption)"),
     # -- secure NFC cards (NTAG 424 DNA SUN messages; gateway/secure_nfc.py) --
     "sun_missing": ("此卡须为安全芯片卡，未读到防伪信息，请到服务台办理",
                     "This card must carry a secure NFC message and none was read; please see the service desk"),
@@ -45,8 +55,16 @@ RECEIPT: dict[str, tuple[str, str]] = {
 }
 
 
-def reason_text(code: str) -> dict[str, str]:
-    zh, en = REASONS[code]
+# Texts that name a detail (a verdict's ``detail``); without it the plain text above is used.
+REASON_DETAILS: dict[str, tuple[str, str]] = {
+    "replaced": ("此卡已换新卡（新卡尾号{last4}），请使用新卡", "This card was replaced by the card ending {last4}; please use the new card"),
+}
+
+
+def reason_text(code: str, detail: dict | None = None) -> dict[str, str]:
+    zh, en = REASON_DETAILS[code] if detail and code in REASON_DETAILS else REASONS[code]
+    if detail and code in REASON_DETAILS:
+        zh, en = zh.format(**detail), en.format(**detail)
     return {"zh-CN": zh, "en": en}
 
 

@@ -597,8 +597,8 @@ def card_entries(action: str, card_no: str, *, status: str | None = None, new_ca
 
 def load_rules_file(path: str | Path) -> dict:
     rules = _read_doc(path)
-    try:
-        _rs.validate_ruleset(rules)
+    try:  # one document = the chain layer (with or without its [layer] header)
+        rules = _rs.effective_ruleset([rules])
     except RulesetError as exc:
         raise RulesetError(f"{path}: {exc}") from None
     return rules

@@ -13,7 +13,8 @@ from wire.ruleset import RulesetError, validate_ruleset
 
 NOW = datetime(2026, 11, 22, 10, 30, tzinfo=ZoneInfo("Asia/Shanghai"))
 RAW_RULES = load_rules_file(RULES_FILE)
-RULES = engine.Rules.from_message(build_message(RAW_RULES, "S001", 7, now=0))
+# Issued a day before NOW: fresh (max_age_s is a week; stale rules are tests/test_validate.py's).
+RULES = engine.Rules.from_message(build_message(RAW_RULES, "S001", 7, now=NOW.timestamp() - 86400))
 
 
 @pytest.mark.parametrize("source,raw,verdict,reason", [
@@ -48,8 +49,11 @@ def test_no_rules_denies_with_reason():
 def test_expiry_is_inclusive_of_the_last_day():
     last_day = datetime(2027, 12, 31, 23, 59, tzinfo=ZoneInfo("Asia/Shanghai"))
     after = datetime(2028, 1, 1, 0, 1, tzinfo=ZoneInfo("Asia/Shanghai"))
-    assert engine.validate("nfc", "04A1B2C3D4E5F6", RULES, last_day).verdict == "accept"
-    assert engine.validate("nfc", "04A1B2C3D4E5F6", RULES, after).reason == "expired"
+    # rules issued the day before each moment (fresh), so only the expiry differs
+    fresh = {t: engine.Rules.from_message(build_message(RAW_RULES, "S001", 7, now=t.timestamp() - 86400))
+             for t in (last_day, after)}
+    assert engine.validate("nfc", "04A1B2C3D4E5F6", fresh[last_day], last_day).verdict == "accept"
+    assert engine.validate("nfc", "04A1B2C3D4E5F6", fresh[after], after).reason == "expired"
 
 
 def _member(raw="04A1B2C3D4E5F6", source="nfc"):
@@ -116,8 +120,8 @@ def test_bad_rule_sets_name_the_field():
     bad = {**RAW_RULES, "members": {"880000000013": {"member_id": "M1", "tier": "platinum"}}}
     with pytest.raises(RulesetError, match=r"members\.880000000013\.tier: unknown tier 'platinum'"):
         validate_ruleset(bad)
-    bad = {**RAW_RULES, "card_programs": [{"id": "x", "prefix": "12345678", "length": 8}]}
-    with pytest.raises(RulesetError, match=r"card_programs\.0\.prefix"):
+    bad = {**RAW_RULES, "card_programs": {"x": {"prefix": "12345678", "length": 8, "card_type": "personal"}}}
+    with pytest.raises(RulesetError, match=r"card_programs\.x\.prefix"):
         validate_ruleset(bad)
     bad = {**RAW_RULES, "members": {
         "880000000013": {"member_id": "M1", "tier": "gold", "nfc_uid": "04A1B2C3D4E5F6"},

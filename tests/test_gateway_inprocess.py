@@ -20,7 +20,7 @@ async def test_simulated_tap_to_indicator_and_lane_events(tmp_path, broker):
                    "gpio": {"green": 17, "red": 27, "buzzer": 22, "status": 23}}],
     })
     async with Gateway(cfg, pin_factory=factory) as gw:
-        gw.rules.offer(build_message(load_rules_file(RULES_FILE), "S001", 1, now=0).encode())
+        gw.rules.offer(build_message(load_rules_file(RULES_FILE), "S001", 1).encode())  # issued now: fresh
         events: asyncio.Queue = asyncio.Queue()
         gw.lanes["1"].listeners.add(events)
         green, red = factory.pin(17), factory.pin(27)

@@ -1,156 +1,798 @@
-"""The rule set HQ authors and the gateway decides by: schema and checks.
+"""The rule set HQ authors and the gateway decides by: schemas, layer merge, checks.
 
-This is the walking-skeleton format (card programs, tiers, earning, member
-snapshot, deny list); the rules-engine issue extends it. Money is integer fen,
-percentages are integer percent. See deploy/examples/rules.demo.toml.
+The format (v2) is described in wire/RULESET.md; this module is its executable
+form, used by both HQ (before publishing) and the gateway (after receiving):
 
-validate_ruleset() rejects a bad rule set with messages that name the field
-(``tiers.gold.discount_percent: 120 is greater than the maximum of 100``) and
-checks references the schema cannot (a member's tier must exist).
+- ``RULESET_SCHEMA``: the effective rule set (what the gateway decides by),
+  with defaults so ``with_defaults()`` fills them, ``additionalProperties:
+  false`` everywhere so a misspelt key is named.
+- ``LAYER_SCHEMA``: one layer document (chain / region / store), a partial
+  rule set with a ``[layer]`` header and, for the chain layer, ``locked``.
+- ``merge_layers(layers)``: pure; chain -> region -> store, later overrides.
+- ``validate_ruleset(rules)``: schema plus the reference checks a schema
+  cannot do; RulesetError names the rule and field
+  (``promotions.spend100.steps[1].off_fen: ...``).
+- ``MEMBER_SCHEMA`` / ``DENY_SCHEMA`` and ``check_member`` /
+  ``check_deny_entry``: the snapshot parts, one record at a time (compiled
+  with fastjsonschema: a 1,000,000-member part is checked in seconds).
+
+Money is integer fen, points integers, percentages whole percent.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import binascii
+import copy
+import difflib
+from datetime import date, datetime
+from typing import Any, Iterable
 
+import fastjsonschema
 import jsonschema
 
 from common.configfile import apply_defaults
 
+SCHEMA_BASE = "https://storegate.example/schemas/"
+FORMAT_VERSION = 2
+
+CARD_STATUSES = ["active", "not_activated", "lost", "frozen", "cancelled", "replaced", "expired"]
+DENY_STATUSES = [s for s in CARD_STATUSES if s != "active"]
+CARD_KINDS = ["personal", "subsidiary", "group", "stored_value", "points", "discount"]
+PROMOTION_KINDS = ["threshold", "percent_off", "member_price", "nth_item", "points_multiplier"]
+SOURCES = ["nfc", "magstripe", "qr"]
+LEVELS = ["chain", "region", "store"]
+
+MAX_FEN = 10_000_000_000          # 100 million yuan: far above any real amount, far below float trouble
+MAX_POINTS = 10_000_000_000
+
+# ---------------------------------------------------------------- building blocks
+
 _TEXT = {
     "type": "object",
+    "description": "user-visible text in both languages",
     "required": ["zh-CN", "en"],
-    "properties": {"zh-CN": {"type": "string"}, "en": {"type": "string"}},
+    "properties": {"zh-CN": {"type": "string", "minLength": 1}, "en": {"type": "string", "minLength": 1}},
     "additionalProperties": False,
 }
+_KEY = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"}
 _CARD_NO = {"type": "string", "pattern": "^[0-9]{6,19}$"}
-_DATE = {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"}
-CARD_STATUSES = ["active", "not_activated", "lost", "frozen", "cancelled", "replaced", "expired"]
+_DATE = {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$", "description": "YYYY-MM-DD, store time"}
+_DATETIME = {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2})?$",
+             "description": "YYYY-MM-DDTHH:MM (or a date), store time"}
+_FEN = {"type": "integer", "minimum": 0, "maximum": MAX_FEN}
+_POINTS = {"type": "integer", "minimum": 0, "maximum": MAX_POINTS}
+_PERCENT = {"type": "integer", "minimum": 0, "maximum": 100}
+_MULTIPLIER = {"type": "integer", "minimum": 0, "maximum": 10_000, "description": "percent: 150 = 1.5x"}
+_STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True, "default": []}
+_HEX16 = {"type": "string", "pattern": "^[0-9A-Fa-f]{32}$", "description": "AES-128 key, hex"}
+_UID = {"type": "string", "pattern": "^([0-9A-F]{8}|[0-9A-F]{14}|[0-9A-F]{20})$"}
+
+
+def _obj(properties: dict, required=(), default=None, **kw) -> dict:
+    out = {"type": "object", "additionalProperties": False, "properties": properties, **kw}
+    if required:
+        out["required"] = list(required)
+    if default is not None:
+        out["default"] = default
+    return out
+
+
+def _table(entry: dict, default=None, description: str | None = None) -> dict:
+    """A keyed table: ``[section.<key>]`` entries."""
+    out = {"type": "object", "propertyNames": _KEY, "additionalProperties": entry}
+    if default is not None:
+        out["default"] = default
+    if description:
+        out["description"] = description
+    return out
+
+
+CARD_PROGRAM = _obj({
+    "name": _TEXT,
+    "prefix": {"type": "string", "pattern": "^[0-9]{1,8}$"},
+    "length": {"type": "integer", "minimum": 6, "maximum": 19},
+    "check_digit": {"enum": ["none", "luhn"], "default": "none"},
+    "card_type": {"type": "string", "description": "key into card_types"},
+    "sources": {"type": "array", "items": {"enum": SOURCES}, "minItems": 1, "uniqueItems": True,
+                "default": list(SOURCES)},
+    "sun": _obj({"key_id": {"type": "string", "description": "key into keys.sun"},
+                 "required": {"type": "boolean", "default": True}}, required=["key_id"]),
+}, required=["prefix", "length", "card_type"])
+
+SUN_KEY = _obj({
+    "meta_read_key": _HEX16,
+    "file_read_key": _HEX16,
+    "diversify": {"enum": ["none", "uid"], "default": "uid"},
+}, required=["meta_read_key", "file_read_key"])
+
+MEMBER_QR = _obj({
+    "issuer_public_keys": {"type": "object", "propertyNames": _KEY,
+                           "additionalProperties": {"type": "string", "pattern": "^[A-Za-z0-9+/]{43}=$",
+                                                    "description": "Ed25519 public key, base64"},
+                           "default": {}},
+    "step_s": {"type": "integer", "minimum": 5, "maximum": 300, "default": 30},
+    "window_steps": {"type": "integer", "minimum": 0, "maximum": 10, "default": 1},
+    "static_codes": {"type": "boolean", "default": True},
+}, default={})
+
+CARD_TYPE = _obj({
+    "name": _TEXT,
+    "kind": {"enum": CARD_KINDS},
+    "earns_points": {"type": "boolean", "default": True},
+    "stored_value": {"type": "boolean", "default": False},
+    "discount_percent": {**_PERCENT, "default": 0},
+}, required=["name", "kind"])
+
+TIER = _obj({
+    "name": _TEXT,
+    "rank": {"type": "integer", "minimum": 0, "maximum": 1000},
+    "discount_percent": {**_PERCENT, "default": 0},
+    "points_multiplier_percent": {**_MULTIPLIER, "default": 100},
+    "benefits": {"type": "array", "items": _TEXT, "default": []},
+}, required=["name", "rank"])
+
+MEMBER_DAY = _obj({
+    "weekdays": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 7},
+                 "uniqueItems": True, "default": []},
+    "month_days": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 31},
+                   "uniqueItems": True, "default": []},
+    "from": _DATE,
+    "to": _DATE,
+    "multiplier_percent": _MULTIPLIER,
+}, required=["multiplier_percent"])
+
+EARNING = _obj({
+    "points_per_yuan": {"type": "integer", "minimum": 0, "maximum": 100},
+    "min_spend_fen": {**_FEN, "default": 0},
+    "excluded_categories": _STRINGS,
+    "excluded_skus": _STRINGS,
+    "category_multipliers_percent": {"type": "object", "additionalProperties": _MULTIPLIER, "default": {}},
+    "sku_multipliers_percent": {"type": "object", "additionalProperties": _MULTIPLIER, "default": {}},
+    "member_days": {"type": "array", "items": MEMBER_DAY, "default": []},
+    "birthday": _obj({"period": {"enum": ["day", "month"], "default": "month"},
+                      "multiplier_percent": _MULTIPLIER}, required=["multiplier_percent"]),
+}, required=["points_per_yuan"])
+
+STEP = _obj({"min_fen": {**_FEN, "minimum": 1}, "off_fen": {**_FEN, "minimum": 1}}, required=["min_fen", "off_fen"])
+
+# Which fields each promotion kind needs / may carry (checked in code so the
+# message says "not used by kind percent_off" instead of a oneOf dump).
+PROMOTION_FIELDS = {
+    "threshold": {"required": ["steps"], "only": ["steps"]},
+    "percent_off": {"required": ["percent"], "only": ["percent"]},
+    "member_price": {"required": ["prices_fen"], "only": ["prices_fen"]},
+    "nth_item": {"required": ["n", "percent"], "only": ["n", "percent"]},
+    "points_multiplier": {"required": ["multiplier_percent"], "only": ["multiplier_percent"]},
+}
+_KIND_FIELDS = {f for spec in PROMOTION_FIELDS.values() for f in spec["only"]}
+
+PROMOTION = _obj({
+    "name": _TEXT,
+    "kind": {"enum": PROMOTION_KINDS},
+    "steps": {"type": "array", "items": STEP, "minItems": 1, "maxItems": 20},
+    "percent": {"type": "integer", "minimum": 1, "maximum": 100},
+    "prices_fen": {"type": "object", "minProperties": 1, "additionalProperties": _FEN},
+    "n": {"type": "integer", "minimum": 2, "maximum": 100},
+    "multiplier_percent": _MULTIPLIER,
+    "categories": _STRINGS,
+    "skus": _STRINGS,
+    "priority": {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 100,
+                 "description": "lower runs first"},
+    "exclusive_group": {"type": "string", "default": ""},
+    "tiers": _STRINGS,
+    "member_only": {"type": "boolean", "default": True},
+    "stores": _STRINGS,
+    "regions": _STRINGS,
+    "from": _DATETIME,
+    "to": _DATETIME,
+    "weekdays": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 7},
+                 "uniqueItems": True, "default": []},
+    "per_member_limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+}, required=["kind"])
+
+REDEMPTION = _obj({
+    "points_per_yuan": {"type": "integer", "minimum": 1, "maximum": 100_000, "default": 100},
+    "min_points": {**_POINTS, "default": 0},
+    "max_share_percent": {**_PERCENT, "default": 50},
+    "step_points": {"type": "integer", "minimum": 1, "maximum": 100_000, "default": 100},
+    "offline_max_points_per_tx": {**_POINTS, "default": 0, "description": "0: no redemption offline"},
+    "offline_max_points_per_day": {**_POINTS, "default": 0},
+}, default={})
+
+TOPUP_PACKAGE = _obj({
+    "name": _TEXT,
+    "pay_fen": {**_FEN, "minimum": 1},
+    "bonus_fen": {**_FEN, "default": 0},
+    "from": _DATE,
+    "to": _DATE,
+}, required=["name", "pay_fen"])
+
+STORED_VALUE = _obj({
+    "offline_max_per_tx_fen": {**_FEN, "default": 0, "description": "0: no stored-value payment offline"},
+    "offline_max_per_day_fen": {**_FEN, "default": 0},
+    "max_sync_age_s": {"type": "integer", "minimum": 0, "maximum": 31_536_000, "default": 86400},
+    "topup_packages": _table(TOPUP_PACKAGE, default={}),
+}, default={})
+
+PACKAGE = _obj({
+    "name": _TEXT,
+    "skus": {**_STRINGS, "minItems": 1},
+    "uses": {"type": "integer", "minimum": 1, "maximum": 1000, "description": "uses when sold at the counter"},
+    "price_fen": {**_FEN, "description": "price when sold at the counter"},
+}, required=["name", "skus"])
+
+COUPON = _obj({
+    "name": _TEXT,
+    "member_id": {"type": "string", "minLength": 1},
+    "value_fen": {**_FEN, "minimum": 1},
+    "percent": {"type": "integer", "minimum": 1, "maximum": 100},
+    "min_spend_fen": {**_FEN, "default": 0},
+    "from": _DATE,
+    "to": _DATE,
+}, required=["member_id"])
+
+FEES = _obj({
+    "issue_fen": {**_FEN, "default": 0},
+    "replace_fen": {**_FEN, "default": 0},
+    "annual_fen": {**_FEN, "default": 0},
+}, default={})
+
+# The snapshot parts (one record each); inline tables omit card_no (it is the key).
+_MEMBER_PROPS = {
+    "card_no": _CARD_NO,
+    "member_id": {"type": "string", "minLength": 1, "maxLength": 64},
+    "name": {"type": "string", "maxLength": 64, "description": "masked by HQ, e.g. 张*"},
+    "tier": {"type": "string", "minLength": 1},
+    "status": {"enum": CARD_STATUSES, "default": "active"},
+    "card_type": {"type": "string", "description": "key into card_types; default: the program's"},
+    "expires": _DATE,
+    "birthday": {"type": "string", "pattern": r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$"},
+    "birthday_calendar": {"enum": ["solar", "lunar"], "default": "solar"},
+    "nfc_uid": _UID,
+    "points": {**_POINTS, "default": 0},
+    "balance_fen": {**_FEN, "default": 0},
+    "packages": {"type": "object", "propertyNames": _KEY,
+                 "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 100_000}, "default": {}},
+    "primary_card": {**_CARD_NO, "description": "a subsidiary card's primary card"},
+    "group_id": {"type": "string", "maxLength": 64},
+    "coupons": {"type": "array", "items": _KEY, "uniqueItems": True, "default": []},
+}
+MEMBER_SCHEMA = {
+    "$id": SCHEMA_BASE + "member.json",
+    "title": "storegate member snapshot record (one line of a members part)",
+    **_obj(_MEMBER_PROPS, required=["card_no", "member_id", "tier"]),
+}
+_INLINE_MEMBER = _obj({k: v for k, v in _MEMBER_PROPS.items() if k != "card_no"}, required=["member_id", "tier"])
+
+_DENY_PROPS = {
+    "card_no": _CARD_NO,
+    "status": {"enum": DENY_STATUSES},
+    "since": _DATE,
+    "replaced_by": _CARD_NO,
+}
+DENY_SCHEMA = {
+    "$id": SCHEMA_BASE + "deny.json",
+    "title": "storegate deny-list entry (one line of a deny part or delta)",
+    **_obj(_DENY_PROPS, required=["card_no", "status"]),
+}
+_INLINE_DENY = _obj({k: v for k, v in _DENY_PROPS.items() if k != "card_no"}, required=["status"])
+
+# Sections by merge behaviour.
+KEYED_TABLES = ["card_programs", "card_types", "tiers", "promotions", "coupons", "packages", "members", "deny"]
+NESTED_KEYED = {"stored_value": ["topup_packages"], "keys": ["sun"]}
+SETTINGS = ["earning", "redemption", "stored_value", "fees", "member_qr", "keys"]
+CAPS = ["stored_value.offline_max_per_tx_fen", "stored_value.offline_max_per_day_fen",
+        "stored_value.max_sync_age_s", "redemption.offline_max_points_per_tx",
+        "redemption.offline_max_points_per_day"]
+
+_SECTIONS = {
+    "chain": {"type": "string", "minLength": 1},
+    "format": {"const": FORMAT_VERSION, "default": FORMAT_VERSION},
+    "layers": {"type": "array", "description": "the layers this effective rule set was merged from",
+               "items": _obj({"level": {"enum": LEVELS}, "id": {"type": "string"}}, required=["level", "id"]),
+               "default": []},
+    "max_age_s": {"type": "integer", "minimum": 60, "maximum": 31_536_000, "default": 604800},
+    "default_tier": {"type": "string"},
+    "card_programs": {**_table(CARD_PROGRAM), "minProperties": 1},
+    "keys": _obj({"sun": _table(SUN_KEY, default={})}, default={}),
+    "member_qr": MEMBER_QR,
+    "card_types": {**_table(CARD_TYPE), "minProperties": 1},
+    "tiers": {**_table(TIER), "minProperties": 1},
+    "discount_excluded_categories": _STRINGS,
+    "discount_excluded_skus": _STRINGS,
+    "earning": EARNING,
+    "promotions": _table(PROMOTION, default={}),
+    "redemption": REDEMPTION,
+    "stored_value": STORED_VALUE,
+    "packages": _table(PACKAGE, default={}),
+    "coupons": _table(COUPON, default={}),
+    "fees": FEES,
+    "members": {"type": "object", "propertyNames": _CARD_NO, "additionalProperties": _INLINE_MEMBER, "default": {},
+                "description": "inline member snapshot: small stores and tests; large snapshots go as parts"},
+    "deny": {"type": "object", "propertyNames": _CARD_NO, "additionalProperties": _INLINE_DENY, "default": {},
+             "description": "inline deny list: small stores and tests; large lists go as parts"},
+}
 
 RULESET_SCHEMA = {
-    "$id": "https://storegate.example/schemas/ruleset.json",
-    "title": "storegate rule set (as authored by HQ)",
-    "type": "object",
-    "required": ["card_programs", "tiers", "earning"],
-    "additionalProperties": False,
-    "properties": {
-        "chain": {"type": "string"},
-        "max_age_s": {"type": "integer", "minimum": 60, "default": 604800},
-        "card_programs": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["id", "prefix", "length"],
-                "additionalProperties": False,
-                "properties": {
-                    "id": {"type": "string", "pattern": "^[a-z0-9_-]+$"},
-                    "prefix": {"type": "string", "pattern": "^[0-9]{1,8}$"},
-                    "length": {"type": "integer", "minimum": 6, "maximum": 19},
-                    "check_digit": {"enum": ["none", "luhn"], "default": "none"},
-                },
-            },
-        },
-        "tiers": {
-            "type": "object",
-            "minProperties": 1,
-            "additionalProperties": {
-                "type": "object",
-                "required": ["name", "rank"],
-                "additionalProperties": False,
-                "properties": {
-                    "name": _TEXT,
-                    "rank": {"type": "integer", "minimum": 0},
-                    "discount_percent": {"type": "integer", "minimum": 0, "maximum": 100, "default": 0},
-                    "points_multiplier_percent": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 100},
-                },
-            },
-        },
-        "default_tier": {"type": "string"},
-        "earning": {
-            "type": "object",
-            "required": ["points_per_yuan"],
-            "additionalProperties": False,
-            "properties": {
-                "points_per_yuan": {"type": "integer", "minimum": 0, "maximum": 100},
-                "excluded_categories": {"type": "array", "items": {"type": "string"}, "default": []},
-            },
-        },
-        "discount_excluded_categories": {"type": "array", "items": {"type": "string"}, "default": []},
-        "members": {
-            "type": "object",
-            "propertyNames": _CARD_NO,
-            "additionalProperties": {
-                "type": "object",
-                "required": ["member_id", "tier"],
-                "additionalProperties": False,
-                "properties": {
-                    "member_id": {"type": "string", "minLength": 1},
-                    "name": {"type": "string", "description": "masked by HQ, e.g. 张*"},
-                    "tier": {"type": "string"},
-                    "status": {"enum": CARD_STATUSES, "default": "active"},
-                    "expires": _DATE,
-                    "nfc_uid": {"type": "string", "pattern": "^([0-9A-F]{8}|[0-9A-F]{14}|[0-9A-F]{20})$"},
-                    "points": {"type": "integer", "minimum": 0},
-                },
-            },
-            "default": {},
-        },
-        "deny": {
-            "type": "object",
-            "propertyNames": _CARD_NO,
-            "additionalProperties": {
-                "type": "object",
-                "required": ["status"],
-                "additionalProperties": False,
-                "properties": {
-                    "status": {"enum": [s for s in CARD_STATUSES if s != "active"]},
-                    "since": _DATE,
-                },
-            },
-            "default": {},
-        },
-    },
+    "$id": SCHEMA_BASE + "ruleset.json",
+    "title": "storegate effective rule set (format v2, see wire/RULESET.md)",
+    **_obj(_SECTIONS, required=["card_programs", "card_types", "tiers", "earning"]),
 }
+
+
+def _strip(schema: Any, drop_required: bool) -> Any:
+    """A copy without defaults (a layer must not set what it does not name)
+    and, for the top level and settings objects, without ``required``."""
+    if isinstance(schema, dict):
+        out = {k: _strip(v, False) for k, v in schema.items() if k != "default"}
+        if drop_required:
+            out.pop("required", None)
+        return out
+    if isinstance(schema, list):
+        return [_strip(v, False) for v in schema]
+    return schema
+
+
+_DISABLED = _obj({"disabled": {"const": True}}, required=["disabled"])
+
+
+def _layer_schema(with_disabled: bool) -> dict:
+    props = {}
+    for name, sub in _SECTIONS.items():
+        if name in ("layers", "format"):
+            continue
+        sub = _strip(sub, drop_required=name in SETTINGS)
+        if name in SETTINGS:
+            sub["properties"] = {k: _strip(v, drop_required=False) for k, v in sub["properties"].items()}
+        props[name] = sub
+    if with_disabled:  # a keyed entry may be { disabled = true } to remove the key
+        for name in KEYED_TABLES:
+            props[name]["additionalProperties"] = {"anyOf": [_DISABLED, props[name]["additionalProperties"]]}
+        for name, subs in NESTED_KEYED.items():
+            for s in subs:
+                t = props[name]["properties"][s]
+                t["additionalProperties"] = {"anyOf": [_DISABLED, t["additionalProperties"]]}
+    props["layer"] = _obj({"level": {"enum": LEVELS}, "id": {"type": "string", "minLength": 1}},
+                          required=["level", "id"])
+    props["locked"] = {"type": "array", "items": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
+                       "uniqueItems": True, "description": "dotted keys later layers may not set"}
+    return {"$id": SCHEMA_BASE + "layer.json",
+            "title": "storegate rule-set layer document (chain / region / store)",
+            **_obj(props)}
+
+
+LAYER_SCHEMA = _layer_schema(with_disabled=True)
+_LAYER_CHECK_SCHEMA = _layer_schema(with_disabled=False)  # after disabled entries are taken out
 
 
 class RulesetError(ValueError):
     """A rule set that must not be applied; the message names rule and field."""
 
 
-def _where(error: jsonschema.ValidationError) -> str:
-    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+# ---------------------------------------------------------------- messages
+
+def _path(parts: Iterable) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
+    where = _path(error.absolute_path)
+    if prefix:
+        where = prefix if where == "(top level)" else f"{prefix}.{where}"
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        return f"{where}.{missing}: required, missing" if where != "(top level)" else f"{missing}: required, missing"
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = list(error.schema.get("properties", {}))
+        out = []
+        for k in sorted(set(error.instance) - set(known)):
+            hint = difflib.get_close_matches(k, known, n=1)
+            name = k if where == "(top level)" else f"{where}.{k}"
+            out.append(f"{name}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        return "; ".join(out)
+    return f"{where}: {error.message}"
+
+
+def _schema_errors(validator: jsonschema.Draft202012Validator, data: Any, prefix: str = "") -> list[str]:
+    errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
+    return [_describe(e, prefix) for e in errors]
+
+
+def _raise(problems: list[str], prefix: str = "") -> None:
+    if problems:
+        more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise RulesetError(prefix + "; ".join(problems[:10]) + more)
+
+
+_RULESET_VALIDATOR = jsonschema.Draft202012Validator(RULESET_SCHEMA)
+_LAYER_VALIDATOR = jsonschema.Draft202012Validator(_LAYER_CHECK_SCHEMA)
+
+# ---------------------------------------------------------------- layers
+
+
+def _layer_name(layer: dict, index: int) -> str:
+    head = layer.get("layer")
+    if isinstance(head, dict) and head.get("level") in LEVELS:
+        return f"{head['level']} layer {head.get('id', '?')}"
+    return "chain layer" if index == 0 else f"layer {index}"
+
+
+def _without_disabled(layer: dict) -> tuple[dict, list[str]]:
+    """The layer with ``{disabled = true}`` entries taken out, and their paths."""
+    out = dict(layer)
+    removed = []
+
+    def strip(table: Any, path: str) -> Any:
+        if not isinstance(table, dict):
+            return table
+        kept = {}
+        for key, entry in table.items():
+            if isinstance(entry, dict) and "disabled" in entry:
+                removed.append(f"{path}.{key}")
+                if entry != {"disabled": True}:
+                    raise RulesetError(f"{path}.{key}: a disabled entry is exactly {{ disabled = true }}")
+            else:
+                kept[key] = entry
+        return kept
+
+    for name in KEYED_TABLES:
+        if name in out:
+            out[name] = strip(out[name], name)
+    for name, subs in NESTED_KEYED.items():
+        if isinstance(out.get(name), dict):
+            out[name] = dict(out[name])
+            for s in subs:
+                if s in out[name]:
+                    out[name][s] = strip(out[name][s], f"{name}.{s}")
+    return out, removed
+
+
+def _replaced_units(layer: dict) -> list[str]:
+    """Dotted paths of everything a layer replaces as a whole (for locks)."""
+    units = []
+    for name, value in layer.items():
+        if name in ("layer", "locked"):
+            continue
+        if name in KEYED_TABLES and isinstance(value, dict):
+            units += [f"{name}.{k}" for k in value] or [name]
+        elif name in SETTINGS and isinstance(value, dict):
+            for k, v in value.items():
+                if k in NESTED_KEYED.get(name, ()) and isinstance(v, dict):
+                    units += [f"{name}.{k}.{kk}" for kk in v] or [f"{name}.{k}"]
+                else:
+                    units.append(f"{name}.{k}")
+        else:
+            units.append(name)
+    return units
+
+
+def _get(data: dict, dotted: str) -> Any:
+    cur: Any = data
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def merge_layers(layers: list[dict], store: str | None = None, region: str | None = None) -> dict:
+    """The effective rule set of chain -> region -> store layer documents.
+
+    Pure. Keyed tables merge by key (an entry replaces the earlier one as a
+    whole; ``{disabled = true}`` removes the key); settings objects merge key
+    by key (one level: objects inside them are replaced whole, except the
+    keyed ``stored_value.topup_packages`` and ``keys.sun``); lists and
+    scalars are replaced. A later layer may not set a key an earlier layer
+    locked, nor loosen an offline cap (CAPS) an earlier layer set. The result
+    is not yet validated as a whole: call validate_ruleset() on it.
+    """
+    if not isinstance(layers, list) or not layers:
+        raise RulesetError("layers: at least the chain layer is needed")
+    if len(layers) > 3:
+        raise RulesetError(f"layers: at most 3 (chain, region, store), got {len(layers)}")
+    effective: dict = {}
+    locks: dict[str, str] = {}   # dotted key -> name of the layer that locked it
+    caps_set: dict[str, tuple[int, str]] = {}
+    last_level = -1
+    names = []
+    for i, raw in enumerate(layers):
+        name = _layer_name(raw, i) if isinstance(raw, dict) else f"layer {i}"
+        if not isinstance(raw, dict):
+            raise RulesetError(f"{name}: must be a table/object")
+        layer, removed = _without_disabled(raw)
+        _raise(_schema_errors(_LAYER_VALIDATOR, layer), f"{name}: ")
+        head = layer.get("layer") or ({"level": "chain", "id": layer.get("chain", "chain")} if i == 0 else None)
+        if head is None:
+            raise RulesetError(f"{name}: a [layer] header with level and id is required after the chain layer")
+        level = LEVELS.index(head["level"])
+        if i == 0 and level != 0:
+            raise RulesetError(f"{name}: the first layer must be the chain layer")
+        if level <= last_level:
+            raise RulesetError(f"{name}: layers must be in the order chain, region, store, at most one each")
+        last_level = level
+        if head["level"] == "store" and store is not None and head["id"] != store:
+            raise RulesetError(f"{name}: layer.id {head['id']!r} is not the target store {store!r}")
+        if head["level"] == "region" and region is not None and head["id"] != region:
+            raise RulesetError(f"{name}: layer.id {head['id']!r} is not the store's region {region!r}")
+        if head["level"] == "chain" and "chain" in layer and layer["chain"] != head["id"]:
+            raise RulesetError(f"{name}: chain {layer['chain']!r} differs from layer.id {head['id']!r}")
+        if i > 0 and "chain" in layer and layer["chain"] != effective.get("chain"):
+            raise RulesetError(f"{name}: chain: may only be set by the chain layer")
+        names.append(name)
+
+        problems = []
+        for unit in _replaced_units(layer) + removed:
+            for lock, by in locks.items():
+                if unit == lock or unit.startswith(lock + ".") or lock.startswith(unit + "."):
+                    problems.append(f"{name}: {unit} is locked by the {by}")
+                    break
+        for cap in CAPS:
+            new = _get(layer, cap)
+            if new is not None and cap in caps_set and new > caps_set[cap][0]:
+                old, by = caps_set[cap]
+                problems.append(f"{name}: {cap}: {new} loosens the limit {old} set by the {by}; "
+                                f"a later layer may only tighten it")
+        _raise(problems)
+        for cap in CAPS:
+            if _get(layer, cap) is not None:
+                caps_set[cap] = (_get(layer, cap), name)
+        for lock in layer.get("locked", []):
+            locks.setdefault(lock, name)
+
+        _merge_into(effective, layer, removed)
+        if head["level"] == "chain":
+            effective.setdefault("chain", head["id"])
+        effective.setdefault("layers", []).append({"level": head["level"], "id": head["id"]})
+    return effective
+
+
+def _merge_into(effective: dict, layer: dict, removed: list[str]) -> None:
+    for name, value in layer.items():
+        if name in ("layer", "locked"):
+            continue
+        if name in KEYED_TABLES:
+            effective.setdefault(name, {}).update(copy.deepcopy(value))
+        elif name in SETTINGS:
+            target = effective.setdefault(name, {})
+            for k, v in value.items():
+                if k in NESTED_KEYED.get(name, ()):
+                    target.setdefault(k, {}).update(copy.deepcopy(v))
+                else:
+                    target[k] = copy.deepcopy(v)
+        else:
+            effective[name] = copy.deepcopy(value)
+    for path in removed:
+        *table, key = path.split(".")
+        parent = effective
+        for part in table:
+            parent = parent.setdefault(part, {})
+        parent.pop(key, None)
+
+
+# ---------------------------------------------------------------- the effective rule set
+
+def _date_ok(text: str) -> bool:
+    try:
+        (datetime.fromisoformat if "T" in text else date.fromisoformat)(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_range(problems: list, where: str, entry: dict) -> None:
+    for k in ("from", "to"):
+        if k in entry and not _date_ok(entry[k]):
+            problems.append(f"{where}.{k}: {entry[k]!r} is not a valid date")
+    if "from" in entry and "to" in entry and _date_ok(entry["from"]) and _date_ok(entry["to"]) \
+            and entry["from"] > entry["to"]:
+        problems.append(f"{where}.to: {entry['to']!r} is before from {entry['from']!r}")
+
+
+def _reference_problems(rules: dict) -> list[str]:
+    p: list[str] = []
+    tiers = rules["tiers"]
+    card_types = rules["card_types"]
+    sun_keys = rules.get("keys", {}).get("sun", {})
+    packages = rules.get("packages", {})
+
+    if "default_tier" in rules and rules["default_tier"] not in tiers:
+        p.append(f"default_tier: unknown tier {rules['default_tier']!r}")
+    ranks: dict[int, str] = {}
+    for code, tier in tiers.items():
+        if tier["rank"] in ranks:
+            p.append(f"tiers.{code}.rank: {tier['rank']} is also the rank of tier {ranks[tier['rank']]!r}")
+        ranks.setdefault(tier["rank"], code)
+
+    seen_programs: dict[tuple, str] = {}
+    for pid, prog in rules["card_programs"].items():
+        where = f"card_programs.{pid}"
+        if len(prog["prefix"]) >= prog["length"]:
+            p.append(f"{where}.prefix: {prog['prefix']!r} leaves no digits of a {prog['length']}-digit number")
+        if prog["card_type"] not in card_types:
+            p.append(f"{where}.card_type: unknown card type {prog['card_type']!r}")
+        key = (prog["prefix"], prog["length"])
+        if key in seen_programs:
+            p.append(f"{where}: same prefix {prog['prefix']!r} and length {prog['length']} as card program "
+                     f"{seen_programs[key]!r}")
+        seen_programs.setdefault(key, pid)
+        if "sun" in prog:
+            if prog["sun"]["key_id"] not in sun_keys:
+                p.append(f"{where}.sun.key_id: unknown key {prog['sun']['key_id']!r} (not in keys.sun)")
+            if "nfc" not in prog.get("sources", SOURCES):
+                p.append(f"{where}.sun: SUN messages need nfc in sources")
+
+    earning = rules["earning"]
+    for i, day in enumerate(earning.get("member_days", [])):
+        where = f"earning.member_days[{i}]"
+        if not day.get("weekdays") and not day.get("month_days") and not ("from" in day or "to" in day):
+            p.append(f"{where}: names no weekdays, month_days or date range")
+        _check_range(p, where, day)
+
+    for pid, promo in rules.get("promotions", {}).items():
+        where = f"promotions.{pid}"
+        spec = PROMOTION_FIELDS[promo["kind"]]
+        for f in spec["required"]:
+            if f not in promo:
+                p.append(f"{where}.{f}: required for kind {promo['kind']}, missing")
+        for f in sorted(_KIND_FIELDS & set(promo) - set(spec["only"])):
+            p.append(f"{where}.{f}: not used by kind {promo['kind']}")
+        steps = promo.get("steps", []) if promo["kind"] == "threshold" else []
+        for j, step in enumerate(steps):
+            if step["off_fen"] >= step["min_fen"]:
+                p.append(f"{where}.steps[{j}].off_fen: {step['off_fen']} is not less than min_fen {step['min_fen']}")
+            if j and step["min_fen"] <= steps[j - 1]["min_fen"]:
+                p.append(f"{where}.steps[{j}].min_fen: {step['min_fen']} is not above the previous step's "
+                         f"{steps[j - 1]['min_fen']} (steps must increase)")
+            if j and step["off_fen"] <= steps[j - 1]["off_fen"]:
+                p.append(f"{where}.steps[{j}].off_fen: {step['off_fen']} is not above the previous step's "
+                         f"{steps[j - 1]['off_fen']} (a higher step must save more)")
+        for t in promo.get("tiers", []):
+            if t not in tiers:
+                p.append(f"{where}.tiers: unknown tier {t!r}")
+        if promo.get("tiers") and promo.get("member_only") is False:
+            p.append(f"{where}.member_only: false contradicts tiers {promo['tiers']}")
+        _check_range(p, where, promo)
+
+    for code, pkg in rules.get("stored_value", {}).get("topup_packages", {}).items():
+        _check_range(p, f"stored_value.topup_packages.{code}", pkg)
+    sv = rules.get("stored_value", {})
+    if sv.get("offline_max_per_tx_fen", 0) > sv.get("offline_max_per_day_fen", 0):
+        p.append(f"stored_value.offline_max_per_tx_fen: {sv['offline_max_per_tx_fen']} is above "
+                 f"offline_max_per_day_fen {sv.get('offline_max_per_day_fen', 0)}")
+    red = rules.get("redemption", {})
+    if red.get("offline_max_points_per_tx", 0) > red.get("offline_max_points_per_day", 0):
+        p.append(f"redemption.offline_max_points_per_tx: {red['offline_max_points_per_tx']} is above "
+                 f"offline_max_points_per_day {red.get('offline_max_points_per_day', 0)}")
+
+    for code, coupon in rules.get("coupons", {}).items():
+        where = f"coupons.{code}"
+        if ("value_fen" in coupon) == ("percent" in coupon):
+            p.append(f"{where}: exactly one of value_fen and percent")
+        _check_range(p, where, coupon)
+
+    for kid, key in rules.get("member_qr", {}).get("issuer_public_keys", {}).items():
+        try:
+            if len(base64.b64decode(key, validate=True)) != 32:
+                raise ValueError
+        except (ValueError, binascii.Error):
+            p.append(f"member_qr.issuer_public_keys.{kid}: not a base64 Ed25519 public key (32 bytes)")
+
+    uids: dict[str, str] = {}
+    members = rules.get("members", {})
+    for card_no, m in members.items():
+        p += _member_refs(rules, card_no, m, packages)
+        uid = m.get("nfc_uid")
+        if uid:
+            if uid in uids:
+                p.append(f"members.{card_no}.nfc_uid: same UID as card {uids[uid]}")
+            uids.setdefault(uid, card_no)
+        primary = m.get("primary_card")
+        if primary and primary not in members:
+            p.append(f"members.{card_no}.primary_card: card {primary} is not in the member snapshot")
+    for card_no, d in rules.get("deny", {}).items():
+        if "replaced_by" in d and d["status"] != "replaced":
+            p.append(f"deny.{card_no}.replaced_by: only for status replaced")
+    return p
+
+
+def _program_of(rules: dict, card_no: str) -> str | None:
+    best = None
+    for pid, prog in rules["card_programs"].items():
+        if len(card_no) == prog["length"] and card_no.startswith(prog["prefix"]):
+            if best is None or len(prog["prefix"]) > len(rules["card_programs"][best]["prefix"]):
+                best = pid
+    return best
+
+
+def _member_refs(rules: dict, card_no: str, m: dict, packages: dict, where: str | None = None) -> list[str]:
+    where = where or f"members.{card_no}"
+    p = []
+    if m["tier"] not in rules["tiers"]:
+        p.append(f"{where}.tier: unknown tier {m['tier']!r}")
+    if "card_type" in m and m["card_type"] not in rules["card_types"]:
+        p.append(f"{where}.card_type: unknown card type {m['card_type']!r}")
+    for pkg in m.get("packages", {}):
+        if pkg not in packages:
+            p.append(f"{where}.packages: unknown package {pkg!r}")
+    if _program_of(rules, card_no) is None:
+        p.append(f"{where}: card number matches no card program")
+    for k in ("expires",):
+        if k in m and not _date_ok(m[k]):
+            p.append(f"{where}.{k}: {m[k]!r} is not a valid date")
+    if m.get("primary_card") == card_no:
+        p.append(f"{where}.primary_card: a card cannot be its own primary")
+    return p
 
 
 def validate_ruleset(rules: Any) -> None:
-    validator = jsonschema.Draft202012Validator(RULESET_SCHEMA)
-    errors = sorted(validator.iter_errors(rules), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        raise RulesetError("; ".join(f"{_where(e)}: {e.message}" for e in errors[:10]))
-    problems = []
-    tiers = rules["tiers"]
-    if "default_tier" in rules and rules["default_tier"] not in tiers:
-        problems.append(f"default_tier: unknown tier {rules['default_tier']!r}")
-    seen_ids = set()
-    for i, prog in enumerate(rules["card_programs"]):
-        if prog["id"] in seen_ids:
-            problems.append(f"card_programs.{i}.id: duplicate program id {prog['id']!r}")
-        seen_ids.add(prog["id"])
-        if len(prog["prefix"]) >= prog["length"]:
-            problems.append(f"card_programs.{i}.prefix: longer than the card number length {prog['length']}")
-    uids: dict[str, str] = {}
-    for card_no, member in rules.get("members", {}).items():
-        if member["tier"] not in tiers:
-            problems.append(f"members.{card_no}.tier: unknown tier {member['tier']!r}")
-        uid = member.get("nfc_uid")
-        if uid:
-            if uid in uids:
-                problems.append(f"members.{card_no}.nfc_uid: same UID as card {uids[uid]}")
-            uids[uid] = card_no
-    if problems:
-        raise RulesetError("; ".join(problems[:10]))
+    """Raise RulesetError unless ``rules`` is a valid effective rule set."""
+    if not isinstance(rules, dict):
+        raise RulesetError("(top level): a rule set is a table/object")
+    if "layer" in rules or "locked" in rules:
+        raise RulesetError("layer: this is a layer document; merge it with merge_layers() first")
+    _raise(_schema_errors(_RULESET_VALIDATOR, rules))
+    _raise(_reference_problems(rules))
 
 
 def with_defaults(rules: dict) -> dict:
     """The rule set with schema defaults filled in (plain data, a copy)."""
     return apply_defaults(RULESET_SCHEMA, rules)
+
+
+def effective_ruleset(layers: list[dict], store: str | None = None, region: str | None = None) -> dict:
+    """merge_layers + validate_ruleset: what HQ publishes and the gateway runs."""
+    rules = merge_layers(layers, store=store, region=region)
+    validate_ruleset(rules)
+    return rules
+
+
+# ---------------------------------------------------------------- snapshot parts
+
+_member_check = fastjsonschema.compile(MEMBER_SCHEMA, use_default=True)
+_deny_check = fastjsonschema.compile(DENY_SCHEMA, use_default=True)
+
+
+def _fast_message(exc: fastjsonschema.JsonSchemaValueException, where: str) -> str:
+    field = ".".join(str(p) for p in (exc.path or [])[1:])
+    msg = exc.message
+    if msg.startswith("data"):
+        msg = msg.split(" ", 1)[1] if " " in msg else msg
+    return f"{where}.{field}: {msg}" if field else f"{where}: {msg}"
+
+
+def check_member(record: Any, rules: dict | None = None) -> dict:
+    """One member snapshot record with defaults filled, or RulesetError naming
+    the card and field. With ``rules`` (the effective rule set, defaults
+    filled) its references are checked too (tier, card_type, packages,
+    card program)."""
+    where = f"members.{record.get('card_no', '?')}" if isinstance(record, dict) else "members"
+    try:
+        out = _member_check(dict(record) if isinstance(record, dict) else record)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        raise RulesetError(_fast_message(exc, where)) from None
+    if rules is not None:
+        _raise(_member_refs(rules, out["card_no"], out, rules.get("packages", {}), where))
+    return out
+
+
+def check_deny_entry(entry: Any) -> dict:
+    """One deny entry (``{card_no, status, since?, replaced_by?}``) or RulesetError."""
+    where = f"deny.{entry.get('card_no', '?')}" if isinstance(entry, dict) else "deny"
+    try:
+        out = _deny_check(dict(entry) if isinstance(entry, dict) else entry)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        raise RulesetError(_fast_message(exc, where)) from None
+    if "replaced_by" in out and out["status"] != "replaced":
+        raise RulesetError(f"{where}.replaced_by: only for status replaced")
+    return out
+
+
+def inline_records(rules: dict) -> tuple[list[dict], list[dict]]:
+    """The inline ``members`` / ``deny`` tables as part records (with card_no)."""
+    members = [{"card_no": no, **m} for no, m in rules.get("members", {}).items()]
+    deny = [{"card_no": no, **d} for no, d in rules.get("deny", {}).items()]
+    return members, deny

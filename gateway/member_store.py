@@ -1,0 +1,507 @@
+"""The member snapshot, the deny list and the local deltas between snapshots.
+
+Two implementations of one interface (DESIGN.md principle 2):
+
+- ``MemberStore``: SQLite, for a real store (1,000,000 members and 100,000
+  deny entries on a Raspberry Pi). ``<data_dir>/members.db`` holds the
+  snapshot (tables ``members``, ``deny``, ``meta``); ``<data_dir>/
+  member_deltas.db`` holds the local deltas and the deny deltas applied
+  since (they outlive a snapshot switch).
+- ``InMemoryMembers``: plain dicts, built from a rule set's inline
+  ``members`` / ``deny`` tables; for small rule sets and the pure tests.
+
+Why SQLite and not TinyDB (measured by ``python -m bench.rules``): TinyDB
+keeps the whole table as JSON in memory and finds a record by scanning it,
+so a lookup costs O(members) and memory grows with the snapshot; SQLite
+looks a card up in a B-tree on disk with a small page cache.
+
+A snapshot is replaced atomically: it is bulk-loaded into a new file next
+to the old one (``members.db.loading-<pid>``), fsync'd, then renamed over
+``members.db`` (``os.replace``) and the reading connection is swapped in one
+assignment. Readers use the old snapshot until that moment; a crash at any
+point before the rename leaves the old file untouched (the half-loaded file
+is deleted at the next open), and after it the new one is complete.
+
+Local deltas (wire/RULESET.md "Local debits between snapshots") are keyed by
+journal sequence number, so recording one again (a retry) changes nothing.
+A member's totals count only deltas with ``seq > store_seq`` of the running
+snapshot; applying a snapshot drops the deltas it already reflects.
+
+Delta fields (all optional, all integers may be negative for reversals):
+``points`` (signed change of the point balance), ``balance_fen`` (signed
+change of the stored value), ``points_redeemed`` and ``balance_paid_fen``
+(what counts toward the daily offline limits), ``packages`` {id: uses
+consumed}, ``coupons`` [codes used], ``promotions`` {id: uses}.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+import orjson
+
+from wire.ruleset import check_deny_entry, check_member
+
+DELTA_INTS = ("points", "balance_fen", "points_redeemed", "balance_paid_fen")
+DELTA_KEYS = set(DELTA_INTS) | {"packages", "coupons", "promotions"}
+
+
+class DenyDeltaGap(Exception):
+    """A deny-list delta skipped a version: the caller asks HQ for a resync."""
+
+    def __init__(self, have: int, got: int) -> None:
+        super().__init__(f"deny delta v{got} does not follow the applied v{have}; resync needed")
+        self.have, self.got = have, got
+
+
+def normalise_uid(raw: str) -> str:
+    return raw.strip().upper().replace(":", "").replace(" ", "")
+
+
+def _check_deltas(deltas: dict) -> dict:
+    if not isinstance(deltas, dict):
+        raise ValueError("deltas: must be an object")
+    unknown = set(deltas) - DELTA_KEYS
+    if unknown:
+        raise ValueError(f"deltas: unknown field(s) {', '.join(sorted(unknown))}")
+    for k in DELTA_INTS:
+        if type(deltas.get(k, 0)) is not int:
+            raise ValueError(f"deltas.{k}: must be an integer")
+    for k in ("packages", "promotions"):
+        if not isinstance(deltas.get(k, {}), dict) or \
+                not all(isinstance(i, str) and type(n) is int for i, n in deltas.get(k, {}).items()):
+            raise ValueError(f"deltas.{k}: must map ids to integers")
+    if not isinstance(deltas.get("coupons", []), list) or not all(isinstance(c, str) for c in deltas.get("coupons", [])):
+        raise ValueError("deltas.coupons: must be a list of codes")
+    return deltas
+
+
+def _empty_totals() -> dict:
+    return {"points": 0, "balance_fen": 0, "packages": {}, "coupons": [],
+            "today": {"points_redeemed": 0, "balance_paid_fen": 0, "promotions": {}}}
+
+
+def _add(totals: dict, row_day: str, day: str, d: dict) -> None:
+    totals["points"] += d.get("points", 0)
+    totals["balance_fen"] += d.get("balance_fen", 0)
+    for pkg, n in d.get("packages", {}).items():
+        totals["packages"][pkg] = totals["packages"].get(pkg, 0) + n
+    totals["coupons"] += [c for c in d.get("coupons", []) if c not in totals["coupons"]]
+    if row_day == day:
+        today = totals["today"]
+        today["points_redeemed"] += d.get("points_redeemed", 0)
+        today["balance_paid_fen"] += d.get("balance_paid_fen", 0)
+        for pid, n in d.get("promotions", {}).items():
+            today["promotions"][pid] = today["promotions"].get(pid, 0) + n
+
+
+# ---------------------------------------------------------------- in memory
+
+class InMemoryMembers:
+    """The member interface over dicts: inline ``members`` / ``deny`` tables
+    (keyed by card number, as in a rule set) or part records."""
+
+    def __init__(self, members: dict | Iterable[dict] = (), deny: dict | Iterable[dict] = (), *,
+                 version: int = 0, as_of: int | None = None, store_seq: int = 0, deny_version: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._deltas: dict[int, tuple[str, str, dict]] = {}   # seq -> (member_id, day, deltas)
+        self._deny_log: dict[int, dict] = {}
+        self._load(members, deny, version, as_of, store_seq, deny_version)
+
+    @staticmethod
+    def _records(table: dict | Iterable[dict]) -> Iterable[dict]:
+        if isinstance(table, dict):
+            return ({"card_no": no, **rec} for no, rec in table.items())
+        return table
+
+    def _load(self, members, deny, version, as_of, store_seq, deny_version) -> None:
+        by_card = {}
+        for rec in self._records(members):
+            rec = check_member(rec)
+            by_card[rec["card_no"]] = rec
+        deny_map = {}
+        for rec in self._records(deny):
+            rec = check_deny_entry(rec)
+            deny_map[rec["card_no"]] = rec
+        uids = {normalise_uid(r["nfc_uid"]): no for no, r in by_card.items() if r.get("nfc_uid")}
+        for v in sorted(self._deny_log):  # deny deltas newer than the snapshot's deny list
+            if v > deny_version:
+                self._apply_deny(deny_map, self._deny_log[v])
+        with self._lock:
+            self._members, self._deny, self._uids = by_card, deny_map, uids
+            self.version, self.as_of, self.store_seq = version, as_of, store_seq
+            self.deny_version = max([deny_version, *self._deny_log])
+            self._deltas = {s: d for s, d in self._deltas.items() if s > store_seq}
+            self._deny_log = {v: e for v, e in self._deny_log.items() if v > deny_version}
+
+    def get(self, card_no: str) -> dict | None:
+        return self._members.get(card_no)
+
+    def card_for_uid(self, uid: str) -> str | None:
+        return self._uids.get(normalise_uid(uid))
+
+    def denied(self, card_no: str) -> dict | None:
+        return self._deny.get(card_no)
+
+    def count(self) -> tuple[int, int]:
+        return len(self._members), len(self._deny)
+
+    def replace_snapshot(self, members: Iterable[dict], deny: Iterable[dict], *, version: int,
+                         as_of: int, store_seq: int, deny_version: int = 0) -> None:
+        self._load(members, deny, version, as_of, store_seq, deny_version)
+
+    @staticmethod
+    def _apply_deny(deny_map: dict, entries: dict) -> None:
+        for card_no, entry in entries.items():
+            if entry is None:
+                deny_map.pop(card_no, None)
+            else:
+                deny_map[card_no] = check_deny_entry({"card_no": card_no, **entry})
+
+    def apply_deny_delta(self, version: int, entries: dict) -> bool:
+        """Apply deny delta ``version`` ({card_no: entry, or None to lift}).
+        False if already applied; DenyDeltaGap if a version was skipped."""
+        with self._lock:
+            if version <= self.deny_version:
+                return False
+            if version != self.deny_version + 1:
+                raise DenyDeltaGap(self.deny_version, version)
+            deny_map = dict(self._deny)
+            self._apply_deny(deny_map, entries)
+            self._deny, self.deny_version = deny_map, version
+            self._deny_log[version] = entries
+            return True
+
+    def record_deltas(self, seq: int, member_id: str, day: str, deltas: dict) -> None:
+        _check_deltas(deltas)
+        with self._lock:
+            if seq > self.store_seq:
+                self._deltas[seq] = (member_id, day, deltas)
+
+    def local_totals(self, member_id: str, day: str) -> dict:
+        totals = _empty_totals()
+        for seq in sorted(self._deltas):
+            mid, row_day, d = self._deltas[seq]
+            if mid == member_id and seq > self.store_seq:
+                _add(totals, row_day, day, d)
+        return totals
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- SQLite
+
+_SNAPSHOT_DDL = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER) WITHOUT ROWID;
+CREATE TABLE members (card_no TEXT PRIMARY KEY, uid TEXT, rec BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE deny (card_no TEXT PRIMARY KEY, rec BLOB NOT NULL) WITHOUT ROWID;
+"""
+_DELTAS_DDL = """
+CREATE TABLE IF NOT EXISTS deltas (seq INTEGER PRIMARY KEY, member_id TEXT NOT NULL, day TEXT NOT NULL,
+    points INTEGER NOT NULL, balance_fen INTEGER NOT NULL, points_redeemed INTEGER NOT NULL,
+    balance_paid_fen INTEGER NOT NULL, extra BLOB);
+CREATE INDEX IF NOT EXISTS deltas_member ON deltas (member_id, seq);
+CREATE TABLE IF NOT EXISTS deny_log (version INTEGER PRIMARY KEY, entries BLOB NOT NULL);
+"""
+_BATCH = 20_000
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MemberStore:
+    """Member snapshot and deny list in SQLite; see the module docstring.
+
+    Reads (``get``, ``card_for_uid``, ``denied``, ``local_totals``) come from
+    the event loop; ``replace_snapshot`` may run in a worker thread
+    (``asyncio.to_thread``) while they go on."""
+
+    def __init__(self, data_dir: str | Path, *, durable: bool = True) -> None:
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "members.db"
+        self._write_lock = threading.Lock()       # deny deltas vs the snapshot switch
+        self._load_lock = threading.Lock()        # one snapshot load at a time
+        for stale in glob.glob(str(self.path) + ".loading-*"):
+            os.unlink(stale)                      # a load that never finished
+        if not self.path.exists():
+            self._build(self.path, iter(()), iter(()), version=0, as_of=0, store_seq=0, deny_version=0)
+        self._conn = self._open(self.path)
+        self._read_meta()
+        self._deltas = sqlite3.connect(self.dir / "member_deltas.db", check_same_thread=False,
+                                       isolation_level=None)
+        self._deltas.execute("PRAGMA journal_mode=WAL")
+        # The deltas are the only record of what was spent here since the snapshot.
+        self._deltas.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self._deltas.executescript(_DELTAS_DDL)
+
+    # -- opening and reading --------------------------------------------
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=DELETE")   # never WAL: the file is replaced by rename
+        conn.execute("PRAGMA cache_size=-4096")      # 4 MB page cache: the Pi's RAM is for other things
+        conn.execute("PRAGMA mmap_size=0")
+        return conn
+
+    def _read_meta(self) -> None:
+        meta = dict(self._conn.execute("SELECT key, value FROM meta"))
+        self.version, self.as_of = meta.get("version", 0), meta.get("as_of", 0)
+        self.store_seq, self.deny_version = meta.get("store_seq", 0), meta.get("deny_version", 0)
+
+    def get(self, card_no: str) -> dict | None:
+        row = self._conn.execute("SELECT rec FROM members WHERE card_no=?", (card_no,)).fetchone()
+        if row is None:
+            return None
+        rec = orjson.loads(row[0])
+        rec["card_no"] = card_no
+        return rec
+
+    def card_for_uid(self, uid: str) -> str | None:
+        row = self._conn.execute("SELECT card_no FROM members WHERE uid=?", (normalise_uid(uid),)).fetchone()
+        return row[0] if row else None
+
+    def denied(self, card_no: str) -> dict | None:
+        row = self._conn.execute("SELECT rec FROM deny WHERE card_no=?", (card_no,)).fetchone()
+        if row is None:
+            return None
+        rec = orjson.loads(row[0])
+        rec["card_no"] = card_no
+        return rec
+
+    def count(self) -> tuple[int, int]:
+        return (self._conn.execute("SELECT count(*) FROM members").fetchone()[0],
+                self._conn.execute("SELECT count(*) FROM deny").fetchone()[0])
+
+    # -- the snapshot -----------------------------------------------------
+
+    @staticmethod
+    def _build(path: Path, members: Iterable[dict], deny: Iterable[dict], *, version: int, as_of: int,
+               store_seq: int, deny_version: int, check: bool = True, rules: dict | None = None) -> None:
+        """Write a complete snapshot file at ``path`` (new), fsync'd."""
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            # Nothing to protect in a file nobody reads yet: no journal, no syncs until the end.
+            conn.execute("PRAGMA journal_mode=OFF")
+            conn.execute("PRAGMA synchronous=OFF")
+            conn.execute("PRAGMA cache_size=-16384")
+            conn.executescript(_SNAPSHOT_DDL)
+            conn.execute("BEGIN")
+            conn.execute("CREATE TEMP TABLE load_m (card_no TEXT, uid TEXT, rec BLOB)")
+
+            def member_rows():
+                for rec in members:
+                    rec = check_member(rec, rules) if check else dict(rec)
+                    card_no = rec.pop("card_no")
+                    uid = rec.get("nfc_uid")
+                    yield card_no, normalise_uid(uid) if uid else None, orjson.dumps(rec)
+
+            _insert_batched(conn, "INSERT INTO load_m VALUES (?, ?, ?)", member_rows())
+            # Sorted insert into the clustered B-tree: pages fill in order (fast, compact).
+            try:
+                conn.execute("INSERT INTO members SELECT card_no, uid, rec FROM load_m ORDER BY card_no")
+            except sqlite3.IntegrityError:
+                dup = conn.execute("SELECT card_no FROM load_m GROUP BY card_no HAVING count(*) > 1 "
+                                   "LIMIT 1").fetchone()
+                raise ValueError(f"members.{dup[0]}: the card appears twice in the snapshot") from None
+            conn.execute("DROP TABLE load_m")
+            conn.execute("CREATE UNIQUE INDEX members_uid ON members (uid) WHERE uid IS NOT NULL")
+
+            def deny_rows():
+                for rec in deny:
+                    rec = check_deny_entry(rec) if check else dict(rec)
+                    card_no = rec.pop("card_no")
+                    yield card_no, orjson.dumps(rec)
+
+            _insert_batched(conn, "INSERT OR REPLACE INTO deny VALUES (?, ?)", deny_rows())
+            conn.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("format", 1), ("version", version), ("as_of", as_of), ("store_seq", store_seq),
+                ("deny_version", deny_version)])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        conn.close()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def replace_snapshot(self, members: Iterable[dict], deny: Iterable[dict], *, version: int, as_of: int,
+                         store_seq: int, deny_version: int = 0, check: bool = True,
+                         rules: dict | None = None) -> None:
+        """Load a new snapshot and switch to it atomically (see the module
+        docstring). ``check``: each record against MEMBER_SCHEMA / DENY_SCHEMA
+        (and, with ``rules``, its tier/card type/package references);
+        ValueError/RulesetError name the card and field, nothing changes."""
+        with self._load_lock:
+            tmp = self.path.with_name(f"{self.path.name}.loading-{os.getpid()}")
+            if tmp.exists():
+                tmp.unlink()
+            try:
+                self._build(tmp, members, deny, version=version, as_of=as_of, store_seq=store_seq,
+                            deny_version=deny_version, check=check, rules=rules)
+                with self._write_lock:
+                    # Deny deltas applied while loading, newer than the snapshot's deny list.
+                    log = [(v, orjson.loads(e)) for v, e in self._deltas.execute(
+                        "SELECT version, entries FROM deny_log WHERE version > ? ORDER BY version",
+                        (deny_version,))]
+                    if log:
+                        conn = sqlite3.connect(tmp, isolation_level=None)
+                        conn.execute("BEGIN")
+                        for v, entries in log:
+                            _deny_apply_sql(conn, entries)
+                        conn.execute("UPDATE meta SET value=? WHERE key='deny_version'", (log[-1][0],))
+                        conn.execute("COMMIT")
+                        conn.close()
+                        fd = os.open(tmp, os.O_RDONLY)
+                        os.fsync(fd)
+                        os.close(fd)
+                    old = self._conn
+                    os.replace(tmp, self.path)           # the switch on disk
+                    _fsync_dir(self.dir)
+                    self._conn = self._open(self.path)   # the switch for readers: one assignment
+                    self._read_meta()
+                    # A reader on the event loop may be mid-query on the old connection:
+                    # close it a little later (its unlinked file is freed then).
+                    timer = threading.Timer(2.0, old.close)
+                    timer.daemon = True
+                    timer.start()
+            except BaseException:
+                if tmp.exists():
+                    tmp.unlink()
+                raise
+        # Housekeeping; correctness does not depend on it (totals filter by store_seq).
+        with self._deltas:
+            self._deltas.execute("DELETE FROM deltas WHERE seq <= ?", (self.store_seq,))
+            self._deltas.execute("DELETE FROM deny_log WHERE version <= ?", (deny_version,))
+
+    # -- deny deltas ------------------------------------------------------
+
+    def apply_deny_delta(self, version: int, entries: dict) -> bool:
+        """Apply deny delta ``version`` ({card_no: entry, or None to lift}).
+        False if already applied; DenyDeltaGap if a version was skipped
+        (nothing changes: the caller asks HQ for a resync)."""
+        checked = {no: (None if e is None else {k: v for k, v in check_deny_entry({"card_no": no, **e}).items()
+                                               if k != "card_no"})
+                   for no, e in entries.items()}
+        with self._write_lock:
+            if version <= self.deny_version:
+                return False
+            if version != self.deny_version + 1:
+                raise DenyDeltaGap(self.deny_version, version)
+            # Logged first: a snapshot loading now re-applies it before its switch.
+            self._deltas.execute("INSERT OR REPLACE INTO deny_log VALUES (?, ?)", (version, orjson.dumps(checked)))
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                _deny_apply_sql(conn, checked)
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('deny_version', ?)", (version,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self.deny_version = version
+            return True
+
+    # -- local deltas -----------------------------------------------------
+
+    def record_deltas(self, seq: int, member_id: str, day: str, deltas: dict) -> None:
+        """Record what journal record ``seq`` changed for the member (idempotent by seq)."""
+        _check_deltas(deltas)
+        extra = {k: deltas[k] for k in ("packages", "coupons", "promotions") if deltas.get(k)}
+        with self._deltas:
+            self._deltas.execute("INSERT OR REPLACE INTO deltas VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
+                seq, member_id, day, *(deltas.get(k, 0) for k in DELTA_INTS),
+                orjson.dumps(extra) if extra else None))
+
+    def local_totals(self, member_id: str, day: str) -> dict:
+        totals = _empty_totals()
+        for row_day, p, b, pr, bp, extra in self._deltas.execute(
+                "SELECT day, points, balance_fen, points_redeemed, balance_paid_fen, extra FROM deltas "
+                "WHERE member_id=? AND seq>? ORDER BY seq", (member_id, self.store_seq)):
+            d = {"points": p, "balance_fen": b, "points_redeemed": pr, "balance_paid_fen": bp}
+            if extra:
+                d.update(orjson.loads(extra))
+            _add(totals, row_day, day, d)
+        return totals
+
+    def close(self) -> None:
+        self._conn.close()
+        self._deltas.close()
+
+
+def _insert_batched(conn: sqlite3.Connection, sql: str, rows: Iterable[tuple]) -> None:
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= _BATCH:
+            conn.executemany(sql, batch)
+            batch.clear()
+    if batch:
+        conn.executemany(sql, batch)
+
+
+def _deny_apply_sql(conn: sqlite3.Connection, entries: dict) -> None:
+    for card_no, entry in entries.items():
+        if entry is None:
+            conn.execute("DELETE FROM deny WHERE card_no=?", (card_no,))
+        else:
+            rec = {k: v for k, v in entry.items() if k != "card_no"}
+            conn.execute("INSERT OR REPLACE INTO deny VALUES (?, ?)", (card_no, orjson.dumps(rec)))
+
+
+def read_part_lines(lines: Iterable[str | bytes]) -> tuple[dict, Iterable[dict]]:
+    """A JSON-lines part (members.*.jsonl / deny.*.jsonl): the first line is
+    the header (``{"part": "members", "as_of", "store_seq"}`` or ``{"part":
+    "deny", "version"}``), then one record per line. Returns (header,
+    records) — records lazily, so a million lines are never all in memory."""
+    it = iter(lines)
+    try:
+        header = orjson.loads(next(it))
+    except StopIteration:
+        raise ValueError("part: empty (no header line)") from None
+    if not isinstance(header, dict) or header.get("part") not in ("members", "deny"):
+        raise ValueError("part: the first line must be a header {\"part\": \"members\" | \"deny\", ...}")
+
+    def records():
+        for n, line in enumerate(it, start=2):
+            if line.strip():
+                try:
+                    yield orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    raise ValueError(f"part line {n}: not JSON: {exc}") from None
+    return header, records()
+
+
+def load_part_files(store: Any, members_path: str | Path, deny_path: str | Path | None = None, *,
+                    version: int = 1, rules: dict | None = None) -> None:
+    """Load members/deny JSON-lines part files into a store (tests, demo, bench)."""
+    with open(members_path, "rb") as mf:
+        header, members = read_part_lines(mf)
+        if deny_path:
+            df = open(deny_path, "rb")
+            dheader, deny = read_part_lines(df)
+        else:
+            df, dheader, deny = None, {}, iter(())
+        try:
+            kw = {"rules": rules} if isinstance(store, MemberStore) else {}
+            store.replace_snapshot(members, deny, version=version, as_of=header.get("as_of", 0),
+                                   store_seq=header.get("store_seq", 0),
+                                   deny_version=dheader.get("version", 0), **kw)
+        finally:
+            if df:
+                df.close()
