@@ -47,6 +47,21 @@ GATEWAY_CONFIG_SCHEMA = {
                 "window": {"type": "integer", "minimum": 1, "maximum": 64, "default": 8},
                 "resend_after_s": {"type": "number", "minimum": 1, "default": 10},
                 "status_interval_s": {"type": "number", "minimum": 1, "default": 10},
+                "part_timeout_s": {"type": "number", "minimum": 1, "default": 60,
+                                   "description": "a rule set whose parts do not all arrive in this time is rejected"},
+            },
+        },
+        "rules": {
+            "type": "object",
+            "additionalProperties": False,
+            "default": {},
+            "properties": {
+                "hq_public_keys": {
+                    "type": "array", "default": [],
+                    "items": {"type": "string", "pattern": "^[A-Za-z0-9+/]{43}=$"},
+                    "description": "HQ's Ed25519 public key(s), base64 (storegate-hq keys generate prints it); "
+                                   "rule sets not signed by one of them (or by a key they announced) are refused",
+                },
             },
         },
         "journal": {

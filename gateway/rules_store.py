@@ -1,95 +1,349 @@
-"""The running rule set: checked, switched atomically, persisted.
+"""The running rule set: verified, applied atomically, persisted.
 
-A new rule set replaces the running one only when it is valid, in scope for
-this store and strictly newer. Taps and quotes read ``store.current``, a
-single reference that is swapped in one assignment, so they never see a
-half-applied rule set. The last good rule set is written to disk (write to a
-temporary file, fsync, rename) so a reboot comes up with it, without HQ.
+A signed manifest from HQ (wire.messages.Manifest) is checked, in this order,
+before anything is applied; the first failure rejects it with a logged
+reason (``last_rejection``, reported on the status topic) and the running
+rules stay untouched:
+
+1. the contract's schema (malformed);
+2. the Ed25519 signature, by a key this gateway trusts (forged, wrong key,
+   unsigned);
+3. the scope: this store, and this store's region (wrong store/region);
+4. the version: strictly newer than the running one (older, replayed);
+5. every part: present (incomplete), its sha256 and size (hash mismatch);
+6. the layer documents: headers, merge, schema of the effective rule set
+   (schema violation, contradictory layers);
+7. the member snapshot and deny list: every record (schema, references).
+
+Trust: the keys in the gateway config (``rules.hq_public_keys``) until a
+manifest has been applied; from then on the key that signed the running
+manifest plus the ``next_key`` it announces (``<dir>/trust.json``). So a
+rotation needs no visit to the store, and once HQ signs with the new key the
+old one is no longer accepted.
+
+Parts are cached on disk by sha256 (``<dir>/parts/<sha256>``): a part already
+held is never fetched again. The member snapshot and deny list go into the
+member store (SQLite, loaded into a new file in a worker thread and switched
+by rename); the policy is switched by one reference assignment
+(``self.current``). Taps and quotes read ``self.current`` and so see the old
+rules until the new ones are complete.
+
+Persistence: the manifest is written (tmp, fsync, rename) after the member
+store has switched; on boot the manifest is verified again against the
+cached parts, and the member store is rebuilt from them if it holds another
+version (a power cut between the two renames).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import time
 from pathlib import Path
+from typing import Iterator
+
+import orjson
 
 from gateway.engine import Rules
-from wire.messages import RulesMessage, WireError
+from gateway.member_store import DenyDeltaGap, MemberStore
+from wire.distribution import check_layer_header, effective_rules, parse_layer_name
+from wire.messages import DenyDelta, Manifest, Part, WireError, decode_layer, iter_table
 from wire.ruleset import RulesetError
+from wire.signing import Keyring, SignatureError, key_id
 
 log = logging.getLogger("storegate.rules")
 
+READ_BLOCK = 1 << 20
+
 
 class RulesRejected(ValueError):
-    """A rule set that was not applied; the running rules stay as they were."""
+    """A rule set or delta that was not applied; the running rules stay as they were."""
 
 
-def check_scope(msg: RulesMessage, store: str, region: str | None) -> None:
-    scope = msg.scope
-    if scope.get("all") or scope.get("store") == store or (region and scope.get("region") == region):
-        return
-    raise RulesRejected(f"rule set v{msg.version} is for {scope}, not for store {store!r}")
+class DenyGap(RulesRejected):
+    """A deny delta skipped versions: ask HQ for a resync."""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """tmp, fsync, rename, fsync the directory. Mode 0600: layers carry keys (SUN, QR)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class RulesStore:
-    def __init__(self, path: str | Path, store: str, region: str | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, directory: str | Path, store: str, region: str | None = None, *,
+                 public_keys: list[str] | None = None, members=None, clock=time.time) -> None:
+        self.dir = Path(directory)
+        self.parts_dir = self.dir / "parts"
+        self.parts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)
+        self.manifest_path = self.dir / "manifest.json"
+        self.path = self.manifest_path  # the persisted rule set (gateway.secure_nfc checks its mode)
+        self.trust_path = self.dir / "trust.json"
         self.store = store
         self.region = region
+        self.clock = clock
+        self.config_keys = list(public_keys or [])
+        self.keyring = self._load_trust()
+        self.members = members if members is not None else MemberStore(self.dir / "members")
         self.current: Rules | None = None
+        self.manifest: Manifest | None = None
         self.last_rejection: str | None = None
+        self.counters = {"applied": 0, "rejected": 0, "parts_fetched": 0, "parts_cached": 0, "deny_deltas": 0}
 
-    def load(self) -> None:
-        """Come up with the last good rules on disk, if any. A damaged file
-        is set aside and reported; the gateway then waits for HQ."""
-        if not self.path.exists():
-            return
-        try:
-            self.current = Rules.from_message(RulesMessage.decode(self.path.read_bytes()))
-            log.info("loaded rules v%d from %s", self.current.version, self.path)
-        except (WireError, RulesetError, OSError) as exc:
-            aside = self.path.with_suffix(".damaged")
-            os.replace(self.path, aside)
-            self.last_rejection = f"stored rules unusable ({exc}); set aside as {aside.name}"
-            log.error(self.last_rejection)
+    @property
+    def deny_version(self) -> int | None:
+        return getattr(self.members, "deny_version", None)
 
-    def offer(self, payload: bytes) -> Rules:
-        """Apply a rule-set message from HQ, or raise RulesRejected."""
+    # -- trust ------------------------------------------------------------
+
+    def _load_trust(self) -> Keyring:
+        if self.trust_path.exists():
+            try:
+                keys = orjson.loads(self.trust_path.read_bytes())["keys"]
+                return Keyring(keys)
+            except (orjson.JSONDecodeError, KeyError, TypeError, SignatureError) as exc:
+                log.error("trust file %s unusable (%s): using the keys in the config", self.trust_path, exc)
+        if not self.config_keys:
+            log.error("no HQ public key configured (rules.hq_public_keys): every rule set will be refused")
+        return Keyring(self.config_keys)
+
+    def _trust_after(self, manifest: Manifest) -> Keyring:
+        """Applying a manifest: trust its signer and the next key it announces."""
+        signer = next(k for k in self.keyring.public_keys() if key_id(k) == manifest.key_id)
+        keys = [signer] + ([manifest.next_key] if manifest.next_key else [])
+        return Keyring(keys)
+
+    # -- rejection --------------------------------------------------------
+
+    def reject(self, reason: str, exc_type=RulesRejected) -> RulesRejected:
+        self.last_rejection = reason
+        self.counters["rejected"] += 1
+        log.warning("rule set rejected: %s", reason)
+        return exc_type(reason)
+
+    # -- checks before anything is fetched or applied ----------------------
+
+    def check_manifest(self, payload: bytes) -> Manifest | None:
+        """The manifest if it is to be applied; None if it is the running one
+        again (the retained copy); RulesRejected otherwise."""
         try:
-            msg = RulesMessage.decode(payload)
-            check_scope(msg, self.store, self.region)
-            running = self.current.version if self.current else 0
-            if msg.version == running and self._is_running(msg):
-                log.debug("rule set v%d is already running", running)  # the retained copy, again
-                return self.current
-            if msg.version <= running:
-                raise RulesRejected(f"rule set v{msg.version} is not newer than the running v{running}")
-            rules = Rules.from_message(msg)
-        except (WireError, RulesetError, RulesRejected) as exc:
-            self.last_rejection = str(exc)
-            log.warning("rule set rejected: %s", exc)
-            raise RulesRejected(str(exc)) from None
-        self._persist(msg)
-        self.current = rules  # the switch: one reference assignment
+            m = Manifest.decode(payload)
+        except WireError as exc:
+            raise self.reject(f"malformed manifest: {exc}") from None
+        try:
+            self.keyring.verify(m.doc, f"rule set v{m.version}")
+        except SignatureError as exc:
+            raise self.reject(str(exc)) from None
+        if m.store != self.store:
+            raise self.reject(f"rule set v{m.version} is for store {m.store!r}, not for store {self.store!r}")
+        region = m.scope.get("region")
+        if self.region is not None and region != self.region:
+            raise self.reject(f"rule set v{m.version} is for region {region!r}, but store {self.store} is in "
+                              f"region {self.region!r}")
+        running = self.manifest.version if self.manifest else 0
+        if self.manifest is not None and m.doc == self.manifest.doc:
+            return None
+        if m.version <= running:
+            raise self.reject(f"rule set v{m.version} is not newer than the running v{running} "
+                              f"(an older or replayed manifest)")
+        for p in m.parts:
+            if p.name.startswith("layer:"):
+                level, ident = parse_layer_name(p.name)
+                if level == "store" and ident != self.store:
+                    raise self.reject(f"rule set v{m.version}: part {p.name} is another store's layer")
+                if level == "region" and ident != region:
+                    raise self.reject(f"rule set v{m.version}: part {p.name} is not the region {region!r} "
+                                      f"of the manifest")
+        return m
+
+    # -- the part cache ---------------------------------------------------
+
+    def part_path(self, sha: str) -> Path:
+        return self.parts_dir / sha
+
+    def have_part(self, part: Part) -> bool:
+        p = self.part_path(part.sha256)
+        return p.exists() and p.stat().st_size == part.size
+
+    def missing_parts(self, m: Manifest) -> list[Part]:
+        missing, seen = [], set()
+        for p in m.parts:
+            if p.sha256 in seen:
+                continue
+            seen.add(p.sha256)
+            if self.have_part(p):
+                self.counters["parts_cached"] += 1
+            else:
+                missing.append(p)
+        return missing
+
+    def store_part(self, part: Part, payload: bytes) -> None:
+        """Keep a received part, after checking its size and sha256."""
+        if len(payload) != part.size:
+            raise RulesRejected(f"part {part.name} ({part.sha256[:12]}): {len(payload)} bytes, the manifest "
+                                f"says {part.size}")
+        sha = hashlib.sha256(payload).hexdigest()
+        if sha != part.sha256:
+            raise RulesRejected(f"part {part.name}: sha256 {sha[:12]}... does not match the manifest's "
+                                f"{part.sha256[:12]}...")
+        _write_atomic(self.part_path(sha), payload)
+        self.counters["parts_fetched"] += 1
+
+    def _chunks(self, part: Part) -> Iterator[bytes]:
+        with open(self.part_path(part.sha256), "rb") as f:
+            while block := f.read(READ_BLOCK):
+                yield block
+
+    def _verify_cached(self, part: Part) -> None:
+        h = hashlib.sha256()
+        for block in self._chunks(part):
+            h.update(block)
+        if h.hexdigest() != part.sha256:
+            raise RulesRejected(f"cached part {part.name} ({part.sha256[:12]}) is damaged")
+
+    # -- building and applying (blocking: run in a worker thread) -----------
+
+    def policy(self, m: Manifest) -> dict:
+        """The effective rule set of the manifest's layer parts."""
+        layers = []
+        for p in m.parts:
+            if not p.name.startswith("layer:"):
+                continue
+            if not self.have_part(p):
+                raise RulesRejected(f"rule set v{m.version} is incomplete: part {p.name} missing")
+            doc = decode_layer(self.part_path(p.sha256).read_bytes(), p.name)
+            check_layer_header(doc, p.name)
+            layers.append(doc)
+        if not layers:
+            raise RulesRejected(f"rule set v{m.version} has no layer parts")
+        data = effective_rules(layers, store=self.store, region=m.scope.get("region"))
+        if data.get("max_age_s") != m.max_age_s:
+            raise RulesRejected(f"rule set v{m.version}: max_age_s {m.max_age_s} in the manifest differs "
+                                f"from the rules' {data.get('max_age_s')}")
+        data.pop("members", None)
+        data.pop("deny", None)
+        return data
+
+    def _rows(self, m: Manifest, name: str) -> Iterator[dict]:
+        for p in m.parts:
+            if p.name == name:
+                for batch in iter_table(self._chunks(p), p.name):
+                    yield from batch
+
+    def _table_key(self, m: Manifest | None) -> tuple | None:
+        if m is None:
+            return None
+        return (tuple(p.sha256 for p in m.parts if p.name in ("members", "deny")), m.members, m.deny_version)
+
+    def build(self, m: Manifest) -> Rules:
+        """Everything but the switch of the policy: verify, merge, load the
+        member store (which switches itself atomically when complete).
+        Blocking; the running rules are untouched on any error."""
+        try:
+            for p in m.parts:
+                if not self.have_part(p):
+                    raise RulesRejected(f"rule set v{m.version} is incomplete: part {p.name} "
+                                        f"({p.sha256[:12]}) not received")
+                if p.encoding == "json":
+                    self._verify_cached(p)
+            data = self.policy(m)
+            if self._table_key(m) != self._table_key(self.manifest) or \
+                    getattr(self.members, "version", None) != (self.manifest.version if self.manifest else None):
+                for p in m.parts:
+                    if p.encoding != "json":
+                        self._verify_cached(p)
+                meta = m.members or {"as_of": 0, "store_seq": 0}
+                self.members.replace_snapshot(self._rows(m, "members"), self._rows(m, "deny"), version=m.version,
+                                              as_of=meta["as_of"], store_seq=meta["store_seq"],
+                                              deny_version=m.deny_version, rules=data)
+            return Rules(m.version, m.issued_at, dict(m.scope), data, self.members)
+        except RulesRejected as exc:
+            raise self.reject(str(exc)) from None
+        except (RulesetError, WireError, ValueError) as exc:
+            raise self.reject(f"rule set v{m.version}: {exc}") from None
+
+    def commit(self, m: Manifest, rules: Rules) -> None:
+        """The switch (call on the event loop), then persist the manifest and the trust."""
+        self.current = rules        # one reference assignment: taps see old or new, never half
+        self.manifest = m
         self.last_rejection = None
-        log.info("applied rules v%d", rules.version)
+        self.counters["applied"] += 1
+        self.keyring = self._trust_after(m)
+        _write_atomic(self.manifest_path, m.encode())
+        _write_atomic(self.trust_path, orjson.dumps({"keys": self.keyring.public_keys()}))
+        log.info("applied rules v%d (signed by key %s; deny list at v%s)", m.version, m.key_id, self.deny_version)
+
+    def apply_manifest_blocking(self, payload: bytes) -> Rules | None:
+        """For tests and tools: check, build, commit in one go (parts must be cached)."""
+        m = self.check_manifest(payload)
+        if m is None:
+            return self.current
+        missing = self.missing_parts(m)
+        if missing:
+            raise self.reject(f"rule set v{m.version} is incomplete: part {missing[0].name} not received")
+        rules = self.build(m)
+        self.commit(m, rules)
         return rules
 
-    def _is_running(self, msg: RulesMessage) -> bool:
-        c = self.current
-        return (c.version, c.issued_at, c.scope) == (msg.version, msg.issued_at, msg.scope) and \
-            self.path.exists() and RulesMessage.decode(self.path.read_bytes()) == msg
+    # -- boot ------------------------------------------------------------
 
-    def _persist(self, msg: RulesMessage) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(msg.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+    def load(self) -> None:
+        """Come up with the last good rules on disk, without HQ."""
+        if not self.manifest_path.exists():
+            return
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            m = Manifest.decode(self.manifest_path.read_bytes())
+            # The running manifest's signer is the first key in the trust file.
+            Keyring(self.keyring.public_keys() + self.config_keys).verify(m.doc, f"stored rule set v{m.version}")
+            if getattr(self.members, "version", None) != m.version:
+                log.warning("member store holds v%s, the stored manifest is v%d: reloading it from the parts",
+                            getattr(self.members, "version", None), m.version)
+            else:
+                self.manifest = m  # build() sees the tables as loaded already
+            rules = self.build(m)
+        except (WireError, SignatureError, RulesRejected, OSError) as exc:
+            aside = self.manifest_path.with_suffix(".damaged")
+            os.replace(self.manifest_path, aside)
+            self.manifest = None
+            self.last_rejection = f"stored rules unusable ({exc}); set aside as {aside.name}"
+            log.error(self.last_rejection)
+            return
+        self.current, self.manifest = rules, m
+        self.last_rejection = None
+        log.info("loaded rules v%d from %s", m.version, self.manifest_path)
+
+    # -- deny deltas -----------------------------------------------------
+
+    def apply_deny(self, payload: bytes) -> bool:
+        """Apply a signed deny delta now. True if applied, False if already
+        held; DenyGap if versions were skipped; RulesRejected if bad."""
+        try:
+            delta = DenyDelta.decode(payload)
+            self.keyring.verify(delta.doc, f"deny delta v{delta.version}")
+        except (WireError, SignatureError) as exc:
+            raise self.reject(f"deny delta refused: {exc}") from None
+        entries = {e["card_no"]: (None if e["status"] == "active" else
+                                  {k: v for k, v in e.items() if k != "card_no"}) for e in delta.entries}
+        try:
+            applied = self.members.apply_deny_delta(delta.version, entries)
+        except DenyDeltaGap as exc:
+            raise DenyGap(str(exc)) from None
+        except (RulesetError, ValueError) as exc:
+            raise self.reject(f"deny delta v{delta.version} refused: {exc}") from None
+        if applied:
+            self.counters["deny_deltas"] += 1
+            log.info("deny delta v%d applied (%d card(s))", delta.version, len(entries))
+        return applied

@@ -97,7 +97,8 @@ class Gateway:
         jcfg = config["journal"]
         self.journal = Journal(data_dir / "journal", max_bytes=jcfg["max_mb"] << 20,
                                segment_bytes=jcfg["segment_mb"] << 20, writer=jcfg["writer"], clock=clock)
-        self.rules = RulesStore(data_dir / "rules.json", self.store_id, store.get("region"))
+        self.rules = RulesStore(data_dir / "rules", self.store_id, store.get("region"),
+                                public_keys=config.get("rules", {}).get("hq_public_keys", []))
         self.lanes: dict[str, Lane] = {}
         for lane_cfg in config["lanes"]:
             self.lanes[lane_cfg["id"]] = Lane(lane_cfg["id"], build_reader(lane_cfg),
@@ -289,6 +290,7 @@ class Gateway:
             "rules_version": rules.version if rules else None,
             "rules_issued_at": rules.issued_at if rules else None,
             "rules_rejection": self.rules.last_rejection,
+            "deny_version": self.rules.deny_version,
             "lanes": {lid: {"reader": (l.reader.kind if l.reader else "terminal"), "taps": l.taps,
                             "state": l.reader.state if l.reader else "terminal"}
                       for lid, l in self.lanes.items()},
@@ -309,7 +311,9 @@ class Gateway:
         readers.update({f"{lid}.{h.input_kind}{j}": h.state
                         for lid, l in self.lanes.items() for j, h in enumerate(l.inputs)})
         return Status(self.store_id, state, int(self.clock()), backlog["depth"], backlog["oldest_age_s"],
-                      rules.version if rules else None, readers, self.faults())
+                      rules.version if rules else None, readers, self.faults(),
+                      deny_version=self.rules.deny_version, rules_rejection=self.rules.last_rejection,
+                      rules_issued_at=rules.issued_at if rules else None)
 
     def sim_reader(self, lane_id: str) -> SimulatedReader:
         reader = self.lane(lane_id).reader

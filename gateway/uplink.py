@@ -8,7 +8,7 @@
   HQ applies each record once and acks duplicates again.
 - Reconnects with exponential backoff and full jitter.
 - Publishes a retained status message, with a retained "offline" last will.
-- Receives rule sets on ``.../rules`` (retained) and hands them to the rules store.
+- Rules from HQ (signed manifest, parts, deny deltas, resync): gateway.rules_sync.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import aiomqtt
 
 from common import mqtt
 from gateway.journal import Journal
-from gateway.rules_store import RulesRejected, RulesStore
+from gateway.rules_store import RulesStore
+from gateway.rules_sync import RulesSync
 from wire.messages import Ack, Status, TxBatch, WireError
 from wire.topics import Topics
 
@@ -36,6 +37,7 @@ class UplinkSettings:
     window: int = 8
     resend_after_s: float = 10.0
     status_interval_s: float = 10.0
+    part_timeout_s: float = 60.0
 
 
 @dataclass
@@ -64,12 +66,22 @@ class Uplink:
         self._wake = asyncio.Event()
         self._stopping = False
         journal.on_append = self._wake.set
+        self._client: aiomqtt.Client | None = None
+        self.sync = RulesSync(rules, self.topics, store, part_timeout_s=self.settings.part_timeout_s,
+                              on_change=self._publish_status_now)
 
     async def run(self) -> None:
         """Stay connected until cancelled."""
         backoff = mqtt.Backoff()
         offline = Status(self.store, "offline", int(time.time()))
         will = aiomqtt.Will(self.topics.status(self.store), offline.encode(), qos=1, retain=True)
+        worker = asyncio.create_task(self.sync.run(), name="rules-sync")
+        try:
+            await self._run(will, backoff)
+        finally:
+            worker.cancel()
+
+    async def _run(self, will: aiomqtt.Will, backoff: mqtt.Backoff) -> None:
         while True:
             try:
                 async with mqtt.client(self.mqtt_settings, identifier=f"storegate-{self.store}", will=will) as client:
@@ -107,23 +119,29 @@ class Uplink:
                 self.on_connection_change(up)
 
     async def _session(self, client: aiomqtt.Client) -> None:
-        await client.subscribe(self.topics.ack(self.store), qos=1)
-        await client.subscribe(self.topics.rules(self.store), qos=1)
+        await client.subscribe([(self.topics.ack(self.store), 1)] + [(t, 1) for t in self.sync.topics_to_subscribe()])
         inflight: dict[int, float] = {}  # last seq of a batch -> when sent
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._receive(client, inflight))
-            tasks.create_task(self._send(client, inflight, tasks))
-            tasks.create_task(self._publish_status_periodically(client))
+        self._client = client
+        self.sync.attach(client)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._receive(client, inflight))
+                tasks.create_task(self._send(client, inflight, tasks))
+                tasks.create_task(self._publish_status_periodically(client))
+        finally:
+            self._client = None
+            self.sync.detach()
 
     async def _receive(self, client: aiomqtt.Client, inflight: dict[int, float]) -> None:
-        ack_topic, rules_topic = self.topics.ack(self.store), self.topics.rules(self.store)
+        ack_topic = self.topics.ack(self.store)
         async for message in client.messages:
             topic = str(message.topic)
-            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
             if topic == ack_topic:
                 await self._on_ack(payload, inflight)
-            elif topic == rules_topic:
-                await self._on_rules(client, payload)
+            elif await self.sync.handle(topic, payload):
+                if topic == self.topics.rules(self.store):
+                    self.state.last_hq_contact = time.time()
             else:  # some brokers (amqtt) echo messages we did not subscribe to
                 log.debug("ignored a message on %s", topic)
 
@@ -145,15 +163,11 @@ class Uplink:
                 del inflight[last]
         self._wake.set()
 
-    async def _on_rules(self, client: aiomqtt.Client, payload: bytes) -> None:
-        if not payload:
-            return  # a cleared retained message
-        self.state.last_hq_contact = time.time()
-        try:
-            self.rules.offer(payload)
-        except RulesRejected:
-            pass  # logged by the store; reported in the status below
-        await self._publish_status(client)
+    async def _publish_status_now(self) -> None:
+        """After a rule set or delta was applied or refused: tell HQ at once."""
+        client = self._client
+        if client is not None:
+            await self._publish_status(client)
 
     async def _send(self, client: aiomqtt.Client, inflight: dict[int, float], tasks: asyncio.TaskGroup) -> None:
         cursor = 0  # a new connection sends everything not yet acked
