@@ -3,6 +3,7 @@
     storegate run --config /etc/storegate/gateway.toml
     storegate status [--config FILE | --url http://127.0.0.1:8080]
     storegate demo
+    storegate devices [--json]    # PC/SC readers and input devices, with the config lines selecting them
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--json", action="store_true")
     st.add_argument("--watch", action="store_true", help="show a progress bar until the backlog has drained")
     demo = sub.add_parser("demo", help="run a whole store on this machine with simulated readers")
+    dev = sub.add_parser("devices", help="list PC/SC readers and input devices with the config line for each")
+    dev.add_argument("--json", action="store_true")
+    dev.add_argument("--input-dir", default="/dev/input", help=argparse.SUPPRESS)  # for tests
     demo.add_argument("--keep", action="store_true", help="keep the demo's working directory")
     args = parser.parse_args(argv)
 
@@ -139,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return 2
+    if args.command == "devices":
+        from gateway.devices import main as devices_main
+        return devices_main(as_json=args.json, input_dir=args.input_dir)
     if args.command == "demo":
         from gateway.demo import run_demo
         return asyncio.run(run_demo(keep=args.keep))
