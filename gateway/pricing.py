@@ -138,13 +138,16 @@ given back (single use; HQ may reissue).
 from __future__ import annotations
 
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from gateway import points as pts
 from gateway.allocation import allocate, half_up, prorate
 from gateway.pricing_texts import PRICING_RECEIPT, PRICING_REASONS
 from gateway.promotions import Pricer
-from gateway.texts import yuan
+from gateway.texts import yuan as _yuan
+
+yuan = lru_cache(maxsize=8192)(_yuan)  # receipts format the same few amounts many times
 
 MAX_LINES = 500
 MAX_QTY = 9999
@@ -530,12 +533,16 @@ def _sale_receipt(q: dict, member: dict | None, policy: dict, pricer: Pricer, la
     if member:
         tier = policy["tiers"].get(member.get("tier") or "")
         rows.append(f"{_label('member', lang)}: {_name(tier, member.get('tier') or '')[lang]}")
+    labels: dict[tuple[str, bool], str] = {}
     for l in q["lines"]:
         rows.append(f"{l['name']} x{l['qty']}  {yuan(l['amount'])}")
         for d in l["discounts"]:
-            label = _source_label(d, pricer, lang)
-            if d["allocated"]:
-                label = _label("allocated", lang, name=label)
+            label = labels.get((d["source"], d["allocated"]))
+            if label is None:
+                label = _source_label(d, pricer, lang)
+                if d["allocated"]:
+                    label = _label("allocated", lang, name=label)
+                labels[(d["source"], d["allocated"])] = label
             rows.append(f"  {label}  -{yuan(d['fen'])}")
     rows.append(f"{_label('subtotal', lang)}  {yuan(q['subtotal'])}")
     if q["discount"]:

@@ -81,13 +81,86 @@ def in_scope(pid: str, p: dict, member: dict | None, store: str | None, region: 
 
 
 class _Promo:
-    __slots__ = ("id", "kind", "prio", "group", "elig", "src")
+    """A promotion in scope for this basket, with what it needs precomputed."""
 
-    def __init__(self, pid, src, elig):
+    __slots__ = ("id", "kind", "prio", "key", "group", "elig", "eligset", "src", "pct", "targets",
+                 "nth", "steps", "extra")
+
+    def __init__(self, pid: str, src: dict, elig: list[int], lines: list[dict]):
         self.id, self.src, self.elig = pid, src, elig
-        self.kind = src["kind"]
+        self.eligset = frozenset(elig)
+        self.kind = kind = src["kind"]
         self.prio = src.get("priority", 100)
+        self.key = (self.prio, pid)
         self.group = src.get("exclusive_group") or ""
+        self.pct = src.get("percent", 0)
+        self.targets = self.nth = self.steps = None
+        self.extra = 0
+        if kind == "member_price":
+            prices = src["prices_fen"]
+            self.targets = [(i, prices[lines[i]["sku"]] * lines[i]["qty"]) for i in elig]
+        elif kind == "nth_item":
+            n, seen, nth = src["n"], {}, []
+            for i in elig:  # which units are every n-th depends on quantities only
+                sku, q = lines[i]["sku"], lines[i]["qty"]
+                c = seen.get(sku, 0)
+                k = (c + q) // n - c // n
+                seen[sku] = c + q
+                if k:
+                    nth.append((i, k * self.pct, q * 100))
+            self.nth = nth
+        elif kind == "threshold":
+            self.steps = sorted(((s["min_fen"], s["off_fen"]) for s in src["steps"]), reverse=True)
+        elif kind == "points_multiplier":
+            self.extra = src["multiplier_percent"] - 100
+
+    def apply(self, nets: list[int], adj: list | None) -> int:
+        """Apply to ``nets`` in place; the fen saved (0 for points multipliers)."""
+        kind, tot = self.kind, 0
+        if kind == "percent_off":
+            pct = self.pct
+            for i in self.elig:
+                n = nets[i]
+                d = (2 * n * pct + 100) // 200
+                if d:
+                    nets[i] = n - d
+                    tot += d
+                    if adj is not None:
+                        adj[i].append((self.id, d, False))
+        elif kind == "member_price":
+            for i, target in self.targets:
+                d = nets[i] - target
+                if d > 0:
+                    nets[i] = target
+                    tot += d
+                    if adj is not None:
+                        adj[i].append((self.id, d, False))
+        elif kind == "nth_item":
+            for i, num, den in self.nth:
+                d = (2 * nets[i] * num + den) // (2 * den)
+                if d:
+                    nets[i] -= d
+                    tot += d
+                    if adj is not None:
+                        adj[i].append((self.id, d, False))
+        elif kind == "threshold":
+            weights = [nets[i] for i in self.elig]
+            base = sum(weights)
+            for min_fen, off in self.steps:
+                if base >= min_fen:
+                    tot = min(off, base)
+                    break
+            if tot > 0:
+                for i, d in zip(self.elig, allocate(tot, weights)):
+                    if d:
+                        nets[i] -= d
+                        if adj is not None:
+                            adj[i].append((self.id, d, True))
+        return tot
+
+    def bonus(self, nets: list[int]) -> int:
+        """Points-multiplier campaigns: extra percent-fen, to compare candidates."""
+        return sum(nets[i] for i in self.elig) * self.extra
 
 
 class Pricer:
@@ -115,7 +188,7 @@ class Pricer:
             d = (2 * amount * self.base_pct + 100) // 200 if self.base_pct and i in disc else 0
             self.start.append(amount - d)
             self.base_adj.append(d)
-        uses = (member or {}).get("today", {}).get("promotion_uses", {}) if member else {}
+        uses = ((member or {}).get("today") or {}).get("promotion_uses") or {}
         promos = []
         for pid, src in (policy.get("promotions") or {}).items():
             if src.get("disabled") or src.get("kind") not in KINDS:
@@ -132,80 +205,76 @@ class Pricer:
                 else:
                     idx = self.discountable
             if idx:
-                promos.append(_Promo(pid, src, idx))
-        promos.sort(key=lambda p: (p.prio, p.id))
+                promos.append(_Promo(pid, src, idx, lines))
+        promos.sort(key=lambda p: p.key)
         self.promos = promos
 
-    def _run(self, active: list[_Promo], record: bool):
-        lines = self.lines
+    def run(self, active: list[_Promo], record: bool = False, snapshots: list | None = None):
+        """Apply ``active`` (sorted) from the member-discounted start.
+        -> (nets, adjustments or None, [(promo, fen)], bonus)."""
         nets = list(self.start)
-        adj = [[] for _ in lines] if record else None
+        adj = [[] for _ in self.lines] if record else None
         applied: list[tuple[_Promo, int]] = []
-        bonus_units = 0
+        bonus = 0
         for p in active:
-            src, kind, elig = p.src, p.kind, p.elig
-            tot = 0
-            if kind == "percent_off":
-                pct = src["percent"]
-                for i in elig:
-                    n = nets[i]
-                    d = (2 * n * pct + 100) // 200
-                    if d:
-                        nets[i] = n - d
-                        tot += d
-                        if record:
-                            adj[i].append((p.id, d, False))
-            elif kind == "member_price":
-                prices = src["prices_fen"]
-                for i in elig:
-                    d = nets[i] - prices[lines[i]["sku"]] * lines[i]["qty"]
-                    if d > 0:
-                        nets[i] -= d
-                        tot += d
-                        if record:
-                            adj[i].append((p.id, d, False))
-            elif kind == "nth_item":
-                nth, pct = src["n"], src["percent"]
-                seen: dict[str, int] = {}
-                for i in elig:
-                    sku, q = lines[i]["sku"], lines[i]["qty"]
-                    c = seen.get(sku, 0)
-                    k = (c + q) // nth - c // nth
-                    seen[sku] = c + q
-                    if k:
-                        d = (2 * nets[i] * k * pct + q * 100) // (q * 200)
-                        if d:
-                            nets[i] -= d
-                            tot += d
-                            if record:
-                                adj[i].append((p.id, d, False))
-            elif kind == "threshold":
-                weights = [nets[i] for i in elig]
-                base = sum(weights)
-                best = None
-                for step in src["steps"]:
-                    if base >= step["min_fen"] and (best is None or step["min_fen"] > best["min_fen"]):
-                        best = step
-                off = min(best["off_fen"], base) if best else 0
-                if off > 0:
-                    for i, d in zip(elig, allocate(off, weights)):
-                        if d:
-                            nets[i] -= d
-                            if record:
-                                adj[i].append((p.id, d, True))
-                    tot = off
-                else:
-                    continue
-            else:  # points_multiplier
-                units = sum(nets[i] for i in elig) * (src["multiplier_percent"] - 100)
-                if not units:
-                    continue
-                bonus_units += units
-                applied.append((p, 0))
+            if snapshots is not None:
+                snapshots.append(list(nets))
+            if p.kind == "points_multiplier":
+                b = p.bonus(nets)
+                if b:
+                    bonus += b
+                    applied.append((p, 0))
                 continue
+            tot = p.apply(nets, adj)
             if tot:
                 applied.append((p, tot))
-        return nets, adj, applied, bonus_units
+        return nets, adj, applied, bonus
+
+    def _candidate(self, c: _Promo, active: list[_Promo], snaps: list, final: list[int],
+                   saving: int, bonus: int, rebase: bool = False):
+        """(saving, bonus) of ``active`` plus candidate ``c``, recomputing only
+        the lines ``c`` can influence: its own, and those of any threshold that
+        comes after it and shares a line with what changed (a threshold's
+        allocation couples its lines). Every other line ends as in ``final``.
+
+        With ``rebase``, also returns (active', snaps', final') for ``active``
+        with ``c`` in it, without a full run."""
+        pos = 0
+        while pos < len(active) and active[pos].key < c.key:
+            pos += 1
+        state = list(snaps[pos]) if pos < len(snaps) else list(final)
+        new_snaps = [list(state)] if rebase else None
+        aff = set(c.elig)
+        if c.kind == "points_multiplier":
+            bonus += c.bonus(state)
+        else:
+            c.apply(state, None)
+        for k in range(pos, len(active)):
+            p = active[k]
+            if rebase:
+                snap = list(snaps[k])
+                for i in aff:
+                    snap[i] = state[i]
+                new_snaps.append(snap)
+            if p.eligset.isdisjoint(aff):
+                continue
+            if p.kind == "threshold":
+                snap = snaps[k]
+                for i in p.eligset - aff:  # not influenced yet: exactly as in the base run here
+                    state[i] = snap[i]
+                    aff.add(i)
+            elif p.kind == "points_multiplier":
+                snap = snaps[k]
+                bonus += sum(state[i] - snap[i] for i in p.elig if i in aff) * p.extra
+                continue
+            p.apply(state, None)  # lines outside aff get garbage that is never read
+        saving += sum(final[i] - state[i] for i in aff)
+        if not rebase:
+            return saving, bonus
+        new_final = list(final)
+        for i in aff:
+            new_final[i] = state[i]
+        return (saving, bonus), active[:pos] + [c] + active[pos:], snaps[:pos] + new_snaps, new_final
 
     def price(self):
         """(nets, per-line adjustments [(id, fen, allocated)], applied [(promo, fen)])."""
@@ -214,23 +283,32 @@ class Pricer:
         for p in self.promos:
             if p.group:
                 groups.setdefault(p.group, []).append(p)
-        chosen: list[_Promo] = []
+        total_start = sum(self.start)
+        active = plain
+        snaps: list = []
+        final, _, _, bonus = self.run(active, snapshots=snaps)
+        chosen = []
         for g in sorted(groups):
+            # Groups in name order, each against the promotions decided so far.
             cands = sorted(groups[g], key=lambda p: p.id)
-            if len(cands) == 1:
-                chosen.append(cands[0])
-                continue
-            best, best_key = None, None
-            for c in cands:
-                active = sorted(plain + chosen + [c], key=lambda p: (p.prio, p.id))
-                nets, _, _, bonus = self._run(active, False)
-                key = (sum(self.start) - sum(nets), bonus)
-                if best_key is None or key > best_key:
-                    best, best_key = c, key
+            saving = total_start - sum(final)
+            best, best_key = cands[0], None
+            if len(cands) > 1:
+                for c in cands:
+                    key = self._candidate(c, active, snaps, final, saving, bonus)
+                    if best_key is None or key > best_key:
+                        best, best_key = c, key
+            (_, bonus), active, snaps, final = self._candidate(best, active, snaps, final, saving, bonus,
+                                                               rebase=True)
             chosen.append(best)
-        active = sorted(plain + chosen, key=lambda p: (p.prio, p.id))
-        nets, adj, applied, _ = self._run(active, True)
+        self.chosen = chosen
+        nets, adj, applied, _ = self.run(active, record=True)
         for i, d in enumerate(self.base_adj):
             if d:
                 adj[i].insert(0, (self.base_src, d, False))
         return nets, adj, applied
+
+    def full_saving(self, active: list[_Promo]) -> tuple[int, int]:
+        """(saving, bonus) by a full run: the reference the tests check _candidate against."""
+        nets, _, _, bonus = self.run(sorted(active, key=lambda p: p.key))
+        return sum(self.start) - sum(nets), bonus

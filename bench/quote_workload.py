@@ -1,0 +1,134 @@
+"""Quote of a 50-line basket against 200 active promotions (target p99 <= 5 ms).
+
+    python -m bench.quote_workload [--quick]
+
+The promotions are of every kind, scoped the way a chain's are: most on a
+few SKUs or a category, some thresholds over everything, five exclusive
+groups of four candidates each (every candidate is evaluated), a few
+per-member limits, and some out of scope (other stores, other tiers, other
+days) that must be filtered out. The member is gold, on a member day, with a
+tender using points and stored value. Baseline in the same run: the same
+quote with no promotions (the fixed cost of lines, points, tender, receipts).
+
+``run_quote_bench(quick)`` returns {"p50_ms", "p99_ms", "n"}; bench.rules
+imports it.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from gateway import pricing
+
+NOW = datetime(2026, 11, 25, 19, 5, tzinfo=ZoneInfo("Asia/Shanghai"))  # a Wednesday
+CATEGORIES = ["fresh", "dairy", "snacks", "drinks", "household", "staples", "frozen", "bakery", "tobacco", "baby"]
+
+
+def _name(text: str) -> dict:
+    return {"zh-CN": text, "en": text}
+
+
+def bench_basket(n: int = 50) -> list[dict]:
+    return [{"sku": f"69{i:011d}", "name": f"item {i}", "category": CATEGORIES[i % len(CATEGORIES)],
+             "qty": 1 + i % 4, "unit_price": 150 + (i * 397) % 4800} for i in range(n)]
+
+
+def _promo(i: int) -> dict:
+    """Promotion i of 200: a deterministic mix of kinds and scopes."""
+    sku = f"69{(i * 7) % 60:011d}"  # some SKUs are in the basket, some not
+    cat = CATEGORIES[i % len(CATEGORIES)]
+    base = {"name": _name(f"promo {i}"), "priority": 10 + i % 7, "exclusive_group": "",
+            "member_only": True, "tiers": [], "stores": [], "regions": [], "weekdays": [],
+            "categories": [], "skus": [], "from": "2026-11-01T00:00", "to": "2026-11-30T23:59"}
+    k = i % 10
+    if k in (0, 1, 2):
+        p = {**base, "kind": "percent_off", "percent": 5 + i % 20, "skus": [sku]}
+    elif k == 3:
+        p = {**base, "kind": "percent_off", "percent": 3 + i % 5, "categories": [cat]}
+    elif k in (4, 5):
+        p = {**base, "kind": "member_price", "prices_fen": {sku: 100 + i}}
+    elif k == 6:
+        p = {**base, "kind": "nth_item", "n": 2 + i % 2, "percent": 50, "skus": [sku]}
+    elif k == 7:
+        p = {**base, "kind": "threshold", "categories": [cat] if i % 20 else [],
+             "steps": [{"min_fen": 5000, "off_fen": 500 + i}, {"min_fen": 20000, "off_fen": 2500 + i}]}
+    elif k == 8:
+        p = {**base, "kind": "points_multiplier", "multiplier_percent": 150 + i % 3 * 50, "categories": [cat]}
+    else:  # out of scope one way or another, or limited per member
+        p = {**base, "kind": "percent_off", "percent": 10, "categories": [cat]}
+        p.update([({"stores": ["S999"]}), ({"tiers": ["vip"]}), ({"weekdays": [1]}),
+                  ({"per_member_limit": 1})][(i // 10) % 4])
+    if i < 20:  # five exclusive groups of four
+        p["exclusive_group"] = f"g{i % 5}"
+    return p
+
+
+def bench_policy(n_promotions: int = 200) -> dict:
+    return {
+        "version": 1, "max_age_s": 604800, "default_tier": "normal",
+        "tiers": {
+            "normal": {"name": _name("Member"), "rank": 1, "discount_percent": 0, "points_multiplier_percent": 100},
+            "gold": {"name": {"zh-CN": "金卡会员", "en": "Gold"}, "rank": 3, "discount_percent": 5,
+                     "points_multiplier_percent": 150},
+        },
+        "card_types": {"personal": {"name": _name("Personal"), "kind": "personal", "earns_points": True,
+                                    "stored_value": True, "discount_percent": 0}},
+        "discount_excluded_categories": ["tobacco", "baby"], "discount_excluded_skus": [],
+        "earning": {"points_per_yuan": 1, "min_spend_fen": 0, "excluded_categories": ["tobacco"],
+                    "excluded_skus": [], "category_multipliers_percent": {"fresh": 200},
+                    "sku_multipliers_percent": {"6900000000007": 300},
+                    "member_days": [{"weekdays": [3], "month_days": [], "multiplier_percent": 200}],
+                    "birthday": {"period": "month", "multiplier_percent": 200}},
+        "promotions": {f"p{i:03d}": _promo(i) for i in range(n_promotions)},
+        "redemption": {"points_per_yuan": 100, "min_points": 500, "max_share_percent": 50, "step_points": 100,
+                       "offline_max_points_per_tx": 10000, "offline_max_points_per_day": 20000},
+        "stored_value": {"offline_max_per_tx_fen": 50000, "offline_max_per_day_fen": 100000,
+                         "max_sync_age_s": 86400, "topup_packages": {}},
+        "packages": {}, "coupons": {}, "fees": {"issue_fen": 1000, "replace_fen": 500, "annual_fen": 0},
+    }
+
+
+MEMBER = {"member_id": "M1001", "card_no": "880000000013", "tier": "gold", "card_type": "personal",
+          "birthday": "10-12", "birthday_calendar": "lunar", "points_available": 8000,
+          "balance_available_fen": 30000, "today": {"promotion_uses": {"p039": 1}}}
+TENDER = {"points": 2000, "stored_value_fen": 10000}
+
+
+def _time(policy: dict, basket: list[dict], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        pricing.quote(basket, MEMBER, policy, NOW, store="S001", region="east", tender=TENDER, rules_age_s=600)
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def _pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(len(s) * p))]
+
+
+def run_quote_bench(quick: bool = False, n_promotions: int = 200) -> dict:
+    policy, basket = bench_policy(n_promotions), bench_basket()
+    n = 200 if quick else 2000
+    _time(policy, basket, 20)  # warm-up
+    ms = _time(policy, basket, n)
+    return {"p50_ms": _pct(ms, 0.5), "p99_ms": _pct(ms, 0.99), "n": n}
+
+
+def main() -> None:
+    from bench.common import args, emit
+
+    quick = args(__doc__.splitlines()[0]).quick
+    base = run_quote_bench(quick, n_promotions=0)
+    res = run_quote_bench(quick)
+    emit("quote_p99_ms", res["p99_ms"], "ms", baseline="quote_0_promotions_p99_ms",
+         baseline_value=base["p99_ms"], n=res["n"], target_ms=5)
+    emit("quote_p50_ms", res["p50_ms"], "ms", baseline="quote_0_promotions_p50_ms",
+         baseline_value=base["p50_ms"], n=res["n"])
+
+
+if __name__ == "__main__":
+    main()
