@@ -281,7 +281,7 @@ def _summary(record: dict, account: dict | None, card_no: str, primary_card: str
         "birthday": record.get("birthday"),            # MM-DD, for the birthday earning bonus
         "birthday_calendar": record.get("birthday_calendar", "solar"),
         "points": None, "balance_fen": None, "packages": {}, "coupons": [],
-        "promotion_uses_today": {},
+        "today": {"points_redeemed": 0, "stored_value_paid_fen": 0, "promotion_uses": {}, "coupons_used": []},
         "allowed": dict(NOT_OFFLINE),
         "offline_left": {"stored_value_fen": 0, "redemption_points": 0},
         "limits": limits,
@@ -290,14 +290,14 @@ def _summary(record: dict, account: dict | None, card_no: str, primary_card: str
         return out
     totals = rules.members.local_totals(account["member_id"], now.date().isoformat())
     points = max(0, account["points"] + totals["points"])
-    balance = max(0, account["balance_fen"] + totals["balance_fen"])
+    balance = max(0, account["balance_fen"] + totals["stored_value_fen"])
     out["points"], out["balance_fen"] = points, balance
-    out["packages"] = {pkg: max(0, n - totals["packages"].get(pkg, 0))
+    out["packages"] = {pkg: max(0, n + totals["packages"].get(pkg, 0))
                        for pkg, n in account.get("packages", {}).items() if pkg in data["packages"]}
     coupons = data["coupons"]
-    out["coupons"] = [c for c in record.get("coupons", [])
-                      if c in coupons and coupons[c]["member_id"] == record["member_id"] and c not in totals["coupons"]]
-    out["promotion_uses_today"] = totals["today"]["promotions"]
+    out["coupons"] = [c for c in record.get("coupons", []) if c in coupons
+                      and coupons[c]["member_id"] == record["member_id"] and c not in totals["coupons_used"]]
+    out["today"] = totals["today"]
     if "rules_stale" in limits:
         return out  # identify and accrue only
 
@@ -308,17 +308,35 @@ def _summary(record: dict, account: dict | None, card_no: str, primary_card: str
             limits.append("sync_stale")
         else:
             out["allowed"]["stored_value"] = True
-            left_today = sv["offline_max_per_day_fen"] - totals["today"]["balance_paid_fen"]
+            left_today = sv["offline_max_per_day_fen"] - totals["today"]["stored_value_paid_fen"]
             out["offline_left"]["stored_value_fen"] = max(0, min(sv["offline_max_per_tx_fen"], left_today, balance))
     red = data["redemption"]
     if red["offline_max_points_per_tx"] > 0:
         out["allowed"]["redemption"] = True
         left = min(red["offline_max_points_per_tx"],
                    red["offline_max_points_per_day"] - totals["today"]["points_redeemed"], points)
-        left -= left % red["step_points"] if left > 0 else left
-        out["offline_left"]["redemption_points"] = left if points >= red["min_points"] and left > 0 else 0
+        left = left - left % red["step_points"] if left > 0 else 0
+        out["offline_left"]["redemption_points"] = left if points >= red["min_points"] else 0
     out["allowed"]["coupons"] = True
     return out
+
+
+def member_context(verdict: Verdict | None) -> dict | None:
+    """The ``member`` argument of gateway/pricing.py from an accepted verdict
+    (the full card number is in the verdict, never in the public summary)."""
+    if verdict is None or not verdict.accepted or verdict.member is None:
+        return None
+    m = verdict.member
+    limited = verdict.verdict == "accept_limited"
+    return {
+        "member_id": m["member_id"], "account_id": m.get("account_id"), "card_no": verdict.card_no,
+        "tier": m["tier"]["code"], "card_type": m["card_type"]["code"],
+        "birthday": m.get("birthday"), "birthday_calendar": m.get("birthday_calendar", "solar"),
+        "points_available": m.get("points") or 0, "balance_available_fen": m.get("balance_fen") or 0,
+        "packages": dict(m.get("packages") or {}), "coupons": list(m.get("coupons") or []),
+        "today": dict(m.get("today") or {}),
+        "limited": limited,
+    }
 
 
 def check_basket(lines: Any) -> list[dict]:

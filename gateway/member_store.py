@@ -27,11 +27,14 @@ journal sequence number, so recording one again (a retry) changes nothing.
 A member's totals count only deltas with ``seq > store_seq`` of the running
 snapshot; applying a snapshot drops the deltas it already reflects.
 
-Delta fields (all optional, all integers may be negative for reversals):
-``points`` (signed change of the point balance), ``balance_fen`` (signed
-change of the stored value), ``points_redeemed`` and ``balance_paid_fen``
-(what counts toward the daily offline limits), ``packages`` {id: uses
-consumed}, ``coupons`` [codes used], ``promotions`` {id: uses}.
+Delta fields (all optional; the ``deltas`` of gateway/pricing.py's journal
+records go in as they are): ``points`` (signed change of the point balance),
+``points_earned``, ``points_redeemed`` (counts toward the daily offline
+limit), ``stored_value_fen`` (signed change of the stored value: a payment is
+negative), ``packages`` {id: signed change of remaining uses},
+``promotion_uses`` {id: n}, ``coupons_used`` [codes]. The daily limits count
+only debits (redeemed points > 0, stored-value payments < 0): a refund the
+same day gives balance back but not the day's offline allowance.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ import orjson
 
 from wire.ruleset import check_deny_entry, check_member
 
-DELTA_INTS = ("points", "balance_fen", "points_redeemed", "balance_paid_fen")
-DELTA_KEYS = set(DELTA_INTS) | {"packages", "coupons", "promotions"}
+DELTA_INTS = ("points", "points_earned", "points_redeemed", "stored_value_fen")
+DELTA_MAPS = ("packages", "promotion_uses")
+DELTA_KEYS = set(DELTA_INTS) | set(DELTA_MAPS) | {"coupons_used"}
 
 
 class DenyDeltaGap(Exception):
@@ -72,32 +76,35 @@ def _check_deltas(deltas: dict) -> dict:
     for k in DELTA_INTS:
         if type(deltas.get(k, 0)) is not int:
             raise ValueError(f"deltas.{k}: must be an integer")
-    for k in ("packages", "promotions"):
+    for k in DELTA_MAPS:
         if not isinstance(deltas.get(k, {}), dict) or \
                 not all(isinstance(i, str) and type(n) is int for i, n in deltas.get(k, {}).items()):
             raise ValueError(f"deltas.{k}: must map ids to integers")
-    if not isinstance(deltas.get("coupons", []), list) or not all(isinstance(c, str) for c in deltas.get("coupons", [])):
-        raise ValueError("deltas.coupons: must be a list of codes")
+    used = deltas.get("coupons_used", [])
+    if not isinstance(used, list) or not all(isinstance(c, str) for c in used):
+        raise ValueError("deltas.coupons_used: must be a list of codes")
     return deltas
 
 
 def _empty_totals() -> dict:
-    return {"points": 0, "balance_fen": 0, "packages": {}, "coupons": [],
-            "today": {"points_redeemed": 0, "balance_paid_fen": 0, "promotions": {}}}
+    """Since the snapshot: net changes; ``today``: the store-local day's use."""
+    return {"points": 0, "stored_value_fen": 0, "packages": {}, "coupons_used": [],
+            "today": {"points_redeemed": 0, "stored_value_paid_fen": 0, "promotion_uses": {}, "coupons_used": []}}
 
 
 def _add(totals: dict, row_day: str, day: str, d: dict) -> None:
     totals["points"] += d.get("points", 0)
-    totals["balance_fen"] += d.get("balance_fen", 0)
+    totals["stored_value_fen"] += d.get("stored_value_fen", 0)
     for pkg, n in d.get("packages", {}).items():
         totals["packages"][pkg] = totals["packages"].get(pkg, 0) + n
-    totals["coupons"] += [c for c in d.get("coupons", []) if c not in totals["coupons"]]
+    totals["coupons_used"] += [c for c in d.get("coupons_used", []) if c not in totals["coupons_used"]]
     if row_day == day:
         today = totals["today"]
-        today["points_redeemed"] += d.get("points_redeemed", 0)
-        today["balance_paid_fen"] += d.get("balance_paid_fen", 0)
-        for pid, n in d.get("promotions", {}).items():
-            today["promotions"][pid] = today["promotions"].get(pid, 0) + n
+        today["points_redeemed"] += max(0, d.get("points_redeemed", 0))
+        today["stored_value_paid_fen"] += max(0, -d.get("stored_value_fen", 0))
+        for pid, n in d.get("promotion_uses", {}).items():
+            today["promotion_uses"][pid] = today["promotion_uses"].get(pid, 0) + n
+        today["coupons_used"] += [c for c in d.get("coupons_used", []) if c not in today["coupons_used"]]
 
 
 # ---------------------------------------------------------------- in memory
@@ -204,8 +211,8 @@ CREATE TABLE deny (card_no TEXT PRIMARY KEY, rec BLOB NOT NULL) WITHOUT ROWID;
 """
 _DELTAS_DDL = """
 CREATE TABLE IF NOT EXISTS deltas (seq INTEGER PRIMARY KEY, member_id TEXT NOT NULL, day TEXT NOT NULL,
-    points INTEGER NOT NULL, balance_fen INTEGER NOT NULL, points_redeemed INTEGER NOT NULL,
-    balance_paid_fen INTEGER NOT NULL, extra BLOB);
+    points INTEGER NOT NULL, points_earned INTEGER NOT NULL, points_redeemed INTEGER NOT NULL,
+    stored_value_fen INTEGER NOT NULL, extra BLOB);
 CREATE INDEX IF NOT EXISTS deltas_member ON deltas (member_id, seq);
 CREATE TABLE IF NOT EXISTS deny_log (version INTEGER PRIMARY KEY, entries BLOB NOT NULL);
 """
@@ -422,7 +429,7 @@ class MemberStore:
     def record_deltas(self, seq: int, member_id: str, day: str, deltas: dict) -> None:
         """Record what journal record ``seq`` changed for the member (idempotent by seq)."""
         _check_deltas(deltas)
-        extra = {k: deltas[k] for k in ("packages", "coupons", "promotions") if deltas.get(k)}
+        extra = {k: deltas[k] for k in (*DELTA_MAPS, "coupons_used") if deltas.get(k)}
         with self._deltas:
             self._deltas.execute("INSERT OR REPLACE INTO deltas VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
                 seq, member_id, day, *(deltas.get(k, 0) for k in DELTA_INTS),
@@ -430,10 +437,10 @@ class MemberStore:
 
     def local_totals(self, member_id: str, day: str) -> dict:
         totals = _empty_totals()
-        for row_day, p, b, pr, bp, extra in self._deltas.execute(
-                "SELECT day, points, balance_fen, points_redeemed, balance_paid_fen, extra FROM deltas "
+        for row_day, p, pe, pr, sv, extra in self._deltas.execute(
+                "SELECT day, points, points_earned, points_redeemed, stored_value_fen, extra FROM deltas "
                 "WHERE member_id=? AND seq>? ORDER BY seq", (member_id, self.store_seq)):
-            d = {"points": p, "balance_fen": b, "points_redeemed": pr, "balance_paid_fen": bp}
+            d = {"points": p, "points_earned": pe, "points_redeemed": pr, "stored_value_fen": sv}
             if extra:
                 d.update(orjson.loads(extra))
             _add(totals, row_day, day, d)
