@@ -346,6 +346,8 @@ def _layer_schema(with_disabled: bool) -> dict:
         if name in SETTINGS:
             sub["properties"] = {k: _strip(v, drop_required=False) for k, v in sub["properties"].items()}
         props[name] = sub
+    for name in KEYED_TABLES:
+        props[name].pop("minProperties", None)  # a layer may name no entries; the merged whole is checked
     if with_disabled:  # a keyed entry may be { disabled = true } to remove the key
         for name in KEYED_TABLES:
             props[name]["additionalProperties"] = {"anyOf": [_DISABLED, props[name]["additionalProperties"]]}
@@ -504,7 +506,7 @@ def merge_layers(layers: list[dict], store: str | None = None, region: str | Non
         if not isinstance(raw, dict):
             raise RulesetError(f"{name}: must be a table/object")
         layer, removed = _without_disabled(raw)
-        _raise(_schema_errors(_LAYER_VALIDATOR, layer), f"{name}: ")
+        _raise(_schema_errors(_LAYER_VALIDATOR, layer) + _float_problems(layer), f"{name}: ")
         head = layer.get("layer") or ({"level": "chain", "id": layer.get("chain", "chain")} if i == 0 else None)
         if head is None:
             raise RulesetError(f"{name}: a [layer] header with level and id is required after the chain layer")
@@ -590,6 +592,18 @@ def _check_range(problems: list, where: str, entry: dict) -> None:
     if "from" in entry and "to" in entry and _date_ok(entry["from"]) and _date_ok(entry["to"]) \
             and entry["from"] > entry["to"]:
         problems.append(f"{where}.to: {entry['to']!r} is before from {entry['from']!r}")
+
+
+def _float_problems(data: Any, path: tuple = ()) -> list[str]:
+    """JSON Schema counts 10.0 as an integer; money, points and percentages
+    must be whole numbers in the document too (TOML 10.0 is a float)."""
+    if isinstance(data, float):
+        return [f"{_path(path)}: {data!r} is a decimal; money (fen), points and percentages are whole numbers"]
+    if isinstance(data, dict):
+        return [p for k, v in data.items() for p in _float_problems(v, (*path, k))]
+    if isinstance(data, list):
+        return [p for i, v in enumerate(data) for p in _float_problems(v, (*path, i))]
+    return []
 
 
 def _reference_problems(rules: dict) -> list[str]:
@@ -734,7 +748,7 @@ def validate_ruleset(rules: Any) -> None:
         raise RulesetError("(top level): a rule set is a table/object")
     if "layer" in rules or "locked" in rules:
         raise RulesetError("layer: this is a layer document; merge it with merge_layers() first")
-    _raise(_schema_errors(_RULESET_VALIDATOR, rules))
+    _raise(_schema_errors(_RULESET_VALIDATOR, rules) + _float_problems(rules))
     _raise(_reference_problems(rules))
 
 
