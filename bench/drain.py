@@ -50,7 +50,7 @@ async def drain_once(workdir: Path, broker_port: int, n: int) -> float:
     await asyncio.sleep(1.0)
     async with Journal(workdir / "journal") as journal:
         await fill(journal, n)
-        rules = RulesStore(workdir / "rules.json", "S001")
+        rules = RulesStore(workdir / "rules", "S001")
 
         async def status(state: str) -> Status:
             return Status("S001", state, int(time.time()))

@@ -25,7 +25,8 @@ from gateway.service import Gateway
 from gateway.testbed import EmbeddedBroker, LinkProxy, MosquittoBroker, free_port, http_json, mosquitto_path
 from hq_bridge.bridge import Bridge
 from hq_bridge.ledger import Ledger
-from hq_bridge.rules import load_rules_file, publish_to_store
+from hq_bridge import keys as hq_keys
+from hq_bridge.rules import Catalog, Publisher
 
 RULES_FILE = Path(__file__).resolve().parent.parent / "deploy" / "examples" / "rules.demo.toml"
 STORE = "S001"
@@ -88,16 +89,21 @@ async def run_demo(keep: bool = False) -> int:
 
         ledger = Ledger(workdir / "hq" / "ledger.sqlite3")
         hq_mqtt = {"host": "127.0.0.1", "port": broker.port}
-        bridge = Bridge(hq_mqtt, ledger)
+        # A throwaway HQ signing key for the demo (mode 0600); the gateway trusts its public half.
+        hq_public_key = hq_keys.generate(workdir / "hq" / "keys" / "hq.key")
+        publisher = Publisher(hq_mqtt, ledger, Catalog(workdir / "hq" / "ledger.sqlite3"),
+                              workdir / "hq" / "keys" / "hq.key", {STORE: {"region": "east"}})
+        bridge = Bridge(hq_mqtt, ledger, publisher=publisher)
         tasks.append(asyncio.create_task(bridge.run()))
         await asyncio.wait_for(bridge.connected.wait(), 10)
-        msg = await publish_to_store(hq_mqtt, ledger, STORE, load_rules_file(RULES_FILE))
-        print(f"HQ: bridge up, published rules v{msg.version} to store {STORE}")
+        msg = (await publisher.publish_layer(RULES_FILE, all_=True))[0]
+        print(f"HQ: bridge up, signed and published rules v{msg.version} to store {STORE}")
 
         api_port = free_port()
         cfg = gw_config.check({
             "store": {"id": STORE, "region": "east", "data_dir": str(workdir / "store")},
             "mqtt": {"host": "127.0.0.1", "port": proxy.port, "keepalive": 5},
+            "rules": {"hq_public_keys": [hq_public_key]},
             "api": {"host": "127.0.0.1", "port": api_port},
             "uplink": {"resend_after_s": 3, "status_interval_s": 2},
             "lanes": [{"id": lane, "reader": "simulated", "indicator": "gpio",

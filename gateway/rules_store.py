@@ -286,6 +286,20 @@ class RulesStore:
         _write_atomic(self.trust_path, orjson.dumps({"keys": self.keyring.public_keys()}))
         log.info("applied rules v%d (signed by key %s; deny list at v%s)", m.version, m.key_id, self.deny_version)
 
+    def install(self, payload: bytes, parts: dict[str, bytes] | None = None) -> Rules | None:
+        """Apply a manifest with its parts at hand ({sha256: payload}), without
+        a broker: provisioning from a file, tests. Every check still applies."""
+        m = self.check_manifest(payload)
+        if m is None:
+            return self.current
+        for p in self.missing_parts(m):
+            if parts and p.sha256 in parts:
+                try:
+                    self.store_part(p, parts[p.sha256])
+                except RulesRejected as exc:
+                    raise self.reject(str(exc)) from None
+        return self.apply_manifest_blocking(payload)
+
     def apply_manifest_blocking(self, payload: bytes) -> Rules | None:
         """For tests and tools: check, build, commit in one go (parts must be cached)."""
         m = self.check_manifest(payload)

@@ -592,16 +592,58 @@ def card_entries(action: str, card_no: str, *, status: str | None = None, new_ca
     return entries
 
 
+# -- a rule set without a broker or database: provisioning and tests -----------
+
+def offline_rule_set(layer_docs: list[dict], *, store: str, version: int, issued_at: int, key,
+                     region: str | None = None, members=None, deny=None, as_of: int = 0, store_seq: int = 0,
+                     deny_version: int = 0, prefix: str = "sg/v1", next_key: str | None = None,
+                     max_age_s: int | None = None) -> tuple[bytes, dict[str, bytes]]:
+    """A signed manifest and its parts ({sha256: payload}) from layer
+    documents and tables, as HQ would publish them. ``key``: an Ed25519
+    private key. Inline ``members``/``deny`` tables in the layers are taken
+    out as parts, like ``rules publish`` does."""
+    topics = Topics(prefix)
+    layers, inline_m, inline_d = [], [], []
+    for doc in layer_docs:
+        doc = dict(doc)
+        inline_m.extend(member_rows(doc.pop("members", {})))
+        inline_d.extend(deny_rows(doc.pop("deny", {})))
+        layers.append(doc)
+    effective = effective_rules(layers, store=store, region=region)
+    payloads: dict[str, bytes] = {}
+    parts: list[Part] = []
+
+    def add(name: str, payload: bytes, store_only: bool, encoding: str) -> None:
+        sha = hashlib.sha256(payload).hexdigest()
+        payloads[sha] = payload
+        topic = topics.store_part(store, sha) if store_only else topics.chain_part(sha)
+        parts.append(Part(name, sha, len(payload), topic, encoding))
+
+    for doc in layers:
+        head = doc.get("layer") or {"level": "chain", "id": doc.get("chain", "chain")}
+        if "layer" not in doc:
+            doc["layer"] = head
+        add(layer_part_name(head["level"], head.get("id", "")), encode_layer(doc), head["level"] == "store", "json")
+    rows = list(member_rows(members)) if members is not None else inline_m
+    add("members", encode_table(rows), False, "ndjson+zlib")
+    add("deny", encode_table(list(deny_rows(deny)) if deny is not None else inline_d), False, "ndjson+zlib")
+    doc = Manifest.unsigned(store=store, version=version, issued_at=issued_at,
+                            max_age_s=max_age_s or effective.get("max_age_s", 604800), region=region, parts=parts,
+                            members={"as_of": as_of, "store_seq": store_seq}, deny_version=deny_version,
+                            next_key=next_key)
+    return Manifest(sign(doc, key)).encode(), payloads
+
+
 # -- the walking-skeleton path (unsigned RulesMessage), kept only while
 # tests/test_engine.py builds its Rules with it; removed with it.
 
 def load_rules_file(path: str | Path) -> dict:
-    rules = _read_doc(path)
-    try:  # one document = the chain layer (with or without its [layer] header)
-        rules = _rs.effective_ruleset([rules])
+    """A single-document rule set (a chain layer) as its effective rule set."""
+    doc = _read_doc(path)
+    try:
+        return _rs.effective_ruleset([doc])
     except RulesetError as exc:
         raise RulesetError(f"{path}: {exc}") from None
-    return rules
 
 
 def build_message(rules: dict, store: str, version: int, now: float | None = None):

@@ -71,22 +71,49 @@ def write_toml(path: Path, text: str) -> Path:
     return path
 
 
+def hq_key_path(tmp: Path) -> Path:
+    return tmp / "hq-keys" / "hq.key"
+
+
+def hq_public_key(tmp: Path) -> str | None:
+    """HQ's public key for the gateways of a test (made by HQ(tmp, ...))."""
+    pub = hq_key_path(tmp).with_name("hq.key.pub")
+    return pub.read_text().strip() if pub.exists() else None
+
+
 class HQ(Service):
-    def __init__(self, tmp: Path, broker_port: int) -> None:
+    """The HQ bridge process, with a throwaway signing key and a [stores] table."""
+
+    def __init__(self, tmp: Path, broker_port: int, stores: dict[str, str | None] | None = None) -> None:
+        from hq_bridge import keys
+
         self.db = tmp / "hq" / "ledger.sqlite3"
+        self.key = hq_key_path(tmp)
+        if not self.key.exists():
+            keys.generate(self.key)
+        stores = stores if stores is not None else {"S001": None}
+        stores_toml = "".join(f'[stores.{s}]\n' + (f'region = "{r}"\n' if r else "") for s, r in stores.items())
         self.config = write_toml(tmp / "hq.toml", f"""
 [hq]
 database = "{self.db}"
+signing_key = "{self.key}"
+resync_min_interval_s = 1
 [mqtt]
 host = "127.0.0.1"
 port = {broker_port}
 keepalive = 5
+{stores_toml}
 """)
         super().__init__([str(BIN / "storegate-hq"), "run", "--config", str(self.config)], tmp / "hq.log")
 
-    def publish_rules(self, store: str = "S001", rules_file: Path = RULES_FILE) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "storegate-hq"), "rules", "publish", str(rules_file), "--store", store,
-                               "--config", str(self.config)], capture_output=True, text=True, timeout=30)
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "storegate-hq"), *args, "--config", str(self.config)],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def publish_rules(self, store: str | None = None, rules_file: Path = RULES_FILE) -> subprocess.CompletedProcess:
+        """The demo rule set is a chain layer: to every store, or as a store layer with ``store``."""
+        scope = ["--store", store] if store else ["--all"]
+        return self.cli("rules", "publish", str(rules_file), *scope)
 
     def rows(self, store: str = "S001") -> list[tuple]:
         if not self.db.exists():
@@ -109,6 +136,8 @@ class GatewayProc(Service):
         uplink_toml = "".join(f"{k} = {v}\n" for k, v in uplink.items())
         self.data_dir = tmp / "store"
         lanes_toml = "".join(f'\n[[lanes]]\nid = "{l}"\nreader = "simulated"\n' for l in lanes)
+        key = hq_public_key(tmp)
+        rules_toml = f'[rules]\nhq_public_keys = ["{key}"]\n' if key else ""
         self.config = write_toml(tmp / "gateway.toml", f"""
 [store]
 id = "{store}"
@@ -122,6 +151,7 @@ host = "127.0.0.1"
 port = {self.api_port}
 [uplink]
 {uplink_toml}
+{rules_toml}
 {extra}
 {lanes_toml}
 """)
@@ -277,3 +307,38 @@ def assert_hq_holds_exactly(hq: HQ, told: dict[str, int], timeout: float = 60.0)
     assert all(n == 1 for n in counts.values()), "a sale applied twice"
     rows = {tx_id: seq for seq, tx_id, _t, _b in hq.rows()}
     assert rows == told, "HQ's sequence numbers differ from what the POS was told"
+
+
+# -- signed rule sets for in-process tests ------------------------------------
+
+def test_hq_key():
+    """A fixed throwaway HQ signing key for in-process tests (never used anywhere else)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+
+
+def test_hq_public_key() -> str:
+    from wire.signing import public_key_b64
+
+    return public_key_b64(test_hq_key())
+
+
+def signed_rules(rules_file: Path = RULES_FILE, *, store: str = "S001", version: int = 1,
+                 now: float | None = None, key=None, **kw) -> tuple[bytes, dict[str, bytes]]:
+    """(manifest payload, parts) of the demo rule set, signed like HQ does."""
+    from hq_bridge.rules import _read_doc, offline_rule_set
+
+    docs = [_read_doc(rules_file)] if isinstance(rules_file, (str, Path)) else list(rules_file)
+    return offline_rule_set(docs, store=store, version=version,
+                            issued_at=int(now if now is not None else time.time()), key=key or test_hq_key(), **kw)
+
+
+def install_rules(target, rules_file: Path = RULES_FILE, *, version: int = 1, now: float | None = None, **kw):
+    """Apply a signed rule set to a Gateway (or RulesStore) without a broker;
+    the gateway is provisioned with the test HQ key first."""
+    rules = getattr(target, "rules", target)
+    if test_hq_public_key() not in rules.keyring.public_keys():
+        rules.keyring.add(test_hq_public_key())
+    payload, parts = signed_rules(rules_file, store=rules.store, version=version, now=now, **kw)
+    return rules.install(payload, parts)

@@ -1,4 +1,5 @@
-"""Wire messages, config files and the rules store: bad input named, nothing changed."""
+"""Wire messages and config files: bad input named, nothing changed. (The rules store:
+tests/test_rules_distribution.py.)"""
 
 import json
 
@@ -6,16 +7,10 @@ import pytest
 
 from common.configfile import ConfigError
 from gateway import config as gw_config
-from gateway.rules_store import RulesRejected, RulesStore
 from hq_bridge.ledger import Ledger
-from hq_bridge.rules import build_message, load_rules_file
-from tests.support import RULES_FILE
 from wire.messages import Ack, TxBatch, TxRecord, WireError
 from wire.schema import OUT, render
 from wire.topics import Topics
-
-RULES = load_rules_file(RULES_FILE)
-
 
 def test_schemas_on_disk_match_the_code():
     for name, text in render().items():
@@ -93,39 +88,6 @@ def test_example_config_is_valid():
     from pathlib import Path
     cfg = gw_config.load(Path(__file__).parent.parent / "deploy" / "gateway.example.toml")
     assert cfg["store"]["id"] == "S001"
-
-
-def test_rules_store_refuses_bad_updates_and_keeps_running_rules(tmp_path):
-    store = RulesStore(tmp_path / "rules.json", "S001", "east")
-    store.offer(build_message(RULES, "S001", 3, now=0).encode())
-    assert store.current.version == 3
-    running = store.current
-    assert store.offer(build_message(RULES, "S001", 3, now=0).encode()) is running  # the retained copy again
-    assert store.last_rejection is None
-    refused = [
-        (build_message(RULES, "S001", 3, now=5).encode(), "not newer"),        # same version, other content
-        (build_message(RULES, "S001", 2, now=0).encode(), "not newer"),
-        (build_message(RULES, "S002", 9, now=0).encode(), "not for store 'S001'"),
-        (b"{broken", "not JSON"),
-        (json.dumps({"version": 9, "issued_at": 0, "scope": {"store": "S001"},
-                     "rules": {**RULES, "tiers": {}}}).encode(), "tiers"),
-    ]
-    for payload, words in refused:
-        with pytest.raises(RulesRejected, match=words):
-            store.offer(payload)
-        assert store.current is running
-    # a reboot comes up with the last good rules
-    again = RulesStore(tmp_path / "rules.json", "S001")
-    again.load()
-    assert again.current.version == 3
-
-
-def test_damaged_rules_file_is_set_aside(tmp_path):
-    (tmp_path / "rules.json").write_text("{half a file")
-    store = RulesStore(tmp_path / "rules.json", "S001")
-    store.load()
-    assert store.current is None and "set aside" in store.last_rejection
-    assert (tmp_path / "rules.damaged").exists()
 
 
 def test_ledger_applies_once_and_keeps_conflicts(tmp_path):

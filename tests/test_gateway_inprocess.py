@@ -7,8 +7,7 @@ from gpiozero.pins.mock import MockFactory
 
 from gateway import config as gw_config
 from gateway.service import Gateway
-from hq_bridge.rules import build_message, load_rules_file
-from tests.support import GOLD_UID, RULES_FILE
+from tests.support import GOLD_UID, install_rules
 
 
 async def test_simulated_tap_to_indicator_and_lane_events(tmp_path, broker):
@@ -20,7 +19,7 @@ async def test_simulated_tap_to_indicator_and_lane_events(tmp_path, broker):
                    "gpio": {"green": 17, "red": 27, "buzzer": 22, "status": 23}}],
     })
     async with Gateway(cfg, pin_factory=factory) as gw:
-        gw.rules.offer(build_message(load_rules_file(RULES_FILE), "S001", 1).encode())  # issued now: fresh
+        install_rules(gw)  # issued now: fresh
         events: asyncio.Queue = asyncio.Queue()
         gw.lanes["1"].listeners.add(events)
         green, red = factory.pin(17), factory.pin(27)

@@ -241,7 +241,7 @@ async def test_default_finder_without_input_devices_reports_absent(tmp_path):
 async def test_gateway_lane_with_a_magstripe_reader_and_a_scanner(tmp_path, broker, caplog):
     from gateway import config as gw_config
     from gateway.service import Gateway
-    from hq_bridge.rules import build_message, load_rules_file
+    from tests.support import install_rules
     from tests.support import RULES_FILE
 
     caplog.set_level(logging.DEBUG)
@@ -258,7 +258,7 @@ async def test_gateway_lane_with_a_magstripe_reader_and_a_scanner(tmp_path, brok
     msr.finder, qr.finder = swiper.finder, scanner.finder
     card_reader, code_scanner = swiper.plug(), scanner.plug()
     async with gw:
-        gw.rules.offer(build_message(load_rules_file(RULES_FILE), "S001", 1, now=0).encode())
+        install_rules(gw, now=0)
         taps: asyncio.Queue = asyncio.Queue()
         gw.lanes["1"].listeners.add(taps)
         await until(lambda: msr.state == qr.state == "ready", what="both inputs")

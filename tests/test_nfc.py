@@ -454,7 +454,7 @@ async def test_gateway_lane_on_a_pcsc_reader(pcscd, cards, tmp_path, broker):
     indicator and the lane's POS events; a card pulled away mid-read is "tap again"."""
     from gateway import config as gw_config
     from gateway.service import Gateway
-    from hq_bridge.rules import build_message, load_rules_file
+    from tests.support import install_rules
     from tests.support import RULES_FILE
 
     cfg = gw_config.check({
@@ -463,7 +463,7 @@ async def test_gateway_lane_on_a_pcsc_reader(pcscd, cards, tmp_path, broker):
         "lanes": [{"id": "1", "reader": "pcsc", "pcsc_reader": READER}],
     })
     async with Gateway(cfg) as gw:
-        gw.rules.offer(build_message(load_rules_file(RULES_FILE), "S001", 1, now=0).encode())
+        install_rules(gw, now=0)
         taps: asyncio.Queue = asyncio.Queue()
         gw.lanes["1"].listeners.add(taps)
         await until(lambda: gw.lanes["1"].reader.state == "ready", what="the reader")
