@@ -42,7 +42,7 @@ def is_birthday(member: dict, period: str, today: date) -> bool:
     mm, dd = int(bday[:2]), int(bday[3:5])
     if member.get("birthday_calendar", "solar") == "lunar":
         lt = _lunar_today(today)
-        if lt is None or lt.isLeapMonth or lt.month != mm:
+        if lt is None or lt.is_leap_month or lt.month != mm:
             return False
         if period == "month":
             return True

@@ -159,7 +159,7 @@ LANGS = ("zh-CN", "en")
 class PricingError(ValueError):
     """A request that cannot be priced; names the field and carries zh-CN/en text."""
 
-    def __init__(self, code: str, field: str, **params: Any):
+    def __init__(self, code: str, field: str, /, **params: Any):
         self.code, self.field = code, field
         self.params = {k: v for k, v in params.items() if k != "_fen"}
         zh, en = PRICING_REASONS[code]
@@ -398,7 +398,6 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
     pricer = Pricer(lines, member, policy, store=store, region=region,
                     now_min=now.strftime("%Y-%m-%dT%H:%M"), weekday=today.isoweekday())
     nets, adj, applied = pricer.price()
-    promos = policy.get("promotions") or {}
 
     # Coupons: order-level, after promotions, in the order given.
     coupons_used = []
@@ -480,7 +479,11 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         out_lines.append({"index": i, **row, "discount": amount - nets[i],
                           "discounts": [{**d, "kind": kinds[d["source"]], "name": names[d["source"]]}
                                         for d in disc]})
-    promotions_out = [{"source": s, "kind": kinds[s], "name": names[s], "fen": f} for s, f in summary.items()]
+    # In the order they were applied: member discount, promotions, coupons.
+    order = ([pricer.base_src] if pricer.base_src else []) + [p.id for p, _ in applied] \
+        + [f"coupon:{c}" for c, _ in coupons_used]
+    promotions_out = [{"source": s, "kind": kinds[s], "name": names[s], "fen": summary[s]}
+                      for s in order if summary.get(s)]
     uses = {p.id: 1 for p, _ in applied}
     deltas = {"points": earned["earned"] - asked_pts, "points_earned": earned["earned"],
               "points_redeemed": asked_pts, "stored_value_fen": -asked_sv,

@@ -61,7 +61,7 @@ PRICING_RECEIPT: dict[str, tuple[str, str]] = {
     "points_balance": ("积分余额", "Points balance"),
     "pts_base": ("基础积分（每元{ppy}分）", "Base ({ppy} per yuan)"),
     "pts_tier": ("{name} {percent}%", "{name} {percent}%"),
-    "pts_category": ("{key}类 {percent}%", "Category {key} {percent}%"),
+    "pts_category": ("类别{key} {percent}%", "Category {key} {percent}%"),
     "pts_sku": ("商品{key} {percent}%", "Item {key} {percent}%"),
     "pts_member_day": ("会员日 {percent}%", "Member day {percent}%"),
     "pts_birthday": ("生日{period_zh} {percent}%", "Birthday {period_en} {percent}%"),
