@@ -125,9 +125,12 @@ def read_table_file(path: str | Path) -> Iterator[dict]:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        yield orjson.loads(line)
+                        row = orjson.loads(line)
                     except orjson.JSONDecodeError as exc:
                         raise RulesetError(f"{path}:{n}: not JSON: {exc}") from None
+                    if n == 1 and isinstance(row, dict) and "part" in row:
+                        continue  # a part file's header line ({"part": "members", ...})
+                    yield row
         return
     doc = _read_doc(path)
     if isinstance(doc, dict) and len(doc) == 1 and next(iter(doc)) in TABLE_KEYS:
