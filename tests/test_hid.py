@@ -242,7 +242,6 @@ async def test_gateway_lane_with_a_magstripe_reader_and_a_scanner(tmp_path, brok
     from gateway import config as gw_config
     from gateway.service import Gateway
     from tests.support import install_rules
-    from tests.support import RULES_FILE
 
     caplog.set_level(logging.DEBUG)
     cfg = gw_config.check({
@@ -258,7 +257,7 @@ async def test_gateway_lane_with_a_magstripe_reader_and_a_scanner(tmp_path, brok
     msr.finder, qr.finder = swiper.finder, scanner.finder
     card_reader, code_scanner = swiper.plug(), scanner.plug()
     async with gw:
-        install_rules(gw, now=0)
+        install_rules(gw)  # issued now: fresh
         taps: asyncio.Queue = asyncio.Queue()
         gw.lanes["1"].listeners.add(taps)
         await until(lambda: msr.state == qr.state == "ready", what="both inputs")

@@ -4,9 +4,10 @@
 
 import asyncio
 import base64
-import dataclasses
 import logging
 import struct
+import time
+import tomllib
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -157,12 +158,11 @@ def test_minting_checks_its_input():
 
 
 # -- a scanner lane end to end ---------------------------------------------------------
-async def test_gateway_scanner_lane_dynamic_codes_and_replay_across_restart(tmp_path, broker, caplog, app):
+async def test_gateway_scanner_lane_dynamic_codes_and_replay_across_restart(tmp_path, broker, caplog):
     from gateway import config as gw_config
     from gateway.service import Gateway
     from hardware.hid import DeviceGone, SimulatedInputDevice
-    from hq_bridge.rules import build_message, load_rules_file
-    from tests.support import RULES_FILE
+    from tests.support import RULES_FILE, install_rules
 
     caplog.set_level(logging.DEBUG)
     cfg = gw_config.check({
@@ -170,12 +170,16 @@ async def test_gateway_scanner_lane_dynamic_codes_and_replay_across_restart(tmp_
         "mqtt": {"host": "127.0.0.1", "port": broker.port},
         "lanes": [{"id": "1", "reader": "simulated", "hid": [{"kind": "scanner", "usb": "0c2e:0b61"}]}],
     })
-    message = build_message(load_rules_file(RULES_FILE), "S001", 1, now=0).encode()
-    code = app.code(NOW)
+    # The demo rule set with its member_qr section (wire/RULESET.md), signed as HQ does.
+    now = int(time.time())
+    doc = tomllib.loads(RULES_FILE.read_text(encoding="utf-8"))
+    doc["member_qr"] = {"issuer_public_keys": KEYS, "step_s": 30, "window_steps": 1, "static_codes": True}
+    app = MemberApp.enrol(HQ, "M1001", CARD, now - 86400, now + 86400)
+    code = app.code(now)
 
     async def run_once(scans: list[str]) -> list[dict]:
         device = SimulatedInputDevice("Honeywell scanner")
-        gw = Gateway(cfg, clock=lambda: NOW + 3)
+        gw = Gateway(cfg, clock=lambda: now + 3)
         scanner = gw.lanes["1"].inputs[0]
 
         def finder(selector):
@@ -185,12 +189,8 @@ async def test_gateway_scanner_lane_dynamic_codes_and_replay_across_restart(tmp_
         scanner.finder = finder
         taps: asyncio.Queue = asyncio.Queue()
         async with gw:
-            gw.rules.offer(message)
-            # the member_qr section as the v2 rule set carries it (wire/RULESET.md)
-            rules = gw.rules.current
-            gw.rules.current = dataclasses.replace(
-                rules, data={**rules.data, "member_qr": {"issuer_public_keys": KEYS, "step_s": 30,
-                                                         "window_steps": 1, "static_codes": True}})
+            if gw.rules.current is None:  # the second run comes up with the rules on disk
+                install_rules(gw, [doc], now=now)
             gw.lanes["1"].listeners.add(taps)
             while scanner.state != "ready":
                 await asyncio.sleep(0.01)
