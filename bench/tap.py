@@ -39,13 +39,13 @@ and rules, in the same run: what the gateway adds around the pure decision.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import os
 import socket
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from bench.common import args, emit, note
@@ -55,15 +55,24 @@ from gateway.service import Gateway
 from hardware.hid import DeviceGone, SimulatedInputDevice, key_events
 from hardware.member_qr import Issuer, MemberApp
 from hardware.readers import CardRead
-from hq_bridge.rules import build_message, load_rules_file
+from tests.support import install_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_FILE = ROOT / "deploy" / "examples" / "rules.demo.toml"
 UID = "04A1B2C3D4E5F6"          # 880000000013, gold: an accepted card
 CARD = "880000000013"
 SWIPE = f"%B{CARD}^WANG/XIAOMING^27121010000000?;{CARD}=27121010000?"
-NOW = 1_790_000_000
+NOW = int(time.time())          # rules are issued now; the QR lane's clock moves on from here
+QR_ISSUER = Issuer("hq-bench")  # HQ's member-credential key for this run
 LANE_PATTERNS = {"accept", "deny", "tap_again"}
+
+
+def rule_doc() -> dict:
+    """The demo rule set with a member_qr section for this run's issuer key."""
+    doc = tomllib.loads(RULES_FILE.read_text(encoding="utf-8"))
+    doc["member_qr"] = {"issuer_public_keys": {QR_ISSUER.key_id: QR_ISSUER.public_key_b64}, "step_s": 30,
+                        "window_steps": 1, "static_codes": True}
+    return doc
 
 
 def pct(values: list[float], p: float) -> float:
@@ -105,8 +114,7 @@ class Stopwatch:
         self.shown.clear()
 
 
-def baseline_validate(source: str, raw: str, rules, n: int) -> list[float]:
-    now = engine.datetime.fromtimestamp(NOW)
+def baseline_validate(source: str, raw: str, rules, n: int, now) -> list[float]:
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -127,12 +135,7 @@ async def bench_nfc(gw: Gateway, watch: Stopwatch, n: int) -> list[float]:
 
 
 async def bench_qr(gw: Gateway, watch: Stopwatch, clock: list[float], n: int) -> list[float]:
-    issuer = Issuer("hq-bench")
-    app = MemberApp.enrol(issuer, "M1001", CARD, 0, 2 ** 32 - 1)
-    rules = gw.rules.current
-    gw.rules.current = dataclasses.replace(rules, data={**rules.data, "member_qr": {
-        "issuer_public_keys": {"hq-bench": issuer.public_key_b64}, "step_s": 30, "window_steps": 1,
-        "static_codes": True}})
+    app = MemberApp.enrol(QR_ISSUER, "M1001", CARD, NOW - 60, NOW + 30 * n + 60)
     codes = [app.code(NOW + 30 * i) for i in range(n)]   # minted on the phone, not timed
     out = []
     for i, code in enumerate(codes):
@@ -185,7 +188,7 @@ async def bench_nfc_pcsc(base: Path, n: int, n_base: int) -> tuple[list[float], 
             "lanes": [{"id": "1", "reader": "pcsc", "pcsc_reader": pcsc_env.READER_NAME}],
         })
         async with Gateway(cfg) as gw:
-            gw.rules.offer(build_message(load_rules_file(RULES_FILE), "S001", 1, now=0).encode())
+            install_rules(gw, [rule_doc()], now=NOW)
             watch = Stopwatch(gw.lanes["1"].indicator)
             started: list[float] = []
             handle = gw.handle_read
@@ -258,8 +261,8 @@ async def main() -> None:
 
     gw.lanes["msr"].inputs[0].finder = finder
     async with gw:
-        gw.rules.offer(build_message(load_rules_file(RULES_FILE), "S001", 1, now=0).encode())
-        rules = gw.rules.current
+        install_rules(gw, [rule_doc()], now=NOW)
+        rules, now = gw.rules.current, gw.now()
         while gw.lanes["msr"].inputs[0].state != "ready":
             await asyncio.sleep(0.01)
         nfc = await bench_nfc(gw, Stopwatch(gw.lanes["nfc"].indicator), n_fast)
@@ -273,9 +276,9 @@ async def main() -> None:
                "through the same pcscd+vpcd, same run", bare,
                insert_to_indicator_p50_ms=round(pct(field, 50), 3),
                insert_to_indicator_p99_ms=round(pct(field, 99), 3))
-    report("nfc", nfc, validate, baseline_validate("nfc", UID, rules, n_fast))
-    report("magstripe", swipes, validate, baseline_validate("magstripe", CARD, rules, n_fast))
-    report("qr", qr, validate, baseline_validate("qr", CARD, rules, n_fast))
+    report("nfc", nfc, validate, baseline_validate("nfc", UID, rules, n_fast, now))
+    report("magstripe", swipes, validate, baseline_validate("magstripe", CARD, rules, n_fast, now))
+    report("qr", qr, validate, baseline_validate("qr", CARD, rules, n_fast, now))
 
 
 if __name__ == "__main__":
