@@ -55,7 +55,7 @@ from gateway.service import Gateway
 from hardware.hid import DeviceGone, SimulatedInputDevice, key_events
 from hardware.member_qr import Issuer, MemberApp
 from hardware.readers import CardRead
-from tests.support import install_rules
+from tests.support import install_rules, test_hq_public_key
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_FILE = ROOT / "deploy" / "examples" / "rules.demo.toml"
@@ -185,6 +185,7 @@ async def bench_nfc_pcsc(base: Path, n: int, n_base: int) -> tuple[list[float], 
         cfg = gw_config.check({
             "store": {"id": "S001", "data_dir": str(base / "store-pcsc")},
             "mqtt": {"host": "127.0.0.1", "port": free_port()},
+            "rules": {"hq_public_keys": [test_hq_public_key()]},
             "lanes": [{"id": "1", "reader": "pcsc", "pcsc_reader": pcsc_env.READER_NAME}],
         })
         async with Gateway(cfg) as gw:
@@ -248,6 +249,7 @@ async def main() -> None:
     cfg = gw_config.check({
         "store": {"id": "S001", "data_dir": str(base / "store")},
         "mqtt": {"host": "127.0.0.1", "port": free_port()},
+        "rules": {"hq_public_keys": [test_hq_public_key()]},
         "lanes": [{"id": "nfc", "reader": "simulated"}, {"id": "qr", "reader": "simulated"},
                   {"id": "msr", "reader": "terminal", "hid": [{"kind": "magstripe", "usb": "0801:0001"}]}],
     })
