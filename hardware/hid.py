@@ -304,7 +304,7 @@ def find_device(selector: HidSelector, input_dir: str = "/dev/input"):
             device.close()
     except PermissionError as denied:
         raise DeviceGone("fault", f"no permission to open the input device ({denied.strerror}); "
-                                  "see deploy/ for the udev rule") from None
+                                  "see deploy/udev/99-storegate.rules") from None
     except OSError as exc:
         raise DeviceGone("absent", f"cannot open the input device ({exc.strerror})") from None
     raise DeviceGone("absent", f"no input device with {selector.describe()}")
