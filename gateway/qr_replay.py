@@ -37,7 +37,8 @@ class ReplayStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)  # used from the event loop only
+        # Made wherever the Gateway is built, used from the event loop only.
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an accepted step survives a power cut
         self._db.execute("CREATE TABLE IF NOT EXISTS used (member TEXT NOT NULL, step INTEGER NOT NULL, "
