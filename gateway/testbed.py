@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -40,10 +42,97 @@ def mosquitto_path() -> str | None:
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
 
 
-class MosquittoBroker:
-    """A real mosquitto on 127.0.0.1; ``kill()`` and ``start()`` simulate outages."""
+@dataclass(frozen=True)
+class TestPKI:
+    """A throwaway CA, a server certificate for 127.0.0.1 and client
+    certificates (CN = the MQTT username under use_identity_as_username)."""
 
-    def __init__(self, workdir: str | Path | None = None, port: int | None = None) -> None:
+    dir: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+
+    def cert(self, name: str) -> Path:
+        return self.dir / f"{name}.pem"
+
+    def key(self, name: str) -> Path:
+        return self.dir / f"{name}.key"
+
+    def mqtt_tls(self, name: str | None) -> dict:
+        """The ``[mqtt.tls]`` table for a client with certificate ``name`` (None: no client cert)."""
+        tls = {"ca_file": str(self.ca)}
+        if name:
+            tls |= {"cert_file": str(self.cert(name)), "key_file": str(self.key(name))}
+        return tls
+
+
+def make_test_pki(directory: str | Path, clients: list[str], *, days: int = 2) -> TestPKI:
+    """Generate the test PKI with ``cryptography`` (EC P-256 keys, key files mode 0600)."""
+    import datetime
+    import ipaddress
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "storegate test"),
+                          x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(path: Path, key) -> None:
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (x509.CertificateBuilder().subject_name(name("storegate test CA")).issuer_name(name("storegate test CA"))
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    (d / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(cn: str, server: bool) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_cert.subject)
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                                   else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+        if server:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                critical=False)
+        cert = b.sign(ca_key, hashes.SHA256())
+        stem = "server" if server else cn
+        (d / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        write_key(d / f"{stem}.key", key)
+
+    issue("localhost", True)
+    for cn in clients:
+        issue(cn, False)
+    return TestPKI(d, d / "ca.pem", d / "server.pem", d / "server.key")
+
+
+class MosquittoBroker:
+    """A real mosquitto on 127.0.0.1; ``kill()`` and ``start()`` simulate outages.
+
+    With ``pki`` the listener speaks TLS only and requires a client
+    certificate whose CN becomes the username (``use_identity_as_username``);
+    with ``acl_file`` (e.g. deploy/mosquitto/acl) access is limited by it."""
+
+    def __init__(self, workdir: str | Path | None = None, port: int | None = None, *,
+                 pki: TestPKI | None = None, acl_file: str | Path | None = None) -> None:
         exe = mosquitto_path()
         if exe is None:
             raise RuntimeError("mosquitto is not installed (Debian package 'mosquitto')")
@@ -53,9 +142,16 @@ class MosquittoBroker:
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
         conf = self.workdir / "mosquitto.conf"
+        security = "allow_anonymous true\n"
+        if pki is not None:
+            security = (f"user {getpass.getuser()}\n"  # as root, mosquitto would become 'mosquitto' and not read the keys
+                        f"cafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
+                        "require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n")
+        if acl_file is not None:
+            security += f"acl_file {acl_file}\n"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            + security +
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "autosave_interval 1\n"
