@@ -96,9 +96,12 @@ def request_hash(request: Any) -> str:
 
 # -- frames (pure) ------------------------------------------------------------
 
+_pack_header = HEADER.pack
+
+
 def encode_frame(payload: dict) -> bytes:
     data = orjson.dumps(payload)
-    return HEADER.pack(MAGIC, len(data), zlib.crc32(data)) + data
+    return _pack_header(MAGIC, len(data), zlib.crc32(data)) + data
 
 
 def scan_frames(buf: bytes, start: int = 0):
@@ -205,11 +208,20 @@ class JournalIndex:
 
 # -- the journal (I/O) ----------------------------------------------------------
 
-@dataclass
 class _Write:
-    data: bytes
-    future: asyncio.Future | None
-    loop: asyncio.AbstractEventLoop | None
+    """One frame queued for the writer. A record's frame dict rides along so
+    the writer can index it once it is on disk, whoever still waits for it."""
+
+    __slots__ = ("data", "future", "frame", "key", "req_hash", "waiters")
+
+    def __init__(self, data: bytes, future: asyncio.Future | None, frame: dict | None = None,
+                 key: str | None = None, req_hash: str = "") -> None:
+        self.data = data
+        self.future = future
+        self.frame = frame
+        self.key = key
+        self.req_hash = req_hash
+        self.waiters: list[asyncio.Future] | None = None  # retries of the same key, waiting on this one
 
 
 class Journal:
@@ -232,7 +244,10 @@ class Journal:
         self.stats = {"appends": 0, "groups": 0, "bytes": 0}
         self._writes: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._inflight_keys: dict[str, asyncio.Future] = {}
+        self._inflight_keys: dict[str, _Write] = {}  # key -> its record being written now
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rand = b""
+        self._rand_pos = 0
         self._batch: list[_Write] = []
         self._open = False
         self._segment = 0            # number of the segment being written
@@ -254,6 +269,7 @@ class Journal:
         await self.close()
 
     async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._recover)
         self._open = True
         if self.writer == "thread":
@@ -386,7 +402,7 @@ class Journal:
         finally:
             os.close(fd)
 
-    # -- the writer thread: one write and one fdatasync per group ------------
+    # -- the writer: one write and one fdatasync per group ---------------------
 
     def _writer_loop(self) -> None:
         while True:
@@ -403,15 +419,15 @@ class Journal:
                     self._writes.put(None)
                     break
                 group.extend(more)
-            outcomes = self._write_group(group)
-            if outcomes:  # one wake-up of the event loop for the whole group
-                outcomes[0][0].get_loop().call_soon_threadsafe(_settle_all, outcomes)
+            placed, error = self._write_group(group)
+            # One wake-up of the event loop for the whole group.
+            self._loop.call_soon_threadsafe(self._finish, group, placed, error)
 
-    def _write_group(self, group: list[_Write]) -> list:
-        """Write and fdatasync a group of frames; (future, result, error) for each."""
-        data = b"".join(w.data for w in group)
-        error: Exception | None = None
-        placed: tuple[int, int] | None = None
+    def _write_group(self, group: list[_Write]) -> tuple[tuple[int, int] | None, JournalError | None]:
+        """Write and fdatasync a group of frames with one pwrite: (segment,
+        offset of the first frame), or the error. Touches no index state, so
+        it may run on the writer thread."""
+        data = group[0].data if len(group) == 1 else b"".join([w.data for w in group])
         try:
             if self._fd is None or (self._size + len(data) > self.segment_bytes and self._size > 0):
                 self._open_new_segment()
@@ -436,33 +452,61 @@ class Journal:
             self._size += len(data)
             self._logical[self._segment] = self._size
             self._total += len(data)
-            placed = (self._segment, start)
             self.stats["groups"] += 1
             self.stats["bytes"] += len(data)
+            return (self._segment, start), None
         except (JournalError, OSError) as exc:
             error = exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc}")
             log.error("journal: %s", error)
+            return None, error
+
+    def _finish(self, group: list[_Write], placed: tuple[int, int] | None, error: JournalError | None) -> None:
+        """On the event loop, after a group's write: index every record that is
+        on disk (even if its caller was cancelled meanwhile, e.g. a POS that
+        hung up: it is sent, and a retry with its key finds it), then wake the
+        callers and any retries waiting on their keys."""
+        inflight = self._inflight_keys
         offset = placed[1] if placed else 0
-        outcomes = []
+        records = 0
         for w in group:
-            if w.future is not None:
-                outcomes.append((w.future, (placed[0], offset, len(w.data)) if placed else None, error))
+            if w.key is not None and inflight.get(w.key) is w:
+                del inflight[w.key]
+            if placed is not None and w.frame is not None:
+                self.index.on_record(w.frame, placed[0], offset, len(w.data))
+                records += 1
             offset += len(w.data)
-        return outcomes
+            fut = w.future
+            if fut is not None and not fut.done():
+                if error is None:
+                    fut.set_result((placed[0], offset - len(w.data), len(w.data)))
+                else:
+                    fut.set_exception(error)
+            if w.waiters:
+                for waiter in w.waiters:
+                    if not waiter.done():
+                        if error is None:
+                            waiter.set_result(None)
+                        else:
+                            waiter.set_exception(error)
+        if records:
+            self.stats["appends"] += records
+            if self.on_append:
+                self.on_append()
 
     def _submit(self, data: bytes) -> asyncio.Future:
-        """Queue a frame; everything queued in one turn of the event loop goes
-        to the writer together, so concurrent lanes share one fdatasync."""
+        """Queue frames that are not records (carried-forward keys)."""
         if not self._open:
             raise JournalError("journal is not open")
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._queue_frame(_Write(data, fut, loop))
+        fut = asyncio.get_running_loop().create_future()
+        self._queue_frame(_Write(data, fut))
         return fut
 
-    def _queue_frame(self, write: "_Write") -> None:
+    def _queue_frame(self, write: _Write) -> None:
+        """Everything queued in one turn of the event loop goes to the writer
+        together (at the end of the turn), so concurrent lanes share one
+        fdatasync."""
         if not self._batch:
-            asyncio.get_running_loop().call_soon(self._hand_over)
+            self._loop.call_soon(self._hand_over)
         self._batch.append(write)
 
     def _hand_over(self) -> None:
@@ -470,7 +514,7 @@ class Journal:
         if self.writer == "thread":
             self._writes.put(batch)
         else:
-            _settle_all(self._write_group(batch))
+            self._finish(batch, *self._write_group(batch))
 
     # -- operations (called on the event loop) --------------------------------
 
@@ -488,50 +532,63 @@ class Journal:
         req_hash = req_hash or request_hash(request)
         inflight = self._inflight_keys.get(idempotency_key)
         if inflight is not None:  # the first request with this key is being written now
-            first_hash, written = inflight
-            if first_hash != req_hash:
+            if inflight.req_hash != req_hash:
                 raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was already used for a "
                                           "different request")
-            await asyncio.shield(written)  # the first one's error, if it failed
+            # Our own future: the first caller being cancelled must not cancel us.
+            waiter = self._loop.create_future()
+            if inflight.waiters is None:
+                inflight.waiters = []
+            inflight.waiters.append(waiter)
+            await waiter  # the first one's error, if it failed
         return self._stored(idempotency_key, req_hash)
 
     async def append(self, type_: str, body: dict, *, idempotency_key: str | None = None,
                      request: Any = None, response: dict | None = None) -> Appended:
-        """Make a record durable. With an idempotency key, a repeat of the
-        same request returns the first answer instead of a new record."""
-        req_hash = request_hash(request) if idempotency_key else ""
+        """Make a record durable: returns once its frame is written and
+        fdatasync'd. With an idempotency key, a repeat of the same request
+        returns the first answer instead of a new record."""
         if idempotency_key:
-            earlier = await self.lookup(idempotency_key, request, req_hash=req_hash)
-            if earlier:
-                return earlier
-        seq = self.index.next_seq
-        self.index.next_seq += 1  # taken even if the write fails: never reused
-        tx_id = os.urandom(16).hex()  # 128 random bits, like uuid4, for a third of the cost
+            req_hash = request_hash(request)
+            if idempotency_key in self._inflight_keys or idempotency_key in self.index.idempotency:
+                earlier = await self.lookup(idempotency_key, request, req_hash=req_hash)
+                if earlier:
+                    return earlier
+        if not self._open:
+            raise JournalError("journal is not open")
+        index = self.index
+        seq = index.next_seq
+        index.next_seq = seq + 1  # taken even if the write fails: never reused
+        tx_id = self._new_id()
         ts = int(self._clock() * 1000)
-        full = {**(response or {}), "seq": seq, "tx_id": tx_id}
-        frame = {"k": "r", "seq": seq, "id": tx_id, "type": type_, "ts": ts, "body": body}
+        full = {**response, "seq": seq, "tx_id": tx_id} if response else {"seq": seq, "tx_id": tx_id}
         if idempotency_key:
-            frame.update(key=idempotency_key, rh=req_hash, resp=full)
-        fut = self._submit(encode_frame(frame))
+            frame = {"k": "r", "seq": seq, "id": tx_id, "type": type_, "ts": ts, "body": body,
+                     "key": idempotency_key, "rh": req_hash, "resp": full}
+        else:
+            frame = {"k": "r", "seq": seq, "id": tx_id, "type": type_, "ts": ts, "body": body}
+        data = orjson.dumps(frame)
+        fut = self._loop.create_future()
+        write = _Write(_pack_header(MAGIC, len(data), zlib.crc32(data)) + data, fut, frame)
         if idempotency_key:
-            self._inflight_keys[idempotency_key] = (req_hash, fut)
-
-        def written(f: asyncio.Future) -> None:
-            # Runs when the frame is on disk, even if the caller was cancelled
-            # meanwhile (a POS that hung up): the record is indexed and sent,
-            # and a retry with the same key finds it.
-            if idempotency_key:
-                self._inflight_keys.pop(idempotency_key, None)
-            if f.cancelled() or f.exception() is not None:
-                return
-            self.index.on_record(frame, *f.result())
-            self.stats["appends"] += 1
-            if self.on_append:
-                self.on_append()
-
-        fut.add_done_callback(written)  # before any waiter's callback: indexed first
-        await asyncio.shield(fut)
+            write.key, write.req_hash = idempotency_key, req_hash
+            self._inflight_keys[idempotency_key] = write
+        if not self._batch:
+            self._loop.call_soon(self._hand_over)
+        self._batch.append(write)
+        # Not shielded: a cancelled caller cancels only this future; _finish
+        # still indexes the record when it reaches the disk.
+        await fut
         return Appended(seq, tx_id, full, False)
+
+    def _new_id(self) -> str:
+        """128 random bits as hex, like uuid4; urandom is read in blocks
+        because a getrandom() call per record shows in the profile."""
+        pos = self._rand_pos
+        if pos >= len(self._rand):
+            self._rand, pos = os.urandom(16 * 256), 0
+        self._rand_pos = pos + 16
+        return self._rand[pos:pos + 16].hex()
 
     async def pending(self, after_seq: int = 0, limit: int = 500) -> list[TxRecord]:
         seqs = self.index.after(after_seq, limit)
@@ -558,7 +615,7 @@ class Journal:
         if freed:
             # Not awaited: losing this frame in a crash only means a resend,
             # which HQ acks again. It rides along with the next fsync.
-            self._queue_frame(_Write(encode_frame({"k": "a", "r": ranges}), None, None))
+            self._queue_frame(_Write(encode_frame({"k": "a", "r": ranges}), None))
             await self._compact()
         return freed
 
@@ -630,12 +687,3 @@ def read_index(directory: str | Path) -> JournalIndex:
                 index.on_key(frame, int(path.stem))
     return index
 
-
-def _settle_all(outcomes) -> None:
-    for fut, result, error in outcomes:
-        if fut.done():
-            continue
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)
