@@ -285,3 +285,72 @@ async def test_pcsc_reader_hands_sun_messages_to_the_gateway_check(pcscd, cards,
         events.stop()
         await reader.close()
         secure.close()
+
+
+# -- the gateway: signed rules with a secure programme, a PC/SC lane ------------------
+async def test_gateway_pcsc_lane_refuses_clones_of_secure_cards(pcscd, cards, tmp_path, broker, caplog):  # noqa: F811
+    """pyscard -> pcscd -> vpcd -> virtual NTAG 424 DNA into Gateway.handle_read,
+    with the keys coming in the signed rule set (wire/RULESET.md layout)."""
+    import time
+    import tomllib
+
+    from gateway import config as gw_config
+    from gateway.service import Gateway
+    from tests.support import GOLD_UID, RULES_FILE, install_rules
+
+    secure_card = "880100000012"  # Luhn-valid, programme "secure"
+    doc = tomllib.loads(RULES_FILE.read_text(encoding="utf-8"))
+    doc["card_programs"]["secure"] = {
+        "name": {"zh-CN": "安全芯片会员卡", "en": "Secure member card"}, "prefix": "8801", "length": 12,
+        "check_digit": "luhn", "card_type": "personal", "sources": ["nfc"],
+        "sun": {"key_id": "sun-2026", "required": True}}
+    doc["keys"] = {"sun": {"sun-2026": {"meta_read_key": META.hex(), "file_read_key": MASTER.hex()}}}  # diversify: uid (default)
+    doc["members"][secure_card] = {"member_id": "M2001", "name": "安*", "tier": "gold", "nfc_uid": SECURE_UID}
+
+    cfg = gw_config.check({
+        "store": {"id": "S001", "data_dir": str(tmp_path / "store")},
+        "mqtt": {"host": "127.0.0.1", "port": broker.port},
+        "lanes": [{"id": "1", "reader": "pcsc", "pcsc_reader": READER}],
+    })
+    caplog.set_level(logging.DEBUG)
+    async with Gateway(cfg) as gw:
+        install_rules(gw, [doc], now=int(time.time()))
+        taps: asyncio.Queue = asyncio.Queue()
+        gw.lanes["1"].listeners.add(taps)
+        await until(lambda: gw.lanes["1"].reader.state == "ready", what="the reader")
+
+        async def tap(c) -> dict:
+            c.insert()
+            event = await asyncio.wait_for(taps.get(), EVENT_TIMEOUT)
+            c.remove()
+            await until(lambda: not c.present, what="the card to leave")
+            await asyncio.sleep(1.0)
+            return event
+
+        genuine = Ntag424Dna(pcscd.port, SECURE_UID, meta_read_key=META,
+                             file_read_key=diversify_key(MASTER, bytes.fromhex(SECURE_UID)), counter=5)
+        cards.append(genuine)
+        event = await tap(genuine)
+        assert (event["verdict"], event["member"]["member_id"], event["card"]) == ("accept", "M2001", "8801****0012")
+
+        clone = Ntag424Dna(pcscd.port, SECURE_UID)
+        clone.replay_url = genuine.last_url
+        cards.append(clone)
+        event = await tap(clone)
+        assert (event["verdict"], event["reason"], event["pattern"]) == ("deny", "sun_replayed", "deny")
+        assert event["text"] == reason_text("sun_replayed") and event["card"] == "8801****0012"
+        assert gw.lanes["1"].indicator.history[-1].value == "deny"
+
+        uid_clone = Ntag215(pcscd.port, SECURE_UID)  # the UID alone, no SUN message
+        cards.append(uid_clone)
+        assert (await tap(uid_clone))["reason"] == "sun_missing"
+
+        plain = Ntag215(pcscd.port, GOLD_UID)  # an ordinary member card on the same lane
+        cards.append(plain)
+        event = await tap(plain)
+        assert (event["verdict"], event["member"]["member_id"]) == ("accept", "M1001")
+
+        assert (await tap(genuine))["verdict"] == "accept"  # the genuine card again: a fresh message
+        assert gw.stats["denied"] == 2
+    for secret in (SECURE_UID, secure_card, META.hex(), MASTER.hex()):
+        assert secret.lower() not in caplog.text.lower()
