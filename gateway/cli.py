@@ -102,6 +102,11 @@ def _watch_drain(fetch, status: dict, interval: float = 1.0) -> None:
         status = fetch()
 
 
+def _reader_state(lane: dict) -> str:
+    state = lane.get("state")
+    return f" {state}" if state and state not in ("ready", "terminal") else ""  # only what needs a look
+
+
 def render_status(s: dict, now: float | None = None) -> str:
     now = time.time() if now is None else now
     contact = s.get("last_hq_contact")
@@ -113,7 +118,7 @@ def render_status(s: dict, now: float | None = None) -> str:
         f"rules version    {s['rules_version'] if s['rules_version'] is not None else 'none'}",
         f"backlog          {s['backlog']} record(s)" + (f", oldest {age:.0f} s" if age is not None else ""),
         f"delivered        {s['acked_records']} acked by HQ since start, last seq {s['last_seq']}",
-        "lanes            " + ", ".join(f"{lid} ({l['reader']}, {l['taps']} taps)" for lid, l in s["lanes"].items()),
+        "lanes            " + ", ".join(f"{lid} ({l['reader']}{_reader_state(l)}, {l['taps']} taps)" for lid, l in s["lanes"].items()),
     ]
     for fault in s.get("faults", []):
         rows.append(f"FAULT            {fault}")

@@ -99,3 +99,13 @@ async def test_healthy_lane_shows_no_fault(tmp_path, broker):
         await until(lambda: factory.pin(STATUS_PIN).state is True, 5, "online")
         assert "fault" not in [p.value for p in gw.lanes["1"].indicator.history]
         assert (await gw.status_message("online")).readers == {"1": "ready"}
+
+
+def test_storegate_status_shows_a_reader_that_needs_a_look():
+    from gateway.cli import render_status
+
+    text = render_status({"store": "S001", "uplink": "online", "last_hq_contact": None, "rules_version": 1,
+                          "backlog": 0, "oldest_unsent_age_s": None, "acked_records": 0, "last_seq": 0,
+                          "lanes": {"1": {"reader": "pcsc", "taps": 2, "state": "absent"},
+                                    "2": {"reader": "pcsc", "taps": 5, "state": "ready"}}}, now=0)
+    assert "1 (pcsc absent, 2 taps), 2 (pcsc, 5 taps)" in text
