@@ -31,6 +31,8 @@ the SKUs in ``prices_fen``.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from gateway.allocation import allocate
 
 KINDS = ("percent_off", "member_price", "nth_item", "threshold", "points_multiplier")
@@ -230,7 +232,7 @@ class Pricer:
                 applied.append((p, tot))
         return nets, adj, applied, bonus
 
-    def _candidate(self, c: _Promo, active: list[_Promo], snaps: list, final: list[int],
+    def _candidate(self, c: _Promo, active: list[_Promo], keys: list, snaps: list, final: list[int],
                    saving: int, bonus: int, rebase: bool = False):
         """(saving, bonus) of ``active`` plus candidate ``c``, recomputing only
         the lines ``c`` can influence: its own, and those of any threshold that
@@ -239,9 +241,7 @@ class Pricer:
 
         With ``rebase``, also returns (active', snaps', final') for ``active``
         with ``c`` in it, without a full run."""
-        pos = 0
-        while pos < len(active) and active[pos].key < c.key:
-            pos += 1
+        pos = bisect_left(keys, c.key)
         state = list(snaps[pos]) if pos < len(snaps) else list(final)
         new_snaps = [list(state)] if rebase else None
         aff = set(c.elig)
@@ -293,12 +293,13 @@ class Pricer:
             cands = sorted(groups[g], key=lambda p: p.id)
             saving = total_start - sum(final)
             best, best_key = cands[0], None
+            keys = [p.key for p in active]
             if len(cands) > 1:
                 for c in cands:
-                    key = self._candidate(c, active, snaps, final, saving, bonus)
+                    key = self._candidate(c, active, keys, snaps, final, saving, bonus)
                     if best_key is None or key > best_key:
                         best, best_key = c, key
-            (_, bonus), active, snaps, final = self._candidate(best, active, snaps, final, saving, bonus,
+            (_, bonus), active, snaps, final = self._candidate(best, active, keys, snaps, final, saving, bonus,
                                                                rebase=True)
             chosen.append(best)
         self.chosen = chosen
