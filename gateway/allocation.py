@@ -18,14 +18,21 @@ def half_up(n: int, d: int) -> int:
     return (2 * n + d) // (2 * d)
 
 
-def allocate(total: int, weights: list[int]) -> list[int]:
+def allocate(total: int, weights: list[int], capped: bool = True) -> list[int]:
+    """``capped=False`` splits a quantity that is not bounded by the weights
+    (points redeemed, when a point is worth less than a fen): the whole
+    remainder then goes to the last line with weight."""
     base = sum(weights)
     if total <= 0 or base <= 0:
         return [0] * len(weights)
-    if total > base:
+    if total > base and capped:
         total = base  # callers cap first; this keeps the "never below zero" promise regardless
     shares = [total * w // base for w in weights]
     rest = total - sum(shares)
+    if not capped:
+        last = max(i for i, w in enumerate(weights) if w > 0)
+        shares[last] += rest
+        return shares
     i = len(weights) - 1
     while rest and i >= 0:
         # Remainder to the last line with room; spills backwards only when a

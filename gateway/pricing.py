@@ -440,7 +440,7 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         _check_points(asked_pts, avail_pts, policy)
         points_fen = asked_pts * 100 // ppy_red
         red_fen = allocate(points_fen, nets)
-        red_pts = allocate(asked_pts, nets) if points_fen else [0] * n
+        red_pts = allocate(asked_pts, nets, capped=False)
     due = total - points_fen
     avail_sv = stored_value_payable(member, policy, due, rules_age_s)
     sv_line = [0] * n

@@ -298,3 +298,5 @@ def test_allocation_sums_exactly_and_never_exceeds_a_line(weights, total):
     shares = allocate(total, weights)
     assert sum(shares) == min(total, sum(weights))
     assert all(0 <= s <= w for s, w in zip(shares, weights))
+    if sum(weights):  # points are split whole, even beyond the weights
+        assert sum(allocate(total, weights, capped=False)) == total
