@@ -391,6 +391,8 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
           store: str | None = None, region: str | None = None, tender: Any = None,
           rules_age_s: int = 0) -> dict:
     """Price a basket; with a tender, apply coupons, redemption and stored value."""
+    if not isinstance(now, datetime) or now.tzinfo is None:
+        raise ValueError("now: an aware datetime in the store's time zone")
     lines = check_lines(lines)
     tender = check_tender(tender)
     today = now.date()
@@ -600,7 +602,10 @@ def return_quote(original: dict, return_lines: Any, earlier_returns: list[dict] 
     """Reverse part or all of a sale, in the sale's own tender mix."""
     sold = original["lines"]
     done: dict[int, int] = {}
-    for r in earlier_returns or ():
+    for k, r in enumerate(earlier_returns or ()):
+        if original.get("id") is not None and r.get("sale_id") not in (None, original["id"]):
+            raise ReturnError("return_invalid", f"earlier_returns[{k}]",
+                              detail=f"earlier_returns[{k}]: a return of another sale")
         for rl in r["lines"]:
             done[rl["index"]] = done.get(rl["index"], 0) + rl["qty"]
     if not isinstance(return_lines, list) or not return_lines:
