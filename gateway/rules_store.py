@@ -54,7 +54,7 @@ from wire.signing import Keyring, SignatureError, key_id
 
 log = logging.getLogger("storegate.rules")
 
-READ_BLOCK = 1 << 20
+READ_BLOCK = 1 << 16
 
 
 class RulesRejected(ValueError):
@@ -240,8 +240,7 @@ class RulesStore:
     def _rows(self, m: Manifest, name: str) -> Iterator[dict]:
         for p in m.parts:
             if p.name == name:
-                for batch in iter_table(self._chunks(p), p.name):
-                    yield from batch
+                yield from iter_table(self._chunks(p), p.name)
 
     def _table_key(self, m: Manifest | None) -> tuple | None:
         if m is None:

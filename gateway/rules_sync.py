@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from typing import Awaitable, Callable
 
@@ -32,6 +33,8 @@ from wire.messages import Manifest, Part, ResyncRequest
 from wire.topics import Topics
 
 log = logging.getLogger("storegate.rules")
+
+APPLY_SWITCH_INTERVAL_S = 0.0005
 
 
 class LinkDown(Exception):
@@ -53,7 +56,9 @@ class RulesSync:
         self._resync_asked: set = set()
         self._last_resync = 0.0
         self.applying = False
-        self.last_applied_at: float | None = None  # monotonic, for benchmarks
+        self._latest_at = 0.0
+        # monotonic times of the last rule set applied: manifest received, live (benchmarks, logs)
+        self.timings: dict[str, float] = {}
 
     def topics_to_subscribe(self) -> list[str]:
         return [self.topics.rules(self.store), self.topics.deny()]
@@ -77,7 +82,7 @@ class RulesSync:
             return True
         if topic == self.topics.rules(self.store):
             if payload:
-                self._latest = payload
+                self._latest, self._latest_at = payload, time.monotonic()
                 self._wake.set()
             return True
         if topic == self.topics.deny():
@@ -181,7 +186,7 @@ class RulesSync:
             if payload is None:
                 continue
             try:
-                await self._process(payload)
+                await self._process(payload, self._latest_at)
             except LinkDown:
                 log.info("link down while fetching rule-set parts; continuing when the manifest comes again")
             except RulesRejected as exc:
@@ -191,11 +196,10 @@ class RulesSync:
             except Exception:
                 log.exception("rule set processing failed")
 
-    async def _process(self, payload: bytes) -> None:
+    async def _process(self, payload: bytes, received: float) -> None:
         m = self.rules.check_manifest(payload)
         if m is None:
             return
-        started = time.monotonic()
         missing = self.rules.missing_parts(m)
         if missing:
             log.info("rule set v%d: fetching %d of %d part(s)", m.version, len(missing), len(m.parts))
@@ -208,17 +212,21 @@ class RulesSync:
                     await self.request_resync(str(exc))
                 raise
         self.applying = True
+        # The load runs in a worker thread; taps and quotes run on the event
+        # loop and need the GIL back quickly: hand it over every 0.5 ms
+        # instead of every 5 ms while the load runs.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(APPLY_SWITCH_INTERVAL_S)
         try:
             rules = await asyncio.to_thread(self.rules.build, m)
         finally:
+            sys.setswitchinterval(switch)
             self.applying = False
-        if self._latest is not None:
-            # A newer manifest came while this one was loading; it is checked next
-            # (this one still goes live first: it is complete and valid).
-            pass
+        # A newer manifest that came meanwhile is checked next; this one, complete
+        # and valid, goes live first.
         self.rules.commit(m, rules)
-        self.last_applied_at = time.monotonic()
-        log.info("rule set v%d live %.2f s after its manifest came", m.version, self.last_applied_at - started)
+        self.timings = {"received": received, "live": time.monotonic(), "version": m.version}
+        log.info("rule set v%d live %.2f s after its manifest came", m.version, self.timings["live"] - received)
         await self._changed()
 
     async def _changed(self) -> None:

@@ -479,38 +479,40 @@ def encode_table(rows, level: int = 6) -> bytes:
     return b"".join(out)
 
 
-def iter_table(chunks, name: str, batch: int = 5000):
-    """Rows of a table part, in batches (lists of dicts), from an iterable of
-    compressed byte chunks (a file read in blocks)."""
+def iter_table(chunks, name: str, out_block: int = 1 << 16):
+    """Rows of a table part (dicts, one at a time) from an iterable of
+    compressed byte chunks (a file read in blocks). Memory stays flat: at
+    most ``out_block`` bytes are decompressed at a time."""
     d = zlib.decompressobj()
     tail = b""
-    rows: list = []
     lineno = 0
-    try:
-        for chunk in chunks:
-            data = tail + d.decompress(chunk)
-            lines = data.split(b"\n")
-            tail = lines.pop()
-            for line in lines:
-                lineno += 1
-                if line:
-                    rows.append(orjson.loads(line))
-                    if len(rows) >= batch:
-                        yield rows
-                        rows = []
-        data = tail + d.flush()
-        if not d.eof:
-            raise WireError(f"part {name}: truncated zlib stream")
-        for line in data.split(b"\n"):
+    loads = orjson.loads
+
+    def lines_of(data: bytes):
+        nonlocal tail, lineno
+        data = tail + data
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            tail = data
+            return
+        tail = data[cut + 1:]
+        for line in data[:cut].split(b"\n"):
             lineno += 1
             if line:
-                rows.append(orjson.loads(line))
+                yield loads(line)
+
+    try:
+        for chunk in chunks:
+            while chunk:
+                yield from lines_of(d.decompress(chunk, out_block))
+                chunk = d.unconsumed_tail
+        yield from lines_of(d.flush() + b"\n")
+        if not d.eof:
+            raise WireError(f"part {name}: truncated zlib stream")
     except zlib.error as exc:
         raise WireError(f"part {name}: bad zlib stream: {exc}") from None
     except orjson.JSONDecodeError as exc:
         raise WireError(f"part {name}: line {lineno}: not JSON: {exc}") from None
-    if rows:
-        yield rows
 
 
 ALL_SCHEMAS = {
