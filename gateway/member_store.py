@@ -48,7 +48,7 @@ from typing import Any, Iterable
 
 import orjson
 
-from wire.ruleset import check_deny_entry, check_member
+from wire.ruleset import check_deny_entry, check_member, member_checker
 
 DELTA_INTS = ("points", "points_earned", "points_redeemed", "stored_value_fen")
 DELTA_MAPS = ("packages", "promotion_uses")
@@ -252,6 +252,12 @@ class MemberStore:
         # The deltas are the only record of what was spent here since the snapshot.
         self._deltas.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._deltas.executescript(_DELTAS_DDL)
+        self._refresh_with_deltas()
+
+    def _refresh_with_deltas(self) -> None:
+        # Most members have no local deltas: validate skips the query for them.
+        self._with_deltas = {r[0] for r in self._deltas.execute(
+            "SELECT DISTINCT member_id FROM deltas WHERE seq > ?", (self.store_seq,))}
 
     # -- opening and reading --------------------------------------------
 
@@ -259,7 +265,7 @@ class MemberStore:
     def _open(path: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode=DELETE")   # never WAL: the file is replaced by rename
-        conn.execute("PRAGMA cache_size=-4096")      # 4 MB page cache: the Pi's RAM is for other things
+        conn.execute("PRAGMA cache_size=-8192")      # 8 MB: the B-trees' inner pages stay cached; leaves come from the OS
         conn.execute("PRAGMA mmap_size=0")
         return conn
 
@@ -269,12 +275,8 @@ class MemberStore:
         self.store_seq, self.deny_version = meta.get("store_seq", 0), meta.get("deny_version", 0)
 
     def get(self, card_no: str) -> dict | None:
-        row = self._conn.execute("SELECT rec FROM members WHERE card_no=?", (card_no,)).fetchone()
-        if row is None:
-            return None
-        rec = orjson.loads(row[0])
-        rec["card_no"] = card_no
-        return rec
+        row = self._conn.execute("SELECT uid, rec FROM members WHERE card_no=?", (card_no,)).fetchone()
+        return _expand(card_no, row[0], row[1]) if row else None
 
     def card_for_uid(self, uid: str) -> str | None:
         row = self._conn.execute("SELECT card_no FROM members WHERE uid=?", (normalise_uid(uid),)).fetchone()
@@ -307,24 +309,13 @@ class MemberStore:
             conn.executescript(_SNAPSHOT_DDL)
             conn.execute("BEGIN")
             conn.execute("CREATE TEMP TABLE load_m (card_no TEXT, uid TEXT, rec BLOB)")
-
-            def member_rows():
-                for rec in members:
-                    rec = check_member(rec, rules) if check else dict(rec)
-                    card_no = rec.pop("card_no")
-                    uid = rec.get("nfc_uid")
-                    yield card_no, normalise_uid(uid) if uid else None, orjson.dumps(rec)
-
-            _insert_batched(conn, "INSERT INTO load_m VALUES (?, ?, ?)", member_rows())
-            # Sorted insert into the clustered B-tree: pages fill in order (fast, compact).
+            _load_members(conn, members, check, rules)
             try:
-                conn.execute("INSERT INTO members SELECT card_no, uid, rec FROM load_m ORDER BY card_no")
+                conn.execute("CREATE UNIQUE INDEX members_uid ON members (uid) WHERE uid IS NOT NULL")
             except sqlite3.IntegrityError:
-                dup = conn.execute("SELECT card_no FROM load_m GROUP BY card_no HAVING count(*) > 1 "
-                                   "LIMIT 1").fetchone()
-                raise ValueError(f"members.{dup[0]}: the card appears twice in the snapshot") from None
-            conn.execute("DROP TABLE load_m")
-            conn.execute("CREATE UNIQUE INDEX members_uid ON members (uid) WHERE uid IS NOT NULL")
+                uid, cards = conn.execute("SELECT uid, group_concat(card_no, ', ') FROM members WHERE uid IS NOT "
+                                          "NULL GROUP BY uid HAVING count(*) > 1 LIMIT 1").fetchone()
+                raise ValueError(f"members: cards {cards} have the same nfc_uid") from None
 
             def deny_rows():
                 for rec in deny:
@@ -395,6 +386,7 @@ class MemberStore:
         with self._deltas:
             self._deltas.execute("DELETE FROM deltas WHERE seq <= ?", (self.store_seq,))
             self._deltas.execute("DELETE FROM deny_log WHERE version <= ?", (deny_version,))
+        self._refresh_with_deltas()
 
     # -- deny deltas ------------------------------------------------------
 
@@ -434,9 +426,13 @@ class MemberStore:
             self._deltas.execute("INSERT OR REPLACE INTO deltas VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
                 seq, member_id, day, *(deltas.get(k, 0) for k in DELTA_INTS),
                 orjson.dumps(extra) if extra else None))
+        if seq > self.store_seq:
+            self._with_deltas.add(member_id)
 
     def local_totals(self, member_id: str, day: str) -> dict:
         totals = _empty_totals()
+        if member_id not in self._with_deltas:
+            return totals
         for row_day, p, pe, pr, sv, extra in self._deltas.execute(
                 "SELECT day, points, points_earned, points_redeemed, stored_value_fen, extra FROM deltas "
                 "WHERE member_id=? AND seq>? ORDER BY seq", (member_id, self.store_seq)):
@@ -449,6 +445,71 @@ class MemberStore:
     def close(self) -> None:
         self._conn.close()
         self._deltas.close()
+
+
+# Stored records leave out card_no and nfc_uid (columns) and fields at their default (half the file).
+_MEMBER_DEFAULTS = {"status": "active", "birthday_calendar": "solar", "points": 0, "balance_fen": 0}
+_MEMBER_EMPTY = ("packages", "coupons")
+
+
+def _compact(rec: dict) -> bytes:
+    rec = dict(rec)
+    del rec["card_no"]
+    rec.pop("nfc_uid", None)
+    for k, v in _MEMBER_DEFAULTS.items():
+        if rec.get(k) == v:
+            del rec[k]
+    for k in _MEMBER_EMPTY:
+        if k in rec and not rec[k]:
+            del rec[k]
+    return orjson.dumps(rec)
+
+
+def _expand(card_no: str, uid: str | None, blob: bytes) -> dict:
+    rec = orjson.loads(blob)
+    out = {"card_no": card_no, **_MEMBER_DEFAULTS, "packages": {}, "coupons": [], **rec}
+    if uid:
+        out["nfc_uid"] = uid
+    return out
+
+
+def _load_members(conn: sqlite3.Connection, members: Iterable[dict], check: bool, rules: dict | None) -> None:
+    """Rows go straight into the clustered table while they arrive in card
+    order (HQ writes parts sorted; appending to a B-tree is the fastest
+    load); from the first row out of order on, into a temporary table that is
+    inserted sorted at the end."""
+    direct, spill = [], []
+    last = ""
+    in_order = True
+    checker = member_checker(rules)
+    try:
+        for rec in members:
+            rec = checker(rec) if check else rec
+            card_no = rec["card_no"]
+            uid = rec.get("nfc_uid")
+            row = (card_no, normalise_uid(uid) if uid else None, _compact(rec))
+            if in_order and card_no > last:
+                last = card_no
+                direct.append(row)
+                if len(direct) >= _BATCH:
+                    conn.executemany("INSERT INTO members VALUES (?, ?, ?)", direct)
+                    direct.clear()
+            else:
+                in_order = False
+                spill.append(row)
+                if len(spill) >= _BATCH:
+                    conn.executemany("INSERT INTO load_m VALUES (?, ?, ?)", spill)
+                    spill.clear()
+        conn.executemany("INSERT INTO members VALUES (?, ?, ?)", direct)
+        conn.executemany("INSERT INTO load_m VALUES (?, ?, ?)", spill)
+        conn.execute("INSERT INTO members SELECT card_no, uid, rec FROM load_m ORDER BY card_no")
+    except sqlite3.IntegrityError:
+        dup = conn.execute("SELECT card_no FROM load_m GROUP BY card_no HAVING count(*) > 1 UNION ALL "
+                           "SELECT card_no FROM load_m WHERE card_no IN (SELECT card_no FROM members) "
+                           "LIMIT 1").fetchone()
+        dup = dup[0] if dup else (direct[-1][0] if direct else "?")
+        raise ValueError(f"members.{dup}: the card appears twice in the snapshot") from None
+    conn.execute("DROP TABLE load_m")
 
 
 def _insert_batched(conn: sqlite3.Connection, sql: str, rows: Iterable[tuple]) -> None:

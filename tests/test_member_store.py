@@ -257,3 +257,36 @@ def test_empty_store_comes_up_empty(tmp_path):
     store.close()
     assert (tmp_path / "members.db").exists()
     assert os.stat(tmp_path / "members.db").st_size > 0
+
+
+def test_unsorted_and_sorted_parts_load_the_same(tmp_path):
+    import random
+
+    recs = list(members(3000))
+    shuffled = recs[:1000] + random.Random(1).sample(recs[1000:], 2000)   # in order, then not
+    a, b = MemberStore(tmp_path / "a", durable=False), MemberStore(tmp_path / "b", durable=False)
+    a.replace_snapshot(iter(recs), (), version=1, as_of=0, store_seq=0)
+    b.replace_snapshot(iter(shuffled), (), version=1, as_of=0, store_seq=0)
+    for c in ("880000000000", "880000001500", "880000002999"):
+        assert a.get(c) == b.get(c) is not None
+        assert a.card_for_uid(a.get(c)["nfc_uid"]) == c
+    assert a.count() == b.count() == (3000, 0)
+    with pytest.raises(ValueError, match="880000000001, 880000000002 have the same nfc_uid"):
+        a.replace_snapshot([{"card_no": f"88000000000{i}", "member_id": "M", "tier": "gold",
+                             "nfc_uid": "04AABBCCDDEEFF"} for i in (1, 2)], (), version=2, as_of=0, store_seq=0)
+    with pytest.raises(ValueError, match="880000002000: the card appears twice"):
+        b.replace_snapshot([*members(3000), *members(1, start=2000)], (), version=2, as_of=0, store_seq=0)
+    assert a.version == b.version == 1
+    a.close(), b.close()
+
+
+def test_records_come_back_as_they_went_in(tmp_path):
+    store = MemberStore(tmp_path, durable=False)
+    rec = {"card_no": "880000000013", "member_id": "M1001", "name": "王*", "tier": "gold", "status": "active",
+           "expires": "2027-12-31", "birthday": "02-29", "birthday_calendar": "lunar", "nfc_uid": "04A1B2C3D4E5F6",
+           "points": 5230, "balance_fen": 0, "packages": {"car_wash10": 3}, "coupons": ["C1"],
+           "primary_card": "880000000021", "group_id": "G1", "card_type": "subsidiary"}
+    store.replace_snapshot([rec], (), version=1, as_of=0, store_seq=0)
+    assert store.get("880000000013") == rec
+    assert InMemoryMembers([rec]).get("880000000013") == rec
+    store.close()

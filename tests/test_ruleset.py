@@ -328,3 +328,32 @@ def test_example_parts_are_valid_records():
     lines = (EXAMPLES / "deny.demo.jsonl").read_text().splitlines()
     for line in lines[1:]:
         check_deny_entry(json.loads(line))
+
+
+# The fast member check (a million records per snapshot) must agree with the schema.
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from wire.ruleset import MEMBER_SCHEMA, _fast_member_problem  # noqa: E402
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 10**11), st.floats(allow_nan=False, max_value=1e6),
+                    st.sampled_from(["", "880000000013", "gold", "active", "lost", "solar", "lunar", "02-29",
+                                     "13-01", "2027-12-31", "04A1B2C3D4E5F6", "04a1b2c3d4e5f6", "x" * 70,
+                                     "880000000013\n", "C-1"]),
+                    st.lists(st.sampled_from(["C1", "C2", "bad key!"]), max_size=3),
+                    st.dictionaries(st.sampled_from(["car_wash10", "bad key!"]), st.integers(-1, 100_001), max_size=2))
+_FIELDS = ["card_no", "member_id", "name", "tier", "status", "card_type", "expires", "birthday", "birthday_calendar",
+           "nfc_uid", "points", "balance_fen", "packages", "primary_card", "group_id", "coupons", "phone"]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=8))
+def test_fast_member_check_agrees_with_the_schema(extra):
+    rec = {"card_no": "880000000013", "member_id": "M1", "tier": "gold", **extra}
+    schema_ok = jsonschema.Draft202012Validator(MEMBER_SCHEMA).is_valid(rec)
+    has_decimal = any(isinstance(v, float) for v in rec.values())
+    trailing_newline = any(isinstance(v, str) and v.endswith("\n") for v in rec.values())
+    fast_ok = _fast_member_problem(rec) is None
+    if fast_ok:
+        assert schema_ok
+    elif schema_ok:
+        assert has_decimal or trailing_newline     # stricter on purpose: whole numbers, no "\n" tails

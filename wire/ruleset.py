@@ -782,15 +782,99 @@ def check_member(record: Any, rules: dict | None = None) -> dict:
     """One member snapshot record with defaults filled, or RulesetError naming
     the card and field. With ``rules`` (the effective rule set, defaults
     filled) its references are checked too (tier, card_type, packages,
-    card program)."""
-    where = f"members.{record.get('card_no', '?')}" if isinstance(record, dict) else "members"
-    try:
-        out = _member_check(dict(record) if isinstance(record, dict) else record)
-    except fastjsonschema.JsonSchemaValueException as exc:
-        raise RulesetError(_fast_message(exc, where)) from None
+    card program). For many records use ``member_checker(rules)``."""
+    return member_checker(rules)(record)
+
+
+import re as _re  # noqa: E402  (the fast path below)
+
+_RX_CARD = _re.compile(r"[0-9]{6,19}")
+_RX_DATE = _re.compile(r"\d{4}-\d{2}-\d{2}")
+_RX_BIRTHDAY = _re.compile(r"(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])")
+_RX_UID = _re.compile(r"[0-9A-F]{8}|[0-9A-F]{14}|[0-9A-F]{20}")
+_RX_KEY = _re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_STATUSES = frozenset(CARD_STATUSES)
+
+
+def _is_int(v: Any, hi: int) -> bool:
+    return type(v) is int and 0 <= v <= hi
+
+
+def _str(v: Any, lo: int = 0, hi: int = 10**6) -> bool:
+    return type(v) is str and lo <= len(v) <= hi
+
+
+_FIELD_OK = {
+    "card_no": lambda v: type(v) is str and _RX_CARD.fullmatch(v) is not None,
+    "member_id": lambda v: _str(v, 1, 64),
+    "name": lambda v: _str(v, 0, 64),
+    "tier": lambda v: _str(v, 1),
+    "status": lambda v: v in _STATUSES if type(v) is str else False,
+    "card_type": lambda v: type(v) is str,
+    "expires": lambda v: type(v) is str and _RX_DATE.fullmatch(v) is not None,
+    "birthday": lambda v: type(v) is str and _RX_BIRTHDAY.fullmatch(v) is not None,
+    "birthday_calendar": lambda v: v in ("solar", "lunar"),
+    "nfc_uid": lambda v: type(v) is str and _RX_UID.fullmatch(v) is not None,
+    "points": lambda v: _is_int(v, MAX_POINTS),
+    "balance_fen": lambda v: _is_int(v, MAX_FEN),
+    "packages": lambda v: type(v) is dict and all(type(k) is str and _RX_KEY.fullmatch(k) and _is_int(n, 100_000)
+                                                  for k, n in v.items()),
+    "primary_card": lambda v: type(v) is str and _RX_CARD.fullmatch(v) is not None,
+    "group_id": lambda v: _str(v, 0, 64),
+    "coupons": lambda v: type(v) is list and all(type(c) is str and _RX_KEY.fullmatch(c) for c in v)
+    and len(set(v)) == len(v),
+}
+
+
+def _fast_member_problem(rec: Any) -> str | None:
+    """None if the record is valid under MEMBER_SCHEMA (and has no decimals):
+    the fast path for a million records; a problem goes on to the schema for
+    its message."""
+    if type(rec) is not dict:
+        return "must be an object"
+    for k, v in rec.items():
+        ok = _FIELD_OK.get(k)
+        if ok is None:
+            return f"{k}: unknown key"
+        if not ok(v):
+            return f"{k}: {v!r} is not valid"
+    if "card_no" not in rec or "member_id" not in rec or "tier" not in rec:
+        return "card_no, member_id and tier are required"
+    return None
+
+
+def member_checker(rules: dict | None = None):
+    """A function checking one member record (see check_member), with the
+    rule set's references prepared once."""
     if rules is not None:
-        _raise(_member_refs(rules, out["card_no"], out, rules.get("packages", {}), where))
-    return out
+        tiers, card_types = set(rules["tiers"]), set(rules["card_types"])
+        packages = rules.get("packages", {})
+        programs = sorted(((p["prefix"], p["length"]) for p in rules["card_programs"].values()),
+                          key=lambda t: -len(t[0]))
+
+    def check(record: Any) -> dict:
+        problem = _fast_member_problem(record)
+        where = f"members.{record.get('card_no', '?')}" if isinstance(record, dict) else "members"
+        if problem is not None:
+            try:
+                _member_check(dict(record) if isinstance(record, dict) else record)
+            except fastjsonschema.JsonSchemaValueException as exc:
+                raise RulesetError(_fast_message(exc, where)) from None
+            raise RulesetError(f"{where}.{problem}")
+        out = {"status": "active", "birthday_calendar": "solar", "points": 0, "balance_fen": 0, **record}
+        out.setdefault("packages", {})
+        out.setdefault("coupons", [])
+        if rules is not None:
+            card_no = out["card_no"]
+            ok = (out["tier"] in tiers and out.get("card_type", next(iter(card_types))) in card_types
+                  and all(p in packages for p in out["packages"])
+                  and any(len(card_no) == n and card_no.startswith(pre) for pre, n in programs)
+                  and out.get("primary_card") != card_no
+                  and ("expires" not in out or _date_ok(out["expires"])))
+            if not ok:
+                _raise(_member_refs(rules, card_no, out, packages, where))
+        return out
+    return check
 
 
 def check_deny_entry(entry: Any) -> dict:
