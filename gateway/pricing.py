@@ -521,7 +521,7 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         "balances_after": balances,
         "record": record,
     }
-    result["receipt"] = {lang: _sale_receipt(result, member, policy, pricer, lang) for lang in LANGS}
+    result["receipt"] = _sale_receipts(result, member, policy, pricer)
     return result
 
 
@@ -533,22 +533,35 @@ def _source_label(d: dict, pricer: Pricer, lang: str) -> str:
     return d["name"][lang]
 
 
-def _sale_receipt(q: dict, member: dict | None, policy: dict, pricer: Pricer, lang: str) -> list[str]:
-    rows = []
+def _sale_receipts(q: dict, member: dict | None, policy: dict, pricer: Pricer) -> dict[str, list[str]]:
+    zh, en = [], []
     if member:
-        tier = policy["tiers"].get(member.get("tier") or "")
-        rows.append(f"{_label('member', lang)}: {_name(tier, member.get('tier') or '')[lang]}")
-    labels: dict[tuple[str, bool], str] = {}
+        tier = _name(policy["tiers"].get(member.get("tier") or ""), member.get("tier") or "")
+        zh.append(f"{_label('member', 'zh-CN')}: {tier['zh-CN']}")
+        en.append(f"{_label('member', 'en')}: {tier['en']}")
+    # The item rows are most of a receipt: one pass for both languages.
+    labels: dict[tuple[str, bool], tuple[str, str]] = {}
+    zh_add, en_add = zh.append, en.append
     for l in q["lines"]:
-        rows.append(f"{l['name']} x{l['qty']}  {yuan(l['amount'])}")
+        row = f"{l['name']} x{l['qty']}  {yuan(l['amount'])}"
+        zh_add(row)
+        en_add(row)
         for d in l["discounts"]:
-            label = labels.get((d["source"], d["allocated"]))
-            if label is None:
-                label = _source_label(d, pricer, lang)
-                if d["allocated"]:
-                    label = _label("allocated", lang, name=label)
-                labels[(d["source"], d["allocated"])] = label
-            rows.append(f"  {label}  -{yuan(d['fen'])}")
+            key = (d["source"], d["allocated"])
+            pair = labels.get(key)
+            if pair is None:
+                pair = tuple(("  " + _label("allocated", lang, name=_source_label(d, pricer, lang)) if d["allocated"]
+                              else "  " + _source_label(d, pricer, lang)) + "  -" for lang in LANGS)
+                labels[key] = pair
+            amount = yuan(d["fen"])
+            zh_add(pair[0] + amount)
+            en_add(pair[1] + amount)
+    return {"zh-CN": _sale_receipt_tail(zh, q, member, policy, pricer, "zh-CN"),
+            "en": _sale_receipt_tail(en, q, member, policy, pricer, "en")}
+
+
+def _sale_receipt_tail(rows: list[str], q: dict, member: dict | None, policy: dict, pricer: Pricer,
+                       lang: str) -> list[str]:
     rows.append(f"{_label('subtotal', lang)}  {yuan(q['subtotal'])}")
     if q["discount"]:
         rows.append(f"{_label('discount_total', lang)}  -{yuan(q['discount'])}")
