@@ -84,11 +84,12 @@ def member_day_multiplier(earning: dict, today: date) -> int:
 
 
 def earn(lines: list[dict], nets: list[int], member: dict | None, policy: dict, today: date,
-         campaigns: list[tuple[str, dict, int, list[int]]]) -> dict:
+         campaigns: list[tuple[str, dict, int, list[int]]], spend: list[int] | None = None) -> dict:
     """Points for one sale.
 
     ``nets``: per line, the fen that earns points (net after discounts and
-    coupons, less what was paid with points). ``campaigns``: applied
+    coupons, less what was paid with points); ``spend``: per line, what the
+    member bought (net before points), for ``min_spend_fen``. ``campaigns``: applied
     points-multiplier promotions as (id, name, multiplier_percent, line indexes).
     """
     earning = policy["earning"]
@@ -110,7 +111,7 @@ def earn(lines: list[dict], nets: list[int], member: dict | None, policy: dict, 
     result["eligible_fen"] = eligible_fen
     if eligible_fen <= 0 or ppy <= 0:
         return result
-    if eligible_fen < earning.get("min_spend_fen", 0):
+    if sum((spend or nets)[i] for i in eligible) < earning.get("min_spend_fen", 0):
         result["reason"] = "min_spend"
         return result
 

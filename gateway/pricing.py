@@ -112,7 +112,8 @@ Stacking: see ``gateway.promotions``. Coupons apply after promotions, in the
 order given; then points redemption; then stored value; the rest is cash.
 
 Points are earned on what the member paid in money (net less the part paid
-with points); stored value counts as money.
+with points); stored value counts as money. ``min_spend_fen`` is checked
+against what was bought (eligible net before points).
 
 Redemption needs ``min_points``, multiples of ``step_points``, at most
 ``max_share_percent`` of the total after discounts, and offline at most
@@ -121,7 +122,8 @@ refused when the rules are older than ``max_age_s``. Stored value: needs the
 card type to allow it (a member without a card type is not restricted), at
 most the amount due, the balance, ``offline_max_per_tx_fen`` and what is left
 of ``offline_max_per_day_fen``; refused past ``max_sync_age_s`` (or
-``max_age_s``). Limited members get neither, nor coupons.
+``max_age_s``). Limited members get neither, nor coupons; nor does anyone
+when the rules are older than ``max_age_s``.
 
 Refunds follow the original tender, line by line: for returned units
 ``r_before+1..r_after`` of a line sold ``qty``, every recorded per-line value
@@ -405,7 +407,7 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
     coupons_used = []
     if tender["coupons"] and member is None:
         raise TenderError("member_required", "tender.coupons")
-    if tender["coupons"] and member.get("limited"):
+    if tender["coupons"] and (member.get("limited") or rules_age_s > policy.get("max_age_s", 604800)):
         raise TenderError("member_limited", "tender.coupons")
     for k, code in enumerate(tender["coupons"]):
         field = f"tender.coupons[{k}]"
@@ -455,7 +457,8 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
     # Points on what was paid in money.
     campaigns = [(p.id, _name(p.src, p.id), p.src["multiplier_percent"], p.elig)
                  for p, _ in applied if p.kind == "points_multiplier"]
-    earned = pts.earn(lines, [nets[i] - red_fen[i] for i in range(n)], member, policy, today, campaigns)
+    earned = pts.earn(lines, [nets[i] - red_fen[i] for i in range(n)], member, policy, today, campaigns,
+                      spend=nets)
 
     # Everything the POS and the receipt show about each saving.
     kinds = {pricer.base_src: pricer.base_src.split(":")[0]} if pricer.base_src else {}

@@ -574,3 +574,19 @@ def test_card_operations_and_fees():
         pricing.card_operation(POLICY, "replace", GOLD)
     with pytest.raises(PricingError, match=r"^kind: "):
         pricing.card_operation(POLICY, "melt", GOLD)
+
+
+def test_min_spend_counts_what_was_bought_not_what_was_paid_in_money():
+    policy = deepcopy(POLICY)
+    policy["earning"]["min_spend_fen"] = 5000
+    m = {**NORMAL, "points_available": 1000}
+    # 60.00 of household goods, 5.00 of it paid with 500 points: bought 60.00 >= 50.00, so points
+    # are earned, on the 55.00 paid in money: 55.
+    q = pricing.quote([{**SOAP, "unit_price": 6000}], m, policy, THU, tender={"points": 500})
+    assert (q["points"]["earned"], q["points"]["reason"]) == (55, None)
+
+
+def test_stale_rules_refuse_coupons():
+    with pytest.raises(TenderError, match=r"^tender\.coupons: Limited offline member"):
+        pricing.quote([MILK, BREAD, SOAP], SILVER, POLICY, THU, tender={"coupons": ["C2026-0001"]},
+                      rules_age_s=604801)

@@ -147,7 +147,7 @@ def _check_limits(q, member, pol, rules_age_s):
         assert t["stored_value_fen"] <= sv["offline_max_per_tx_fen"]
         assert t["stored_value_fen"] + today["stored_value_paid_fen"] <= sv["offline_max_per_day_fen"]
     if t["coupons"]:
-        assert not member["limited"]
+        assert not member["limited"] and rules_age_s <= pol["max_age_s"]
 
 
 def _near(data, offered, step=1):
