@@ -6,8 +6,16 @@
     GET  /lanes/<lane>/member          the member accepted on the lane (or null)
     GET  /lanes/<lane>/events          server-sent events: taps and sales on the lane
     POST /lanes/<lane>/taps            a card read from a lane terminal or simulated reader
-    POST /lanes/<lane>/quote           price a basket   {"lines": [...], "member": true|false}
-    POST /lanes/<lane>/sales           commit a sale    {"idempotency_key": "...", "lines": [...]}
+    POST /lanes/<lane>/quote           price a basket   {"lines": [...], "member": true|false, "tender"?}
+    POST /lanes/<lane>/sales           commit a sale    {"idempotency_key", "lines", "tender"?, "expected_total"?}
+    POST /lanes/<lane>/topups          stored-value top-up for the lane's member {"idempotency_key", "package_id" | "amount_fen"}
+    POST /lanes/<lane>/packages/<id>/uses   use a count package {"idempotency_key", "uses"}
+    POST /returns                      full or partial return {"idempotency_key", "sale_seq" | "sale_id", "lines": [{"line", "qty"}]}
+    POST /cards/services               service desk {"idempotency_key", "kind", "card_no", "new_card_no"?, "reason"?}
+
+A tender is {"points": n, "stored_value_fen": x, "coupons": [codes]} (gateway/pricing.py).
+Every journaled operation answers 201 after fsync with its "seq" and "id",
+and 200 with the first answer when retried with the same idempotency key.
 
 Errors are JSON ``{"error": {"code", "message", "text": {"zh-CN", "en"}}}``
 with a 4xx status for the caller's mistakes; nothing is written on an error.
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
 
@@ -24,7 +33,9 @@ from microdot import Microdot, Request
 from microdot.sse import sse_response
 
 from gateway import engine
-from gateway.journal import IdempotencyConflict, JournalError, JournalFull
+from gateway.counter import CounterError
+from gateway.journal import Appended, IdempotencyConflict, JournalError, JournalFull
+from gateway.pricing import PricingError
 from gateway.service import Gateway, NoMember, QuoteChanged
 from hardware.readers import SOURCES, CardRead
 
@@ -158,27 +169,25 @@ def create_app(gw: Gateway) -> Microdot:
         verdict = await gw.handle_read(CardRead(lane.id, source, raw, gw.clock()))
         return verdict.public()
 
-    @app.post("/lanes/<lane_id>/quote")
-    async def quote(request, lane_id):
-        lane, err = lane_or_404(lane_id)
-        if err:
-            return err
+    async def answer(call) -> tuple[dict, int] | dict:
+        """Run a counter call; map its refusals to clear 4xx/5xx errors."""
         try:
-            return gw.quote(lane.id, _json_body(request))
+            result = call()
+            if inspect.isawaitable(result):
+                result = await result
         except engine.BasketError as exc:
             return error(400, "bad_request", str(exc))
-        except NoMember as exc:
-            return error(409, "no_member", str(exc))
-
-    @app.post("/lanes/<lane_id>/sales")
-    async def sale(request, lane_id):
-        lane, err = lane_or_404(lane_id)
-        if err:
-            return err
-        try:
-            result = await gw.commit_sale(lane.id, _json_body(request))
-        except engine.BasketError as exc:
-            return error(400, "bad_request", str(exc))
+        except PricingError as exc:
+            # Malformed input is 400; a well-formed request the rules refuse is 422.
+            status = 400 if exc.code.endswith("_invalid") else 422
+            body, _ = error(status, exc.code, str(exc))
+            body["error"].update({"field": exc.field, "text": exc.text})
+            return body, status
+        except CounterError as exc:
+            body, _ = error(exc.status, exc.code, str(exc))
+            if exc.text:
+                body["error"]["text"] = exc.text
+            return body, exc.status
         except NoMember as exc:
             return error(409, "no_member", str(exc))
         except QuoteChanged as exc:
@@ -189,6 +198,55 @@ def create_app(gw: Gateway) -> Microdot:
             return error(507, "journal_full", str(exc))
         except JournalError as exc:
             return error(507, "journal_unavailable", str(exc))
-        return {**result.response, "duplicate": result.duplicate}, (200 if result.duplicate else 201)
+        if isinstance(result, Appended):
+            body = {**result.response, "duplicate": result.duplicate}  # carries seq and tx_id
+            return body, (200 if result.duplicate else 201)
+        return result
+
+    def with_lane(handler):
+        async def route(request, lane_id, **url_args):
+            lane, err = lane_or_404(lane_id)
+            if err:
+                return err
+            try:
+                body = _json_body(request)
+            except engine.BasketError as exc:
+                return error(400, "bad_request", str(exc))
+            return await handler(lane, body, **url_args)
+        route.__name__ = handler.__name__
+        return route
+
+    async def _quote(lane, body):
+        return await answer(lambda: gw.quote(lane.id, body))
+
+    async def _sale(lane, body):
+        return await answer(lambda: gw.commit_sale(lane.id, body))
+
+    async def _topup(lane, body):
+        return await answer(lambda: gw.counter.topup(lane.id, body))
+
+    async def _package_use(lane, body, package_id):
+        return await answer(lambda: gw.counter.use_package(lane.id, package_id, body))
+
+    app.post("/lanes/<lane_id>/quote")(with_lane(_quote))
+    app.post("/lanes/<lane_id>/sales")(with_lane(_sale))
+    app.post("/lanes/<lane_id>/topups")(with_lane(_topup))
+    app.post("/lanes/<lane_id>/packages/<package_id>/uses")(with_lane(_package_use))
+
+    @app.post("/returns")
+    async def sale_return(request):
+        try:
+            body = _json_body(request)
+        except engine.BasketError as exc:
+            return error(400, "bad_request", str(exc))
+        return await answer(lambda: gw.counter.sale_return(body))
+
+    @app.post("/cards/services")
+    async def card_service(request):
+        try:
+            body = _json_body(request)
+        except engine.BasketError as exc:
+            return error(400, "bad_request", str(exc))
+        return await answer(lambda: gw.counter.card_service(body))
 
     return app

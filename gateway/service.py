@@ -12,6 +12,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from gateway import engine, lane_faults
+from gateway.counter import Counter
 from gateway.journal import Appended, Journal
 from gateway.qr_replay import MemberQrCheck, ReplayStore
 from gateway.rules_store import RulesStore
@@ -39,6 +40,7 @@ class Lane:
     indicator: Indicator
     member: engine.Verdict | None = None
     member_at: float = 0.0
+    member_read: tuple[str, str] | None = field(default=None, repr=False)  # (source, identified raw): re-validated per quote
     taps: int = 0
     listeners: set = field(default_factory=set)  # asyncio.Queue per SSE client
     inputs: list = field(default_factory=list)  # keyboard-wedge readers ([[lanes.hid]], hardware/hid.py)
@@ -109,6 +111,7 @@ class Gateway:
                                     rules_path=self.rules.path)
         for lane in self.lanes.values():
             self.secure_nfc.attach(lane.reader)
+        self.counter = Counter(self, data_dir / "counter.db")
         self.uplink = Uplink(config["mqtt"], self.store_id, self.journal, self.rules, self.status_message,
                              UplinkSettings(**config["uplink"]), on_connection_change=self._on_link)
         self.started_at = clock()
@@ -120,6 +123,9 @@ class Gateway:
     async def __aenter__(self) -> "Gateway":
         self.rules.load()
         await self.journal.open()
+        replayed = await self.counter.catch_up()  # local state the journal holds and a crash may have missed
+        if replayed:
+            log.info("re-applied %d journaled counter operation(s) to the local state", replayed)
         for lane in self.lanes.values():
             if lane.reader is not None:
                 await lane.reader.open()
@@ -146,6 +152,7 @@ class Gateway:
                 await hid.close()
             lane.indicator.close()
         await self.journal.close()
+        self.counter.close()
         self.secure_nfc.close()
         self.qr.close()
 
@@ -190,8 +197,10 @@ class Gateway:
                 verdict = engine.Verdict("deny", refused)
                 self.show_verdict(lane, read.source, verdict)
                 return verdict
-        verdict = engine.validate(read.source, raw, self.rules.current, self.now())
+        verdict = self.counter.local_status(engine.validate(read.source, raw, self.rules.current, self.now()))
         self.show_verdict(lane, read.source, verdict)
+        if verdict.accepted:
+            lane.member_read = (read.source, raw)
         return verdict
 
     def show_verdict(self, lane: Lane, source: str, verdict: engine.Verdict) -> None:
@@ -218,60 +227,13 @@ class Gateway:
             return lane.member
         return None
 
-    def _quote(self, lane: Lane, request: dict) -> tuple[engine.Verdict | None, dict]:
-        lines = engine.check_basket(request.get("lines"))
-        use_member = request.get("member", True)
-        if not isinstance(use_member, bool):
-            raise engine.BasketError("member: must be true (the lane's member) or false (no member)")
-        member = self.current_member(lane) if use_member else None
-        if use_member and request.get("member") is True and member is None:
-            raise NoMember(f"no member card accepted on lane {lane.id} in the last "
-                           f"{self.config['api']['member_hold_s']} s")
-        quote = engine.quote(lines, member.member if member else None, self.rules.current, self.now())
-        return member, quote
-
     def quote(self, lane_id: str, request: dict) -> dict:
-        lane = self.lane(lane_id)
-        member, quote = self._quote(lane, request)
-        return {"lane": lane.id, "member": member.public() if member else None, **quote}
+        return self.counter.quote(lane_id, request)
 
     async def commit_sale(self, lane_id: str, request: dict) -> Appended:
         """Price the basket again (the POS's numbers are not trusted), journal
-        the sale durably, and only then answer."""
-        lane = self.lane(lane_id)
-        key = request.get("idempotency_key")
-        if not isinstance(key, str) or not 8 <= len(key) <= 128:
-            raise engine.BasketError("idempotency_key: required, a string of 8-128 characters unique per sale")
-        idem_request = {k: request.get(k) for k in ("lines", "member", "expected_total")} | {"lane": lane.id}
-        earlier = await self.journal.lookup(key, idem_request)
-        if earlier:
-            return earlier  # a retry: the first answer, whatever changed since
-        member, quote = self._quote(lane, request)
-        expected = request.get("expected_total")
-        if expected is not None and expected != quote["total"]:
-            raise QuoteChanged(f"expected_total {expected} but the sale prices at {quote['total']}; quote again")
-        body = {
-            "lane": lane.id,
-            "idempotency_key": key,
-            "member_id": member.member["member_id"] if member else None,
-            "card_no": member.card_no if member else None,
-            "tier": member.member["tier"]["code"] if member else None,
-            "rules_version": quote["rules_version"],
-            "lines": quote["lines"],
-            "subtotal": quote["subtotal"],
-            "discount": quote["discount"],
-            "total": quote["total"],
-            "points_earned": quote["points"]["earned"],
-        }
-        response = {"lane": lane.id, "total": quote["total"], "discount": quote["discount"],
-                    "points_earned": quote["points"]["earned"], "receipt": quote["receipt"]}
-        result = await self.journal.append("sale", body, idempotency_key=key, request=idem_request,
-                                           response=response)
-        if not result.duplicate:
-            self.stats["sales"] += 1
-            lane.member = None  # the member's visit ends with the sale
-            lane.publish({"type": "sale", "lane": lane.id, "seq": result.seq, "total": quote["total"]})
-        return result
+        the sale durably, and only then answer (gateway/counter.py)."""
+        return await self.counter.sale(lane_id, request)
 
     # -- status -------------------------------------------------------------
 

@@ -46,7 +46,8 @@ def test_tap_quote_commit_reaches_hq_and_journal_empties(store):
     seq, tx_id, type_, body = hq.rows()[0]
     assert (seq, tx_id, type_) == (1, sale["tx_id"], "sale")
     body = json.loads(body)
-    assert body["member_id"] == "M1001" and body["total"] == 4740 and body["points_earned"] == 71
+    assert body["member"]["member_id"] == "M1001"
+    assert body["totals"]["total"] == 4740 and body["totals"]["points_earned"] == 71
     wait_until(lambda: gw.journal_seqs() == [], what="the journal to empty after HQ's ack")
     assert gw.status()["backlog"] == 0
 

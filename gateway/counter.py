@@ -1,0 +1,414 @@
+"""Counter operations: sales with tenders, returns, top-ups, package uses and
+card services, journaled durably and applied to the store's local state.
+
+This is shell around the pure pricing core (gateway/pricing.py): it finds the
+member, asks pricing for the record, makes the record durable in the journal
+(the POS's OK comes after fdatasync), and then applies what the record
+changes locally:
+
+- the member's local deltas (points, stored value, package uses, coupons,
+  promotion uses) in the member store, so the next tap and quote see them and
+  the offline limits count them (wire/RULESET.md "Local debits between
+  snapshots");
+- the counter archive (``<data_dir>/counter.db``, SQLite): sales kept for
+  ``RETURN_WINDOW_DAYS`` so a later return can reference them and reverse
+  them exactly, the returns made against each sale, and the card services done
+  here (a card reported lost or frozen at this counter is refused here at once,
+  before HQ's deny delta comes back).
+
+Crash safety: both are written right after the journal append, in the same
+turn of the event loop. On start-up every journal record after the archive's
+last sequence number is applied again (both writes are idempotent by seq), so
+a crash between the journal and the local state loses nothing.
+
+Operations on one member account, and returns of one sale, run one at a time
+(an asyncio lock per account / per sale), so two lanes cannot both spend the
+same daily offline allowance or return the same item twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway import engine, pricing
+from gateway.journal import Appended
+from gateway.texts import reason_text
+
+if TYPE_CHECKING:
+    from gateway.service import Gateway, Lane
+
+log = logging.getLogger("storegate.counter")
+
+RETURN_WINDOW_DAYS = 90
+JOURNALED = ("sale", "return", "topup", "package_use", "card_op")
+LOCAL_DENY = {"lost", "frozen", "replaced"}  # take effect here at once; unfreeze waits for HQ
+
+ARCHIVE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    sale_seq INTEGER,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_sale ON records(sale_seq);
+CREATE INDEX IF NOT EXISTS records_id ON records(id);
+CREATE TABLE IF NOT EXISTS card_status (
+    card_no TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    replaced_by TEXT,
+    seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+"""
+
+
+class CounterError(ValueError):
+    """A counter request that cannot be done; ``code`` for the POS, ``status`` for HTTP."""
+
+    def __init__(self, code: str, message: str, status: int = 400, text: dict | None = None) -> None:
+        super().__init__(message)
+        self.code, self.status, self.text = code, status, text
+
+
+class CounterArchive:
+    """Sales (for returns), returns and local card services, by journal seq."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a power cut may lose the last writes, which the journal replay restores.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(ARCHIVE_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @property
+    def last_seq(self) -> int:
+        row = self._db.execute("SELECT v FROM meta WHERE k='last_seq'").fetchone()
+        return row[0] if row else 0
+
+    def apply(self, seq: int, tx_id: str, type_: str, ts_ms: int, body: dict) -> None:
+        """Record what a journaled counter operation leaves behind (idempotent)."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            if type_ in ("sale", "return"):
+                db.execute("INSERT OR IGNORE INTO records(seq, id, type, ts, sale_seq, body) VALUES (?,?,?,?,?,?)",
+                           (seq, tx_id, type_, ts_ms, body.get("sale_seq"), orjson.dumps(body)))
+            elif type_ == "card_op":
+                op, card = body.get("op"), body.get("card_no")
+                if body.get("status_after") in LOCAL_DENY:
+                    db.execute("INSERT OR REPLACE INTO card_status VALUES (?,?,?,?)",
+                               (card, body["status_after"], body.get("new_card_no"), seq))
+                elif op == "unfreeze":
+                    db.execute("DELETE FROM card_status WHERE card_no=? AND status='frozen'", (card,))
+            db.execute("INSERT INTO meta(k, v) VALUES ('last_seq', ?) ON CONFLICT(k) DO UPDATE "
+                       "SET v=max(v, excluded.v)", (seq,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def sale(self, ref: dict) -> tuple[int, str, dict] | None:
+        """(seq, id, body) of a sale by ``{"seq": n}`` or ``{"id": tx id}``."""
+        if "seq" in ref:
+            row = self._db.execute("SELECT seq, id, body FROM records WHERE seq=? AND type='sale'",
+                                   (ref["seq"],)).fetchone()
+        else:
+            row = self._db.execute("SELECT seq, id, body FROM records WHERE id=? AND type='sale'",
+                                   (ref["id"],)).fetchone()
+        return (row[0], row[1], orjson.loads(row[2])) if row else None
+
+    def returns_of(self, sale_seq: int) -> list[dict]:
+        return [orjson.loads(b) for (b,) in self._db.execute(
+            "SELECT body FROM records WHERE sale_seq=? AND type='return' ORDER BY seq", (sale_seq,))]
+
+    def card_status(self, card_no: str) -> tuple[str, str | None] | None:
+        row = self._db.execute("SELECT status, replaced_by FROM card_status WHERE card_no=?", (card_no,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def prune(self, older_than_ms: int) -> int:
+        """Forget sales (and their returns) past the return window."""
+        cur = self._db.execute("DELETE FROM records WHERE ts < ? AND type='sale'", (older_than_ms,))
+        self._db.execute("DELETE FROM records WHERE type='return' AND sale_seq NOT IN "
+                         "(SELECT seq FROM records WHERE type='sale')")
+        return cur.rowcount
+
+
+def _key(request: dict, what: str) -> str:
+    key = request.get("idempotency_key")
+    if not isinstance(key, str) or not 8 <= len(key) <= 128:
+        raise engine.BasketError(f"idempotency_key: required, a string of 8-128 characters unique per {what}")
+    return key
+
+
+def _only(request: dict, allowed: set[str]) -> None:
+    unknown = set(request) - allowed
+    if unknown:
+        raise engine.BasketError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
+                                 f"allowed: {', '.join(sorted(allowed))}")
+
+
+class Counter:
+    """The counter operations of one gateway."""
+
+    def __init__(self, gw: "Gateway", archive_path: str | Path) -> None:
+        self.gw = gw
+        self.archive = CounterArchive(archive_path)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def close(self) -> None:
+        self.archive.close()
+
+    # -- start-up: re-apply what the journal holds and the local state may miss --
+
+    async def catch_up(self) -> int:
+        applied, after = 0, self.archive.last_seq
+        while True:
+            records = await self.gw.journal.pending(after, 1000)
+            if not records:
+                return applied
+            for r in records:
+                if r.type in JOURNALED:
+                    self._apply_local(r.seq, r.id, r.type, r.ts, r.body)
+                    applied += 1
+            after = records[-1].seq
+
+    def _apply_local(self, seq: int, tx_id: str, type_: str, ts_ms: int, body: dict) -> None:
+        deltas = body.get("deltas")
+        account = body.get("account_id")
+        members = self.gw.rules.members
+        if deltas and account and members is not None:
+            members.record_deltas(seq, account, body.get("day") or self._day(ts_ms), deltas)
+        self.archive.apply(seq, tx_id, type_, ts_ms, body)
+
+    def _day(self, ts_ms: int) -> str:
+        return datetime.fromtimestamp(ts_ms / 1000, self.gw.tz).date().isoformat()
+
+    # -- members ------------------------------------------------------------
+
+    def local_status(self, verdict: engine.Verdict) -> engine.Verdict:
+        """A card reported lost, frozen or replaced at this counter is refused
+        here at once, even before HQ's deny delta arrives."""
+        if not verdict.accepted or not verdict.card_no:
+            return verdict
+        local = self.archive.card_status(verdict.card_no)
+        if local is None:
+            return verdict
+        status, replaced_by = local
+        detail = {"last4": replaced_by[-4:]} if status == "replaced" and replaced_by else None
+        return engine.Verdict("deny", status, verdict.card_no, detail=detail)
+
+    def member(self, lane: "Lane", request: dict, *, required: bool = False) -> engine.Verdict | None:
+        """The lane's member, validated again now (a deny delta or a local
+        sale since the tap changes what the member may do)."""
+        use = request.get("member", True)
+        if not isinstance(use, bool):
+            raise engine.BasketError("member: must be true (the lane's member) or false (no member)")
+        if not use:
+            return None
+        held = self.gw.current_member(lane)
+        if held is None or lane.member_read is None:
+            if required or request.get("member") is True:
+                from gateway.service import NoMember
+                raise NoMember(f"no member card accepted on lane {lane.id} in the last "
+                               f"{self.gw.config['api']['member_hold_s']} s")
+            return None
+        source, raw = lane.member_read
+        fresh = self.local_status(engine.validate(source, raw, self.gw.rules.current, self.gw.now()))
+        if not fresh.accepted:
+            lane.member = None
+            raise CounterError("member_refused", f"the lane's member card is now refused: {fresh.reason}",
+                               409, reason_text(fresh.reason))
+        return fresh
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    # -- pricing context ----------------------------------------------------------
+
+    def _policy(self) -> tuple[dict, Any]:
+        rules = self.gw.rules.current
+        if rules is None:
+            return {"tiers": {}, "card_types": {}, "promotions": {}, "coupons": {}, "packages": {},
+                    "earning": {"points_per_yuan": 0}, "redemption": {}, "stored_value": {}, "fees": {}}, None
+        return {**rules.data, "version": rules.version}, rules
+
+    def _quote(self, lane: "Lane", request: dict, member: engine.Verdict | None) -> dict:
+        policy, rules = self._policy()
+        now = self.gw.now()
+        age = int(now.timestamp()) - rules.issued_at if rules else 0
+        store_cfg = self.gw.config["store"]
+        return pricing.quote(request.get("lines"), engine.member_context(member), policy, now,
+                             store=self.gw.store_id, region=store_cfg.get("region"),
+                             tender=request.get("tender"), rules_age_s=age)
+
+    def quote(self, lane_id: str, request: dict) -> dict:
+        lane = self.gw.lane(lane_id)
+        _only(request, {"lines", "member", "tender", "idempotency_key", "expected_total"})  # a sale body quotes too
+        member = self.member(lane, request)
+        q = self._quote(lane, request, member)
+        q = {k: v for k, v in q.items() if k != "record"}
+        return {"lane": lane.id, "member": member.public() if member else None, **q}
+
+    # -- journaled operations -------------------------------------------------
+
+    async def _journal(self, type_: str, key: str, idem: dict, body: dict, response: dict,
+                       account: str | None) -> Appended:
+        now = self.gw.now()
+        body = {**body, "account_id": account, "day": now.date().isoformat()}
+        result = await self.gw.journal.append(type_, body, idempotency_key=key, request=idem, response=response)
+        if not result.duplicate:
+            # Same loop turn as the append's completion: nothing else sees the
+            # record before its local effects are in place.
+            self._apply_local(result.seq, result.id, type_, int(self.gw.clock() * 1000), body)
+        return result
+
+    async def sale(self, lane_id: str, request: dict) -> Appended:
+        lane = self.gw.lane(lane_id)
+        _only(request, {"lines", "member", "tender", "idempotency_key", "expected_total"})
+        key = _key(request, "sale")
+        idem = {k: request.get(k) for k in ("lines", "member", "tender", "expected_total")} | {"lane": lane.id}
+        earlier = await self.gw.journal.lookup(key, idem)
+        if earlier:
+            return earlier  # a retry: the first answer, whatever changed since
+        member = self.member(lane, request)
+        account = member.member.get("account_id") if member else None
+        async with self._lock(f"account:{account}") if account else contextlib.nullcontext():
+            earlier = await self.gw.journal.lookup(key, idem)
+            if earlier:
+                return earlier
+            q = self._quote(lane, request, member)
+            expected = request.get("expected_total")
+            if expected is not None and expected != q["total"]:
+                from gateway.service import QuoteChanged
+                raise QuoteChanged(f"expected_total {expected} but the sale prices at {q['total']}; quote again")
+            body = {**q["record"], "lane": lane.id, "idempotency_key": key}
+            response = {"lane": lane.id, "total": q["total"], "discount": q["discount"],
+                        "tender": q["tender"], "points_earned": q["points"]["earned"],
+                        "balances_after": q["balances_after"], "receipt": q["receipt"]}
+            result = await self._journal("sale", key, idem, body, response, account)
+        if not result.duplicate:
+            self.gw.stats["sales"] += 1
+            lane.member = None  # the member's visit ends with the sale
+            lane.publish({"type": "sale", "lane": lane.id, "seq": result.seq, "total": q["total"]})
+        return result
+
+    async def sale_return(self, request: dict) -> Appended:
+        """A full or partial return referencing the original sale by its
+        journal ``sale_seq`` or transaction ``sale_id`` (both on the receipt)."""
+        _only(request, {"idempotency_key", "sale_seq", "sale_id", "lines"})
+        key = _key(request, "return")
+        if ("sale_seq" in request) == ("sale_id" in request):
+            raise engine.BasketError("give exactly one of sale_seq (the sale's number) or sale_id")
+        ref = {"seq": request["sale_seq"]} if "sale_seq" in request else {"id": request["sale_id"]}
+        if "seq" in ref and (type(ref["seq"]) is not int or ref["seq"] < 1):
+            raise engine.BasketError("sale_seq: a whole number >= 1")
+        if "id" in ref and not isinstance(ref["id"], str):
+            raise engine.BasketError("sale_id: a string")
+        idem = {"ref": ref, "lines": request.get("lines")}
+        earlier = await self.gw.journal.lookup(key, idem)
+        if earlier:
+            return earlier
+        found = self.archive.sale(ref)
+        if found is None:
+            raise CounterError("sale_not_found", f"no sale {ref} in this store's last {RETURN_WINDOW_DAYS} days; "
+                               "return it at the service desk against HQ's records", 404,
+                               {"zh-CN": "未找到原销售记录，请到服务台办理退货", "en":
+                                "Original sale not found here; please handle the return at the service desk"})
+        sale_seq, sale_id, original = found
+        async with self._lock(f"sale:{sale_seq}"):
+            earlier = await self.gw.journal.lookup(key, idem)
+            if earlier:
+                return earlier
+            policy, _rules = self._policy()
+            r = pricing.return_quote(original, request.get("lines"), self.archive.returns_of(sale_seq),
+                                     policy, self.gw.now())
+            body = {**r["record"], "sale_seq": sale_seq, "sale_id": sale_id, "idempotency_key": key}
+            response = {"sale_seq": sale_seq, "totals": r["totals"], "receipt": r["receipt"]}
+            return await self._journal("return", key, idem, body, response, original.get("account_id"))
+
+    async def topup(self, lane_id: str, request: dict) -> Appended:
+        lane = self.gw.lane(lane_id)
+        _only(request, {"idempotency_key", "package_id", "amount_fen"})
+        key = _key(request, "top-up")
+        idem = {k: request.get(k) for k in ("package_id", "amount_fen")} | {"lane": lane.id}
+        return await self._member_op(lane, key, idem, "topup", lambda policy, ctx: pricing.topup(
+            policy, ctx, package_id=request.get("package_id"), amount_fen=request.get("amount_fen"),
+            now=self.gw.now()))
+
+    async def use_package(self, lane_id: str, package_id: str, request: dict) -> Appended:
+        lane = self.gw.lane(lane_id)
+        _only(request, {"idempotency_key", "uses"})
+        key = _key(request, "package use")
+        uses = request.get("uses", 1)
+        idem = {"package_id": package_id, "uses": uses, "lane": lane.id}
+        return await self._member_op(lane, key, idem, "package_use", lambda policy, ctx: pricing.consume_package(
+            policy, ctx, package_id, uses, now=self.gw.now()))
+
+    async def _member_op(self, lane: "Lane", key: str, idem: dict, type_: str, build) -> Appended:
+        earlier = await self.gw.journal.lookup(key, idem)
+        if earlier:
+            return earlier
+        member = self.member(lane, {"member": True}, required=True)
+        account = member.member.get("account_id") or member.member.get("member_id")
+        async with self._lock(f"account:{account}"):
+            earlier = await self.gw.journal.lookup(key, idem)
+            if earlier:
+                return earlier
+            member = self.member(lane, {"member": True}, required=True)  # after waiting: current balances
+            policy, _rules = self._policy()
+            out = build(policy, engine.member_context(member))
+            body = {**out["record"], "lane": lane.id, "idempotency_key": key}
+            response = {"lane": lane.id, "record": {k: v for k, v in out["record"].items() if k != "card_no"},
+                        "receipt": out["receipt"]}
+            return await self._journal(type_, key, idem, body, response, account)
+
+    async def card_service(self, request: dict) -> Appended:
+        """Issue, report lost, freeze, unfreeze, replace, annual fee: at the
+        service desk, by card number (a lost card cannot be tapped)."""
+        _only(request, {"idempotency_key", "kind", "card_no", "new_card_no", "reason"})
+        key = _key(request, "card service")
+        kind, card = request.get("kind"), request.get("card_no")
+        if not isinstance(card, str) or not card.isdigit() or not 6 <= len(card) <= 19:
+            raise engine.BasketError("card_no: required, the card's number (6-19 digits)")
+        idem = {k: request.get(k) for k in ("kind", "card_no", "new_card_no", "reason")}
+        earlier = await self.gw.journal.lookup(key, idem)
+        if earlier:
+            return earlier
+        policy, rules = self._policy()
+        record = rules.members.get(card) if rules else None
+        member = None
+        if kind != "issue":
+            if record is None:
+                raise CounterError("card_not_found", f"card {engine.mask_card(card)} is not in this store's "
+                                   "member list; do this at HQ", 404,
+                                   {"zh-CN": "本店会员资料中没有此卡，请联系总部办理",
+                                    "en": "This card is not in the store's member list; please contact HQ"})
+            member = {"member_id": record["member_id"], "card_no": card}
+        elif record is not None:
+            raise CounterError("card_exists", f"card {engine.mask_card(card)} is already issued", 409,
+                               {"zh-CN": "此卡已发行", "en": "This card has already been issued"})
+        out = pricing.card_operation(policy, kind, member, card_no=card, new_card_no=request.get("new_card_no"),
+                                     now=self.gw.now())
+        body = {**out["record"], "reason": request.get("reason"), "idempotency_key": key}
+        response = {"kind": kind, "card": engine.mask_card(card), "fee_fen": out["record"]["fee_fen"],
+                    "status_after": out["record"]["status_after"], "receipt": out["receipt"]}
+        return await self._journal("card_op", key, idem, body, response, None)
+
