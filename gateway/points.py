@@ -5,7 +5,8 @@ Every multiplier is percent (150 = 1.5x). Bonuses are additive over the base:
 each source adds ``(multiplier - 100)%`` of the line's base points, so gold
 (150) on a member day (200) earns 100 + 50 + 100 = 250% of base. A SKU
 multiplier replaces its category's multiplier (the more specific rule wins);
-of several matching member days the largest applies.
+of several matching member days the largest applies. A multiplier under 100
+takes points away from its lines, down to zero for a line, never below.
 
 Per-line points are computed in 1/10000 points (net fen x points_per_yuan x
 multiplier%) and floored once per transaction (RULESET.md "Rounding"). The
@@ -148,21 +149,24 @@ def earn(lines: list[dict], nets: list[int], member: dict | None, policy: dict, 
             rows.append(("campaign", pid, name, m, share))
 
     line_units = [0] * n
+    line_pct = [0] * n  # running multiplier per line: a line never earns below zero
     cum = 0
     prev_pts = 0
     for src, key, name, m, share in rows:
         units = 0
         for i, pct in share.items():
+            if pct < -line_pct[i]:  # a multiplier under 100% can take a line to zero, not below
+                pct = -line_pct[i]
+            line_pct[i] += pct
             u = nets[i] * ppy * pct
             units += u
             line_units[i] += u
         cum += units
-        pts = max(cum, 0) // UNITS_PER_POINT
+        pts = cum // UNITS_PER_POINT
         result["breakdown"].append({"source": src, "id": key, "name": name, "multiplier_percent": m,
                                     "points": pts - prev_pts})
         prev_pts = pts
-    total = max(cum, 0) // UNITS_PER_POINT
-    line_units = [max(u, 0) for u in line_units]
+    total = cum // UNITS_PER_POINT
     acc = 0
     line_points = []
     for u in line_units:

@@ -283,27 +283,37 @@ class Pricer:
         for p in self.promos:
             if p.group:
                 groups.setdefault(p.group, []).append(p)
-        total_start = sum(self.start)
-        active = plain
-        snaps: list = []
-        final, _, _, bonus = self.run(active, snapshots=snaps)
+        order = sorted(groups)
+        # Is there a choice to make in this group or a later one? Past the last
+        # real choice, groups have one candidate each and need no evaluation.
+        choice_ahead = [False] * (len(order) + 1)
+        for j in range(len(order) - 1, -1, -1):
+            choice_ahead[j] = choice_ahead[j + 1] or len(groups[order[j]]) > 1
         chosen = []
-        for g in sorted(groups):
+        if choice_ahead[0]:
+            total_start = sum(self.start)
+            active = plain
+            snaps: list = []
+            final, _, _, bonus = self.run(active, snapshots=snaps)
+        for j, g in enumerate(order):
             # Groups in name order, each against the promotions decided so far.
             cands = sorted(groups[g], key=lambda p: p.id)
-            saving = total_start - sum(final)
-            best, best_key = cands[0], None
-            keys = [p.key for p in active]
+            best = cands[0]
             if len(cands) > 1:
+                saving = total_start - sum(final)
+                keys = [p.key for p in active]
+                best_key = None
                 for c in cands:
                     key = self._candidate(c, active, keys, snaps, final, saving, bonus)
                     if best_key is None or key > best_key:
                         best, best_key = c, key
-            (_, bonus), active, snaps, final = self._candidate(best, active, keys, snaps, final, saving, bonus,
-                                                               rebase=True)
             chosen.append(best)
+            if choice_ahead[j + 1]:
+                keys = [p.key for p in active]
+                (_, bonus), active, snaps, final = self._candidate(
+                    best, active, keys, snaps, final, total_start - sum(final), bonus, rebase=True)
         self.chosen = chosen
-        nets, adj, applied, _ = self.run(active, record=True)
+        nets, adj, applied, _ = self.run(sorted(plain + chosen, key=lambda p: p.key), record=True)
         for i, d in enumerate(self.base_adj):
             if d:
                 adj[i].insert(0, (self.base_src, d, False))

@@ -590,3 +590,16 @@ def test_stale_rules_refuse_coupons():
     with pytest.raises(TenderError, match=r"^tender\.coupons: Limited offline member"):
         pricing.quote([MILK, BREAD, SOAP], SILVER, POLICY, THU, tender={"coupons": ["C2026-0001"]},
                       rules_age_s=604801)
+
+
+def test_a_multiplier_under_100_takes_a_line_to_zero_not_below():
+    policy = deepcopy(POLICY)
+    policy["tiers"]["normal"]["points_multiplier_percent"] = 50
+    policy["earning"]["category_multipliers_percent"] = {"fresh": 0}
+    # apples 66.00 - fresh10 6.60 = 59.40: base 59.40; normal 50%: -29.70 (29.70 left); fresh 0%
+    # would take 59.40 more, only 29.70 is left: the line earns 0. Bread 15.00: 15 - 7.50 = 7.50 -> 7.
+    q = pricing.quote([APPLES, BREAD], NORMAL, policy, THU)
+    assert q["points"]["earned"] == 7
+    assert [l["points_earned"] for l in q["lines"]] == [0, 7]
+    assert q["receipt"]["en"][-5:] == ["Points earned  7", "  Base (1 per yuan)  74", "  Member 50%  -37",
+                                       "  Category fresh 0%  -30", "Points balance  7"]
