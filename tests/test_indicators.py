@@ -159,7 +159,8 @@ def test_accept_cut_short_by_deny(rig):
     green = pins["green"].states
     assert values(pins["green"]) == [False, True, False]
     assert green[2].timestamp < 0.3 + TOL                        # green went off at the deny, not after 1 s
-    assert values(pins["buzzer"])[-1] is False
+    # The accept beep, then deny's three (the buzzer may end a moment after the red LED).
+    wait_states(pins["buzzer"], [False] + [True, False] * 4)
 
 
 def test_tap_again_cut_short_by_accept(rig):
