@@ -843,9 +843,10 @@ def _fast_member_problem(rec: Any) -> str | None:
     return None
 
 
-def member_checker(rules: dict | None = None):
+def member_checker(rules: dict | None = None, fill_defaults: bool = True):
     """A function checking one member record (see check_member), with the
-    rule set's references prepared once."""
+    rule set's references prepared once. ``fill_defaults=False`` returns the
+    record itself (checked, unchanged): the bulk loader stores it compact."""
     if rules is not None:
         tiers, card_types = set(rules["tiers"]), set(rules["card_types"])
         packages = rules.get("packages", {})
@@ -861,18 +862,20 @@ def member_checker(rules: dict | None = None):
             except fastjsonschema.JsonSchemaValueException as exc:
                 raise RulesetError(_fast_message(exc, where)) from None
             raise RulesetError(f"{where}.{problem}")
+        if rules is not None:
+            card_no = record["card_no"]
+            ok = (record["tier"] in tiers and record.get("card_type", next(iter(card_types))) in card_types
+                  and all(p in packages for p in record.get("packages", ()))
+                  and any(len(card_no) == n and card_no.startswith(pre) for pre, n in programs)
+                  and record.get("primary_card") != card_no
+                  and ("expires" not in record or _date_ok(record["expires"])))
+            if not ok:
+                _raise(_member_refs(rules, card_no, record, packages, where))
+        if not fill_defaults:
+            return record
         out = {"status": "active", "birthday_calendar": "solar", "points": 0, "balance_fen": 0, **record}
         out.setdefault("packages", {})
         out.setdefault("coupons", [])
-        if rules is not None:
-            card_no = out["card_no"]
-            ok = (out["tier"] in tiers and out.get("card_type", next(iter(card_types))) in card_types
-                  and all(p in packages for p in out["packages"])
-                  and any(len(card_no) == n and card_no.startswith(pre) for pre, n in programs)
-                  and out.get("primary_card") != card_no
-                  and ("expires" not in out or _date_ok(out["expires"])))
-            if not ok:
-                _raise(_member_refs(rules, card_no, out, packages, where))
         return out
     return check
 
