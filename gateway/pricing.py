@@ -191,6 +191,9 @@ def _label(label: str, lang: str, **kw) -> str:
 
 # ---------------------------------------------------------------- input checks
 
+_LINE_KEYS = frozenset({"sku", "name", "category", "qty", "unit_price"})
+
+
 def check_lines(lines: Any) -> list[dict]:
     def bad(field, detail):
         raise PricingError("basket_invalid", field, detail=f"{field}: {detail}")
@@ -204,8 +207,8 @@ def check_lines(lines: Any) -> list[dict]:
         where = f"lines[{i}]"
         if not isinstance(line, dict):
             bad(where, "must be an object")
-        unknown = set(line) - {"sku", "name", "category", "qty", "unit_price"}
-        if unknown:
+        if not _LINE_KEYS.issuperset(line):
+            unknown = set(line) - _LINE_KEYS
             bad(where, f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         sku = line.get("sku")
         if not isinstance(sku, str) or not sku or len(sku) > 64:
@@ -698,7 +701,7 @@ def _return_receipt(r: dict, lang: str) -> list[str]:
     if t["stored_value_fen"]:
         rows.append(f"  {_label('refund_stored_value', lang)}  {yuan(t['stored_value_fen'])}")
     rows.append(f"  {_label('refund_cash', lang)}  {yuan(t['cash_fen'])}")
-    if r["member"]:
+    if r["member"] and t["points_earned"]:
         rows.append(f"{_label('points_reversed', lang)}  -{t['points_earned']}")
     return rows
 

@@ -198,10 +198,16 @@ class Pricer:
             if not in_scope(pid, src, member, store, region, now_min, weekday, uses):
                 continue
             if src["kind"] == "member_price":
-                idx = sorted({i for s in src.get("prices_fen") or {} for i in by_sku.get(s, ())})
+                prices = src.get("prices_fen") or {}
+                if len(prices) == 1:
+                    idx = by_sku.get(next(iter(prices)), ())
+                else:
+                    idx = sorted({i for s in prices for i in by_sku.get(s, ())})
             else:
                 cats, skus = src.get("categories") or (), src.get("skus") or ()
-                if cats or skus:
+                if len(cats) + len(skus) == 1:  # the common case: lists are already in line order
+                    idx = by_cat.get(cats[0], ()) if cats else by_sku.get(skus[0], ())
+                elif cats or skus:
                     idx = sorted({i for c in cats for i in by_cat.get(c, ())}
                                  | {i for s in skus for i in by_sku.get(s, ())})
                 else:
