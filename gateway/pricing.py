@@ -86,11 +86,15 @@ Public functions and return shapes
   (a SKU spreads over the sale's lines of that SKU in order); earlier_returns:
   the ``record`` bodies of earlier returns of the same sale. Returns
   ``{"lines", "totals", "deltas", "receipt", "record"}`` where record is
-  ``{"type": "return", "v": 1, "at", "sale_at", "member", "lines": [{"index",
-  "sku", "qty", "amount", "discount", "discounts", "refund_fen", "redeemed_fen",
-  "points_redeemed", "stored_value_fen", "cash_fen", "points_earned"}],
-  "totals": {...}, "deltas": {"points", "points_earned", "points_redeemed",
-  "stored_value_fen"}}``.
+  ``{"type": "return", "v": 1, "at", "sale_at", "sale_id" (the sale's "id" if
+  the caller put one in it), "member", "lines": [{"index", "sku", "name", "qty",
+  "amount", "discount", "discounts": [{"source", "fen"}], "refund_fen",
+  "redeemed_fen", "points_redeemed", "stored_value_fen", "cash_fen",
+  "points_earned"}], "totals": {"refund_fen", "discount", "cash_fen",
+  "stored_value_fen", "redeemed_fen", "points_redeemed", "points_earned"},
+  "deltas": {"points", "points_earned", "points_redeemed", "stored_value_fen"}}``.
+  Per returned line ``refund_fen = cash_fen + stored_value_fen + redeemed_fen``
+  and ``amount = refund_fen + discount``.
 
 ``topup(policy, member, *, package_id=None, amount_fen=None, now=None)``
 ``consume_package(policy, member, package_id, uses, *, now=None)``
@@ -589,7 +593,8 @@ def _sale_receipt_tail(rows: list[str], q: dict, member: dict | None, policy: di
         if p["reason"] == "min_spend":
             rows.append("  " + _label("pts_min_spend", lang, limit=yuan(policy["earning"]["min_spend_fen"])))
         for b in p["breakdown"]:
-            rows.append(f"  {_points_label(b, policy, lang)}  {'+' if b['source'] != 'base' and b['points'] >= 0 else ''}{b['points']}")
+            sign = "+" if b["source"] != "base" and b["points"] >= 0 else ""  # bonuses read as additions
+            rows.append(f"  {_points_label(b, policy, lang)}  {sign}{b['points']}")
         rows.append(f"{_label('points_balance', lang)}  {q['balances_after']['points']}")
     return rows
 

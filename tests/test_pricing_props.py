@@ -300,3 +300,25 @@ def test_allocation_sums_exactly_and_never_exceeds_a_line(weights, total):
     assert all(0 <= s <= w for s, w in zip(shares, weights))
     if sum(weights):  # points are split whole, even beyond the weights
         assert sum(allocate(total, weights, capped=False)) == total
+
+
+def test_bench_workload_is_priced_consistently():
+    """The benchmark's 50 lines x 200 promotions: invariants, exact group picks, deterministic."""
+    from bench.quote_workload import MEMBER, NOW, TENDER, bench_basket, bench_policy
+    pol, basket = bench_policy(), bench_basket()
+    q = pricing.quote(basket, MEMBER, pol, NOW, store="S001", region="east", tender=TENDER, rules_age_s=600)
+    _check_sale(q, MEMBER, pol)
+    _check_limits(q, {"limited": False, **MEMBER, "today": {"points_redeemed": 0, "stored_value_paid_fen": 0}},
+                  pol, 600)
+    assert (q["tender"]["points"], q["tender"]["stored_value_fen"]) == (2000, 10000)
+    assert q == pricing.quote(basket, MEMBER, pol, NOW, store="S001", region="east", tender=TENDER,
+                              rules_age_s=600)
+    pr = Pricer(pricing.check_lines(basket), MEMBER, pol, store="S001", region="east",
+                now_min=NOW.strftime("%Y-%m-%dT%H:%M"), weekday=NOW.isoweekday())
+    pr.price()
+    plain = [p for p in pr.promos if not p.group]
+    groups = sorted({p.group for p in pr.promos if p.group})
+    assert len(groups) == 5
+    for k, g in enumerate(groups):
+        scores = {c.id: pr.full_saving(plain + pr.chosen[:k] + [c]) for c in pr.promos if c.group == g}
+        assert scores[pr.chosen[k].id] == max(scores.values())
