@@ -18,6 +18,10 @@ deny entries (--quick: 100,000 / 10,000). Measured in the gateway:
   the same taps with no apply running.
 - ``rss_mb``: the gateway process's peak resident memory (VmHWM) over the
   whole run. Baseline: its resident memory running v1, before v2 came.
+
+Experiment knob (not the default figures): SG_BENCH_MEMBER_BATCH=2000 sets
+gateway.member_store._BATCH (rows per executemany in the snapshot load) in
+the gateway process, to show its effect on the peak RSS.
 """
 
 from __future__ import annotations
@@ -80,6 +84,9 @@ async def child(cfg_path: str, tap_cards: list[str]) -> None:
     from hardware.readers import CardRead
 
     logging.basicConfig(level=logging.WARNING)
+    if os.environ.get("SG_BENCH_MEMBER_BATCH"):  # an experiment knob, see the module docstring
+        import gateway.member_store as member_store
+        member_store._BATCH = int(os.environ["SG_BENCH_MEMBER_BATCH"])
     cfg = gw_config.load(cfg_path)
     out = sys.stdout
 
@@ -127,7 +134,8 @@ async def child(cfg_path: str, tap_cards: list[str]) -> None:
         t = gw.uplink.sync.timings
         # only the taps after the manifest came count as "during the apply"
         during = [ms for at, ms in during if t["received"] <= at <= t["live"]]
-        say(event="applied", apply_s=t["live"] - t["received"], taps_during=during,
+        say(event="applied", apply_s=t["live"] - t["received"], fetch_s=t["fetched"] - t["received"],
+            taps_during=during,
             rss_peak=rss("VmHWM"), rss_after=rss(), counts=gw.rules.members.count(),
             check=(await gw.handle_read(CardRead("1", "magstripe", card(1)))).reason)
 
@@ -207,7 +215,8 @@ async def run(quick: bool, workdir: Path) -> dict:
     note(f"gateway: {applied['counts']} loaded; card(1) now -> {applied['check']}")
     lines = [
         emit("apply_s", applied["apply_s"], "s", "raw sqlite bulk insert of the same rows", base_s,
-             members=n_members, deny=n_deny, target="<= 20"),
+             members=n_members, deny=n_deny, fetch_s=round(applied["fetch_s"], 3),
+             load_s=round(applied["apply_s"] - applied["fetch_s"], 3), target="<= 20"),
         emit("tap_p99_during_apply_ms", _percentile(applied["taps_during"], 99), "ms",
              "tap p99 with no apply running", _percentile(ready["taps_idle"], 99),
              taps=len(applied["taps_during"]), tap_median_ms=round(median(applied["taps_during"]), 3),

@@ -35,6 +35,7 @@ from wire.topics import Topics
 log = logging.getLogger("storegate.rules")
 
 APPLY_SWITCH_INTERVAL_S = 0.0005
+FETCH_WINDOW = 2   # parts subscribed to at once
 
 
 class LinkDown(Exception):
@@ -141,28 +142,36 @@ class RulesSync:
         asyncio.get_running_loop().create_task(keep())
 
     async def _fetch(self, m: Manifest, missing: list[Part]) -> None:
+        """Fetch the missing parts, FETCH_WINDOW at a time: a big snapshot's
+        parts (tens of MB) never sit in memory all at once. The part timeout
+        counts for the whole fetch."""
+        for p in missing:
+            if not self.topics.part_topic_ok(self.store, p.topic):
+                raise RulesRejected(f"rule set v{m.version}: part {p.name} on topic {p.topic!r}, which is not "
+                                    f"a part topic this store reads")
+        try:
+            async with asyncio.timeout(self.part_timeout_s):
+                for i in range(0, len(missing), FETCH_WINDOW):
+                    await self._fetch_some(missing[i:i + FETCH_WINDOW])
+        except TimeoutError:
+            late = [p.name for p in missing if not self.rules.have_part(p)]
+            raise RulesRejected(f"rule set v{m.version} is incomplete: part(s) {', '.join(late)} not "
+                                f"received within {self.part_timeout_s:.0f} s") from None
+
+    async def _fetch_some(self, parts: list[Part]) -> None:
         client = self.client
         if client is None:
             raise LinkDown()
         loop = asyncio.get_running_loop()
         waits = {}
-        for p in missing:
-            if not self.topics.part_topic_ok(self.store, p.topic):
-                raise RulesRejected(f"rule set v{m.version}: part {p.name} on topic {p.topic!r}, which is not "
-                                    f"a part topic this store reads")
+        for p in parts:
             fut = loop.create_future()
             self._awaited[p.topic] = (p, fut)
             waits[p.topic] = fut
         try:
             await client.subscribe([(t, 1) for t in waits])
-            try:
-                async with asyncio.timeout(self.part_timeout_s):
-                    for topic, fut in waits.items():
-                        await fut
-            except TimeoutError:
-                late = [self._awaited[t][0].name for t, f in waits.items() if not f.done()]
-                raise RulesRejected(f"rule set v{m.version} is incomplete: part(s) {', '.join(late)} not "
-                                    f"received within {self.part_timeout_s:.0f} s") from None
+            for fut in waits.values():
+                await fut
         finally:
             for t in waits:
                 self._awaited.pop(t, None)
@@ -211,6 +220,7 @@ class RulesSync:
                     self.rules.reject(str(exc))
                     await self.request_resync(str(exc))
                 raise
+        fetched = time.monotonic()
         self.applying = True
         # The load runs in a worker thread; taps and quotes run on the event
         # loop and need the GIL back quickly: hand it over every 0.5 ms
@@ -225,7 +235,7 @@ class RulesSync:
         # A newer manifest that came meanwhile is checked next; this one, complete
         # and valid, goes live first.
         self.rules.commit(m, rules)
-        self.timings = {"received": received, "live": time.monotonic(), "version": m.version}
+        self.timings = {"received": received, "fetched": fetched, "live": time.monotonic(), "version": m.version}
         log.info("rule set v%d live %.2f s after its manifest came", m.version, self.timings["live"] - received)
         await self._changed()
 

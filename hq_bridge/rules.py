@@ -45,7 +45,7 @@ from wire.topics import Topics, check_store_id
 
 log = logging.getLogger("storegate.hq.rules")
 
-MEMBERS_PER_PART = 250_000
+MEMBERS_PER_PART = 100_000   # ~6 MB compressed: a gateway holds at most two in memory while fetching
 TABLE_KEYS = ("members", "deny")
 
 SCHEMA = """
