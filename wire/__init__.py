@@ -7,6 +7,9 @@ JSON Schemas for other consumers are generated from here by
 
 from wire.messages import (  # noqa: F401
     Ack,
+    DenyDelta,
+    Manifest,
+    ResyncRequest,
     RulesMessage,
     Status,
     TxBatch,
@@ -15,4 +18,4 @@ from wire.messages import (  # noqa: F401
 )
 from wire.topics import Topics  # noqa: F401
 
-__all__ = ["Ack", "RulesMessage", "Status", "TxBatch", "TxRecord", "WireError", "Topics"]
+__all__ = ["Ack", "DenyDelta", "Manifest", "ResyncRequest", "RulesMessage", "Status", "TxBatch", "TxRecord", "WireError", "Topics"]

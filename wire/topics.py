@@ -1,4 +1,20 @@
-"""MQTT topic layout of the wire contract (see DESIGN.md, "Wire contract")."""
+"""MQTT topic layout of the wire contract (see DESIGN.md, "Wire contract",
+and README.md, "Wire contract", for the reasons behind each topic).
+
+    {prefix}/stores/{store}/tx              gateway -> HQ   QoS 1             journal batches
+    {prefix}/stores/{store}/ack             HQ -> gateway   QoS 1             committed seq ranges
+    {prefix}/stores/{store}/status          gateway -> HQ   QoS 1, retained   status, last will "offline"
+    {prefix}/stores/{store}/rules           HQ -> gateway   QoS 1, retained   signed rule-set manifest
+    {prefix}/stores/{store}/parts/<sha256>  HQ -> gateway   QoS 1, retained   parts only this store reads
+    {prefix}/stores/{store}/resync          gateway -> HQ   QoS 1             "republish my rule set"
+    {prefix}/rules/parts/<sha256>           HQ -> all       QoS 1, retained   chain-wide parts
+    {prefix}/rules/deny                     HQ -> all       QoS 1, retained   the latest signed deny delta
+
+Parts are content-addressed: the payload on a part topic never changes, so a
+gateway that holds a part never fetches it again. The broker ACL
+(deploy/mosquitto/acl) lets a store read only its own store topics and
+``{prefix}/rules/#``.
+"""
 
 from __future__ import annotations
 
