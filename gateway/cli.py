@@ -116,6 +116,7 @@ def render_status(s: dict, now: float | None = None) -> str:
         f"uplink           {s['uplink']}",
         f"last HQ contact  {f'{now - contact:.0f} s ago' if contact else 'never'}",
         f"rules version    {s['rules_version'] if s['rules_version'] is not None else 'none'}",
+        f"deny list        v{s.get('deny_version') or 0} (signed deltas applied)",
         f"backlog          {s['backlog']} record(s)" + (f", oldest {age:.0f} s" if age is not None else ""),
         f"delivered        {s['acked_records']} acked by HQ since start, last seq {s['last_seq']}",
         "lanes            " + ", ".join(f"{lid} ({l['reader']}{_reader_state(l)}, {l['taps']} taps)" for lid, l in s["lanes"].items()),
