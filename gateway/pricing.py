@@ -278,23 +278,23 @@ def redeemable(member: dict | None, policy: dict, total_fen: int, rules_age_s: i
     if rules_age_s > limit_s:
         out.update(reason="rules_stale", age_s=rules_age_s, limit_s=limit_s)
         return out
-    ppy = red.get("points_per_yuan", 0)
+    ppy = red.get("points_per_yuan", 100)  # defaults as in wire/ruleset.py: offline caps default to 0
     if ppy <= 0:
         out["reason"] = "redemption_disabled"
         return out
-    step = max(red.get("step_points", 1), 1)
+    step = max(red.get("step_points", 100), 1)
     caps = {
         "points_insufficient": max(member.get("points_available", 0), 0),
-        "points_max_share": total_fen * red.get("max_share_percent", 100) // 100 * ppy // 100,
-        "points_offline_tx_limit": red.get("offline_max_points_per_tx", 1 << 62),
-        "points_offline_day_limit": max(red.get("offline_max_points_per_day", 1 << 62)
+        "points_max_share": total_fen * red.get("max_share_percent", 50) // 100 * ppy // 100,
+        "points_offline_tx_limit": red.get("offline_max_points_per_tx", 0),
+        "points_offline_day_limit": max(red.get("offline_max_points_per_day", 0)
                                         - _today(member).get("points_redeemed", 0), 0),
     }
     binding = min(caps, key=lambda k: caps[k])  # dict order breaks ties deterministically
     most = caps[binding] // step * step
     out.update(min_points=red.get("min_points", 0), step_points=step, points_per_yuan=ppy,
-               max_share_percent=red.get("max_share_percent", 100),
-               limits={k: v for k, v in caps.items() if v < 1 << 61})
+               max_share_percent=red.get("max_share_percent", 50),
+               limits=dict(caps))
     if most < red.get("min_points", 0) or most <= 0:
         out["reason"] = "points_min" if caps[binding] > 0 else binding
         return out
@@ -317,19 +317,19 @@ def stored_value_payable(member: dict | None, policy: dict, due_fen: int, rules_
     if ctype is not None and not ctype.get("stored_value", False):
         out["reason"] = "stored_value_not_allowed"
         return out
-    limit_s = min(policy.get("max_age_s", 604800), sv.get("max_sync_age_s", 1 << 62))
+    limit_s = min(policy.get("max_age_s", 604800), sv.get("max_sync_age_s", 86400))
     if rules_age_s > limit_s:
         out.update(reason="rules_stale", age_s=rules_age_s, limit_s=limit_s)
         return out
     caps = {
         "stored_value_exceeds_due": max(due_fen, 0),
         "stored_value_insufficient": out["balance_fen"],
-        "stored_value_offline_tx_limit": sv.get("offline_max_per_tx_fen", 1 << 62),
-        "stored_value_offline_day_limit": max(sv.get("offline_max_per_day_fen", 1 << 62)
+        "stored_value_offline_tx_limit": sv.get("offline_max_per_tx_fen", 0),
+        "stored_value_offline_day_limit": max(sv.get("offline_max_per_day_fen", 0)
                                               - _today(member).get("stored_value_paid_fen", 0), 0),
     }
     binding = min(caps, key=lambda k: caps[k])
-    out.update(max_fen=caps[binding], limits={k: v for k, v in caps.items() if v < 1 << 61})
+    out.update(max_fen=caps[binding], limits=dict(caps))
     if caps[binding] <= 0:
         out["reason"] = binding
     return out
@@ -353,7 +353,7 @@ def _check_points(asked: int, avail: dict, policy: dict) -> None:
         limit = avail["limits"].get(code)
         if limit is not None and asked > limit:
             raise TenderError(code, field, asked=asked, limit=limit,
-                              percent=red.get("max_share_percent", 100))
+                              percent=red.get("max_share_percent", 50))
 
 
 def _check_stored_value(asked: int, avail: dict) -> None:
@@ -441,7 +441,7 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
     total = sum(nets)
 
     # Redemption, then stored value, both allocated to lines by what is left to pay.
-    ppy_red = (policy.get("redemption") or {}).get("points_per_yuan", 0)
+    ppy_red = (policy.get("redemption") or {}).get("points_per_yuan", 100)
     avail_pts = redeemable(member, policy, total, rules_age_s)
     n = len(lines)
     red_pts, red_fen = [0] * n, [0] * n
@@ -721,7 +721,8 @@ def topup(policy: dict, member: dict, *, package_id: str | None = None, amount_f
           now: datetime | None = None) -> dict:
     """Top up stored value. A package pays its ``pay_fen`` and adds its
     ``bonus_fen``; a free amount earns the bonus of the largest package whose
-    ``pay_fen`` it reaches (充值赠送 by threshold)."""
+    ``pay_fen`` it reaches (充值赠送 by threshold). Packages outside their
+    from/to dates are not offered (checked when ``now`` is given)."""
     if not isinstance(member, dict):
         raise PricingError("member_required", "member")
     if member.get("limited"):
@@ -732,9 +733,15 @@ def topup(policy: dict, member: dict, *, package_id: str | None = None, amount_f
     packages = (policy.get("stored_value") or {}).get("topup_packages") or {}
     if (package_id is None) == (amount_fen is None):
         raise PricingError("topup_invalid", "package_id", detail="give exactly one of package_id, amount_fen")
+    today = now.date().isoformat() if now is not None else None
+
+    def offered(pkg: dict) -> bool:  # a package's optional from/to dates (store time), inclusive
+        return not pkg.get("disabled") and (today is None or (
+            (not pkg.get("from") or pkg["from"] <= today) and (not pkg.get("to") or today <= pkg["to"])))
+
     if package_id is not None:
         pkg = packages.get(package_id)
-        if pkg is None or pkg.get("disabled"):
+        if pkg is None or not offered(pkg):
             raise PricingError("topup_unknown_package", "package_id", code=package_id)
         pay, bonus = pkg["pay_fen"], pkg.get("bonus_fen", 0)
     else:
@@ -745,7 +752,7 @@ def topup(policy: dict, member: dict, *, package_id: str | None = None, amount_f
         best = None
         for pid in sorted(packages):
             pkg = packages[pid]
-            if not pkg.get("disabled") and pkg["pay_fen"] <= amount_fen and (
+            if offered(pkg) and pkg["pay_fen"] <= amount_fen and (
                     best is None or pkg["pay_fen"] > packages[best]["pay_fen"]):
                 best = pid
         if best is not None:

@@ -544,6 +544,14 @@ def test_topup_with_bonus():
         pricing.topup(POLICY, GOLD, amount_fen=0)
     with pytest.raises(PricingError, match=r"^member.card_type: This card cannot pay with stored value$"):
         pricing.topup(POLICY, {**NORMAL, "card_type": "staff"}, amount_fen=100)
+    # A package outside its dates is not offered, by id or as a bonus.
+    dated = deepcopy(POLICY)
+    dated["stored_value"]["topup_packages"]["p500"].update({"from": "2026-12-01", "to": "2026-12-31"})
+    with pytest.raises(PricingError, match=r"^package_id: Top-up package p500 is unknown$"):
+        pricing.topup(dated, GOLD, package_id="p500", now=THU)
+    assert pricing.topup(dated, GOLD, amount_fen=80000, now=THU)["record"]["bonus_fen"] == 0
+    assert pricing.topup(dated, GOLD, amount_fen=80000, now=datetime(2026, 12, 31, 21, 0, tzinfo=TZ)
+                         )["record"]["bonus_fen"] == 5000
 
 
 def test_count_package():
@@ -584,6 +592,18 @@ def test_min_spend_counts_what_was_bought_not_what_was_paid_in_money():
     # are earned, on the 55.00 paid in money: 55.
     q = pricing.quote([{**SOAP, "unit_price": 6000}], m, policy, THU, tender={"points": 500})
     assert (q["points"]["earned"], q["points"]["reason"]) == (55, None)
+
+
+def test_offline_limits_default_to_none_allowed():
+    # wire/ruleset.py's defaults: offline redemption and stored value are 0 unless HQ sets them.
+    policy = deepcopy(POLICY)
+    policy["redemption"] = {"points_per_yuan": 100, "min_points": 0, "max_share_percent": 50, "step_points": 100}
+    del policy["stored_value"]["offline_max_per_tx_fen"]
+    q = pricing.quote([BIG], GOLD, policy, THU)
+    assert (q["available"]["points"]["max_points"], q["available"]["points"]["reason"]) == (
+        0, "points_offline_tx_limit")
+    assert (q["available"]["stored_value"]["max_fen"], q["available"]["stored_value"]["reason"]) == (
+        0, "stored_value_offline_tx_limit")
 
 
 def test_stale_rules_refuse_coupons():
