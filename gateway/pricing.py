@@ -414,8 +414,11 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
     coupons_used = []
     if tender["coupons"] and member is None:
         raise TenderError("member_required", "tender.coupons")
-    if tender["coupons"] and (member.get("limited") or rules_age_s > policy.get("max_age_s", 604800)):
+    if tender["coupons"] and member.get("limited"):
         raise TenderError("member_limited", "tender.coupons")
+    if tender["coupons"] and rules_age_s > policy.get("max_age_s", 604800):
+        raise TenderError("rules_stale", "tender.coupons", age_s=rules_age_s, limit_s=policy.get("max_age_s", 604800),
+                          what_zh="使用优惠券", what_en="coupon use")
     for k, code in enumerate(tender["coupons"]):
         field = f"tender.coupons[{k}]"
         problem = _coupon_problem(code, member, policy, today_iso)

@@ -607,7 +607,8 @@ def test_offline_limits_default_to_none_allowed():
 
 
 def test_stale_rules_refuse_coupons():
-    with pytest.raises(TenderError, match=r"^tender\.coupons: Limited offline member"):
+    with pytest.raises(TenderError, match=r"^tender\.coupons: The store's rules are too old \(604801 s, "
+                                          r"limit 604800 s\): coupon use refused$"):
         pricing.quote([MILK, BREAD, SOAP], SILVER, POLICY, THU, tender={"coupons": ["C2026-0001"]},
                       rules_age_s=604801)
 
