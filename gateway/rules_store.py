@@ -101,6 +101,7 @@ class RulesStore:
         self.current: Rules | None = None
         self.manifest: Manifest | None = None
         self.last_rejection: str | None = None
+        self._verified: set[str] = set()  # parts hashed since start (a damaged cache file is caught at boot)
         self.counters = {"applied": 0, "rejected": 0, "parts_fetched": 0, "parts_cached": 0, "deny_deltas": 0}
 
     @property
@@ -200,6 +201,7 @@ class RulesStore:
             raise RulesRejected(f"part {part.name}: sha256 {sha[:12]}... does not match the manifest's "
                                 f"{part.sha256[:12]}...")
         _write_atomic(self.part_path(sha), payload)
+        self._verified.add(sha)  # hashed just now: build() need not read it back
         self.counters["parts_fetched"] += 1
 
     def _chunks(self, part: Part) -> Iterator[bytes]:
@@ -208,11 +210,14 @@ class RulesStore:
                 yield block
 
     def _verify_cached(self, part: Part) -> None:
+        if part.sha256 in self._verified:
+            return
         h = hashlib.sha256()
         for block in self._chunks(part):
             h.update(block)
         if h.hexdigest() != part.sha256:
             raise RulesRejected(f"cached part {part.name} ({part.sha256[:12]}) is damaged")
+        self._verified.add(part.sha256)
 
     # -- building and applying (blocking: run in a worker thread) -----------
 
@@ -265,13 +270,16 @@ class RulesStore:
                     if p.encoding != "json":
                         self._verify_cached(p)
                 meta = m.members or {"as_of": 0, "store_seq": 0}
+                # every record is checked by the member store (wire.ruleset.check_member
+                # with the effective rules, check_deny_entry) before its switch
+                kw = {"rules": data} if isinstance(self.members, MemberStore) else {}
                 self.members.replace_snapshot(self._rows(m, "members"), self._rows(m, "deny"), version=m.version,
                                               as_of=meta["as_of"], store_seq=meta["store_seq"],
-                                              deny_version=m.deny_version, rules=data)
+                                              deny_version=m.deny_version, **kw)
             return Rules(m.version, m.issued_at, dict(m.scope), data, self.members)
         except RulesRejected as exc:
             raise self.reject(str(exc)) from None
-        except (RulesetError, WireError, ValueError) as exc:
+        except (RulesetError, WireError, ValueError, KeyError, TypeError) as exc:
             raise self.reject(f"rule set v{m.version}: {exc}") from None
 
     def commit(self, m: Manifest, rules: Rules) -> None:
