@@ -67,9 +67,23 @@ def normalise_uid(raw: str) -> str:
     return raw.strip().upper().replace(":", "").replace(" ", "")
 
 
+# Other spellings accepted for the same things (the brief's names): normalised on the way in.
+_ALIASES = {"balance_fen": "stored_value_fen", "coupons": "coupons_used", "promotions": "promotion_uses"}
+
+
 def _check_deltas(deltas: dict) -> dict:
     if not isinstance(deltas, dict):
         raise ValueError("deltas: must be an object")
+    if set(deltas) & (set(_ALIASES) | {"package_uses"}):
+        deltas = {_ALIASES.get(k, k): v for k, v in deltas.items()}
+        uses = deltas.pop("package_uses", None)
+        if uses is not None:   # {id: uses consumed} -> change of remaining uses
+            if not isinstance(uses, dict) or not all(type(n) is int for n in uses.values()):
+                raise ValueError("deltas.package_uses: must map ids to integers")
+            packages = dict(deltas.get("packages", {}))
+            for pkg, n in uses.items():
+                packages[pkg] = packages.get(pkg, 0) - n
+            deltas["packages"] = packages
     unknown = set(deltas) - DELTA_KEYS
     if unknown:
         raise ValueError(f"deltas: unknown field(s) {', '.join(sorted(unknown))}")
@@ -185,7 +199,7 @@ class InMemoryMembers:
             return True
 
     def record_deltas(self, seq: int, member_id: str, day: str, deltas: dict) -> None:
-        _check_deltas(deltas)
+        deltas = _check_deltas(deltas)
         with self._lock:
             if seq > self.store_seq:
                 self._deltas[seq] = (member_id, day, deltas)
@@ -420,7 +434,7 @@ class MemberStore:
 
     def record_deltas(self, seq: int, member_id: str, day: str, deltas: dict) -> None:
         """Record what journal record ``seq`` changed for the member (idempotent by seq)."""
-        _check_deltas(deltas)
+        deltas = _check_deltas(deltas)
         extra = {k: deltas[k] for k in (*DELTA_MAPS, "coupons_used") if deltas.get(k)}
         with self._deltas:
             self._deltas.execute("INSERT OR REPLACE INTO deltas VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
