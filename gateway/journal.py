@@ -44,6 +44,7 @@ import bisect
 import contextlib
 import hashlib
 import logging
+import mmap
 import os
 import queue
 import shutil
@@ -64,6 +65,7 @@ log = logging.getLogger("storegate.journal")
 MAGIC = b"SG"
 HEADER = struct.Struct("<2sII")
 MAX_FRAME = 16 * 1024 * 1024
+SECTOR = 512  # O_DIRECT alignment: the logical sector size of SD cards and most disks
 SEGMENT_BYTES = 16 * 1024 * 1024
 IDEMPOTENCY_RETENTION_S = 24 * 3600  # a POS retries within minutes; a day is generous
 GROUP_MAX = 512
@@ -229,7 +231,7 @@ class Journal:
 
     def __init__(self, directory: str | Path, *, max_bytes: int = 1 << 30, fsync: bool = True,
                  clock: Callable[[], float] = time.time, segment_bytes: int = SEGMENT_BYTES,
-                 writer: str = "inline") -> None:
+                 writer: str = "inline", direct: bool = True) -> None:
         if writer not in ("inline", "thread"):
             raise ValueError(f"journal writer must be 'inline' or 'thread', not {writer!r}")
         self.dir = Path(directory)
@@ -237,6 +239,7 @@ class Journal:
         self.max_bytes = max_bytes
         self.fsync = fsync
         self.segment_bytes = segment_bytes
+        self.direct = direct  # O_DIRECT appends where the file system allows them
         self._clock = clock
         self.index = JournalIndex()
         self.faults: list[str] = []
@@ -253,6 +256,9 @@ class Journal:
         self._segment = 0            # number of the segment being written
         self._fd: int | None = None
         self._size = 0               # bytes in the active segment
+        self._direct_fd: int | None = None  # the active segment opened with O_DIRECT, if allowed
+        self._tail = b""             # direct I/O: the bytes of the partial last sector on disk
+        self._buf: mmap.mmap | None = None  # direct I/O: an aligned buffer for one group
         self._total = 0              # bytes in all segments
         self._readers: dict[int, int] = {}
         self._readers_lock = threading.Lock()
@@ -290,6 +296,9 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
 
     # -- recovery -----------------------------------------------------------
 
@@ -389,9 +398,18 @@ class Journal:
             raise
         if self._fd is not None:
             os.close(self._fd)
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+        if self.direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError:  # tmpfs and some other file systems: buffered writes
+                self._direct_fd = None
         self._fd, self._segment = fd, n
         self._segments.add(n)
         self._size = len(header)
+        self._tail = header[len(header) - len(header) % SECTOR:]
         self._logical[n] = len(header)
         self._total += len(header)
 
@@ -434,18 +452,18 @@ class Journal:
                 self._sync_dir()
             if self._total + len(data) > self.max_bytes and any(w.future for w in group):
                 raise JournalFull(f"the journal is at its cap of {self.max_bytes} bytes")
-            start = self._size
+            start, tail = self._size, self._tail
             try:
-                written = os.pwrite(self._fd, data, start)
-                if written != len(data):
-                    raise OSError(28, "short write")
+                self._pwrite(data, start)
                 if self.fsync:
                     os.fdatasync(self._fd)
             except OSError as exc:
                 # Nothing half-written stays in the log: zero what was written.
+                self._tail = tail
                 with contextlib.suppress(OSError):
-                    os.pwrite(self._fd, b"\0" * len(data), start)
+                    self._pwrite(b"\0" * len(data), start)
                     os.fdatasync(self._fd)
+                self._tail = tail
                 if exc.errno in (28, 27):
                     raise JournalFull("the journal disk is full") from None
                 raise JournalError(f"journal write failed: {exc.strerror or exc}") from None
@@ -459,6 +477,40 @@ class Journal:
             error = exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc}")
             log.error("journal: %s", error)
             return None, error
+
+    def _pwrite(self, data: bytes, start: int) -> None:
+        """Write data at start, the end of the frames. With O_DIRECT only the
+        512-byte sectors touched go to the device (the partial last sector is
+        rewritten with the same bytes in front): ~1 KB per lone record
+        instead of a 4 KiB page-cache page, and no slower here (bench.journal).
+        Durability still comes from the fdatasync that follows (it flushes
+        the device's write cache)."""
+        if self._direct_fd is not None:
+            head = len(self._tail)
+            n = head + len(data)
+            size = (n + SECTOR - 1) & -SECTOR
+            buf = self._buf
+            if buf is None or len(buf) < size:
+                buf = self._buf = mmap.mmap(-1, (size + mmap.PAGESIZE - 1) & -mmap.PAGESIZE)  # page-aligned
+            buf[:head] = self._tail
+            buf[head:n] = data
+            buf[n:size] = bytes(size - n)  # zeros past the end read as unused space on recovery
+            try:
+                written = os.pwritev(self._direct_fd, [memoryview(buf)[:size]], start - head)
+            except OSError as exc:
+                if exc.errno != 22:  # EINVAL: this file system refuses the alignment; go buffered
+                    raise
+                os.close(self._direct_fd)
+                self._direct_fd = None
+            else:
+                if written != size:
+                    raise OSError(28, "short write")
+                end = start + len(data)
+                self._tail = bytes(buf[n - end % SECTOR:n]) if end % SECTOR else b""
+                return
+        written = os.pwrite(self._fd, data, start)  # (the tail is not needed: never direct again in this segment)
+        if written != len(data):
+            raise OSError(28, "short write")
 
     def _finish(self, group: list[_Write], placed: tuple[int, int] | None, error: JournalError | None) -> None:
         """On the event loop, after a group's write: index every record that is
