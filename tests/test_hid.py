@@ -12,7 +12,7 @@ import pytest
 from evdev import InputEvent, ecodes as e
 
 from hardware import hid
-from hardware.hid import (DeviceGone, Frame, HidReader, HidSelector, SimulatedInputDevice, SwipeAgain, WedgeDecoder,
+from hardware.hid import (DeviceGone, HidReader, HidSelector, SimulatedInputDevice, SwipeAgain, WedgeDecoder,
                           interpret, key_events)
 from hardware.readers import CardRead
 
@@ -309,3 +309,22 @@ async def test_uinput_keyboard_wedge_through_the_kernel():
                     ui.syn()
             read = await next_read(reader)
             assert (read.source, read.raw) == ("magstripe", PAN)
+
+
+@pytest.mark.parametrize("hid_cfg, message", [
+    ({"kind": "scanner"}, "lanes[0].hid[0]: select the input device with exactly one of device, name or usb"),
+    ({"kind": "scanner", "name": "a", "usb": "0c2e:0b61"}, "lanes[0].hid[0]: select the input device"),
+    ({"kind": "keyboard", "name": "a"}, "lanes.0.hid.0.kind"),
+    ({"kind": "magstripe", "usb": "0c2e-0b61"}, "lanes.0.hid.0.usb"),
+    ({"kind": "magstripe", "device": "event3"}, "lanes.0.hid.0.device"),
+    ({"kind": "magstripe", "name": "a", "gap_ms": 0}, "lanes.0.hid.0.gap_ms"),
+    ({"kind": "magstripe", "name": "a", "port": 1}, "lanes.0.hid.0"),
+])
+def test_bad_hid_config_names_the_key(hid_cfg, message):
+    from common.configfile import ConfigError
+    from gateway import config as gw_config
+
+    with pytest.raises(ConfigError) as bad:
+        gw_config.check({"store": {"id": "S001"}, "mqtt": {"host": "h"},
+                         "lanes": [{"id": "1", "reader": "terminal", "hid": [hid_cfg]}]})
+    assert message in str(bad.value)
