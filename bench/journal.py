@@ -196,7 +196,7 @@ async def run(opts, base: Path, secs: float, waiting: int, rounds: int) -> None:
         m["raw"].append((raw_before + raw_after) / 2)
         m["prealloc"].append((pre_before + pre_after) / 2)
         m["eight_nosync"].append((await journal_rate(base / f"j8n-{r}", 8, secs / 2,
-                                                     journal=Journal(base / f"j8n-{r}", fsync=False)))[0])
+                                                     journal=Journal(base / f"j8n-{r}", fsync=False, direct=False)))[0])
         if r < 3 or opts.quick:  # the slow anchors: three rounds are enough to show orders of magnitude
             m["at50k"].append((await journal_rate(base / f"j50k-{r}", 1, secs, waiting))[0])
             m["tiny"].append(tinydb_rate(base / f"tiny-{r}.json", waiting, secs))
