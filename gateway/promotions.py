@@ -20,9 +20,11 @@ Order of application (RULESET.md "promotions"):
    - points_multiplier: no money, feeds the points breakdown.
 3. Exclusive groups: of the promotions in scope sharing a non-empty
    ``exclusive_group``, exactly one applies. Groups are decided in name order;
-   each candidate is evaluated by running the whole pipeline (non-grouped
-   promotions + groups already decided + the candidate) and the one saving the
-   customer the most fen wins, then the most bonus points, then the smallest id.
+   each candidate is evaluated as if the whole pipeline ran with it
+   (non-grouped promotions + groups already decided + the candidate) and the
+   one saving the customer the most fen wins, then the most bonus points, then
+   the smallest id. The evaluation recomputes only the lines a candidate can
+   influence (exact: the property tests compare it with full runs).
 
 Eligible lines: those whose category is in ``categories`` or SKU in ``skus``;
 if both are empty, every line not excluded from discounts. For member_price,
