@@ -38,7 +38,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from bench.common import args, emit, median, note
+from bench.common import args, emit, median, note, rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "deploy" / "examples"
@@ -204,11 +204,13 @@ def compare_stores(base: Path, n: int, lookups: int) -> dict:
     store.close()
 
     path = base / f"tinydb-{n}.json"
+    rss_before = rss_mb()
     t0 = time.perf_counter()
     db = TinyDB(path, storage=CachingMiddleware(JSONStorage))
     db.insert_multiple(member_records(n))
     db.storage.flush()
     tiny_load = time.perf_counter() - t0
+    tiny_rss = rss_mb() - rss_before     # TinyDB holds the whole table in memory
     q = Query()
     tiny = []
     for c in probes:
@@ -225,7 +227,7 @@ def compare_stores(base: Path, n: int, lookups: int) -> dict:
     plain.close()
     db.close()
     return {"n": n, "sqlite_p99": p99(sq), "tiny_p99": p99(tiny), "tiny_plain_median": median(raw),
-            "sqlite_load": sqlite_load, "tiny_load": tiny_load}
+            "sqlite_load": sqlite_load, "tiny_load": tiny_load, "tiny_rss_mb": tiny_rss}
 
 
 # ---------------------------------------------------------------- main
@@ -267,7 +269,8 @@ def main() -> None:
             emit("member_lookup_p99_ms", c["sqlite_p99"], "ms",
                  f"TinyDB (CachingMiddleware) lookup by card number, same {n:,} members, same run",
                  c["tiny_p99"], store="sqlite", members=n,
-                 tinydb_default_storage_median_ms=round(c["tiny_plain_median"], 3))
+                 tinydb_default_storage_median_ms=round(c["tiny_plain_median"], 3),
+                 tinydb_rss_growth_mb=round(c["tiny_rss_mb"], 1))
             emit("member_store_load_s", c["sqlite_load"], "s",
                  f"TinyDB insert_multiple + flush, same {n:,} members, same run", c["tiny_load"],
                  store="sqlite", members=n)
