@@ -121,25 +121,6 @@ STATUS_SCHEMA = {
     },
 }
 
-RULES_SCHEMA = {
-    "$id": SCHEMA_BASE + "rules.json",
-    "title": "Rule set for a store, HQ -> gateway, retained; topic {prefix}/stores/{store}/rules",
-    "type": "object",
-    "required": ["version", "issued_at", "scope", "rules"],
-    "additionalProperties": False,
-    "properties": {
-        "version": {"type": "integer", "minimum": 1},
-        "issued_at": {"type": "integer", "minimum": 0, "description": "epoch seconds"},
-        "scope": {
-            "type": "object",
-            "properties": {"store": _STORE, "region": {"type": "string"}, "all": {"type": "boolean"}},
-            "additionalProperties": False,
-        },
-        "rules": {"type": "object", "description": "the rule set, see gateway/schemas/ruleset.json"},
-    },
-}
-
-
 @dataclass(frozen=True)
 class TxRecord:
     seq: int
@@ -234,19 +215,15 @@ class Status:
 
 @dataclass(frozen=True)
 class RulesMessage:
+    """Not on the wire any more (the rules topic carries a signed Manifest).
+    Kept only as the in-process argument of gateway.engine.Rules.from_message,
+    which tests and bench.rules still use; goes when they build
+    engine.Rules directly."""
+
     version: int
     issued_at: int
     scope: dict
     rules: dict
-
-    def encode(self) -> bytes:
-        return _dumps(self.__dict__)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> "RulesMessage":
-        obj = _loads(payload, "rules")
-        _check("rules.json", obj, "rules")
-        return cls(**obj)
 
 
 # -- rule-set distribution (signed; see wire/RULESET.md and README "Rules from HQ") --
@@ -519,7 +496,6 @@ ALL_SCHEMAS = {
     "tx_batch.json": TX_BATCH_SCHEMA,
     "ack.json": ACK_SCHEMA,
     "status.json": STATUS_SCHEMA,
-    "rules.json": RULES_SCHEMA,
     "manifest.json": MANIFEST_SCHEMA,
     "deny_delta.json": DENY_DELTA_SCHEMA,
     "resync.json": RESYNC_SCHEMA,
