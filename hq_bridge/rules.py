@@ -298,15 +298,20 @@ class Catalog:
         return DenyDelta.decode(row[0].encode()) if row else None
 
     def deny_part(self) -> tuple[int, str, int]:
-        """(deny version, sha256, size) of the deny list now, as a table part."""
+        """(deny version, sha256, size) of the deny list now, as a table part
+        (encoded once per deny version, however many stores are published)."""
         with self._lock:
             version = self._conn.execute("SELECT COALESCE(MAX(version), 0) FROM deny_log").fetchone()[0]
+            cached = getattr(self, "_deny_cache", None)
+            if cached and cached[0] == version and (self.parts_dir / cached[1]).exists():
+                return cached
             rows = self._conn.execute("SELECT card_no, status, since, replaced_by FROM deny_list ORDER BY card_no"
                                       ).fetchall()
         table = ({k: v for k, v in zip(("card_no", "status", "since", "replaced_by"), r) if v is not None}
                  for r in rows)
         sha, size = self.put_part(encode_table(table))
-        return version, sha, size
+        self._deny_cache = (version, sha, size)
+        return self._deny_cache
 
     # manifests and retained parts
     def record_manifest(self, manifest: Manifest) -> None:
@@ -505,8 +510,13 @@ class Publisher:
     async def publish_layer(self, file: str | Path, *, store=None, region=None, all_=False,
                             members_file=None, deny_file=None, as_of: int | None = None) -> list[Manifest]:
         stores = self.affected(store=store, region=region, all_=all_)
+        if deny_file and not all_:
+            raise PublishError("the deny list is chain-wide: replace it with --all")
         scope, level, ident = self.scope_key(store=store, region=region, all_=all_)
         layer, inline_members, inline_deny = load_layer_file(file, level, ident or "chain")
+        if inline_deny is not None and not all_ and not self._deny_is_current(deny_rows(inline_deny)):
+            raise PublishError("the deny list is chain-wide: publish [deny] tables with --all (or use "
+                               "`storegate-hq card ...`)")
         # check the merge for every affected store before storing anything
         previous = self.catalog.layer(scope)
         self.catalog.set_layer(scope, layer)
@@ -535,9 +545,11 @@ class Publisher:
         if members is not None:
             self.catalog.set_snapshot(snap_scope, members, int(as_of if as_of is not None else time.time()))
         if deny is not None:
-            if not all_ and not self._deny_is_current(deny):
-                raise PublishError("the deny list is chain-wide: replace it with --all")
-            self.catalog.replace_deny(deny, "snapshot")
+            if not all_:  # an inline [deny] table in a region/store layer: only if it changes nothing
+                if not self._deny_is_current(deny):
+                    raise PublishError("the deny list is chain-wide: replace it with --all")
+            else:
+                self.catalog.replace_deny(deny, "snapshot")
 
     def _deny_is_current(self, deny) -> bool:
         """An inline deny table under --store/--region: accepted if it adds nothing new."""
