@@ -448,3 +448,19 @@ def test_hq_cli_publish_card_fleet(tmp_path, broker):
             gw.stop()
     finally:
         hq.stop()
+
+
+async def test_hq_refuses_a_contradictory_layer_and_keeps_the_current_one(tmp_path, broker, hq):
+    from wire.ruleset import RulesetError
+
+    await publish_all(hq)
+    before = hq.catalog.layer("store:S001")
+    sneaky = dict(S001, redemption={"points_per_yuan": 1})
+    (tmp_path / "sneaky.json").write_text(json.dumps(sneaky))
+    with pytest.raises(RulesetError, match="locked by the chain layer"):
+        await hq.publish_layer(tmp_path / "sneaky.json", store="S001")
+    assert hq.catalog.layer("store:S001") == before and hq.catalog.manifest("S001").version == 3
+    wrong = dict(S001, layer={"level": "store", "id": "S002"})
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    with pytest.raises(RulesetError, match="does not match the scope"):
+        await hq.publish_layer(tmp_path / "wrong.json", store="S001")
