@@ -463,7 +463,7 @@ async def test_gateway_lane_on_a_pcsc_reader(pcscd, cards, tmp_path, broker):
         "lanes": [{"id": "1", "reader": "pcsc", "pcsc_reader": READER}],
     })
     async with Gateway(cfg) as gw:
-        install_rules(gw, now=0)
+        install_rules(gw)  # issued now: rules older than max_age_s would be rules_stale
         taps: asyncio.Queue = asyncio.Queue()
         gw.lanes["1"].listeners.add(taps)
         await until(lambda: gw.lanes["1"].reader.state == "ready", what="the reader")
