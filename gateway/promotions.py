@@ -84,6 +84,39 @@ def in_scope(pid: str, p: dict, member: dict | None, store: str | None, region: 
     return True
 
 
+# Which promotions can touch a SKU or a category, per promotions table. A
+# rule set is never changed in place (a new rule set is a new dict), so the
+# index is kept for the last few tables seen, by identity.
+_INDEX_CACHE: list[tuple[dict, int, tuple]] = []
+
+
+def promotion_index(promotions: dict) -> tuple[dict, dict, list]:
+    """(by SKU, by category, on every line) -> promotion ids; pure but memoised."""
+    for ref, n, idx in _INDEX_CACHE:
+        if ref is promotions and n == len(promotions):
+            return idx
+    by_sku: dict[str, list[str]] = {}
+    by_cat: dict[str, list[str]] = {}
+    everywhere: list[str] = []
+    for pid, src in promotions.items():
+        if src.get("disabled") or src.get("kind") not in KINDS:
+            continue
+        if src["kind"] == "member_price":
+            skus, cats = list(src.get("prices_fen") or ()), ()
+        else:
+            skus, cats = src.get("skus") or (), src.get("categories") or ()
+        if not skus and not cats:
+            everywhere.append(pid)
+        for sku in skus:
+            by_sku.setdefault(sku, []).append(pid)
+        for cat in cats:
+            by_cat.setdefault(cat, []).append(pid)
+    idx = (by_sku, by_cat, everywhere)
+    _INDEX_CACHE.insert(0, (promotions, len(promotions), idx))
+    del _INDEX_CACHE[4:]
+    return idx
+
+
 class _Promo:
     """A promotion in scope for this basket, with what it needs precomputed."""
 
@@ -194,9 +227,15 @@ class Pricer:
             self.base_adj.append(d)
         uses = ((member or {}).get("today") or {}).get("promotion_uses") or {}
         promos = []
-        for pid, src in (policy.get("promotions") or {}).items():
-            if src.get("disabled") or src.get("kind") not in KINDS:
-                continue
+        table = policy.get("promotions") or {}
+        p_sku, p_cat, everywhere = promotion_index(table)
+        relevant = set(everywhere)  # only promotions that can touch this basket's lines
+        for sku in by_sku:
+            relevant.update(p_sku.get(sku, ()))
+        for cat in by_cat:
+            relevant.update(p_cat.get(cat, ()))
+        for pid in relevant:  # any order: sorted by (priority, id) below
+            src = table[pid]
             if not in_scope(pid, src, member, store, region, now_min, weekday, uses):
                 continue
             if src["kind"] == "member_price":
