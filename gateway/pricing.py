@@ -12,6 +12,9 @@ Inputs
 ``tiers``, ``card_types``, ``discount_excluded_categories/_skus``, ``earning``,
 ``promotions``, ``redemption``, ``stored_value``, ``packages``, ``coupons``,
 ``fees``, ``max_age_s``. Optional ``version`` is copied into sale records.
+The policy is treated as immutable: an index of its promotions is kept by the
+identity of the ``promotions`` table, so a changed rule set must come as a new
+dict (as a new Rules does), never as an edit in place.
 
 ``member`` (the caller builds it from the snapshot and its local deltas)::
 
