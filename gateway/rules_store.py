@@ -39,13 +39,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Iterator
 
 import orjson
 
-from gateway.engine import Rules
+from gateway.engine import Rules, mask_card
 from gateway.member_store import DenyDeltaGap, MemberStore
 from wire.distribution import check_layer_header, effective_rules, parse_layer_name
 from wire.messages import DenyDelta, Manifest, Part, WireError, decode_layer, iter_table
@@ -55,6 +56,7 @@ from wire.signing import Keyring, SignatureError, key_id
 log = logging.getLogger("storegate.rules")
 
 READ_BLOCK = 1 << 16
+_CARD_RUN = re.compile(r"(?<![0-9a-f])[0-9]{8,19}(?![0-9a-f])")
 
 
 class RulesRejected(ValueError):
@@ -130,6 +132,8 @@ class RulesStore:
     # -- rejection --------------------------------------------------------
 
     def reject(self, reason: str, exc_type=RulesRejected) -> RulesRejected:
+        # card numbers never reach logs or the status topic in full (DESIGN principle 8)
+        reason = _CARD_RUN.sub(lambda mt: mask_card(mt.group()), reason)
         self.last_rejection = reason
         self.counters["rejected"] += 1
         log.warning("rule set rejected: %s", reason)
