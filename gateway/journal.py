@@ -73,6 +73,13 @@ MAGIC = b"SG"
 HEADER = struct.Struct("<2sII")
 MAX_FRAME = 16 * 1024 * 1024
 SECTOR = 512  # O_DIRECT alignment: the logical sector size of SD cards and most disks
+BLOCK = 4096
+# Blocks are zeroed this far ahead of the frames: posix_fallocate leaves them
+# "unwritten", and an fdatasync after writing into such a block must also
+# commit the block's conversion (file-system metadata). Zeroed ahead once per
+# MiB, a group's fdatasync is a data flush only: measured 211 us instead of
+# 325 us per 8-record group here, for one extra write of each log byte.
+ZERO_AHEAD = 1 << 20
 SEGMENT_BYTES = 16 * 1024 * 1024
 IDEMPOTENCY_RETENTION_S = 24 * 3600  # a POS retries within minutes; a day is generous
 GROUP_MAX = 512
@@ -265,6 +272,8 @@ class Journal:
         self._size = 0               # bytes in the active segment
         self._direct_fd: int | None = None  # the active segment opened with O_DIRECT, if allowed
         self._tail = b""             # direct I/O: the bytes of the partial last sector on disk
+        self._zeroed = 0             # the active segment's blocks before this offset are written (initialised)
+        self._zeros: mmap.mmap | None = None  # an aligned buffer of zeros for ZERO_AHEAD
         self._buf: mmap.mmap | None = None  # direct I/O: an aligned buffer for one group
         self._total = 0              # bytes in all segments
         self._readers: dict[int, int] = {}
@@ -417,6 +426,7 @@ class Journal:
         self._segments.add(n)
         self._size = len(header)
         self._tail = header[len(header) - len(header) % SECTOR:]
+        self._zeroed = BLOCK  # the header's block was written and fsync'd above
         self._logical[n] = len(header)
         self._total += len(header)
 
@@ -461,6 +471,8 @@ class Journal:
                 raise JournalFull(f"the journal is at its cap of {self.max_bytes} bytes")
             start, tail = self._size, self._tail
             try:
+                if start + len(data) + BLOCK > self._zeroed:
+                    self._zero_ahead(start + len(data) + BLOCK)
                 self._pwrite(data, start)
                 if self.fsync:
                     os.fdatasync(self._fd)
@@ -484,6 +496,36 @@ class Journal:
             error = exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc}")
             log.error("journal: %s", error)
             return None, error
+
+    def _zero_ahead(self, needed: int) -> None:
+        """Write zeros from the zeroed horizon (always past the last frame, so
+        no frame is touched) to ZERO_AHEAD beyond `needed`; the group's own
+        fdatasync makes them durable with it."""
+        limit = self.segment_bytes - self.segment_bytes % BLOCK
+        end = min(limit, max(needed, self._zeroed) + ZERO_AHEAD)
+        end -= end % BLOCK
+        if end <= self._zeroed:
+            return
+        if self._zeros is None:
+            self._zeros = mmap.mmap(-1, ZERO_AHEAD)  # anonymous memory reads as zeros; never written
+        pos = self._zeroed
+        while pos < end:
+            n = min(end - pos, ZERO_AHEAD)
+            written = None
+            if self._direct_fd is not None:
+                try:
+                    written = os.pwritev(self._direct_fd, [memoryview(self._zeros)[:n]], pos)
+                except OSError as exc:
+                    if exc.errno != 22:  # EINVAL: O_DIRECT refused; buffered from here on
+                        raise
+                    os.close(self._direct_fd)
+                    self._direct_fd = None
+            if written is None:
+                written = os.pwrite(self._fd, memoryview(self._zeros)[:n], pos)
+            if written != n:
+                raise OSError(28, "short write")
+            pos += n
+        self._zeroed = end
 
     def _pwrite(self, data: bytes, start: int) -> None:
         """Write data at start, the end of the frames. With O_DIRECT only the

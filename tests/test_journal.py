@@ -189,11 +189,15 @@ async def test_a_cancelled_caller_does_not_lose_or_double_its_record(tmp_path):
         assert [r.seq for r in await j.pending()] == [1]
 
 
-@pytest.mark.parametrize("direct", [True, False])
-async def test_sector_writes_keep_every_frame_intact(tmp_path, direct):
-    """Groups of every size, crossing 512-byte sectors and 4 KiB pages: with
-    O_DIRECT the partial last sector is rewritten on each group; nothing
-    already written may change, and everything reads back after a restart."""
+@pytest.mark.parametrize("direct,zero_ahead", [(True, 1 << 20), (False, 1 << 20), (True, 4096), (False, 8192)])
+async def test_sector_writes_keep_every_frame_intact(tmp_path, monkeypatch, direct, zero_ahead):
+    """Groups of every size, crossing 512-byte sectors, 4 KiB pages and the
+    zeroed-ahead horizon: with O_DIRECT the partial last sector is rewritten
+    on each group, zeros go ahead of the frames; nothing already written may
+    change, and everything reads back after a restart."""
+    import gateway.journal as journal_module
+
+    monkeypatch.setattr(journal_module, "ZERO_AHEAD", zero_ahead)
     path = tmp_path / "j"
     bodies = []
     async with Journal(path, direct=direct) as j:
