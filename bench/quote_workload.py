@@ -3,7 +3,7 @@
     python -m bench.quote_workload [--quick]
 
 The promotions are of every kind, scoped the way a chain's are: most on a
-few SKUs or a category, some thresholds over everything, five exclusive
+few SKUs or a category, two store-wide thresholds, five exclusive
 groups of four candidates each (every candidate is evaluated), a few
 per-member limits, and some out of scope (other stores, other tiers, other
 days) that must be filtered out. The member is gold, on a member day, with a
@@ -56,7 +56,7 @@ def _promo(i: int, catalog: int = 60) -> dict:
     elif k == 6:
         p = {**base, "kind": "nth_item", "n": 2 + i % 2, "percent": 50, "skus": [sku]}
     elif k == 7:
-        p = {**base, "kind": "threshold", "categories": [cat] if i % 20 else [],
+        p = {**base, "kind": "threshold", "categories": [] if i % 100 == 7 else [cat],
              "steps": [{"min_fen": 5000, "off_fen": 500 + i}, {"min_fen": 20000, "off_fen": 2500 + i}]}
     elif k == 8:
         p = {**base, "kind": "points_multiplier", "multiplier_percent": 150 + i % 3 * 50, "categories": [cat]}
