@@ -232,7 +232,9 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime) -> Verdi
             "member_id": None, "account_id": None, "name": None,
             "tier": _tier_summary(_default_tier(rules), rules),
             "card_type": _card_type_summary(prog["card_type"], rules),
-            "points": None, "balance_fen": None, "allowed": dict(NOT_OFFLINE),
+            "points": None, "balance_fen": None, "packages": {}, "coupons": [],
+            "today": {"points_redeemed": 0, "stored_value_paid_fen": 0, "promotion_uses": {}, "coupons_used": []},
+            "allowed": dict(NOT_OFFLINE),
             "offline_left": {"stored_value_fen": 0, "redemption_points": 0},
             "limits": ["member_not_in_snapshot", *limits]})
     if record["status"] != "active":

@@ -267,6 +267,11 @@ class MemberStore:
         self._deltas.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._deltas.executescript(_DELTAS_DDL)
         self._refresh_with_deltas()
+        # A deny delta is logged before it is applied: one that a crash cut off is applied now.
+        for version, entries in self._deltas.execute(
+                "SELECT version, entries FROM deny_log WHERE version > ? ORDER BY version", (self.deny_version,)).fetchall():
+            if version == self.deny_version + 1:
+                self._apply_deny_locked(version, orjson.loads(entries))
 
     def _refresh_with_deltas(self) -> None:
         # Most members have no local deltas: validate skips the query for them.
@@ -416,19 +421,23 @@ class MemberStore:
                 return False
             if version != self.deny_version + 1:
                 raise DenyDeltaGap(self.deny_version, version)
-            # Logged first: a snapshot loading now re-applies it before its switch.
+            # Logged first: a snapshot loading now re-applies it before its switch,
+            # and a crash before the next lines is repaired at the next open.
             self._deltas.execute("INSERT OR REPLACE INTO deny_log VALUES (?, ?)", (version, orjson.dumps(checked)))
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                _deny_apply_sql(conn, checked)
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('deny_version', ?)", (version,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            self.deny_version = version
+            self._apply_deny_locked(version, checked)
             return True
+
+    def _apply_deny_locked(self, version: int, entries: dict) -> None:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _deny_apply_sql(conn, entries)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('deny_version', ?)", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.deny_version = version
 
     # -- local deltas -----------------------------------------------------
 

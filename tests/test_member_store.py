@@ -300,3 +300,22 @@ def test_delta_spellings(store):
     t = store.local_totals("M1", "2026-11-24")
     assert (t["stored_value_fen"], t["packages"], t["coupons_used"]) == (-500, {"car_wash10": -2}, ["C9"])
     assert t["today"]["promotion_uses"] == {"p": 1} and t["today"]["stored_value_paid_fen"] == 500
+
+
+def test_a_deny_delta_logged_but_not_applied_is_applied_at_the_next_open(tmp_path):
+    import sqlite3
+
+    import orjson
+
+    store = MemberStore(tmp_path)
+    store.replace_snapshot(members(3), (), version=1, as_of=0, store_seq=0, deny_version=1)
+    store.close()
+    # the crash window: logged in member_deltas.db, not yet in members.db
+    db = sqlite3.connect(tmp_path / "member_deltas.db")
+    db.execute("INSERT INTO deny_log VALUES (2, ?)", (orjson.dumps({"880000000001": {"status": "lost"}}),))
+    db.commit()
+    db.close()
+    store = MemberStore(tmp_path)
+    assert store.deny_version == 2 and store.denied("880000000001")["status"] == "lost"
+    assert store.apply_deny_delta(2, {"880000000001": {"status": "lost"}}) is False   # HQ's resend: no-op
+    store.close()
