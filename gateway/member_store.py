@@ -40,15 +40,19 @@ same day gives balance back but not the day's offline allowance.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import orjson
 
 from wire.ruleset import check_deny_entry, check_member, member_checker
+
+log = logging.getLogger("storegate.members")
 
 DELTA_INTS = ("points", "points_earned", "points_redeemed", "stored_value_fen")
 DELTA_MAPS = ("packages", "promotion_uses")
@@ -256,10 +260,23 @@ class MemberStore:
         self._load_lock = threading.Lock()        # one snapshot load at a time
         for stale in glob.glob(str(self.path) + ".loading-*"):
             os.unlink(stale)                      # a load that never finished
+        self.fault: str | None = None
         if not self.path.exists():
             self._build(self.path, iter(()), iter(()), version=0, as_of=0, store_seq=0, deny_version=0)
-        self._conn = self._open(self.path)
-        self._read_meta()
+        try:
+            self._conn = self._open(self.path)
+            self._read_meta()
+            self._conn.execute("SELECT count(*) FROM (SELECT 1 FROM members LIMIT 1)").fetchone()
+        except sqlite3.DatabaseError as exc:
+            # A damaged snapshot: set aside (never deleted), start empty (cards are then
+            # accepted as not in the snapshot, risky operations refused) until HQ resends it.
+            aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+            os.replace(self.path, aside)
+            self.fault = f"member snapshot unusable ({exc}); set aside as {aside.name}, waiting for HQ"
+            log.error(self.fault)
+            self._build(self.path, iter(()), iter(()), version=0, as_of=0, store_seq=0, deny_version=0)
+            self._conn = self._open(self.path)
+            self._read_meta()
         self._deltas = sqlite3.connect(self.dir / "member_deltas.db", check_same_thread=False,
                                        isolation_level=None)
         self._deltas.execute("PRAGMA journal_mode=WAL")

@@ -319,3 +319,17 @@ def test_a_deny_delta_logged_but_not_applied_is_applied_at_the_next_open(tmp_pat
     assert store.deny_version == 2 and store.denied("880000000001")["status"] == "lost"
     assert store.apply_deny_delta(2, {"880000000001": {"status": "lost"}}) is False   # HQ's resend: no-op
     store.close()
+
+
+def test_a_damaged_snapshot_is_set_aside_and_the_store_comes_up_empty(tmp_path):
+    store = MemberStore(tmp_path)
+    store.replace_snapshot(members(3), (), version=4, as_of=0, store_seq=0)
+    store.record_deltas(1, "M1", "2026-11-24", {"points": -5})
+    store.close()
+    (tmp_path / "members.db").write_bytes(b"this is not a database" * 100)
+    store = MemberStore(tmp_path)
+    assert store.fault and "set aside" in store.fault
+    assert list(tmp_path.glob("members.db.damaged-*"))
+    assert store.count() == (0, 0) and store.version == 0
+    assert store.local_totals("M1", "2026-11-24")["points"] == -5     # the local deltas are kept
+    store.close()
