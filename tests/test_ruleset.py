@@ -309,6 +309,13 @@ def test_member_and_deny_records():
          "members.880000000013.birthday"),
         ({"card_no": "880000000013", "member_id": "M1", "tier": "gold", "phone": "138"}, "members.880000000013"),
         ({"card_no": "880000000013", "member_id": "M1", "tier": "platinum"}, "members.880000000013.tier: unknown tier"),
+        ({"card_no": "770000000013", "member_id": "M1", "tier": "gold"}, "members.770000000013: card number matches no"),
+        ({"card_no": "880000000013", "member_id": "M1", "tier": "gold", "packages": {"gym": 1}},
+         "members.880000000013.packages: unknown package 'gym'"),
+        ({"card_no": "880000000013", "member_id": "M1", "tier": "gold", "card_type": "vip"},
+         "members.880000000013.card_type: unknown card type 'vip'"),
+        ({"card_no": "880000000013", "member_id": "M1", "tier": "gold", "expires": "2027-02-30"},
+         "members.880000000013.expires: '2027-02-30' is not a valid date"),
     ]:
         with pytest.raises(RulesetError, match=re.escape(message)):
             check_member(record, rules)
