@@ -22,6 +22,9 @@ never reused even after every record is acked and compacted away), a record
   partial last sector is rewritten with the next group), so a lone record
   costs ~1 KB of device writes instead of a 4 KiB page; buffered writes where
   the file system refuses O_DIRECT. The fdatasync still follows each write.
+  Blocks are zeroed ahead of the frames (ZERO_AHEAD), which costs one more
+  write of each log byte (~0.6 KB per record) and spares every fdatasync a
+  metadata commit.
 - Cheap per append (the 8-lane rate is CPU-bound): one future per append,
   no shield or done-callbacks; the writer indexes the records it wrote and
   wakes their callers.
@@ -174,16 +177,21 @@ class JournalIndex:
 
     def on_record(self, frame: dict, segment: int, offset: int, length: int) -> None:
         seq = frame["seq"]
-        self.next_seq = max(self.next_seq, seq + 1)
-        if seq not in self.pending:
-            self.pending[seq] = (segment, offset, length, frame["ts"])
-            if self.order and seq < self.order[-1]:
-                bisect.insort(self.order, seq)
+        if seq >= self.next_seq:
+            self.next_seq = seq + 1
+        pending = self.pending
+        if seq not in pending:
+            pending[seq] = (segment, offset, length, frame["ts"])
+            order = self.order
+            if order and seq < order[-1]:
+                bisect.insort(order, seq)
             else:
-                self.order.append(seq)
-            self.live[segment] = self.live.get(segment, 0) + 1
-        if frame.get("key"):
-            self.idempotency[frame["key"]] = (frame["rh"], seq, frame["resp"], frame["ts"], segment)
+                order.append(seq)
+            live = self.live
+            live[segment] = live.get(segment, 0) + 1
+        key = frame.get("key")
+        if key:
+            self.idempotency[key] = (frame["rh"], seq, frame["resp"], frame["ts"], segment)
 
     def on_ack(self, ranges) -> int:
         freed = 0
@@ -569,28 +577,33 @@ class Journal:
         hung up: it is sent, and a retry with its key finds it), then wake the
         callers and any retries waiting on their keys."""
         inflight = self._inflight_keys
-        offset = placed[1] if placed else 0
         records = 0
-        for w in group:
-            if w.key is not None and inflight.get(w.key) is w:
-                del inflight[w.key]
-            if placed is not None and w.frame is not None:
-                self.index.on_record(w.frame, placed[0], offset, len(w.data))
-                records += 1
-            offset += len(w.data)
-            fut = w.future
-            if fut is not None and not fut.done():
-                if error is None:
-                    fut.set_result((placed[0], offset - len(w.data), len(w.data)))
-                else:
-                    fut.set_exception(error)
-            if w.waiters:
-                for waiter in w.waiters:
-                    if not waiter.done():
-                        if error is None:
+        if error is None:
+            segment, offset = placed
+            on_record = self.index.on_record
+            for w in group:
+                n = len(w.data)
+                if w.frame is not None:
+                    on_record(w.frame, segment, offset, n)
+                    records += 1
+                if w.key is not None and inflight.get(w.key) is w:
+                    del inflight[w.key]
+                fut = w.future
+                if fut is not None and not fut.done():
+                    # A record's caller needs no location; _submit's callers do.
+                    fut.set_result(None if w.frame is not None else (segment, offset, n))
+                if w.waiters:
+                    for waiter in w.waiters:
+                        if not waiter.done():
                             waiter.set_result(None)
-                        else:
-                            waiter.set_exception(error)
+                offset += n
+        else:
+            for w in group:
+                if w.key is not None and inflight.get(w.key) is w:
+                    del inflight[w.key]
+                for fut in [w.future, *(w.waiters or ())]:
+                    if fut is not None and not fut.done():
+                        fut.set_exception(error)
         if records:
             self.stats["appends"] += records
             if self.on_append:
