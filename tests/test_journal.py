@@ -240,3 +240,17 @@ async def test_a_refused_direct_write_falls_back_to_buffered_writes(tmp_path, mo
     monkeypatch.undo()
     async with Journal(tmp_path / "j") as j:
         assert [r.seq for r in await j.pending()] == [first.seq] + [r.seq for r in rest] + [last.seq]
+
+
+@pytest.mark.parametrize("writer", ["inline", "thread"])
+async def test_both_writers_group_index_and_recover_the_same_way(tmp_path, writer):
+    async with Journal(tmp_path / "j", writer=writer) as j:
+        results = await asyncio.gather(*(j.append("sale", {"n": n}, idempotency_key=f"key-{n:04d}", request={"n": n})
+                                         for n in range(50)))
+        again = await j.append("sale", {"n": 7}, idempotency_key="key-0007", request={"n": 7})
+        assert again.duplicate and again.seq == results[7].seq
+        assert j.stats["appends"] == 50 and j.stats["groups"] < 50
+        await j.mark_acked([r.seq for r in results[:10]])
+    async with Journal(tmp_path / "j", writer=writer) as j:
+        assert [r.body["n"] for r in await j.pending(limit=100)] == list(range(10, 50))
+        assert (await j.lookup("key-0003", {"n": 3})).seq == results[3].seq
