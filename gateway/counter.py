@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import zlib
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,7 +91,19 @@ class CounterArchive:
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a power cut may lose the last writes, which the journal replay restores.
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # Keep the WAL small: it shares the disk with the journal, and a full
+        # disk must free up as soon as HQ has acked the backlog.
+        self._db.execute("PRAGMA wal_autocheckpoint=64")
+        self._db.execute("PRAGMA journal_size_limit=262144")
         self._db.executescript(ARCHIVE_SCHEMA)
+
+    def relieve(self) -> None:
+        """After a write failed for lack of space: fold the WAL back into the
+        database and give its space back, so the retry can succeed."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("archive checkpoint failed: %s", exc)
 
     def close(self) -> None:
         self._db.close()
@@ -107,7 +120,7 @@ class CounterArchive:
         try:
             if type_ in ("sale", "return"):
                 db.execute("INSERT OR IGNORE INTO records(seq, id, type, ts, sale_seq, body) VALUES (?,?,?,?,?,?)",
-                           (seq, tx_id, type_, ts_ms, body.get("sale_seq"), orjson.dumps(body)))
+                           (seq, tx_id, type_, ts_ms, body.get("sale_seq"), zlib.compress(orjson.dumps(body), 1)))
             elif type_ == "card_op":
                 op, card = body.get("op"), body.get("card_no")
                 if body.get("status_after") in LOCAL_DENY:
@@ -119,7 +132,8 @@ class CounterArchive:
                        "SET v=max(v, excluded.v)", (seq,))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back already (disk full)
+                db.execute("ROLLBACK")
             raise
 
     def sale(self, ref: dict) -> tuple[int, str, dict] | None:
@@ -130,10 +144,10 @@ class CounterArchive:
         else:
             row = self._db.execute("SELECT seq, id, body FROM records WHERE id=? AND type='sale'",
                                    (ref["id"],)).fetchone()
-        return (row[0], row[1], orjson.loads(row[2])) if row else None
+        return (row[0], row[1], orjson.loads(zlib.decompress(row[2]))) if row else None
 
     def returns_of(self, sale_seq: int) -> list[dict]:
-        return [orjson.loads(b) for (b,) in self._db.execute(
+        return [orjson.loads(zlib.decompress(b)) for (b,) in self._db.execute(
             "SELECT body FROM records WHERE sale_seq=? AND type='return' ORDER BY seq", (sale_seq,))]
 
     def card_status(self, card_no: str) -> tuple[str, str | None] | None:
@@ -169,6 +183,11 @@ class Counter:
         self.gw = gw
         self.archive = CounterArchive(archive_path)
         self._locks: dict[str, asyncio.Lock] = {}
+        # Journaled records whose local effects could not be written yet (disk
+        # full): retried before every operation; while any is left, new
+        # operations are refused, so balances and limits never miss one.
+        self._unapplied: list[tuple] = []
+        self.faults: list[str] = []
 
     def close(self) -> None:
         self.archive.close()
@@ -194,6 +213,31 @@ class Counter:
         if deltas and account and members is not None:
             members.record_deltas(seq, account, body.get("day") or self._day(ts_ms), deltas)
         self.archive.apply(seq, tx_id, type_, ts_ms, body)
+
+    def _apply_or_hold(self, *record) -> None:
+        try:
+            self._apply_local(*record)
+        except (sqlite3.Error, OSError) as exc:
+            log.error("local state write failed for seq %d (%s); kept to retry, new operations refused",
+                      record[0], exc)
+            self._unapplied.append(record)
+            self.faults = [f"local state behind the journal by {len(self._unapplied)} record(s): {exc}"]
+
+    def _settle(self) -> None:
+        """Apply what is held, or refuse the operation (nothing is written)."""
+        while self._unapplied:
+            try:
+                try:
+                    self._apply_local(*self._unapplied[0])
+                except (sqlite3.Error, OSError):
+                    self.archive.relieve()
+                    self._apply_local(*self._unapplied[0])
+            except (sqlite3.Error, OSError) as exc:
+                from gateway.journal import JournalFull
+                raise JournalFull(f"local state cannot be written ({exc}); "
+                                  f"{len(self._unapplied)} record(s) waiting") from None
+            self._unapplied.pop(0)
+        self.faults = []
 
     def _day(self, ts_ms: int) -> str:
         return datetime.fromtimestamp(ts_ms / 1000, self.gw.tz).date().isoformat()
@@ -276,8 +320,9 @@ class Counter:
         result = await self.gw.journal.append(type_, body, idempotency_key=key, request=idem, response=response)
         if not result.duplicate:
             # Same loop turn as the append's completion: nothing else sees the
-            # record before its local effects are in place.
-            self._apply_local(result.seq, result.id, type_, int(self.gw.clock() * 1000), body)
+            # record before its local effects are in place. The record is
+            # durable already: a failure here holds it for retry, never fails it.
+            self._apply_or_hold(result.seq, result.id, type_, int(self.gw.clock() * 1000), body)
         return result
 
     async def sale(self, lane_id: str, request: dict) -> Appended:
@@ -288,6 +333,7 @@ class Counter:
         earlier = await self.gw.journal.lookup(key, idem)
         if earlier:
             return earlier  # a retry: the first answer, whatever changed since
+        self._settle()
         member = self.member(lane, request)
         account = member.member.get("account_id") if member else None
         async with self._lock(f"account:{account}") if account else contextlib.nullcontext():
@@ -326,6 +372,7 @@ class Counter:
         earlier = await self.gw.journal.lookup(key, idem)
         if earlier:
             return earlier
+        self._settle()
         found = self.archive.sale(ref)
         if found is None:
             raise CounterError("sale_not_found", f"no sale {ref} in this store's last {RETURN_WINDOW_DAYS} days; "
@@ -366,6 +413,7 @@ class Counter:
         earlier = await self.gw.journal.lookup(key, idem)
         if earlier:
             return earlier
+        self._settle()
         member = self.member(lane, {"member": True}, required=True)
         account = member.member.get("account_id") or member.member.get("member_id")
         async with self._lock(f"account:{account}"):
@@ -392,6 +440,7 @@ class Counter:
         earlier = await self.gw.journal.lookup(key, idem)
         if earlier:
             return earlier
+        self._settle()
         policy, rules = self._policy()
         record = rules.members.get(card) if rules else None
         member = None

@@ -261,7 +261,7 @@ class Gateway:
         }
 
     def faults(self) -> list[str]:
-        faults = list(self.journal.faults)
+        faults = list(self.journal.faults) + list(self.counter.faults)
         if self.rules.last_rejection:
             faults.append(f"rules rejected: {self.rules.last_rejection}")
         return faults

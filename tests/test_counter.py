@@ -240,3 +240,32 @@ async def test_pos_api_errors_name_the_field_and_write_nothing(gw):
                                                    "tender": {"stored_value_fen": 500}})
     assert ok.status_code == 201 and ok.json["seq"] and ok.json["tx_id"]
     assert json.dumps(ok.json, ensure_ascii=False).count(DIAMOND) == 0   # the full card number stays inside
+
+
+async def test_a_local_state_failure_never_fails_a_durable_sale(gw, monkeypatch):
+    """The record is in the journal before the local state is written: a disk
+    that fills in between holds the local write for retry, and new operations
+    are refused until it succeeds, so no balance or limit misses a sale."""
+    import sqlite3
+
+    real_apply, calls = gw.counter.archive.apply, {"n": 0}
+
+    def flaky_apply(*args):
+        calls["n"] += 1
+        if calls["n"] <= 3:  # the sale, then both tries (before and after relieving the WAL) of the next op
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_apply(*args)
+
+    monkeypatch.setattr(gw.counter.archive, "apply", flaky_apply)
+    await tap(gw, DIAMOND)
+    sale = await gw.counter.sale("1", {"idempotency_key": "held-0001", "lines": basket(60000),
+                                       "tender": {"stored_value_fen": 10000}})
+    assert not sale.duplicate and gw.counter.faults                 # the POS got its OK; the fault shows
+    from gateway.journal import JournalFull
+    await tap(gw, DIAMOND)
+    with pytest.raises(JournalFull):                                  # second failure: refused, nothing written
+        await gw.counter.sale("1", {"idempotency_key": "held-0002", "lines": basket(1000)})
+    await tap(gw, DIAMOND)
+    await gw.counter.sale("1", {"idempotency_key": "held-0003", "lines": basket(1000)})
+    assert not gw.counter.faults
+    assert gw.counter.archive.sale({"seq": sale.seq}) is not None     # the held sale is archived after all
