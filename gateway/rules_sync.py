@@ -28,7 +28,7 @@ from typing import Awaitable, Callable
 
 import aiomqtt
 
-from gateway.rules_store import DenyGap, RulesRejected, RulesStore
+from gateway.rules_store import DenyGap, RulesRejected, RulesStore, trim_heap
 from wire.messages import Manifest, Part, ResyncRequest
 from wire.topics import Topics
 
@@ -36,18 +36,6 @@ log = logging.getLogger("storegate.rules")
 
 APPLY_SWITCH_INTERVAL_S = 0.0005
 FETCH_WINDOW = 2   # parts subscribed to at once
-
-
-def _trim_heap() -> None:
-    """Return freed heap pages to the OS (glibc). The snapshot load runs in a
-    worker thread with its own malloc arena, which cannot reuse what the event
-    loop's arena freed after the fetch; without this the two add up in RSS."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class LinkDown(Exception):
@@ -233,7 +221,7 @@ class RulesSync:
                     await self.request_resync(str(exc))
                 raise
         fetched = time.monotonic()
-        _trim_heap()  # the fetched payloads are freed: give their pages back before the load
+        trim_heap()  # the fetched payloads are freed: give their pages back before the load
         self.applying = True
         # The load runs in a worker thread; taps and quotes run on the event
         # loop and need the GIL back quickly: hand it over every 0.5 ms
@@ -248,7 +236,7 @@ class RulesSync:
         # A newer manifest that came meanwhile is checked next; this one, complete
         # and valid, goes live first.
         self.rules.commit(m, rules)
-        _trim_heap()
+        trim_heap()
         self.timings = {"received": received, "fetched": fetched, "live": time.monotonic(), "version": m.version}
         log.info("rule set v%d live %.2f s after its manifest came", m.version, self.timings["live"] - received)
         await self._changed()
