@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import aiomqtt
 
 from common import mqtt
 from hq_bridge.ledger import Ledger
-import time
-
 from wire.messages import Ack, ResyncRequest, Status, TxBatch, WireError
 from wire.topics import Topics
 
