@@ -112,7 +112,14 @@ class Appended:
 
 
 def request_hash(request: Any) -> str:
-    return hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    """128 bits of SHA-256 over the canonical request: plenty to tell a
+    retry from a different request, and 32 bytes less in every frame."""
+    return hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+def same_request(stored: str, req_hash: str) -> bool:
+    """Frames written before the hash was shortened carry all 64 hex digits."""
+    return stored == req_hash or stored[:32] == req_hash
 
 
 # -- frames (pure) ------------------------------------------------------------
@@ -191,7 +198,10 @@ class JournalIndex:
             live[segment] = live.get(segment, 0) + 1
         key = frame.get("key")
         if key:
-            self.idempotency[key] = (frame["rh"], seq, frame["resp"], frame["ts"], segment)
+            resp = frame["resp"]
+            if resp.get("tx_id") != frame["id"]:  # as on disk: the answer without the frame's seq and id
+                resp = {**resp, "seq": seq, "tx_id": frame["id"]}
+            self.idempotency[key] = (frame["rh"], seq, resp, frame["ts"], segment)
 
     def on_ack(self, ranges) -> int:
         freed = 0
@@ -638,7 +648,7 @@ class Journal:
         entry = self.index.idempotency.get(key)
         if entry is None:
             return None
-        if entry[0] != req_hash:
+        if not same_request(entry[0], req_hash):
             raise IdempotencyConflict(f"idempotency key {key!r} was already used for a different request")
         return Appended(entry[1], entry[2]["tx_id"], entry[2], True)
 
@@ -648,7 +658,7 @@ class Journal:
         req_hash = req_hash or request_hash(request)
         inflight = self._inflight_keys.get(idempotency_key)
         if inflight is not None:  # the first request with this key is being written now
-            if inflight.req_hash != req_hash:
+            if not same_request(inflight.req_hash, req_hash):
                 raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was already used for a "
                                           "different request")
             # Our own future: the first caller being cancelled must not cancel us.
@@ -680,10 +690,14 @@ class Journal:
         full = {**response, "seq": seq, "tx_id": tx_id} if response else {"seq": seq, "tx_id": tx_id}
         if idempotency_key:
             frame = {"k": "r", "seq": seq, "id": tx_id, "type": type_, "ts": ts, "body": body,
-                     "key": idempotency_key, "rh": req_hash, "resp": full}
+                     "key": idempotency_key, "rh": req_hash, "resp": response or {}}
         else:
             frame = {"k": "r", "seq": seq, "id": tx_id, "type": type_, "ts": ts, "body": body}
         data = orjson.dumps(frame)
+        if idempotency_key:
+            # On disk the stored answer leaves out seq and tx_id (the frame has
+            # them; on_record puts them back); the index keeps the full answer.
+            frame["resp"] = full
         fut = self._loop.create_future()
         write = _Write(_pack_header(MAGIC, len(data), zlib.crc32(data)) + data, fut, frame)
         if idempotency_key:

@@ -254,3 +254,34 @@ async def test_both_writers_group_index_and_recover_the_same_way(tmp_path, write
     async with Journal(tmp_path / "j", writer=writer) as j:
         assert [r.body["n"] for r in await j.pending(limit=100)] == list(range(10, 50))
         assert (await j.lookup("key-0003", {"n": 3})).seq == results[3].seq
+
+
+async def test_stored_answers_are_whole_after_a_restart_in_both_frame_formats(tmp_path):
+    """New frames keep the stored answer without seq and tx_id (the frame has
+    them) and a 128-bit request hash; frames written before that carry the
+    whole answer and a 256-bit hash. Both answer retries the same way."""
+    import hashlib
+
+    import orjson
+
+    path = tmp_path / "j"
+    async with Journal(path) as j:
+        first = await j.append("sale", {"x": 1}, idempotency_key="k-new-0001", request={"r": 1},
+                               response={"total": 5})
+    seg = sorted(path.glob("*.log"))[-1]
+    stored = [f for _o, _l, f in scan_frames(seg.read_bytes()) if f.get("k") == "r"][0]
+    assert stored["resp"] == {"total": 5} and len(stored["rh"]) == 32
+    old_hash = hashlib.sha256(orjson.dumps({"r": 2}, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    old = encode_frame({"k": "r", "seq": 2, "id": "b" * 32, "type": "sale", "ts": 1, "body": {},
+                        "key": "k-old-0001", "rh": old_hash, "resp": {"total": 7, "seq": 2, "tx_id": "b" * 32}})
+    end = sum(length for _o, length, _f in scan_frames(seg.read_bytes()))
+    with open(seg, "r+b") as f:
+        f.seek(end)
+        f.write(old)
+    async with Journal(path) as j:
+        again = await j.append("sale", {"x": 1}, idempotency_key="k-new-0001", request={"r": 1})
+        assert again.duplicate and again.response == first.response == {"total": 5, "seq": 1, "tx_id": first.id}
+        legacy = await j.lookup("k-old-0001", {"r": 2})
+        assert legacy.response == {"total": 7, "seq": 2, "tx_id": "b" * 32}
+        with pytest.raises(IdempotencyConflict):
+            await j.lookup("k-old-0001", {"r": 3})
