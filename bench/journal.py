@@ -18,6 +18,10 @@ frame, on the same file system, with one fdatasync per record:
   allowed) without any journal logic. This is the stronger baseline: it
   isolates the journal's own overhead.
 
+bytes_written_per_tx is this process's write_bytes (/proc/self/io) per
+record, including the journal's zeroing ahead of its frames; metadata the
+file system writes on its own behalf is not in it.
+
 The machine is shared and noisy, so each round measures the baselines right
 around the journal run and the ratio is computed per round; the reported
 "ratio" is the median of those paired ratios (``ratio_of_medians`` too).
