@@ -233,20 +233,18 @@ def create_app(gw: Gateway) -> Microdot:
     app.post("/lanes/<lane_id>/topups")(with_lane(_topup))
     app.post("/lanes/<lane_id>/packages/<package_id>/uses")(with_lane(_package_use))
 
-    @app.post("/returns")
-    async def sale_return(request):
-        try:
-            body = _json_body(request)
-        except engine.BasketError as exc:
-            return error(400, "bad_request", str(exc))
-        return await answer(lambda: gw.counter.sale_return(body))
+    def store_wide(operation):
+        """A route for a counter operation that belongs to no lane."""
+        async def route(request):
+            try:
+                body = _json_body(request)
+            except engine.BasketError as exc:
+                return error(400, "bad_request", str(exc))
+            return await answer(lambda: operation(body))
+        route.__name__ = operation.__name__
+        return route
 
-    @app.post("/cards/services")
-    async def card_service(request):
-        try:
-            body = _json_body(request)
-        except engine.BasketError as exc:
-            return error(400, "bad_request", str(exc))
-        return await answer(lambda: gw.counter.card_service(body))
+    app.post("/returns")(store_wide(gw.counter.sale_return))
+    app.post("/cards/services")(store_wide(gw.counter.card_service))
 
     return app
