@@ -84,72 +84,192 @@ def in_scope(pid: str, p: dict, member: dict | None, store: str | None, region: 
     return True
 
 
-# Which promotions can touch a SKU or a category, per promotions table. A
-# rule set is never changed in place (a new rule set is a new dict), so the
-# index is kept for the last few tables seen, by identity.
-_INDEX_CACHE: list[tuple[dict, int, tuple]] = []
+# Everything about a promotions table that does not depend on the basket:
+# which promotions can touch a SKU or a category, each promotion's parsed
+# fields, and (per store, region and member tier) which pass the static scope
+# checks. A rule set is never changed in place (a new rule set is a new dict),
+# so this is kept for the last few tables seen, by identity.
+_INDEX_CACHE: list[tuple[dict, int, "_Table"]] = []
+
+
+class _Rule:
+    """A promotion's basket-independent fields, parsed once per table."""
+
+    __slots__ = ("id", "src", "kind", "prio", "key", "group", "pct", "steps", "extra", "n", "prices",
+                 "cats", "skus", "member_only", "tiers", "stores", "regions", "frm", "to", "weekdays",
+                 "limit", "fast", "error")
+
+    def __init__(self, pid: str, src: dict):
+        self.id, self.src = pid, src
+        self.kind = kind = src["kind"]
+        self.prio = src.get("priority", 100)
+        self.key = (self.prio, pid)
+        self.group = src.get("exclusive_group") or ""
+        self.pct = src.get("percent", 0)
+        self.steps = self.n = None
+        self.extra = 0
+        self.error = None
+        self.member_only = src.get("member_only", True)
+        self.tiers, self.stores, self.regions = src.get("tiers"), src.get("stores"), src.get("regions")
+        self.frm, self.to = src.get("from") or None, src.get("to") or None
+        self.weekdays = src.get("weekdays") or None
+        self.limit = src.get("per_member_limit")
+        self.fast = _FAST[kind]
+        if kind == "member_price":
+            self.prices = src.get("prices_fen") or {}
+            self.cats, self.skus = (), ()
+        else:
+            self.prices = None
+            self.cats, self.skus = src.get("categories") or (), src.get("skus") or ()
+        try:  # a malformed rule fails when it is first priced, as it always did
+            if kind == "nth_item":
+                self.n = src["n"]
+            elif kind == "threshold":
+                self.steps = sorted(((s["min_fen"], s["off_fen"]) for s in src["steps"]), reverse=True)
+            elif kind == "points_multiplier":
+                self.extra = src["multiplier_percent"] - 100
+        except Exception as e:  # noqa: BLE001 - re-raised unchanged when the rule is used
+            self.error = e
+
+    def static_scope(self, member: dict | None, store: str | None, region: str | None) -> bool:
+        """The checks of ``in_scope`` that depend neither on the time nor on today's uses."""
+        if member is None and self.member_only:
+            return False
+        tiers = self.tiers
+        if tiers and (member is None or member.get("tier") not in tiers):
+            return False
+        if self.stores and store not in self.stores:
+            return False
+        if self.regions and region not in self.regions:
+            return False
+        return True
+
+
+class _Table:
+    __slots__ = ("by_sku", "by_cat", "everywhere", "rules", "scopes", "labels")
+
+    def __init__(self, promotions: dict):
+        by_sku: dict[str, list[str]] = {}
+        by_cat: dict[str, list[str]] = {}
+        everywhere: list[str] = []
+        rules: dict[str, _Rule] = {}
+        for pid, src in promotions.items():
+            if src.get("disabled") or src.get("kind") not in KINDS:
+                continue
+            rule = rules[pid] = _Rule(pid, src)
+            skus = list(rule.prices) if rule.kind == "member_price" else rule.skus
+            cats = rule.cats
+            if not skus and not cats:
+                everywhere.append(pid)
+            for sku in skus:
+                by_sku.setdefault(sku, []).append(pid)
+            for cat in cats:
+                by_cat.setdefault(cat, []).append(pid)
+        self.by_sku, self.by_cat, self.everywhere, self.rules = by_sku, by_cat, everywhere, rules
+        self.scopes: dict[tuple, dict[str, _Rule]] = {}
+        self.labels: dict = {}  # receipt labels, filled by gateway.pricing
+
+    def scoped(self, member: dict | None, store: str | None, region: str | None) -> dict[str, _Rule]:
+        """Rules that pass the static scope checks for this store, region and member tier."""
+        key = (store, region) if member is None else (store, region, True, member.get("tier"))
+        ok = self.scopes.get(key)
+        if ok is None:
+            if len(self.scopes) >= 64:
+                self.scopes.clear()
+            ok = self.scopes[key] = {pid: r for pid, r in self.rules.items()
+                                     if r.static_scope(member, store, region)}
+        return ok
+
+
+def table(promotions: dict) -> _Table:
+    """The compiled form of a promotions table; pure but memoised by identity."""
+    for ref, n, t in _INDEX_CACHE:
+        if ref is promotions and n == len(promotions):
+            return t
+    t = _Table(promotions)
+    _INDEX_CACHE.insert(0, (promotions, len(promotions), t))
+    del _INDEX_CACHE[4:]
+    return t
 
 
 def promotion_index(promotions: dict) -> tuple[dict, dict, list]:
     """(by SKU, by category, on every line) -> promotion ids; pure but memoised."""
-    for ref, n, idx in _INDEX_CACHE:
-        if ref is promotions and n == len(promotions):
-            return idx
-    by_sku: dict[str, list[str]] = {}
-    by_cat: dict[str, list[str]] = {}
-    everywhere: list[str] = []
-    for pid, src in promotions.items():
-        if src.get("disabled") or src.get("kind") not in KINDS:
-            continue
-        if src["kind"] == "member_price":
-            skus, cats = list(src.get("prices_fen") or ()), ()
-        else:
-            skus, cats = src.get("skus") or (), src.get("categories") or ()
-        if not skus and not cats:
-            everywhere.append(pid)
-        for sku in skus:
-            by_sku.setdefault(sku, []).append(pid)
-        for cat in cats:
-            by_cat.setdefault(cat, []).append(pid)
-    idx = (by_sku, by_cat, everywhere)
-    _INDEX_CACHE.insert(0, (promotions, len(promotions), idx))
-    del _INDEX_CACHE[4:]
-    return idx
+    t = table(promotions)
+    return t.by_sku, t.by_cat, t.everywhere
+
+
+# Application without recording adjustments or totals: what the exclusive-group
+# evaluation runs hundreds of times per quote. Same arithmetic as _Promo.apply.
+def _fast_percent_off(p: "_Promo", nets: list[int]) -> None:
+    pct = p.pct
+    for i in p.elig:
+        n = nets[i]
+        nets[i] = n - (2 * n * pct + 100) // 200
+
+
+def _fast_member_price(p: "_Promo", nets: list[int]) -> None:
+    for i, target in p.targets:
+        if nets[i] > target:
+            nets[i] = target
+
+
+def _fast_nth_item(p: "_Promo", nets: list[int]) -> None:
+    for i, num, den in p.nth:
+        n = nets[i]
+        nets[i] = n - (2 * n * num + den) // (2 * den)
+
+
+def _fast_threshold(p: "_Promo", nets: list[int]) -> None:
+    elig = p.elig
+    weights = [nets[i] for i in elig]
+    base = sum(weights)
+    tot = 0
+    for min_fen, off in p.steps:
+        if base >= min_fen:
+            tot = min(off, base)
+            break
+    if tot > 0:
+        for i, d in zip(elig, allocate(tot, weights)):
+            nets[i] -= d
+
+
+def _fast_none(p: "_Promo", nets: list[int]) -> None:
+    pass
+
+
+_FAST = {"percent_off": _fast_percent_off, "member_price": _fast_member_price, "nth_item": _fast_nth_item,
+         "threshold": _fast_threshold, "points_multiplier": _fast_none}
 
 
 class _Promo:
     """A promotion in scope for this basket, with what it needs precomputed."""
 
     __slots__ = ("id", "kind", "prio", "key", "group", "elig", "eligset", "src", "pct", "targets",
-                 "nth", "steps", "extra")
+                 "nth", "steps", "extra", "fast")
 
-    def __init__(self, pid: str, src: dict, elig: list[int], lines: list[dict]):
-        self.id, self.src, self.elig = pid, src, elig
+    def __init__(self, rule: _Rule, elig: list[int], lines: list[dict]):
+        if rule.error is not None:
+            raise rule.error
+        self.id, self.src, self.elig = rule.id, rule.src, elig
         self.eligset = frozenset(elig)
-        self.kind = kind = src["kind"]
-        self.prio = src.get("priority", 100)
-        self.key = (self.prio, pid)
-        self.group = src.get("exclusive_group") or ""
-        self.pct = src.get("percent", 0)
-        self.targets = self.nth = self.steps = None
-        self.extra = 0
+        self.kind = kind = rule.kind
+        self.prio, self.key, self.group, self.pct = rule.prio, rule.key, rule.group, rule.pct
+        self.steps, self.extra, self.fast = rule.steps, rule.extra, rule.fast
+        self.targets = self.nth = None
         if kind == "member_price":
-            prices = src["prices_fen"]
+            prices = rule.prices
             self.targets = [(i, prices[lines[i]["sku"]] * lines[i]["qty"]) for i in elig]
         elif kind == "nth_item":
-            n, seen, nth = src["n"], {}, []
+            n, seen, nth = rule.n, {}, []
+            pct = self.pct
             for i in elig:  # which units are every n-th depends on quantities only
                 sku, q = lines[i]["sku"], lines[i]["qty"]
                 c = seen.get(sku, 0)
                 k = (c + q) // n - c // n
                 seen[sku] = c + q
                 if k:
-                    nth.append((i, k * self.pct, q * 100))
+                    nth.append((i, k * pct, q * 100))
             self.nth = nth
-        elif kind == "threshold":
-            self.steps = sorted(((s["min_fen"], s["off_fen"]) for s in src["steps"]), reverse=True)
-        elif kind == "points_multiplier":
-            self.extra = src["multiplier_percent"] - 100
 
     def apply(self, nets: list[int], adj: list | None) -> int:
         """Apply to ``nets`` in place; the fen saved (0 for points multipliers)."""
@@ -207,54 +327,71 @@ class Pricer:
                  store: str | None, region: str | None, now_min: str, weekday: int):
         self.lines = lines
         self.member = member
-        ex_cat = set(policy.get("discount_excluded_categories") or ())
-        ex_sku = set(policy.get("discount_excluded_skus") or ())
-        self.discountable = [i for i, l in enumerate(lines)
-                             if l["category"] not in ex_cat and l["sku"] not in ex_sku]
+        ex_cat = policy.get("discount_excluded_categories") or ()
+        ex_sku = policy.get("discount_excluded_skus") or ()
         by_sku: dict[str, list[int]] = {}
         by_cat: dict[str, list[int]] = {}
+        discountable = []
         for i, l in enumerate(lines):
-            by_sku.setdefault(l["sku"], []).append(i)
-            by_cat.setdefault(l["category"], []).append(i)
+            sku, cat = l["sku"], l["category"]
+            by_sku.setdefault(sku, []).append(i)
+            by_cat.setdefault(cat, []).append(i)
+            if cat not in ex_cat and sku not in ex_sku:
+                discountable.append(i)
+        self.discountable = discountable
         self.base_src, self.base_pct, self.base_name = base_discount(member, policy)
-        self.start = []
-        self.base_adj = []
-        disc = set(self.discountable)
+        pct = self.base_pct
+        self.start = start = []
+        self.base_adj = base_adj = []
+        disc = set(discountable) if pct else ()
         for i, l in enumerate(lines):
             amount = l["qty"] * l["unit_price"]
-            d = (2 * amount * self.base_pct + 100) // 200 if self.base_pct and i in disc else 0
-            self.start.append(amount - d)
-            self.base_adj.append(d)
+            d = (2 * amount * pct + 100) // 200 if i in disc else 0
+            start.append(amount - d)
+            base_adj.append(d)
         uses = ((member or {}).get("today") or {}).get("promotion_uses") or {}
-        promos = []
-        table = policy.get("promotions") or {}
-        p_sku, p_cat, everywhere = promotion_index(table)
-        relevant = set(everywhere)  # only promotions that can touch this basket's lines
+        t = table(policy.get("promotions") or {})
+        self.table = t
+        scoped = t.scoped(member, store, region)
+        relevant = set(t.everywhere)  # only promotions that can touch this basket's lines
+        p_sku, p_cat = t.by_sku, t.by_cat
         for sku in by_sku:
             relevant.update(p_sku.get(sku, ()))
         for cat in by_cat:
             relevant.update(p_cat.get(cat, ()))
+        promos = []
         for pid in relevant:  # any order: sorted by (priority, id) below
-            src = table[pid]
-            if not in_scope(pid, src, member, store, region, now_min, weekday, uses):
+            r = scoped.get(pid)
+            if r is None:
                 continue
-            if src["kind"] == "member_price":
-                prices = src.get("prices_fen") or {}
+            # The time and per-member checks of in_scope. Plain string comparison:
+            # both sides are "YYYY-MM-DD[THH:MM]" in store time.
+            frm, to = r.frm, r.to
+            if frm and now_min[:len(frm)] < frm:
+                continue
+            if to and now_min[:len(to)] > to:
+                continue
+            if r.weekdays and weekday not in r.weekdays:
+                continue
+            if r.limit is not None and member is not None and uses.get(pid, 0) >= r.limit:
+                continue
+            if r.kind == "member_price":
+                prices = r.prices
                 if len(prices) == 1:
                     idx = by_sku.get(next(iter(prices)), ())
                 else:
                     idx = sorted({i for s in prices for i in by_sku.get(s, ())})
             else:
-                cats, skus = src.get("categories") or (), src.get("skus") or ()
+                cats, skus = r.cats, r.skus
                 if len(cats) + len(skus) == 1:  # the common case: lists are already in line order
                     idx = by_cat.get(cats[0], ()) if cats else by_sku.get(skus[0], ())
                 elif cats or skus:
                     idx = sorted({i for c in cats for i in by_cat.get(c, ())}
                                  | {i for s in skus for i in by_sku.get(s, ())})
                 else:
-                    idx = self.discountable
+                    idx = discountable
             if idx:
-                promos.append(_Promo(pid, src, idx, lines))
+                promos.append(_Promo(r, idx, lines))
         promos.sort(key=lambda p: p.key)
         self.promos = promos
 
@@ -279,6 +416,19 @@ class Pricer:
                 applied.append((p, tot))
         return nets, adj, applied, bonus
 
+    def _run_fast(self, active: list[_Promo], snapshots: list) -> tuple[list[int], int]:
+        """``run`` without adjustments: (nets, bonus), a snapshot before each promotion."""
+        nets = list(self.start)
+        bonus = 0
+        add = snapshots.append
+        for p in active:
+            add(nets[:])
+            if p.extra:  # points multipliers only: the others have extra 0
+                bonus += p.bonus(nets)
+            else:
+                p.fast(p, nets)
+        return nets, bonus
+
     def _candidate(self, c: _Promo, active: list[_Promo], keys: list, snaps: list, final: list[int],
                    saving: int, bonus: int, rebase: bool = False):
         """(saving, bonus) of ``active`` plus candidate ``c``, recomputing only
@@ -289,36 +439,37 @@ class Pricer:
         With ``rebase``, also returns (active', snaps', final') for ``active``
         with ``c`` in it, without a full run."""
         pos = bisect_left(keys, c.key)
-        state = list(snaps[pos]) if pos < len(snaps) else list(final)
-        new_snaps = [list(state)] if rebase else None
+        state = snaps[pos][:] if pos < len(snaps) else final[:]
+        new_snaps = [state[:]] if rebase else None
         aff = set(c.elig)
         if c.kind == "points_multiplier":
             bonus += c.bonus(state)
         else:
-            c.apply(state, None)
+            c.fast(c, state)
         for k in range(pos, len(active)):
             p = active[k]
             if rebase:
-                snap = list(snaps[k])
+                snap = snaps[k][:]
                 for i in aff:
                     snap[i] = state[i]
                 new_snaps.append(snap)
             if p.eligset.isdisjoint(aff):
                 continue
-            if p.kind == "threshold":
+            kind = p.kind
+            if kind == "threshold":
                 snap = snaps[k]
                 for i in p.eligset - aff:  # not influenced yet: exactly as in the base run here
                     state[i] = snap[i]
                     aff.add(i)
-            elif p.kind == "points_multiplier":
+            elif kind == "points_multiplier":
                 snap = snaps[k]
                 bonus += sum(state[i] - snap[i] for i in p.elig if i in aff) * p.extra
                 continue
-            p.apply(state, None)  # lines outside aff get garbage that is never read
+            p.fast(p, state)  # lines outside aff get garbage that is never read
         saving += sum(final[i] - state[i] for i in aff)
         if not rebase:
             return saving, bonus
-        new_final = list(final)
+        new_final = final[:]
         for i in aff:
             new_final[i] = state[i]
         return (saving, bonus), active[:pos] + [c] + active[pos:], snaps[:pos] + new_snaps, new_final
@@ -341,7 +492,7 @@ class Pricer:
             total_start = sum(self.start)
             active = plain
             snaps: list = []
-            final, _, _, bonus = self.run(active, snapshots=snaps)
+            final, bonus = self._run_fast(active, snaps)
         for j, g in enumerate(order):
             # Groups in name order, each against the promotions decided so far.
             cands = sorted(groups[g], key=lambda p: p.id)
