@@ -18,10 +18,14 @@ never reused even after every record is acked and compacted away), a record
 - Durable before the OK: append() returns only after its frame is written
   and fdatasync'd. Everything appended in one turn of the event loop (several
   lanes) is written with one write and one fdatasync (group commit).
-- Gentle on SD cards: frames go out with O_DIRECT in 512-byte sectors (the
-  partial last sector is rewritten with the next group), so a lone record
-  costs ~1 KB of device writes instead of a 4 KiB page; buffered writes where
-  the file system refuses O_DIRECT. The fdatasync still follows each write.
+- Buffered writes by default. ``direct=True`` writes frames with O_DIRECT in
+  512-byte sectors (~1 KB of device writes per lone record instead of a
+  4 KiB page), but it is off: the uplink reads pending records through the
+  page cache while lanes append to the same page, and Linux does not promise
+  coherence between O_DIRECT writes and concurrent buffered reads of
+  overlapping pages (open(2)); a stale cached page would read as a torn tail.
+  We saw a pending read fail that way once under load. The fdatasync follows
+  each write either way.
   Blocks are zeroed ahead of the frames (ZERO_AHEAD), which costs one more
   write of each log byte (~0.6 KB per record) and spares every fdatasync a
   metadata commit.
@@ -265,7 +269,7 @@ class Journal:
 
     def __init__(self, directory: str | Path, *, max_bytes: int = 1 << 30, fsync: bool = True,
                  clock: Callable[[], float] = time.time, segment_bytes: int = SEGMENT_BYTES,
-                 writer: str = "inline", direct: bool = True) -> None:
+                 writer: str = "inline", direct: bool = False) -> None:
         if writer not in ("inline", "thread"):
             raise ValueError(f"journal writer must be 'inline' or 'thread', not {writer!r}")
         self.dir = Path(directory)

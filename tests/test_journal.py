@@ -226,7 +226,7 @@ async def test_a_refused_direct_write_falls_back_to_buffered_writes(tmp_path, mo
     the record still goes to disk, buffered, and nothing is lost or torn."""
     import gateway.journal as journal_module
 
-    async with Journal(tmp_path / "j") as j:
+    async with Journal(tmp_path / "j", direct=True) as j:
         if j._direct_fd is None:
             pytest.skip("this file system refuses O_DIRECT at open already")
         first = await j.append("sale", {"i": 0})
