@@ -736,7 +736,10 @@ class Journal:
                 fd = self._readers.get(segment)
                 if fd is None:
                     fd = self._readers[segment] = os.open(self._segment_path(segment), os.O_RDONLY)
-                frame = next(scan_frames(os.pread(fd, length, offset)))[2]
+                found = next(scan_frames(os.pread(fd, length, offset)), None)
+                if found is None:  # never StopIteration out of a worker thread: it cannot cross a Future
+                    raise JournalError(f"record {seq} unreadable at segment {segment} offset {offset}")
+                frame = found[2]
                 out.append(TxRecord(frame["seq"], frame["id"], frame["type"], frame["ts"], frame["body"]))
         return out
 
