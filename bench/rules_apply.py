@@ -19,10 +19,6 @@ deny entries (--quick: 100,000 / 10,000). Measured in the gateway:
   the same taps with no apply running.
 - ``rss_mb``: the gateway process's peak resident memory (VmHWM) over the
   whole run. Baseline: its resident memory running v1, before v2 came.
-
-Experiment knob (not the default figures): SG_BENCH_MEMBER_BATCH=2000 sets
-gateway.member_store._BATCH (rows per executemany in the snapshot load) in
-the gateway process, to show its effect on the peak RSS.
 """
 
 from __future__ import annotations
@@ -86,9 +82,6 @@ async def child(cfg_path: str, tap_cards: list[str]) -> None:
     from hardware.readers import CardRead
 
     logging.basicConfig(level=logging.WARNING)
-    if os.environ.get("SG_BENCH_MEMBER_BATCH"):  # an experiment knob, see the module docstring
-        import gateway.member_store as member_store
-        member_store._BATCH = int(os.environ["SG_BENCH_MEMBER_BATCH"])
     cfg = gw_config.load(cfg_path)
     out = sys.stdout
 
