@@ -482,21 +482,51 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         kinds[f"coupon:{code}"] = "coupon"
         names[f"coupon:{code}"] = _name(policy["coupons"][code], code)
 
+    # Receipt labels of each saving, "  <name>  -" and "  <name> (share)  -" in
+    # both languages; a promotion's are kept with its rule set's table.
+    table_labels = pricer.table.labels
+    labels: dict[str, tuple] = {}
+    for s, kind in kinds.items():
+        pair = table_labels.get(s) if kind in _PROMO_KINDS else None
+        if pair is None:
+            pair = _labels_of({"source": s, "kind": kind, "name": names[s]}, pricer)
+            if kind in _PROMO_KINDS:
+                if len(table_labels) >= 4096:
+                    table_labels.clear()
+                table_labels[s] = pair
+        labels[s] = pair
+    zh: list[str] = []
+    en: list[str] = []
+    if member:
+        tier = _name(policy["tiers"].get(member.get("tier") or ""), member.get("tier") or "")
+        zh.append(f"{_label('member', 'zh-CN')}: {tier['zh-CN']}")
+        en.append(f"{_label('member', 'en')}: {tier['en']}")
+    zh_add, en_add = zh.append, en.append
+
     out_lines, body_lines = [], []
     summary: dict[str, int] = {}
+    line_points = earned["line_points"]
     for i, l in enumerate(lines):
         amount = l["qty"] * l["unit_price"]
-        disc = [{"source": s, "fen": d, "allocated": a} for s, d, a in adj[i]]
-        for s, d, _ in adj[i]:
+        item = f"{l['name']} x{l['qty']}  {yuan(amount)}"
+        zh_add(item)
+        en_add(item)
+        disc, shown = [], []
+        for s, d, a in adj[i]:
+            disc.append({"source": s, "fen": d, "allocated": a})
+            shown.append({"source": s, "fen": d, "allocated": a, "kind": kinds[s], "name": names[s]})
             summary[s] = summary.get(s, 0) + d
-        row = {**l, "amount": amount, "discounts": disc, "net": nets[i],
+            pz, pe = labels[s][1 if a else 0]
+            fen = yuan(d)
+            zh_add(pz + fen)
+            en_add(pe + fen)
+        row = {"sku": l["sku"], "name": l["name"], "category": l["category"], "qty": l["qty"],
+               "unit_price": l["unit_price"], "amount": amount, "discounts": disc, "net": nets[i],
                "points_redeemed": red_pts[i], "redeemed_fen": red_fen[i],
                "stored_value_fen": sv_line[i], "cash_fen": cash[i],
-               "points_earned": earned["line_points"][i]}
+               "points_earned": line_points[i]}
         body_lines.append(row)
-        out_lines.append({"index": i, **row, "discount": amount - nets[i],
-                          "discounts": [{**d, "kind": kinds[d["source"]], "name": names[d["source"]]}
-                                        for d in disc]})
+        out_lines.append({"index": i, **row, "discount": amount - nets[i], "discounts": shown})
     # In the order they were applied: member discount, promotions, coupons.
     order = ([pricer.base_src] if pricer.base_src else []) + [p.id for p, _ in applied] \
         + [f"coupon:{c}" for c, _ in coupons_used]
@@ -537,7 +567,8 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         "balances_after": balances,
         "record": record,
     }
-    result["receipt"] = _sale_receipts(result, member, policy, pricer)
+    result["receipt"] = {"zh-CN": _sale_receipt_tail(zh, result, member, policy, labels, "zh-CN"),
+                         "en": _sale_receipt_tail(en, result, member, policy, labels, "en")}
     return result
 
 
@@ -549,40 +580,24 @@ def _source_label(d: dict, pricer: Pricer, lang: str) -> str:
     return d["name"][lang]
 
 
-def _sale_receipts(q: dict, member: dict | None, policy: dict, pricer: Pricer) -> dict[str, list[str]]:
-    zh, en = [], []
-    if member:
-        tier = _name(policy["tiers"].get(member.get("tier") or ""), member.get("tier") or "")
-        zh.append(f"{_label('member', 'zh-CN')}: {tier['zh-CN']}")
-        en.append(f"{_label('member', 'en')}: {tier['en']}")
-    # The item rows are most of a receipt: one pass for both languages.
-    labels: dict[tuple[str, bool], tuple[str, str]] = {}
-    zh_add, en_add = zh.append, en.append
-    for l in q["lines"]:
-        row = f"{l['name']} x{l['qty']}  {yuan(l['amount'])}"
-        zh_add(row)
-        en_add(row)
-        for d in l["discounts"]:
-            key = (d["source"], d["allocated"])
-            pair = labels.get(key)
-            if pair is None:
-                pair = tuple(("  " + _label("allocated", lang, name=_source_label(d, pricer, lang)) if d["allocated"]
-                              else "  " + _source_label(d, pricer, lang)) + "  -" for lang in LANGS)
-                labels[key] = pair
-            amount = yuan(d["fen"])
-            zh_add(pair[0] + amount)
-            en_add(pair[1] + amount)
-    return {"zh-CN": _sale_receipt_tail(zh, q, member, policy, pricer, "zh-CN"),
-            "en": _sale_receipt_tail(en, q, member, policy, pricer, "en")}
+_PROMO_KINDS = frozenset({"percent_off", "member_price", "nth_item", "threshold", "points_multiplier"})
 
 
-def _sale_receipt_tail(rows: list[str], q: dict, member: dict | None, policy: dict, pricer: Pricer,
+def _labels_of(d: dict, pricer: Pricer) -> tuple[tuple[str, str], tuple[str, str]]:
+    """((zh, en) item-row prefix, (zh, en) prefix of an allocated share) of a saving."""
+    base = [_source_label(d, pricer, lang) for lang in LANGS]
+    return (tuple(f"  {b}  -" for b in base),
+            tuple("  " + _label("allocated", lang, name=b) + "  -" for lang, b in zip(LANGS, base)))
+
+
+def _sale_receipt_tail(rows: list[str], q: dict, member: dict | None, policy: dict, labels: dict,
                        lang: str) -> list[str]:
     rows.append(f"{_label('subtotal', lang)}  {yuan(q['subtotal'])}")
     if q["discount"]:
         rows.append(f"{_label('discount_total', lang)}  -{yuan(q['discount'])}")
+        k = 0 if lang == "zh-CN" else 1
         for p in q["promotions"]:
-            rows.append(f"  {_source_label(p, pricer, lang)}  -{yuan(p['fen'])}")
+            rows.append(labels[p["source"]][0][k] + yuan(p["fen"]))
     rows.append(f"{_label('total', lang)}  {yuan(q['total'])}")
     t = q["tender"]
     if t["points"]:

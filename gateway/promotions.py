@@ -431,46 +431,64 @@ class Pricer:
 
     def _candidate(self, c: _Promo, active: list[_Promo], keys: list, snaps: list, final: list[int],
                    saving: int, bonus: int, rebase: bool = False):
-        """(saving, bonus) of ``active`` plus candidate ``c``, recomputing only
-        the lines ``c`` can influence: its own, and those of any threshold that
-        comes after it and shares a line with what changed (a threshold's
-        allocation couples its lines). Every other line ends as in ``final``.
+        """(saving, bonus) of ``active`` plus candidate ``c``, exactly as a full
+        run would give, recomputing only the lines whose net differs from the
+        base run's at that point ("dirty" lines). A line changes only where a
+        promotion applies to it; per-line kinds keep clean lines clean, and a
+        threshold (whose allocation couples its lines) is recomputed when one
+        of its lines is dirty, after which each of its lines is dirty or clean
+        again by comparison with the base run. Lines that are not dirty hold
+        stale values in ``state``: they are read from the snapshots instead.
 
         With ``rebase``, also returns (active', snaps', final') for ``active``
-        with ``c`` in it, without a full run."""
+        with ``c`` in it: the base for the next group, without a full run."""
         pos = bisect_left(keys, c.key)
-        state = snaps[pos][:] if pos < len(snaps) else final[:]
-        new_snaps = [state[:]] if rebase else None
-        aff = set(c.elig)
+        n_act = len(active)
+        before = snaps[pos] if pos < n_act else final
+        state = before[:]
         if c.kind == "points_multiplier":
             bonus += c.bonus(state)
+            dirty = set()
         else:
             c.fast(c, state)
-        for k in range(pos, len(active)):
+            dirty = {i for i in c.elig if state[i] != before[i]}
+        new_snaps = [state[:]] if rebase else None
+        for k in range(pos, n_act):
             p = active[k]
             if rebase:
                 snap = snaps[k][:]
-                for i in aff:
+                for i in dirty:
                     snap[i] = state[i]
                 new_snaps.append(snap)
-            if p.eligset.isdisjoint(aff):
-                continue
+            if not dirty or p.eligset.isdisjoint(dirty):
+                continue  # every line of p is as in the base run: so is its result
             kind = p.kind
+            if kind == "points_multiplier":
+                snap = snaps[k]
+                bonus += sum([state[i] - snap[i] for i in p.elig if i in dirty]) * p.extra
+                continue
+            after = snaps[k + 1] if k + 1 < n_act else final
             if kind == "threshold":
                 snap = snaps[k]
-                for i in p.eligset - aff:  # not influenced yet: exactly as in the base run here
-                    state[i] = snap[i]
-                    aff.add(i)
-            elif kind == "points_multiplier":
-                snap = snaps[k]
-                bonus += sum(state[i] - snap[i] for i in p.elig if i in aff) * p.extra
-                continue
-            p.fast(p, state)  # lines outside aff get garbage that is never read
-        saving += sum(final[i] - state[i] for i in aff)
+                for i in p.elig:
+                    if i not in dirty:
+                        state[i] = snap[i]
+                p.fast(p, state)
+                for i in p.elig:
+                    if state[i] != after[i]:
+                        dirty.add(i)
+                    else:
+                        dirty.discard(i)
+            else:
+                p.fast(p, state)  # clean lines of p get stale values: never read
+                for i in p.elig:
+                    if i in dirty and state[i] == after[i]:
+                        dirty.discard(i)
+        saving += sum([final[i] - state[i] for i in dirty])
         if not rebase:
             return saving, bonus
         new_final = final[:]
-        for i in aff:
+        for i in dirty:
             new_final[i] = state[i]
         return (saving, bonus), active[:pos] + [c] + active[pos:], snaps[:pos] + new_snaps, new_final
 
