@@ -23,6 +23,9 @@ from hq_bridge.ledger import Ledger
 from wire.messages import Ack, ResyncRequest, Status, TxBatch, WireError
 from wire.topics import Topics
 
+# Counter card services HQ broadcasts as deny deltas: op -> (card action, deny status).
+COUNTER_CARD_ACTIONS = {"report_lost": ("deny", "lost"), "freeze": ("freeze", None), "replace": ("replace", None)}
+
 log = logging.getLogger("storegate.hq")
 
 
@@ -37,7 +40,8 @@ class Bridge:
         self.client_id = client_id
         self.topics = Topics(mqtt_settings.get("prefix", "sg/v1"))
         self.connected = asyncio.Event()
-        self.stats = {"batches": 0, "applied": 0, "duplicates": 0, "conflicts": 0, "rejected": 0, "resyncs": 0}
+        self.stats = {"batches": 0, "applied": 0, "duplicates": 0, "conflicts": 0, "rejected": 0, "resyncs": 0,
+                      "card_broadcasts": 0}
 
     async def run(self) -> None:
         backoff = mqtt.Backoff()
@@ -98,6 +102,36 @@ class Bridge:
             log.error("store %s: %d record(s) reuse a sequence number with a different id; kept in conflicts",
                       store, committed.conflicts)
         await client.publish(self.topics.ack(store), Ack.of(store, committed.seqs).encode(), qos=1)
+        if committed.new_ids:
+            await self._broadcast_counter_card_services(client, store, batch, committed.new_ids)
+
+    async def _broadcast_counter_card_services(self, client: aiomqtt.Client, store: str, batch: TxBatch,
+                                               new_ids: frozenset) -> None:
+        """A card reported lost, frozen or replaced at one store's counter is
+        refused there at once; HQ takes it to every other store as a signed
+        deny delta. An unfreeze at a counter is recorded, not broadcast: who
+        may lift a freeze is HQ's decision (``storegate-hq card unfreeze``)."""
+        for r in batch.records:
+            if r.type != "card_op" or r.id not in new_ids:
+                continue
+            action = COUNTER_CARD_ACTIONS.get(r.body.get("op"))
+            card = r.body.get("card_no")
+            if action is None or not isinstance(card, str):
+                if r.body.get("op") == "unfreeze":
+                    log.info("store %s: counter unfreeze of card ****%s recorded; lift it at HQ if approved",
+                             store, str(card)[-4:])
+                continue
+            if self.publisher is None:
+                log.warning("store %s: card ****%s %s at the counter, but this bridge has no signing key to "
+                            "tell the other stores", store, card[-4:], action)
+                continue
+            try:
+                await self.publisher.card_action(action[0], card, f"store {store} counter (seq {r.seq})",
+                                                 status=action[1], new_card=r.body.get("new_card_no"),
+                                                 client=client)
+                self.stats["card_broadcasts"] += 1
+            except Exception as exc:  # a bad record must not stop the bridge; the ledger has it
+                log.error("store %s: could not broadcast card service seq %d: %s", store, r.seq, exc)
 
     async def _resync(self, client: aiomqtt.Client, store: str, payload: bytes) -> None:
         try:

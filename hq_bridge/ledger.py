@@ -60,6 +60,7 @@ class Committed:
     applied: int         # new rows
     duplicates: int      # already there
     conflicts: int       # seq reused with another id: kept aside
+    new_ids: frozenset = frozenset()  # tx ids applied by this commit (not duplicates)
 
 
 class Ledger:
@@ -89,6 +90,7 @@ class Ledger:
     def commit(self, batch: TxBatch) -> Committed:
         now = int(time.time() * 1000)
         applied = duplicates = conflicts = 0
+        new_ids = []
         with self._lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
@@ -100,6 +102,7 @@ class Ledger:
                         " VALUES (?,?,?,?,?,?,?)", (batch.store, r.seq, r.id, r.type, r.ts, body, now))
                     if cur.rowcount == 1:
                         applied += 1
+                        new_ids.append(r.id)
                         continue
                     row = conn.execute("SELECT store, seq FROM transactions WHERE tx_id=?", (r.id,)).fetchone()
                     if row == (batch.store, r.seq):
@@ -112,7 +115,7 @@ class Ledger:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        return Committed([r.seq for r in batch.records], applied, duplicates, conflicts)
+        return Committed([r.seq for r in batch.records], applied, duplicates, conflicts, frozenset(new_ids))
 
     def record_status(self, store: str, status_json: str) -> None:
         with self._lock:

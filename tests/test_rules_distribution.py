@@ -465,3 +465,42 @@ async def test_hq_refuses_a_contradictory_layer_and_keeps_the_current_one(tmp_pa
     (tmp_path / "wrong.json").write_text(json.dumps(wrong))
     with pytest.raises(RulesetError, match="does not match the scope"):
         await hq.publish_layer(tmp_path / "wrong.json", store="S001")
+
+
+async def test_a_card_reported_lost_at_one_counter_is_refused_in_every_store(tmp_path, broker, hq):
+    """Store S001's service desk reports a card lost while S003 is online:
+    S001 refuses it at once; HQ commits the record, acks it and broadcasts a
+    signed deny delta, so S003 refuses it too. An unfreeze at a counter is
+    recorded at HQ but lifts nothing (HQ decides)."""
+    await publish_all(hq)
+    bridge = Bridge({"host": "127.0.0.1", "port": broker.port}, hq.ledger, publisher=hq,
+                    client_id="storegate-hq-test")
+    bridge_task = asyncio.create_task(bridge.run())
+    try:
+        async with Gateway(gw_config_for(tmp_path, broker, keys=[hq.public_key])) as gw1, \
+                Gateway(gw_config_for(tmp_path, broker, store="S003", region="west", keys=[hq.public_key])) as gw3:
+            await until(lambda: gw1.rules.current and gw3.rules.current, what="rules in both stores")
+            assert (await tap(gw3, SILVER_CARD)).verdict == "accept"
+            before = gw3.rules.deny_version
+            await gw1.counter.card_service({"idempotency_key": "desk-lost-0001", "kind": "report_lost",
+                                            "card_no": SILVER_CARD, "reason": "member phoned the desk"})
+            assert (await tap(gw1, SILVER_CARD)).reason == "lost"          # here: at once
+            await until(lambda: gw3.rules.deny_version == before + 1, timeout=15, what="the deny delta in S003")
+            assert (await tap(gw3, SILVER_CARD)).reason == "lost"          # elsewhere: via HQ
+            assert bridge.stats["card_broadcasts"] == 1
+
+            await gw1.counter.card_service({"idempotency_key": "desk-unfr-0001", "kind": "unfreeze",
+                                            "card_no": GOLD_CARD})
+            await until(lambda: any(json.loads(b).get("op") == "unfreeze" for *_x, b in _ledger_rows(hq)),
+                        timeout=15, what="the unfreeze record at HQ")
+            assert gw3.rules.deny_version == before + 1 and bridge.stats["card_broadcasts"] == 1
+    finally:
+        bridge_task.cancel()
+        await asyncio.gather(bridge_task, return_exceptions=True)
+
+
+def _ledger_rows(hq):
+    import sqlite3
+
+    with sqlite3.connect(hq.ledger.path) as conn:
+        return conn.execute("SELECT seq, tx_id, type, body FROM transactions WHERE type='card_op'").fetchall()
