@@ -28,7 +28,6 @@ JSON lines (bench/common.py emit):
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -119,13 +118,12 @@ from bench.rules import card, uid, effective_rules
 from bench.common import rss_mb
 from gateway import engine
 from gateway.member_store import MemberStore
-from wire.messages import RulesMessage
 
 data_dir, members, deny, samples = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 now = datetime(2026, 11, 24, 10, 30, tzinfo=ZoneInfo("Asia/Shanghai"))
 store = MemberStore(data_dir)
-rules = engine.Rules.from_message(RulesMessage(9, int(now.timestamp()) - 3600, {"store": "S001"}, effective_rules()),
-                                  members=store)
+rules = engine.Rules.from_rule_set(effective_rules(), version=9, issued_at=int(now.timestamp()) - 3600,
+                                   scope={"store": "S001"}, members=store)
 rng = random.Random(7)
 reads = []
 for k in range(samples):

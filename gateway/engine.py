@@ -18,7 +18,6 @@ from typing import Any
 
 from gateway.member_store import InMemoryMembers
 from gateway.texts import RECEIPT, reason_text, yuan
-from wire.messages import RulesMessage
 from wire.ruleset import validate_ruleset, with_defaults
 
 # Which indicator pattern each verdict shows at the counter.
@@ -50,16 +49,18 @@ class Rules:
         object.__setattr__(self, "programs", tuple(progs))
 
     @classmethod
-    def from_message(cls, msg: RulesMessage, members: Any = None) -> "Rules":
-        """From a rules message. Without ``members`` the rule set's inline
+    def from_rule_set(cls, rules: dict, *, version: int, issued_at: int, scope: dict | None = None,
+                      members: Any = None) -> "Rules":
+        """From an effective rule set (plain data; the signed path builds Rules
+        in gateway/rules_store.py). Without ``members`` the rule set's inline
         ``members``/``deny`` tables become an InMemoryMembers; with a
         MemberStore (large snapshots come as parts) inline tables are ignored."""
-        validate_ruleset(msg.rules)  # raises RulesetError naming the rule and field
-        data = with_defaults(msg.rules)
+        validate_ruleset(rules)  # raises RulesetError naming the rule and field
+        data = with_defaults(rules)
         inline_members, inline_deny = data.pop("members", {}), data.pop("deny", {})
         if members is None:
-            members = InMemoryMembers(inline_members, inline_deny, version=msg.version, as_of=msg.issued_at)
-        return cls(msg.version, msg.issued_at, msg.scope, data, members)
+            members = InMemoryMembers(inline_members, inline_deny, version=version, as_of=issued_at)
+        return cls(version, issued_at, scope or {}, data, members)
 
     @property
     def uid_index(self) -> "_UidLookup":

@@ -647,22 +647,3 @@ def offline_rule_set(layer_docs: list[dict], *, store: str, version: int, issued
                             members={"as_of": as_of, "store_seq": store_seq}, deny_version=deny_version,
                             next_key=next_key)
     return Manifest(sign(doc, key)).encode(), payloads
-
-
-# -- the walking-skeleton path (unsigned RulesMessage), kept only while
-# tests/test_engine.py builds its Rules with it; removed with it.
-
-def load_rules_file(path: str | Path) -> dict:
-    """A single-document rule set (a chain layer) as its effective rule set."""
-    doc = _read_doc(path)
-    try:
-        return _rs.effective_ruleset([doc])
-    except RulesetError as exc:
-        raise RulesetError(f"{path}: {exc}") from None
-
-
-def build_message(rules: dict, store: str, version: int, now: float | None = None):
-    from wire.messages import RulesMessage
-
-    _rs.validate_ruleset(rules)
-    return RulesMessage(version, int(now if now is not None else time.time()), {"store": check_store_id(store)}, rules)

@@ -7,14 +7,15 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from gateway import engine
-from hq_bridge.rules import build_message, load_rules_file
+from hq_bridge.rules import _read_doc
+from wire.ruleset import effective_ruleset
 from tests.support import RULES_FILE
 from wire.ruleset import RulesetError, validate_ruleset
 
 NOW = datetime(2026, 11, 22, 10, 30, tzinfo=ZoneInfo("Asia/Shanghai"))
-RAW_RULES = load_rules_file(RULES_FILE)
+RAW_RULES = effective_ruleset([_read_doc(RULES_FILE)])
 # Issued a day before NOW: fresh (max_age_s is a week; stale rules are tests/test_validate.py's).
-RULES = engine.Rules.from_message(build_message(RAW_RULES, "S001", 7, now=NOW.timestamp() - 86400))
+RULES = engine.Rules.from_rule_set(RAW_RULES, version=7, issued_at=int(NOW.timestamp()) - 86400)
 
 
 @pytest.mark.parametrize("source,raw,verdict,reason", [
@@ -50,7 +51,7 @@ def test_expiry_is_inclusive_of_the_last_day():
     last_day = datetime(2027, 12, 31, 23, 59, tzinfo=ZoneInfo("Asia/Shanghai"))
     after = datetime(2028, 1, 1, 0, 1, tzinfo=ZoneInfo("Asia/Shanghai"))
     # rules issued the day before each moment (fresh), so only the expiry differs
-    fresh = {t: engine.Rules.from_message(build_message(RAW_RULES, "S001", 7, now=t.timestamp() - 86400))
+    fresh = {t: engine.Rules.from_rule_set(RAW_RULES, version=7, issued_at=int(t.timestamp()) - 86400)
              for t in (last_day, after)}
     assert engine.validate("nfc", "04A1B2C3D4E5F6", fresh[last_day], last_day).verdict == "accept"
     assert engine.validate("nfc", "04A1B2C3D4E5F6", fresh[after], after).reason == "expired"

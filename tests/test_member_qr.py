@@ -13,7 +13,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.qr_replay import MemberQrCheck, ReplayStore, policy_of
-from hardware import member_qr
 from hardware.member_qr import Issuer, MemberApp, QrError, verify
 
 NOW = 1_790_000_000          # 2026-09-21
@@ -102,15 +101,17 @@ def test_cut_short_or_padded_codes_are_bad_format(app):
 
 
 # -- replay store and the gateway's check -----------------------------------------
-class FakeRules:
-    def __init__(self, member_qr=None):
-        self.data = {} if member_qr is None else {"member_qr": member_qr}
+class PolicyOnly:
+    """A rule set reduced to the one section MemberQrCheck reads (engine.Rules.data)."""
+
+    def __init__(self, qr_section=None):
+        self.data = {} if qr_section is None else {"member_qr": qr_section}
 
 
 def test_each_member_step_is_accepted_once_also_after_a_restart(tmp_path, app):
     path = tmp_path / "qr_replay.sqlite3"
     check = MemberQrCheck(ReplayStore(path))
-    rules = FakeRules({"issuer_public_keys": KEYS})
+    rules = PolicyOnly({"issuer_public_keys": KEYS})
     code = app.code(NOW)
     assert check.identify(code, rules, NOW) == (CARD, None)
     assert check.identify(code, rules, NOW + 5) == (None, "qr_used")        # a screenshot of the same code
@@ -125,7 +126,7 @@ def test_each_member_step_is_accepted_once_also_after_a_restart(tmp_path, app):
 def test_refused_codes_change_nothing_and_old_steps_are_pruned(tmp_path, app):
     store = ReplayStore(tmp_path / "r.sqlite3")
     check = MemberQrCheck(store)
-    rules = FakeRules({"issuer_public_keys": KEYS})
+    rules = PolicyOnly({"issuer_public_keys": KEYS})
     assert check.identify(app.code(NOW), rules, NOW + 90)[1] == "qr_step_out_of_window"
     assert check.identify("SGQ1.garbage", rules, NOW)[1] == "qr_bad_format"
     assert len(store) == 0
@@ -137,12 +138,12 @@ def test_refused_codes_change_nothing_and_old_steps_are_pruned(tmp_path, app):
 
 def test_policy_from_the_rules(tmp_path, app):
     check = MemberQrCheck(ReplayStore(tmp_path / "r.sqlite3"))
-    assert policy_of(FakeRules()) == {"issuer_public_keys": {}, "step_s": 30, "window_steps": 1, "static_codes": True}
-    assert check.identify(CARD, FakeRules(), NOW) == (CARD, None)                    # static codes by default
-    assert check.identify(CARD, FakeRules({"static_codes": False}), NOW) == (None, "qr_static_refused")
-    assert check.identify(app.code(NOW), FakeRules(), NOW) == (None, "qr_not_configured")
+    assert policy_of(PolicyOnly()) == {"issuer_public_keys": {}, "step_s": 30, "window_steps": 1, "static_codes": True}
+    assert check.identify(CARD, PolicyOnly(), NOW) == (CARD, None)                    # static codes by default
+    assert check.identify(CARD, PolicyOnly({"static_codes": False}), NOW) == (None, "qr_static_refused")
+    assert check.identify(app.code(NOW), PolicyOnly(), NOW) == (None, "qr_not_configured")
     assert check.identify(app.code(NOW), None, NOW) == (app.code(NOW), None)      # engine says no_rules
-    wide = FakeRules({"issuer_public_keys": KEYS, "step_s": 60, "window_steps": 2})
+    wide = PolicyOnly({"issuer_public_keys": KEYS, "step_s": 60, "window_steps": 2})
     assert check.identify(app.code(NOW, 60), wide, NOW + 120)[0] == CARD
     check.close()
 

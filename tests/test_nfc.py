@@ -455,7 +455,6 @@ async def test_gateway_lane_on_a_pcsc_reader(pcscd, cards, tmp_path, broker):
     from gateway import config as gw_config
     from gateway.service import Gateway
     from tests.support import install_rules
-    from tests.support import RULES_FILE
 
     cfg = gw_config.check({
         "store": {"id": "S001", "data_dir": str(tmp_path / "store")},

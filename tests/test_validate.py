@@ -14,7 +14,6 @@ from hypothesis import given, settings, strategies as st
 
 from gateway import engine
 from gateway.member_store import InMemoryMembers, MemberStore, load_part_files
-from wire.messages import RulesMessage
 from wire.ruleset import effective_ruleset, with_defaults
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "examples"
@@ -31,8 +30,8 @@ LOST, REPLACED, CANCELLED, DENY_FROZEN = "880000000054", "880000000096", "880000
 
 
 def _rules(members, issued_at=ISSUED, effective=EFFECTIVE) -> engine.Rules:
-    msg = RulesMessage(5, issued_at, {"store": "S001"}, effective)
-    return engine.Rules.from_message(msg, members=members)
+    return engine.Rules.from_rule_set(effective, version=5, issued_at=issued_at, scope={"store": "S001"},
+                                      members=members)
 
 
 def _memory() -> InMemoryMembers:
@@ -240,9 +239,9 @@ def test_validate_is_pure_and_deterministic(members):
     assert a == b and rules.data == before
 
 
-def test_inline_members_still_work_from_a_message():
-    rules = engine.Rules.from_message(RulesMessage(1, ISSUED, {"store": "S001"},
-                                                   tomllib.loads((EXAMPLES / "rules.demo.toml").read_text())))
+def test_inline_members_still_work_from_a_single_document():
+    rules = engine.Rules.from_rule_set(tomllib.loads((EXAMPLES / "rules.demo.toml").read_text()),
+                                       version=1, issued_at=ISSUED)
     assert "members" not in rules.data and "deny" not in rules.data
     assert rules.members.count() == (4, 1)
     assert engine.validate("nfc", "04A1B2C3D4E5F6", rules, NOW).member["member_id"] == "M1001"

@@ -10,7 +10,6 @@ from wire.messages import (  # noqa: F401
     DenyDelta,
     Manifest,
     ResyncRequest,
-    RulesMessage,
     Status,
     TxBatch,
     TxRecord,
@@ -18,4 +17,4 @@ from wire.messages import (  # noqa: F401
 )
 from wire.topics import Topics  # noqa: F401
 
-__all__ = ["Ack", "DenyDelta", "Manifest", "ResyncRequest", "RulesMessage", "Status", "TxBatch", "TxRecord", "WireError", "Topics"]
+__all__ = ["Ack", "DenyDelta", "Manifest", "ResyncRequest", "Status", "TxBatch", "TxRecord", "WireError", "Topics"]

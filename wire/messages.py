@@ -213,19 +213,6 @@ class Status:
         return cls(**known)
 
 
-@dataclass(frozen=True)
-class RulesMessage:
-    """Not on the wire any more (the rules topic carries a signed Manifest).
-    Kept only as the in-process argument of gateway.engine.Rules.from_message,
-    which tests and bench.rules still use; goes when they build
-    engine.Rules directly."""
-
-    version: int
-    issued_at: int
-    scope: dict
-    rules: dict
-
-
 # -- rule-set distribution (signed; see wire/RULESET.md and README "Rules from HQ") --
 
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
