@@ -38,6 +38,7 @@ import tomllib
 from pathlib import Path
 
 from bench.common import args, emit, median, note, rss_mb
+from gateway.engine import luhn_check_digit
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "deploy" / "examples"
@@ -45,18 +46,9 @@ TIERS = ["normal"] * 6 + ["silver"] * 3 + ["gold", "diamond"]
 SURNAMES = "王李张刘陈杨赵黄周吴"
 
 
-def luhn_complete(body: str) -> str:
-    total = 0
-    for i, ch in enumerate(reversed(body)):
-        d = int(ch)
-        if i % 2 == 0:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return body + str((10 - total % 10) % 10)
-
-
 def card(i: int) -> str:
-    return luhn_complete(f"8800{i:07d}")
+    body = f"8800{i:07d}"
+    return body + luhn_check_digit(body)
 
 
 def uid(i: int) -> str:

@@ -36,25 +36,16 @@ from pathlib import Path
 import orjson
 
 from bench.common import args as bench_args, emit, median, note
+from gateway.engine import luhn_check_digit
 
 EX = Path(__file__).resolve().parent.parent / "deploy" / "examples"
 TAP_EVERY_S = 0.005  # 200 taps/s on one gateway: some 100x a busy store's counters
 TIERS = ("normal", "silver", "gold")
 
 
-def luhn_digit(body: str) -> str:
-    total = 0
-    for i, ch in enumerate(reversed(body)):
-        d = int(ch)
-        if i % 2 == 0:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return str((10 - total % 10) % 10)
-
-
 def card(i: int) -> str:
     body = f"8800{i:07d}"
-    return body + luhn_digit(body)
+    return body + luhn_check_digit(body)
 
 
 def members(n: int):

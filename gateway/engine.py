@@ -133,14 +133,23 @@ def mask_name(name: str | None) -> str | None:
     return name[0] + "*" * max(1, len(name) - 1)
 
 
-def luhn_ok(number: str) -> bool:
+def _luhn_sum(digits: str, double_odd: int) -> int:
     total = 0
-    for i, ch in enumerate(reversed(number)):
+    for i, ch in enumerate(reversed(digits)):
         d = int(ch)
-        if i % 2 == 1:
+        if i % 2 == double_odd:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
-    return total % 10 == 0
+    return total
+
+
+def luhn_ok(number: str) -> bool:
+    return _luhn_sum(number, 1) % 10 == 0
+
+
+def luhn_check_digit(body: str) -> str:
+    """The digit that makes ``body + digit`` pass luhn_ok (card issuing, test data)."""
+    return str((10 - _luhn_sum(body, 0) % 10) % 10)
 
 
 _DIGITS = re.compile(r"^[0-9]+$")

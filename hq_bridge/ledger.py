@@ -54,6 +54,22 @@ CREATE TABLE IF NOT EXISTS rule_versions (
 """
 
 
+def open_schema(conn: sqlite3.Connection, schema: str) -> None:
+    """WAL mode and the tables. The bridge and `storegate-hq rules publish`
+    may open the HQ database at the same moment; switching to WAL takes a lock
+    the busy timeout does not cover, so retry while it is locked."""
+    for attempt in range(100):
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(schema)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 99:
+                raise
+            time.sleep(0.1)
+
+
 @dataclass(frozen=True)
 class Committed:
     seqs: list[int]      # every seq of the batch now safely in the ledger (ack all of them)
@@ -69,18 +85,7 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
-        # The bridge and `storegate-hq rules publish` may open the ledger at the
-        # same moment; switching to WAL takes a lock the busy timeout does not cover.
-        for attempt in range(100):
-            try:
-                if self._conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                    self._conn.execute("PRAGMA journal_mode=WAL")
-                self._conn.executescript(SCHEMA)
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or attempt == 99:
-                    raise
-                time.sleep(0.1)
+        open_schema(self._conn, SCHEMA)
         self._conn.execute("PRAGMA synchronous=FULL")
 
     def close(self) -> None:

@@ -34,7 +34,7 @@ import orjson
 
 from common import mqtt
 from hq_bridge import keys as hq_keys
-from hq_bridge.ledger import Ledger
+from hq_bridge.ledger import Ledger, open_schema
 from wire import ruleset as _rs
 from wire.distribution import check_layer_header, effective_rules, layer_part_name
 from wire.messages import (DENY_STATUSES, DenyDelta, Manifest, Part, WireError, encode_layer, encode_table,
@@ -171,14 +171,7 @@ class Catalog:
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        for attempt in range(100):
-            try:
-                self._conn.executescript(SCHEMA)
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or attempt == 99:
-                    raise
-                time.sleep(0.1)
+        open_schema(self._conn, SCHEMA)
 
     def close(self) -> None:
         self._conn.close()
