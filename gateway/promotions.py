@@ -460,30 +460,28 @@ class Pricer:
                 for i in dirty:
                     snap[i] = state[i]
                 new_snaps.append(snap)
-            if not dirty or p.eligset.isdisjoint(dirty):
+            elif not dirty:
+                break  # every line is as in the base run: so is the rest
+            if p.eligset.isdisjoint(dirty):
                 continue  # every line of p is as in the base run: so is its result
             kind = p.kind
-            if kind == "points_multiplier":
-                snap = snaps[k]
-                bonus += sum([state[i] - snap[i] for i in p.elig if i in dirty]) * p.extra
-                continue
-            after = snaps[k + 1] if k + 1 < n_act else final
             if kind == "threshold":
                 snap = snaps[k]
                 for i in p.elig:
                     if i not in dirty:
                         state[i] = snap[i]
                 p.fast(p, state)
+                after = snaps[k + 1] if k + 1 < n_act else final
                 for i in p.elig:
                     if state[i] != after[i]:
                         dirty.add(i)
                     else:
                         dirty.discard(i)
+            elif kind == "points_multiplier":
+                snap = snaps[k]
+                bonus += sum([state[i] - snap[i] for i in p.elig if i in dirty]) * p.extra
             else:
                 p.fast(p, state)  # clean lines of p get stale values: never read
-                for i in p.elig:
-                    if i in dirty and state[i] == after[i]:
-                        dirty.discard(i)
         saving += sum([final[i] - state[i] for i in dirty])
         if not rebase:
             return saving, bonus
@@ -526,8 +524,14 @@ class Pricer:
             chosen.append(best)
             if choice_ahead[j + 1]:
                 keys = [p.key for p in active]
-                (_, bonus), active, snaps, final = self._candidate(
-                    best, active, keys, snaps, final, total_start - sum(final), bonus, rebase=True)
+                pos = bisect_left(keys, best.key)
+                if pos * 3 < len(active):  # a plain run is cheaper than patching most snapshots
+                    active = active[:pos] + [best] + active[pos:]
+                    snaps = []
+                    final, bonus = self._run_fast(active, snaps)
+                else:
+                    (_, bonus), active, snaps, final = self._candidate(
+                        best, active, keys, snaps, final, 0, bonus, rebase=True)
         self.chosen = chosen
         nets, adj, applied, _ = self.run(sorted(plain + chosen, key=lambda p: p.key), record=True)
         for i, d in enumerate(self.base_adj):
