@@ -446,13 +446,13 @@ class Pricer:
         n_act = len(active)
         before = snaps[pos] if pos < n_act else final
         state = before[:]
+        new_snaps = [state[:]] if rebase else None  # before c, as in a run with it
         if c.kind == "points_multiplier":
             bonus += c.bonus(state)
             dirty = set()
         else:
             c.fast(c, state)
             dirty = {i for i in c.elig if state[i] != before[i]}
-        new_snaps = [state[:]] if rebase else None
         for k in range(pos, n_act):
             p = active[k]
             if rebase:
