@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from gateway import engine, lane_faults
+from gateway import engine, lane_faults, runtime
 from gateway.counter import Counter
 from gateway.journal import Appended, Journal
 from gateway.qr_replay import MemberQrCheck, ReplayStore
@@ -122,6 +122,7 @@ class Gateway:
 
     async def __aenter__(self) -> "Gateway":
         self.rules.load()
+        runtime.tune_gc()  # the rules are loaded: freeze them out of GC passes (gateway/runtime.py)
         await self.journal.open()
         replayed = await self.counter.catch_up()  # local state the journal holds and a crash may have missed
         if replayed:
