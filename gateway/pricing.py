@@ -12,7 +12,8 @@ Inputs
 ``tiers``, ``card_types``, ``discount_excluded_categories/_skus``, ``earning``,
 ``promotions``, ``redemption``, ``stored_value``, ``packages``, ``coupons``,
 ``fees``, ``max_age_s``. Optional ``version`` is copied into sale records.
-The policy is treated as immutable: an index of its promotions is kept by the
+The policy is treated as immutable: a compiled form of its promotions (index,
+parsed fields, scope per store/region/tier, receipt labels) is kept by the
 identity of the ``promotions`` table, so a changed rule set must come as a new
 dict (as a new Rules does), never as an edit in place.
 
@@ -511,10 +512,10 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         item = f"{l['name']} x{l['qty']}  {yuan(amount)}"
         zh_add(item)
         en_add(item)
-        disc, shown = [], []
-        for s, d, a in adj[i]:
-            disc.append({"source": s, "fen": d, "allocated": a})
-            shown.append({"source": s, "fen": d, "allocated": a, "kind": kinds[s], "name": names[s]})
+        a_i = adj[i]
+        disc = [{"source": s, "fen": d, "allocated": a} for s, d, a in a_i]
+        shown = [{"source": s, "fen": d, "allocated": a, "kind": kinds[s], "name": names[s]} for s, d, a in a_i]
+        for s, d, a in a_i:
             summary[s] = summary.get(s, 0) + d
             pz, pe = labels[s][1 if a else 0]
             fen = yuan(d)

@@ -23,8 +23,14 @@ Order of application (RULESET.md "promotions"):
    each candidate is evaluated as if the whole pipeline ran with it
    (non-grouped promotions + groups already decided + the candidate) and the
    one saving the customer the most fen wins, then the most bonus points, then
-   the smallest id. The evaluation recomputes only the lines a candidate can
-   influence (exact: the property tests compare it with full runs).
+   the smallest id. The evaluation recomputes only the lines whose net
+   differs from the run without the candidate (exact: the property tests
+   compare it with full runs).
+
+Everything that does not depend on the basket (parsed fields, the SKU and
+category index, the static scope checks per store, region and tier, receipt
+labels) is computed once per promotions table, kept by identity: a rule set
+is never edited in place.
 
 Eligible lines: those whose category is in ``categories`` or SKU in ``skus``;
 if both are empty, every line not excluded from discounts. For member_price,
