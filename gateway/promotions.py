@@ -226,17 +226,30 @@ def _fast_nth_item(p: "_Promo", nets: list[int]) -> None:
 
 
 def _fast_threshold(p: "_Promo", nets: list[int]) -> None:
+    # allocation.allocate inlined (capped; tot <= base here): the hottest call of a quote
     elig = p.elig
     weights = [nets[i] for i in elig]
     base = sum(weights)
     tot = 0
     for min_fen, off in p.steps:
         if base >= min_fen:
-            tot = min(off, base)
+            tot = off if off < base else base
             break
-    if tot > 0:
-        for i, d in zip(elig, allocate(tot, weights)):
-            nets[i] -= d
+    if tot <= 0:
+        return
+    shares = [tot * w // base for w in weights]
+    rest = tot - sum(shares)
+    j = len(weights) - 1
+    while rest and j >= 0:
+        take = weights[j] - shares[j]
+        if take > rest:
+            take = rest
+        if take > 0:
+            shares[j] += take
+            rest -= take
+        j -= 1
+    for i, d in zip(elig, shares):
+        nets[i] -= d
 
 
 def _fast_none(p: "_Promo", nets: list[int]) -> None:
