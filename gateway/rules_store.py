@@ -47,6 +47,7 @@ from typing import Iterator
 
 import orjson
 
+from gateway import runtime
 from gateway.engine import Rules, mask_card
 from gateway.member_store import DenyDeltaGap, MemberStore
 from wire.distribution import check_layer_header, effective_rules, parse_layer_name
@@ -323,6 +324,7 @@ class RulesStore:
         _write_atomic(self.manifest_path, m.encode())
         _write_atomic(self.trust_path, orjson.dumps({"keys": self.keyring.public_keys()}))
         log.info("applied rules v%d (signed by key %s; deny list at v%s)", m.version, m.key_id, self.deny_version)
+        runtime.tune_gc()  # freeze the new rule set out of GC passes; the old one's cycles go now
 
     def install(self, payload: bytes, parts: dict[str, bytes] | None = None) -> Rules | None:
         """Apply a manifest with its parts at hand ({sha256: payload}), without
