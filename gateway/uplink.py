@@ -99,6 +99,11 @@ class Uplink:
                 log.warning("uplink down: %s", group.exceptions[0])
             except* Exception as group:  # a bug or a journal fault: log it, keep the uplink alive
                 log.error("uplink session failed: %r", group.exceptions[0], exc_info=group.exceptions[0])
+            if asyncio.current_task().cancelling():
+                # We were cancelled, but something on the way (a library's
+                # cleanup, a callback's error) replaced the CancelledError:
+                # stop anyway, never reconnect after a shutdown began.
+                raise asyncio.CancelledError
             self.state.reconnects += 1
             delay = backoff.next_delay()
             log.info("reconnecting in %.1f s", delay)
@@ -116,7 +121,10 @@ class Uplink:
         if self.state.connected != up:
             self.state.connected = up
             if self.on_connection_change:
-                self.on_connection_change(up)
+                try:
+                    self.on_connection_change(up)
+                except Exception:  # the LEDs must not take the uplink down
+                    log.exception("connection-change callback failed")
 
     async def _session(self, client: aiomqtt.Client) -> None:
         await client.subscribe([(self.topics.ack(self.store), 1)] + [(t, 1) for t in self.sync.topics_to_subscribe()])
