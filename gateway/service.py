@@ -140,6 +140,7 @@ class Gateway:
         return self
 
     async def __aexit__(self, *exc) -> None:
+        self.uplink.stop()
         for task in reversed(self._tasks):
             task.cancel()
         done, stuck = await asyncio.wait(self._tasks, timeout=10)

@@ -99,15 +99,19 @@ class Uplink:
                 log.warning("uplink down: %s", group.exceptions[0])
             except* Exception as group:  # a bug or a journal fault: log it, keep the uplink alive
                 log.error("uplink session failed: %r", group.exceptions[0], exc_info=group.exceptions[0])
-            if asyncio.current_task().cancelling():
-                # We were cancelled, but something on the way (a library's
-                # cleanup, a callback's error) replaced the CancelledError:
-                # stop anyway, never reconnect after a shutdown began.
+            if self._stopping:
+                # Shutting down, but something on the way (a library's cleanup,
+                # a callback's error) replaced the CancelledError: stop anyway,
+                # never reconnect after a shutdown began.
                 raise asyncio.CancelledError
             self.state.reconnects += 1
             delay = backoff.next_delay()
             log.info("reconnecting in %.1f s", delay)
             await asyncio.sleep(delay)
+
+    def stop(self) -> None:
+        """Mark the shutdown before cancelling run(): it will not reconnect."""
+        self._stopping = True
 
     async def _say_offline(self, client: aiomqtt.Client, will: aiomqtt.Will) -> None:
         """On a clean shutdown the broker sends no will: publish it ourselves."""
