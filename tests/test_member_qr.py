@@ -66,6 +66,15 @@ def test_the_step_comes_from_the_signed_code_not_the_scanner(app):
     assert verify(app.code(0, step=NOW // 30 + 1), KEYS, NOW).step == NOW // 30 + 1
 
 
+def _with_app_signature_flipped(code: str) -> str:
+    """The same code with one bit of the app's signature flipped: always a forgery.
+    (Overwriting the last characters is not: an Ed25519 signature's last byte is
+    small, so its base64 tail is often "AAA" already.)"""
+    blob = bytearray(base64.urlsafe_b64decode(code[5:] + "=" * (-len(code[5:]) % 4)))
+    blob[len(blob) - 40] ^= 0x01
+    return "SGQ1." + base64.urlsafe_b64encode(bytes(blob)).rstrip(b"=").decode()
+
+
 def test_forgeries_are_refused(app):
     code = app.code(NOW)
     blob = bytearray(base64.urlsafe_b64decode(code[5:] + "=" * (-len(code[5:]) % 4)))
@@ -83,6 +92,7 @@ def test_forgeries_are_refused(app):
     # without the app's private key cannot sign a step.
     thief = MemberApp(app.credential, Ed25519PrivateKey.generate())
     assert refused(thief.code(NOW)) == "bad_signature"
+    assert refused(_with_app_signature_flipped(code)) == "bad_signature"
     assert refused(MemberApp.enrol(Issuer("hq-2099"), "M1001", CARD, 0, NOW * 2).code(NOW)) == "unknown_issuer"
     assert refused(code, keys={"hq-2026": "not base64!"}) == "unknown_issuer"
 
@@ -201,7 +211,7 @@ async def test_gateway_scanner_lane_dynamic_codes_and_replay_across_restart(tmp_
                 out.append(await asyncio.wait_for(taps.get(), 5))
         return out
 
-    first, again, forged = await run_once([code, code, code[:-3] + "AAA"])
+    first, again, forged = await run_once([code, code, _with_app_signature_flipped(code)])
     assert (first["verdict"], first["member"]["member_id"], first["card"], first["source"]) == \
         ("accept", "M1001", "8800****0013", "qr")
     assert (again["verdict"], again["reason"]) == ("deny", "qr_used")
