@@ -18,19 +18,21 @@ never reused even after every record is acked and compacted away), a record
 - Durable before the OK: append() returns only after its frame is written
   and fdatasync'd. Everything appended in one turn of the event loop (several
   lanes) is written with one write and one fdatasync (group commit).
-- Buffered writes by default. ``direct=True`` writes frames with O_DIRECT in
-  512-byte sectors (~1 KB of device writes per lone record instead of a
-  4 KiB page), but it is off: the uplink reads pending records through the
-  page cache while lanes append to the same page, and Linux does not promise
-  coherence between O_DIRECT writes and concurrent buffered reads of
-  overlapping pages (open(2)); a stale cached page would read as a torn tail.
-  We saw a pending read fail that way once under load. The fdatasync follows
-  each write either way.
+- Direct I/O by default (``direct=True``): frames are written with O_DIRECT
+  in 512-byte sectors, ~1 KB of device writes per lone record instead of a
+  4 KiB page-cache page, and the 8-lane rate is higher. Every read of a
+  segment (the drain's pending(), recovery, read_index from another process)
+  is O_DIRECT too: Linux does not keep buffered reads coherent with O_DIRECT
+  writes to the same pages (open(2)), and a stale cached page reads as a torn
+  tail (a drain once stalled on one when reads were buffered). Where the file
+  system refuses O_DIRECT (tmpfs: EINVAL) both sides fall back to buffered
+  I/O, which is coherent. The fdatasync follows each write either way.
   With direct I/O, blocks are zeroed ahead of the frames (ZERO_AHEAD), which
   costs one more write of each log byte (~0.6 KB per record) and spares every
-  fdatasync a metadata commit. Buffered, zeroing ahead measured no faster and
-  the page cache wrote the zeroed pages again and again (77 KB per record by
-  /proc/self/io instead of 4.6 KB), so it is only done with direct I/O.
+  fdatasync a metadata commit. Buffered (``direct=False``), zeroing ahead
+  measured no faster and the page cache wrote the zeroed pages again and
+  again (77 KB per record by /proc/self/io instead of 4.6 KB), so it is only
+  done with direct I/O.
 - Cheap per append (the 8-lane rate is CPU-bound): one future per append,
   no shield or done-callbacks; the writer indexes the records it wrote and
   wakes their callers.
@@ -58,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import errno
 import hashlib
 import logging
 import mmap
@@ -175,6 +178,117 @@ def frames_after_damage(buf: bytes, start: int):
             pos = buf.find(MAGIC, pos + 1)
 
 
+def decode_frame(buf, pos: int, length: int) -> dict | None:
+    """The payload of the frame of `length` bytes at pos in buf (bytes, mmap
+    or memoryview), or None if it is not an intact frame there."""
+    if pos < 0 or length < HEADER.size or pos + length > len(buf):
+        return None
+    magic, n, crc = HEADER.unpack_from(buf, pos)
+    if magic != MAGIC or n != length - HEADER.size:
+        return None
+    data = buf[pos + HEADER.size:pos + length]
+    if zlib.crc32(data) != crc:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+# -- coherent reads --------------------------------------------------------------
+#
+# The writer appends with O_DIRECT. Linux does not keep buffered reads coherent
+# with O_DIRECT writes to the same pages (open(2)): a page cached by a buffered
+# read can stay stale, and it outlives the process (a restart would read it
+# too). An O_DIRECT read never uses cached pages (it writes dirty ones back
+# first), so it sees what the writer wrote whichever way it was written. Every
+# read of a segment therefore goes through O_DIRECT where the file system
+# allows it; where it does not (tmpfs: EINVAL), the writer is buffered too and
+# buffered reads are coherent.
+
+READ_ALIGNMENTS = (SECTOR, BLOCK)  # tried in turn: 4 KiB-sector devices refuse 512-byte O_DIRECT
+READ_MAX = 1 << 20  # one read covers up to this much of a segment (a drain batch is ~300 KB)
+READ_GAP = 64 << 10  # records this close together are read in one call (acks and keys between them)
+
+
+class _ReadFile:
+    """A segment open for reading, and the O_DIRECT alignment that works for
+    it (0: buffered)."""
+
+    __slots__ = ("path", "fd", "align")
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+        self.fd, self.align = -1, 0
+        if hasattr(os, "O_DIRECT"):
+            try:
+                self.fd, self.align = os.open(path, os.O_RDONLY | os.O_DIRECT), READ_ALIGNMENTS[0]
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: no O_DIRECT on this file system
+                    raise
+        if self.fd < 0:
+            self.fd = os.open(path, os.O_RDONLY)
+
+    def refused(self) -> None:
+        """O_DIRECT refused this alignment: try the next, then buffered."""
+        later = [a for a in READ_ALIGNMENTS if a > self.align]
+        if later:
+            self.align = later[0]
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        os.close(self.fd)
+        self.fd, self.align = fd, 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _Reader:
+    """Reads byte ranges into one reusable page-aligned buffer (O_DIRECT
+    needs aligned memory, offsets and lengths). Not thread-safe: the caller
+    serialises its use; a returned view is valid until the next read."""
+
+    def __init__(self) -> None:
+        self._buf: mmap.mmap | None = None
+
+    def read(self, f: _ReadFile, offset: int, length: int):
+        """Up to `length` bytes at offset (fewer at the end of the file), as
+        a memoryview into the buffer, or bytes when read buffered."""
+        while f.align:
+            align = f.align
+            start = offset - offset % align
+            size = (offset + length - start + align - 1) & -align
+            buf = self._buf
+            if buf is None or len(buf) < size:
+                buf = self._buf = mmap.mmap(-1, (size + mmap.PAGESIZE - 1) & -mmap.PAGESIZE)
+            view = memoryview(buf)
+            got = 0
+            try:
+                while got < size:
+                    n = os.preadv(f.fd, [view[got:size]], start + got)
+                    got += n
+                    if n == 0 or n % align:  # the end of the file
+                        break
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                f.refused()
+                continue
+            head = offset - start
+            return view[head:max(head, min(got, head + length))]
+        return os.pread(f.fd, length, offset)
+
+
+def read_segment(path: str | Path) -> bytes:
+    """A whole segment file, read coherently with an O_DIRECT writer."""
+    f = _ReadFile(path)
+    try:
+        size = os.fstat(f.fd).st_size
+        return bytes(_Reader().read(f, 0, size)) if size else b""
+    finally:
+        f.close()
+
+
 # -- the index: plain data rebuilt from frames (pure) -------------------------
 
 @dataclass
@@ -271,7 +385,7 @@ class Journal:
 
     def __init__(self, directory: str | Path, *, max_bytes: int = 1 << 30, fsync: bool = True,
                  clock: Callable[[], float] = time.time, segment_bytes: int = SEGMENT_BYTES,
-                 writer: str = "inline", direct: bool = False) -> None:
+                 writer: str = "inline", direct: bool = True) -> None:
         if writer not in ("inline", "thread"):
             raise ValueError(f"journal writer must be 'inline' or 'thread', not {writer!r}")
         self.dir = Path(directory)
@@ -302,8 +416,9 @@ class Journal:
         self._zeros: mmap.mmap | None = None  # an aligned buffer of zeros for ZERO_AHEAD
         self._buf: mmap.mmap | None = None  # direct I/O: an aligned buffer for one group
         self._total = 0              # bytes in all segments
-        self._readers: dict[int, int] = {}
-        self._readers_lock = threading.Lock()
+        self._readers: dict[int, _ReadFile] = {}
+        self._readers_lock = threading.Lock()  # guards _readers and _reader (reads run in worker threads)
+        self._reader = _Reader()
         self._segments: set[int] = set()  # segment files on disk
         self._logical: dict[int, int] = {}  # segment -> bytes of frames in it
 
@@ -332,9 +447,10 @@ class Journal:
             self._writes.put(None)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
-        for fd in self._readers.values():
-            os.close(fd)
-        self._readers.clear()
+        with self._readers_lock:
+            for f in self._readers.values():
+                f.close()
+            self._readers.clear()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -366,7 +482,9 @@ class Journal:
 
     def _load_segment(self, n: int, last: bool) -> None:
         path = self._segment_path(n)
-        buf = path.read_bytes()
+        # Read past the page cache too: a page left stale by an earlier run's
+        # O_DIRECT writes would look like a torn tail and be cut off.
+        buf = read_segment(path)
         good_end = 0
         for offset, length, frame in scan_frames(buf):
             self._index_frame(frame, n, offset, length)
@@ -384,7 +502,11 @@ class Journal:
                 os.fsync(f.fileno())
             return
         aside = path.with_name(f"{path.name}.damaged-{int(self._clock())}")
-        shutil.copy2(path, aside)
+        with open(aside, "wb") as f:  # what we read, not a possibly stale cached copy
+            f.write(buf)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.copystat(path, aside)
         # Keep the intact frames: rewrite the segment from them, atomically.
         kept = buf[:good_end] + b"".join(buf[o:o + l] for o, l, _ in rescued)
         tmp = path.with_suffix(".tmp")
@@ -732,17 +854,34 @@ class Journal:
         return await asyncio.to_thread(self._read_records, locs)
 
     def _read_records(self, locs) -> list[TxRecord]:
+        """Read records (ascending seq) coherently with the O_DIRECT writer:
+        records lying close together in one segment (the usual case: a
+        backlog is mostly consecutive frames) come in with one read."""
         out = []
+        n = len(locs)
         with self._readers_lock:
-            for seq, (segment, offset, length, _ts) in locs:
-                fd = self._readers.get(segment)
-                if fd is None:
-                    fd = self._readers[segment] = os.open(self._segment_path(segment), os.O_RDONLY)
-                found = next(scan_frames(os.pread(fd, length, offset)), None)
-                if found is None:  # never StopIteration out of a worker thread: it cannot cross a Future
-                    raise JournalError(f"record {seq} unreadable at segment {segment} offset {offset}")
-                frame = found[2]
-                out.append(TxRecord(frame["seq"], frame["id"], frame["type"], frame["ts"], frame["body"]))
+            i = 0
+            while i < n:
+                segment, first, length, _ts = locs[i][1]
+                end = first + length
+                j = i + 1
+                while j < n:
+                    seg, offset, length, _ts = locs[j][1]
+                    if seg != segment or not end <= offset <= end + READ_GAP or offset + length - first > READ_MAX:
+                        break
+                    end = offset + length
+                    j += 1
+                f = self._readers.get(segment)
+                if f is None:
+                    f = self._readers[segment] = _ReadFile(self._segment_path(segment))
+                buf = self._reader.read(f, first, end - first)
+                for seq, (_seg, offset, length, _ts) in locs[i:j]:
+                    frame = decode_frame(buf, offset - first, length)
+                    if frame is None or frame.get("seq") != seq:
+                        raise JournalError(f"record {seq} unreadable at segment {segment} offset {offset}")
+                    out.append(TxRecord(frame["seq"], frame["id"], frame["type"], frame["ts"], frame["body"]))
+                del buf  # the view pins the reader's buffer
+                i = j
         return out
 
     async def mark_acked(self, seqs: list[int]) -> int:
@@ -786,9 +925,9 @@ class Journal:
                 continue
             path = self._segment_path(n)
             with self._readers_lock:
-                fd = self._readers.pop(n, None)
-                if fd is not None:
-                    os.close(fd)
+                f = self._readers.pop(n, None)
+                if f is not None:
+                    f.close()
             path.unlink(missing_ok=True)
             self._total -= self._logical.pop(n, 0)
             self._segments.discard(n)
@@ -809,12 +948,13 @@ class Journal:
 
 def read_index(directory: str | Path) -> JournalIndex:
     """The index of a journal directory, read-only (for tools and tests;
-    a running gateway's journal may be mid-write)."""
+    a running gateway's journal may be mid-write: read like the journal
+    reads, past the page cache)."""
     index = JournalIndex()
     for path in sorted(Path(directory).glob("*.log")):
         if not path.stem.isdigit():
             continue
-        for offset, length, frame in scan_frames(path.read_bytes()):
+        for offset, length, frame in scan_frames(read_segment(path)):
             kind = frame.get("k")
             if kind == "r":
                 index.on_record(frame, int(path.stem), offset, length)
