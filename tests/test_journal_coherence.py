@@ -6,15 +6,18 @@ another process (as tests/support.py does against a running gateway)."""
 import asyncio
 import json
 import mmap
+import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from gateway.journal import Journal
+from gateway.journal import Journal, read_index
 
 LANES = 8
 PER_LANE = 300
@@ -139,3 +142,63 @@ async def test_read_index_from_another_process_sees_every_committed_record(tmp_p
     result = json.loads(out)
     assert result["problems"] == []
     assert result["passes"] >= 3 and result["checked"] > 0
+
+
+async def test_a_backlog_is_read_in_few_large_reads(tmp_path, monkeypatch):
+    """The drain asks for up to 500 records at a time: consecutive frames come
+    in with one read, not one per record."""
+    import gateway.journal as journal_module
+
+    async with Journal(tmp_path / "j") as j:
+        await asyncio.gather(*(j.append("sale", body(0, k)) for k in range(500)))
+        await j.mark_acked(list(range(1, 500, 7)))  # ack frames and holes between the pending records
+        calls = []
+        real_preadv, real_pread = journal_module.os.preadv, journal_module.os.pread
+        monkeypatch.setattr(journal_module.os, "preadv", lambda *a: calls.append(a) or real_preadv(*a))
+        monkeypatch.setattr(journal_module.os, "pread", lambda *a: calls.append(a) or real_pread(*a))
+        records = await j.pending(0, 500)
+        assert len(records) == 500 - len(range(1, 500, 7))
+        assert all(r.body == body(0, r.body["k"]) for r in records)
+        assert len(calls) == 1
+
+
+@pytest.mark.parametrize("refuse", ["unaligned to 4 KiB", "always"])
+async def test_reads_fall_back_when_o_direct_is_refused(tmp_path, monkeypatch, refuse):
+    """A device with 4 KiB logical sectors refuses 512-byte O_DIRECT reads,
+    some file systems refuse O_DIRECT reads altogether (EINVAL): reads then
+    use 4 KiB alignment, or go buffered, and still return every record."""
+    import gateway.journal as journal_module
+
+    path = tmp_path / "j"
+    async with Journal(path) as j:
+        expected = [body(1, k) for k in range(40)]
+        for b in expected:
+            await j.append("sale", b)
+        real_preadv = journal_module.os.preadv
+
+        def preadv(fd, buffers, offset):
+            if refuse == "always" or offset % 4096 or sum(len(b) for b in buffers) % 4096:
+                raise OSError(22, "Invalid argument")
+            return real_preadv(fd, buffers, offset)
+        monkeypatch.setattr(journal_module.os, "preadv", preadv)
+        for after in (0, 3, 17, 39):
+            assert [r.body for r in await j.pending(after, 100)] == expected[after:]
+        assert {f.align for f in j._readers.values()} == {0 if refuse == "always" else 4096}
+        assert sorted(read_index(path).pending) == list(range(1, 41))
+    async with Journal(path) as j:  # recovery reads the same way
+        assert [r.body for r in await j.pending(0, 100)] == expected
+
+
+async def test_tmpfs_journal_reads_and_writes(tmp_path):
+    """tmpfs: O_DIRECT is refused before Linux 6.6 (both sides go buffered), a no-op since."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    path = Path(tempfile.mkdtemp(prefix="sg-journal-", dir=shm))
+    try:
+        async with Journal(path, direct=True, segment_bytes=1 << 20) as j:
+            results = await asyncio.gather(*(j.append("sale", body(2, k)) for k in range(50)))
+            assert [r.body for r in await j.pending(0, 100)] == [body(2, k) for k in range(50)]
+            assert sorted(read_index(path).pending) == [r.seq for r in results]
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
