@@ -505,19 +505,22 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
     zh_add, en_add = zh.append, en.append
 
     out_lines, body_lines = [], []
-    summary: dict[str, int] = {}
+    summary = dict.fromkeys(kinds, 0)
     line_points = earned["line_points"]
+    # Per saving: (kind, name, labels of an item row, labels of an allocated share).
+    info = {s: (kinds[s], names[s], *labels[s]) for s in kinds}
     for i, l in enumerate(lines):
         amount = l["qty"] * l["unit_price"]
         item = f"{l['name']} x{l['qty']}  {yuan(amount)}"
         zh_add(item)
         en_add(item)
-        a_i = adj[i]
-        disc = [{"source": s, "fen": d, "allocated": a} for s, d, a in a_i]
-        shown = [{"source": s, "fen": d, "allocated": a, "kind": kinds[s], "name": names[s]} for s, d, a in a_i]
-        for s, d, a in a_i:
-            summary[s] = summary.get(s, 0) + d
-            pz, pe = labels[s][1 if a else 0]
+        disc, shown = [], []
+        for s, d, a in adj[i]:
+            kind, name, item_labels, share_labels = info[s]
+            disc.append({"source": s, "fen": d, "allocated": a})
+            shown.append({"source": s, "fen": d, "allocated": a, "kind": kind, "name": name})
+            summary[s] += d
+            pz, pe = share_labels if a else item_labels
             fen = yuan(d)
             zh_add(pz + fen)
             en_add(pe + fen)

@@ -150,6 +150,16 @@ class _Rule:
             return False
         return True
 
+    def timely(self, now_min: str, weekday: int) -> bool:
+        """The time checks of ``in_scope``. Plain string comparison: both sides
+        are "YYYY-MM-DD[THH:MM]" in store time."""
+        frm, to = self.frm, self.to
+        if frm and now_min[:len(frm)] < frm:
+            return False
+        if to and now_min[:len(to)] > to:
+            return False
+        return not self.weekdays or weekday in self.weekdays
+
 
 class _Table:
     __slots__ = ("by_sku", "by_cat", "everywhere", "rules", "scopes", "labels")
@@ -175,15 +185,19 @@ class _Table:
         self.scopes: dict[tuple, dict[str, _Rule]] = {}
         self.labels: dict = {}  # receipt labels, filled by gateway.pricing
 
-    def scoped(self, member: dict | None, store: str | None, region: str | None) -> dict[str, _Rule]:
-        """Rules that pass the static scope checks for this store, region and member tier."""
-        key = (store, region) if member is None else (store, region, True, member.get("tier"))
+    def scoped(self, member: dict | None, store: str | None, region: str | None,
+               now_min: str, weekday: int) -> dict[str, _Rule]:
+        """Rules that pass the scope checks that depend neither on the basket nor
+        on today's uses: store, region, member tier, and the time (so the answer
+        is kept per minute)."""
+        key = (store, region, now_min, weekday) if member is None else \
+            (store, region, now_min, weekday, True, member.get("tier"))
         ok = self.scopes.get(key)
         if ok is None:
             if len(self.scopes) >= 64:
                 self.scopes.clear()
             ok = self.scopes[key] = {pid: r for pid, r in self.rules.items()
-                                     if r.static_scope(member, store, region)}
+                                     if r.static_scope(member, store, region) and r.timely(now_min, weekday)}
         return ok
 
 
@@ -205,7 +219,8 @@ def promotion_index(promotions: dict) -> tuple[dict, dict, list]:
 
 
 # Application without recording adjustments or totals: what the exclusive-group
-# evaluation runs hundreds of times per quote. Same arithmetic as _Promo.apply.
+# evaluation runs hundreds of times per quote. Same arithmetic as _Promo.apply;
+# the one-line forms skip the loop (most SKU-scoped promotions touch one line).
 def _fast_percent_off(p: "_Promo", nets: list[int]) -> None:
     pct = p.pct
     for i in p.elig:
@@ -213,10 +228,22 @@ def _fast_percent_off(p: "_Promo", nets: list[int]) -> None:
         nets[i] = n - (2 * n * pct + 100) // 200
 
 
+def _fast_percent_off_1(p: "_Promo", nets: list[int]) -> None:
+    i = p.one
+    n = nets[i]
+    nets[i] = n - (2 * n * p.pct + 100) // 200
+
+
 def _fast_member_price(p: "_Promo", nets: list[int]) -> None:
     for i, target in p.targets:
         if nets[i] > target:
             nets[i] = target
+
+
+def _fast_member_price_1(p: "_Promo", nets: list[int]) -> None:
+    i, target = p.targets[0]
+    if nets[i] > target:
+        nets[i] = target
 
 
 def _fast_nth_item(p: "_Promo", nets: list[int]) -> None:
@@ -226,30 +253,36 @@ def _fast_nth_item(p: "_Promo", nets: list[int]) -> None:
 
 
 def _fast_threshold(p: "_Promo", nets: list[int]) -> None:
-    # allocation.allocate inlined (capped; tot <= base here): the hottest call of a quote
+    # allocation.allocate inlined (capped; tot <= base here): the hottest call of a
+    # quote. After the pro-rata shares, a line's net is what it can still take
+    # of the remainder, so the remainder loop reads nets directly.
     elig = p.elig
-    weights = [nets[i] for i in elig]
-    base = sum(weights)
-    tot = 0
+    base = 0
+    for i in elig:
+        base += nets[i]
     for min_fen, off in p.steps:
         if base >= min_fen:
             tot = off if off < base else base
             break
+    else:
+        return
     if tot <= 0:
         return
-    shares = [tot * w // base for w in weights]
-    rest = tot - sum(shares)
-    j = len(weights) - 1
+    rest = tot
+    for i in elig:
+        n = nets[i]
+        d = tot * n // base
+        nets[i] = n - d
+        rest -= d
+    j = len(elig) - 1
     while rest and j >= 0:
-        take = weights[j] - shares[j]
-        if take > rest:
-            take = rest
-        if take > 0:
-            shares[j] += take
+        i = elig[j]
+        n = nets[i]
+        if n > 0:
+            take = n if n < rest else rest
+            nets[i] = n - take
             rest -= take
         j -= 1
-    for i, d in zip(elig, shares):
-        nets[i] -= d
 
 
 def _fast_none(p: "_Promo", nets: list[int]) -> None:
@@ -264,20 +297,26 @@ class _Promo:
     """A promotion in scope for this basket, with what it needs precomputed."""
 
     __slots__ = ("id", "kind", "prio", "key", "group", "elig", "eligset", "src", "pct", "targets",
-                 "nth", "steps", "extra", "fast")
+                 "nth", "steps", "extra", "fast", "one")
 
     def __init__(self, rule: _Rule, elig: list[int], lines: list[dict]):
         if rule.error is not None:
             raise rule.error
         self.id, self.src, self.elig = rule.id, rule.src, elig
-        self.eligset = frozenset(elig)
+        self.eligset = frozenset(elig) if len(elig) > 1 else None  # one line: test ``one`` instead
         self.kind = kind = rule.kind
         self.prio, self.key, self.group, self.pct = rule.prio, rule.key, rule.group, rule.pct
         self.steps, self.extra, self.fast = rule.steps, rule.extra, rule.fast
         self.targets = self.nth = None
+        self.one = elig[0]
         if kind == "member_price":
             prices = rule.prices
             self.targets = [(i, prices[lines[i]["sku"]] * lines[i]["qty"]) for i in elig]
+            if len(elig) == 1:
+                self.fast = _fast_member_price_1
+        elif kind == "percent_off":
+            if len(elig) == 1:
+                self.fast = _fast_percent_off_1
         elif kind == "nth_item":
             n, seen, nth = rule.n, {}, []
             pct = self.pct
@@ -371,7 +410,7 @@ class Pricer:
         uses = ((member or {}).get("today") or {}).get("promotion_uses") or {}
         t = table(policy.get("promotions") or {})
         self.table = t
-        scoped = t.scoped(member, store, region)
+        scoped = t.scoped(member, store, region, now_min, weekday)
         relevant = set(t.everywhere)  # only promotions that can touch this basket's lines
         p_sku, p_cat = t.by_sku, t.by_cat
         for sku in by_sku:
@@ -382,15 +421,6 @@ class Pricer:
         for pid in relevant:  # any order: sorted by (priority, id) below
             r = scoped.get(pid)
             if r is None:
-                continue
-            # The time and per-member checks of in_scope. Plain string comparison:
-            # both sides are "YYYY-MM-DD[THH:MM]" in store time.
-            frm, to = r.frm, r.to
-            if frm and now_min[:len(frm)] < frm:
-                continue
-            if to and now_min[:len(to)] > to:
-                continue
-            if r.weekdays and weekday not in r.weekdays:
                 continue
             if r.limit is not None and member is not None and uses.get(pid, 0) >= r.limit:
                 continue
@@ -481,7 +511,8 @@ class Pricer:
                 new_snaps.append(snap)
             elif not dirty:
                 break  # every line is as in the base run: so is the rest
-            if p.eligset.isdisjoint(dirty):
+            es = p.eligset
+            if p.one not in dirty if es is None else es.isdisjoint(dirty):
                 continue  # every line of p is as in the base run: so is its result
             kind = p.kind
             if kind == "threshold":
