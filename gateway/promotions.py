@@ -502,6 +502,8 @@ class Pricer:
         else:
             c.fast(c, state)
             dirty = {i for i in c.elig if state[i] != before[i]}
+        n_lines = len(state)
+        whole_from = n_act  # where every line is carried (most are dirty), if that happens
         for k in range(pos, n_act):
             p = active[k]
             if rebase:
@@ -527,17 +529,41 @@ class Pricer:
                         dirty.add(i)
                     else:
                         dirty.discard(i)
+                if 2 * len(dirty) >= n_lines:
+                    # Most lines now differ from the base run (a basket-wide
+                    # threshold's shares moved): carrying every line through a
+                    # plain run is cheaper than tracking which ones differ.
+                    for i in range(n_lines):
+                        if i not in dirty:
+                            state[i] = after[i]
+                    whole_from = k + 1
+                    break
             elif kind == "points_multiplier":
                 snap = snaps[k]
                 bonus += sum([state[i] - snap[i] for i in p.elig if i in dirty]) * p.extra
             else:
                 p.fast(p, state)  # clean lines of p get stale values: never read
-        saving += sum([final[i] - state[i] for i in dirty])
-        if not rebase:
-            return saving, bonus
-        new_final = final[:]
-        for i in dirty:
-            new_final[i] = state[i]
+        if whole_from == n_act:
+            saving += sum([final[i] - state[i] for i in dirty])
+            if not rebase:
+                return saving, bonus
+            new_final = final[:]
+            for i in dirty:
+                new_final[i] = state[i]
+        else:
+            for k in range(whole_from, n_act):
+                p = active[k]
+                if rebase:
+                    new_snaps.append(state[:])
+                if p.extra:
+                    snap = snaps[k]
+                    bonus += sum([state[i] - snap[i] for i in p.elig]) * p.extra
+                else:
+                    p.fast(p, state)
+            saving += sum(final) - sum(state)
+            if not rebase:
+                return saving, bonus
+            new_final = state
         return (saving, bonus), active[:pos] + [c] + active[pos:], snaps[:pos] + new_snaps, new_final
 
     def price(self):

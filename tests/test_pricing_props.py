@@ -322,3 +322,51 @@ def test_bench_workload_is_priced_consistently():
     for k, g in enumerate(groups):
         scores = {c.id: pr.full_saving(plain + pr.chosen[:k] + [c]) for c in pr.promos if c.group == g}
         assert scores[pr.chosen[k].id] == max(scores.values())
+
+
+def _candidate_matches_full_runs(pr: Pricer) -> int:
+    """Every candidate's incremental (saving, bonus), and the rebased base it
+    hands to the next group, equal those of full runs. -> candidates checked."""
+    plain = [p for p in pr.promos if not p.group]
+    picked = sorted({p.group for p in pr.promos if p.group})
+    active = sorted(plain, key=lambda p: p.key)
+    snaps: list = []
+    final, bonus = pr._run_fast(active, snaps)
+    checked = 0
+    for g in picked:
+        keys = [p.key for p in active]
+        saving = sum(pr.start) - sum(final)
+        for c in (p for p in pr.promos if p.group == g):
+            assert pr._candidate(c, active, keys, snaps, final, saving, bonus) == pr.full_saving(active + [c])
+            (s, b), new_active, new_snaps, new_final = pr._candidate(c, active, keys, snaps, final, saving, bonus,
+                                                                     rebase=True)
+            assert (s, b) == pr.full_saving(active + [c])
+            fresh: list = []
+            assert (new_final, b) == pr._run_fast(new_active, fresh)
+            assert new_snaps == fresh
+            checked += 1
+        best = max((p for p in pr.promos if p.group == g), key=lambda p: pr.full_saving(active + [p]))
+        active = sorted(active + [best], key=lambda p: p.key)
+        snaps = []
+        final, bonus = pr._run_fast(active, snaps)
+    return checked
+
+
+@SETTINGS
+@given(policy(groups=("", "g1", "g2", "g3")), st.lists(line_st, min_size=1, max_size=10), member_st, when_st)
+def test_each_candidate_is_evaluated_exactly(pol, lines, member, now):
+    """The incremental evaluation of every candidate (in both of its modes: tracking
+    the lines that differ, and carrying every line once most differ) equals a full
+    run, and so does the base it rebuilds for the next group."""
+    pr = Pricer(pricing.check_lines(lines), member, pol, store="S001", region="east",
+                now_min=now.strftime("%Y-%m-%dT%H:%M"), weekday=now.isoweekday())
+    assume(any(p.group for p in pr.promos))
+    _candidate_matches_full_runs(pr)
+
+
+def test_bench_candidates_are_evaluated_exactly():
+    from bench.quote_workload import MEMBER, NOW, bench_basket, bench_policy
+    for catalog in (60, 2000):
+        pr = Pricer(pricing.check_lines(bench_basket()), MEMBER, bench_policy(catalog=catalog), store="S001",
+                    region="east", now_min=NOW.strftime("%Y-%m-%dT%H:%M"), weekday=NOW.isoweekday())
+        assert _candidate_matches_full_runs(pr) >= 10
