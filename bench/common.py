@@ -23,8 +23,21 @@ def emit(metric: str, value: float, unit: str, baseline: str | None = None,
         line.update(baseline=baseline, baseline_value=round(baseline_value, 3),
                     ratio=round(value / baseline_value, 3) if baseline_value else None)
     line.update(extra)
+    loop = _loop_name()
+    if loop:
+        line.setdefault("event_loop", loop)
     print(json.dumps(line, ensure_ascii=False), flush=True)
     return line
+
+
+def _loop_name() -> str:
+    """The running loop's kind ("uvloop" or "asyncio"), or None outside one."""
+    import asyncio
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return type(loop).__module__.split(".")[0]
 
 
 def median(values) -> float:

@@ -21,6 +21,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from bench.common import args, emit, median, note
+from common import eventloop
 from gateway.journal import Journal
 from gateway.rules_store import RulesStore
 from gateway.testbed import LinkProxy, MosquittoBroker
@@ -125,4 +126,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    eventloop.run(main())  # the gateway's own loop (common/eventloop.py)

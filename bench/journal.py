@@ -41,6 +41,7 @@ from pathlib import Path
 
 from bench.common import args, bytes_written, emit, median, note
 from bench.sqlite_journal import Journal as SqliteJournal
+from common import eventloop
 from gateway.journal import SEGMENT_BYTES, Journal
 
 BODY = {"lane": "1", "member_id": "M1001", "card_no": "880000000013", "tier": "gold", "rules_version": 7,
@@ -238,4 +239,4 @@ async def run(opts, base: Path, secs: float, waiting: int, rounds: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    eventloop.run(main())  # the gateway's own loop (common/eventloop.py)

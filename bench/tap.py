@@ -49,6 +49,7 @@ import tomllib
 from pathlib import Path
 
 from bench.common import args, emit, note
+from common import eventloop
 from gateway import config as gw_config
 from gateway import engine
 from gateway.service import Gateway
@@ -284,4 +285,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    eventloop.run(main())  # the gateway's own loop (common/eventloop.py)

@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 
+from common import eventloop
 from common.configfile import ConfigError
 
 
@@ -33,11 +34,15 @@ async def serve(cfg: dict, *, ready=None) -> None:
     async with Gateway(cfg) as gw:
         app = create_app(gw)
         server = asyncio.create_task(app.start_server(host=cfg["api"]["host"], port=cfg["api"]["port"]))
-        logging.getLogger("storegate").info("POS API on %s:%s", cfg["api"]["host"], cfg["api"]["port"])
+        logging.getLogger("storegate").info("POS API on %s:%s (event loop: %s)", cfg["api"]["host"],
+                                            cfg["api"]["port"], type(loop).__module__.split(".")[0])
         if ready:
             ready(gw)
         await stop.wait()
         app.shutdown()
+        # uvloop's Server.close() does not wake serve_forever() as asyncio's
+        # does; Microdot takes the cancellation as the end of serving.
+        server.cancel()
         await asyncio.wait_for(server, 5)
 
 
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg["logging"]["level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(cfg))
+    eventloop.run(serve(cfg))
     return 0
 
 

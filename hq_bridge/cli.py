@@ -22,7 +22,7 @@ import time
 
 import aiomqtt
 
-from common import mqtt
+from common import eventloop, mqtt
 from common.configfile import ConfigError
 from hq_bridge import config as hq_config
 from hq_bridge import keys as hq_keys
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=cfg["logging"]["level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "run":
-        asyncio.run(_run(cfg))
+        eventloop.run(_run(cfg))
         return 0
     try:
         return _command(args, cfg)

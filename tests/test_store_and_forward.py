@@ -103,9 +103,13 @@ def test_link_latency_drop_and_stall(tmp_path, broker):
 
 
 def test_damaged_journal_between_runs_is_recovered_and_reported(tmp_path, broker):
-    hq, gw = _store(tmp_path, broker.port)
+    # The store is offline while it sells, so the records exist only in its
+    # journal (with the link up, copies already at the broker would reach HQ).
+    proxy = ProxyThread(broker.port)
+    hq, gw = _store(tmp_path, proxy.port, broker_port=broker.port, uplink={"status_interval_s": 1})
     try:
         hq.stop()
+        proxy.cut()
         told = {}
         for i in range(60):
             status, sale = gw.call("POST", "/lanes/1/sales", sale_body(f"pos1-dmg-{i:04d}", member=False))
@@ -121,6 +125,7 @@ def test_damaged_journal_between_runs_is_recovered_and_reported(tmp_path, broker
         faults = gw.status()["faults"]
         assert faults and "damaged" in faults[0] and "set aside" in faults[0]
         assert list((gw.data_dir / "journal").glob("*.damaged-*"))
+        proxy.restore()
         hq.start()
         # the fault reaches HQ on the retained status topic
         def reported():
@@ -140,6 +145,7 @@ def test_damaged_journal_between_runs_is_recovered_and_reported(tmp_path, broker
     finally:
         gw.stop()
         hq.stop()
+        proxy.close()
 
 
 def test_disk_fills_while_committing(tmp_path, broker):
