@@ -36,6 +36,7 @@ from zoneinfo import ZoneInfo
 
 from bench.common import emit, median, note
 from bench.rules_apply import card
+from common import eventloop
 
 RULES_FILE = Path(__file__).resolve().parent.parent / "deploy" / "examples" / "rules.demo.toml"
 PING = "bench/ping"
@@ -187,7 +188,7 @@ async def run(n_gateways: int, n_procs: int, rounds: int, workdir: Path) -> None
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        asyncio.run(child(json.loads(sys.argv[2])))
+        eventloop.run(child(json.loads(sys.argv[2])))
         return
     parser = argparse.ArgumentParser(description="deny propagation over 50 gateway instances")
     parser.add_argument("--quick", action="store_true")
@@ -196,7 +197,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None)
     a = parser.parse_args()
     workdir = Path(a.dir or tempfile.mkdtemp(prefix="sg-bench-deny-"))
-    asyncio.run(run(a.gateways, a.procs, 5 if a.quick else 20, workdir))
+    eventloop.run(run(a.gateways, a.procs, 5 if a.quick else 20, workdir))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 import orjson
 
 from bench.common import args as bench_args, emit, median, note
+from common import eventloop
 from gateway.engine import luhn_check_digit
 
 EX = Path(__file__).resolve().parent.parent / "deploy" / "examples"
@@ -215,12 +216,12 @@ async def run(quick: bool, workdir: Path) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        asyncio.run(child(sys.argv[2], sys.argv[3:]))
+        eventloop.run(child(sys.argv[2], sys.argv[3:]))
         return
     a = bench_args(__doc__.splitlines()[1])
     workdir = Path(a.dir or tempfile.mkdtemp(prefix="sg-bench-rules-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(run(a.quick, workdir))
+    eventloop.run(run(a.quick, workdir))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ asyncio and the gateway and bridge processes on uvloop.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -25,11 +26,7 @@ def loop_name() -> str:
     """"uvloop" or "asyncio": the loop ``run`` uses in this environment."""
     if os.environ.get("STOREGATE_EVENT_LOOP", "").strip().lower() == "asyncio":
         return "asyncio"
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
