@@ -26,6 +26,8 @@ from datetime import date
 
 from lunardate import LunarDate
 
+from gateway.promotions import card_type_of
+
 UNITS_PER_POINT = 10_000
 
 
@@ -101,7 +103,7 @@ def earn(lines: list[dict], nets: list[int], member: dict | None, policy: dict, 
     if member is None:
         result["reason"] = "anonymous"
         return result
-    ctype = (policy.get("card_types") or {}).get(member.get("card_type") or "")
+    ctype = card_type_of(member, policy)
     if ctype is not None and not ctype.get("earns_points", True):
         result["reason"] = "card_type_no_points"
         return result

@@ -154,7 +154,7 @@ from typing import Any
 from gateway import points as pts
 from gateway.allocation import allocate, half_up, prorate
 from gateway.pricing_texts import PRICING_RECEIPT, PRICING_REASONS
-from gateway.promotions import Pricer
+from gateway.promotions import Pricer, card_type_of
 from gateway.texts import yuan as _yuan
 
 yuan = lru_cache(maxsize=8192)(_yuan)  # receipts format the same few amounts many times
@@ -317,7 +317,7 @@ def stored_value_payable(member: dict | None, policy: dict, due_fen: int, rules_
     if member.get("limited"):
         out["reason"] = "member_limited"
         return out
-    ctype = (policy.get("card_types") or {}).get(member.get("card_type") or "")
+    ctype = card_type_of(member, policy)
     if ctype is not None and not ctype.get("stored_value", False):
         out["reason"] = "stored_value_not_allowed"
         return out
@@ -752,7 +752,7 @@ def topup(policy: dict, member: dict, *, package_id: str | None = None, amount_f
         raise PricingError("member_required", "member")
     if member.get("limited"):
         raise PricingError("member_limited", "member")
-    ctype = (policy.get("card_types") or {}).get(member.get("card_type") or "")
+    ctype = card_type_of(member, policy)
     if ctype is not None and not ctype.get("stored_value", False):
         raise PricingError("stored_value_not_allowed", "member.card_type")
     packages = (policy.get("stored_value") or {}).get("topup_packages") or {}

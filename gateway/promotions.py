@@ -46,6 +46,11 @@ from gateway.allocation import allocate
 KINDS = ("percent_off", "member_price", "nth_item", "threshold", "points_multiplier")
 
 
+def card_type_of(member: dict, policy: dict) -> dict | None:
+    """The rule set's entry for the member's card type, or None (no or unknown type)."""
+    return (policy.get("card_types") or {}).get(member.get("card_type") or "")
+
+
 def base_discount(member: dict | None, policy: dict) -> tuple[str | None, int, dict | None]:
     """(source id, percent, name) of the member's own discount."""
     if member is None:
@@ -53,10 +58,9 @@ def base_discount(member: dict | None, policy: dict) -> tuple[str | None, int, d
     tier_code = member.get("tier") or ""
     tier = policy["tiers"].get(tier_code) or {}
     pct, src, name = tier.get("discount_percent", 0), f"tier:{tier_code}", tier.get("name")
-    ctype_code = member.get("card_type") or ""
-    ctype = (policy.get("card_types") or {}).get(ctype_code)
+    ctype = card_type_of(member, policy)
     if ctype and ctype.get("discount_percent", 0) > pct:
-        pct, src, name = ctype["discount_percent"], f"card_type:{ctype_code}", ctype.get("name")
+        pct, src, name = ctype["discount_percent"], f"card_type:{member.get('card_type') or ''}", ctype.get("name")
     return (src, pct, name) if pct else (None, 0, None)
 
 
