@@ -22,9 +22,8 @@ never reused even after every record is acked and compacted away), a record
   in 512-byte sectors: bench.journal counts ~1.6 KB of device writes per lone
   record (the frame, its sector's rewrite and the zeroing ahead) and ~1.1 KB
   per record with 8 lanes, against ~4.6 KB buffered, and the 8-lane rate is
-  higher. Every read of a
-  segment (the drain's pending(), recovery, read_index from another process)
-  is O_DIRECT too: Linux does not keep buffered reads coherent with O_DIRECT
+  higher. Every read of a segment (the drain's pending(), recovery,
+  read_index from another process) is O_DIRECT too: Linux does not keep buffered reads coherent with O_DIRECT
   writes to the same pages (open(2)), and a stale cached page reads as a torn
   tail (a drain once stalled on one when reads were buffered). Where the file
   system refuses O_DIRECT (tmpfs: EINVAL) both sides fall back to buffered
@@ -149,25 +148,33 @@ def encode_frame(payload: dict) -> bytes:
     return _pack_header(MAGIC, len(data), zlib.crc32(data)) + data
 
 
+def _frame_at(buf, pos: int) -> tuple[int, dict] | None:
+    """(length, payload) of the intact frame at pos in buf (bytes, mmap or
+    memoryview), or None if there is none there."""
+    if pos < 0 or pos + HEADER.size > len(buf):
+        return None
+    magic, length, crc = HEADER.unpack_from(buf, pos)
+    end = pos + HEADER.size + length
+    if magic != MAGIC or length > MAX_FRAME or end > len(buf):
+        return None
+    data = buf[pos + HEADER.size:end]
+    if zlib.crc32(data) != crc:
+        return None
+    try:
+        return end - pos, orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
 def scan_frames(buf: bytes, start: int = 0):
     """Yield (offset, length, payload dict) for each intact frame from start,
     and stop at the first bad one. The caller compares the end it reached
     with len(buf) to see whether anything was left unread."""
     pos = start
-    while pos + HEADER.size <= len(buf):
-        magic, length, crc = HEADER.unpack_from(buf, pos)
-        end = pos + HEADER.size + length
-        if magic != MAGIC or length > MAX_FRAME or end > len(buf):
-            return
-        data = buf[pos + HEADER.size:end]
-        if zlib.crc32(data) != crc:
-            return
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        yield pos, end - pos, payload
-        pos = end
+    while (found := _frame_at(buf, pos)) is not None:
+        length, payload = found
+        yield pos, length, payload
+        pos += length
 
 
 def frames_after_damage(buf: bytes, start: int):
@@ -189,18 +196,8 @@ def frames_after_damage(buf: bytes, start: int):
 def decode_frame(buf, pos: int, length: int) -> dict | None:
     """The payload of the frame of `length` bytes at pos in buf (bytes, mmap
     or memoryview), or None if it is not an intact frame there."""
-    if pos < 0 or length < HEADER.size or pos + length > len(buf):
-        return None
-    magic, n, crc = HEADER.unpack_from(buf, pos)
-    if magic != MAGIC or n != length - HEADER.size:
-        return None
-    data = buf[pos + HEADER.size:pos + length]
-    if zlib.crc32(data) != crc:
-        return None
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
+    found = _frame_at(buf, pos)
+    return found[1] if found is not None and found[0] == length else None
 
 
 # -- coherent reads --------------------------------------------------------------
