@@ -40,6 +40,7 @@ the SKUs in ``prices_fen``.
 from __future__ import annotations
 
 from bisect import bisect_left
+from operator import itemgetter
 
 from gateway.allocation import allocate
 
@@ -107,7 +108,7 @@ class _Rule:
 
     __slots__ = ("id", "src", "kind", "prio", "key", "group", "pct", "steps", "extra", "n", "prices",
                  "cats", "skus", "member_only", "tiers", "stores", "regions", "frm", "to", "weekdays",
-                 "limit", "fast", "error")
+                 "limit", "fast", "error", "proto", "rank")
 
     def __init__(self, pid: str, src: dict):
         self.id, self.src = pid, src
@@ -140,6 +141,8 @@ class _Rule:
                 self.extra = src["multiplier_percent"] - 100
         except Exception as e:  # noqa: BLE001 - re-raised unchanged when the rule is used
             self.error = e
+        # What every _Promo of this rule copies, in its slots' order (one unpacking per quote).
+        self.proto = (pid, src, kind, self.prio, self.key, self.group, self.pct, self.steps, self.extra, self.fast)
 
     def static_scope(self, member: dict | None, store: str | None, region: str | None) -> bool:
         """The checks of ``in_scope`` that depend neither on the time nor on today's uses."""
@@ -166,42 +169,50 @@ class _Rule:
 
 
 class _Table:
-    __slots__ = ("by_sku", "by_cat", "everywhere", "rules", "scopes", "labels")
+    """The rules in order of application, (priority, id): a rule's rank is its
+    place in that order, and the index maps SKUs and categories to ranks, so a
+    basket's promotions come out in order by sorting small integers."""
+
+    __slots__ = ("by_sku", "by_cat", "everywhere", "rules", "ordered", "scopes", "labels")
 
     def __init__(self, promotions: dict):
-        by_sku: dict[str, list[str]] = {}
-        by_cat: dict[str, list[str]] = {}
-        everywhere: list[str] = []
+        by_sku: dict[str, list[int]] = {}
+        by_cat: dict[str, list[int]] = {}
+        everywhere: list[int] = []
         rules: dict[str, _Rule] = {}
         for pid, src in promotions.items():
             if src.get("disabled") or src.get("kind") not in KINDS:
                 continue
-            rule = rules[pid] = _Rule(pid, src)
+            rules[pid] = _Rule(pid, src)
+        ordered = sorted(rules.values(), key=lambda r: r.key)
+        for rank, rule in enumerate(ordered):
+            rule.rank = rank
             skus = list(rule.prices) if rule.kind == "member_price" else rule.skus
             cats = rule.cats
             if not skus and not cats:
-                everywhere.append(pid)
+                everywhere.append(rank)
             for sku in skus:
-                by_sku.setdefault(sku, []).append(pid)
+                by_sku.setdefault(sku, []).append(rank)
             for cat in cats:
-                by_cat.setdefault(cat, []).append(pid)
+                by_cat.setdefault(cat, []).append(rank)
         self.by_sku, self.by_cat, self.everywhere, self.rules = by_sku, by_cat, everywhere, rules
-        self.scopes: dict[tuple, dict[str, _Rule]] = {}
+        self.ordered = ordered
+        self.scopes: dict[tuple, list[_Rule | None]] = {}
         self.labels: dict = {}  # receipt labels, filled by gateway.pricing
 
     def scoped(self, member: dict | None, store: str | None, region: str | None,
-               now_min: str, weekday: int) -> dict[str, _Rule]:
-        """Rules that pass the scope checks that depend neither on the basket nor
-        on today's uses: store, region, member tier, and the time (so the answer
-        is kept per minute)."""
+               now_min: str, weekday: int) -> list[_Rule | None]:
+        """By rank, the rules that pass the scope checks that depend neither on
+        the basket nor on today's uses (None for the others): store, region,
+        member tier, and the time (so the answer is kept per minute)."""
         key = (store, region, now_min, weekday) if member is None else \
             (store, region, now_min, weekday, True, member.get("tier"))
         ok = self.scopes.get(key)
         if ok is None:
             if len(self.scopes) >= 64:
                 self.scopes.clear()
-            ok = self.scopes[key] = {pid: r for pid, r in self.rules.items()
-                                     if r.static_scope(member, store, region) and r.timely(now_min, weekday)}
+            ok = self.scopes[key] = [r if r.static_scope(member, store, region) and r.timely(now_min, weekday)
+                                     else None for r in self.ordered]
         return ok
 
 
@@ -219,7 +230,9 @@ def table(promotions: dict) -> _Table:
 def promotion_index(promotions: dict) -> tuple[dict, dict, list]:
     """(by SKU, by category, on every line) -> promotion ids; pure but memoised."""
     t = table(promotions)
-    return t.by_sku, t.by_cat, t.everywhere
+    ids = [r.id for r in t.ordered]
+    return ({sku: [ids[k] for k in ranks] for sku, ranks in t.by_sku.items()},
+            {cat: [ids[k] for k in ranks] for cat, ranks in t.by_cat.items()}, [ids[k] for k in t.everywhere])
 
 
 # Application without recording adjustments or totals: what the exclusive-group
@@ -261,9 +274,8 @@ def _fast_threshold(p: "_Promo", nets: list[int]) -> None:
     # quote. After the pro-rata shares, a line's net is what it can still take
     # of the remainder, so the remainder loop reads nets directly.
     elig = p.elig
-    base = 0
-    for i in elig:
-        base += nets[i]
+    weights = p.get(nets)
+    base = sum(weights)
     for min_fen, off in p.steps:
         if base >= min_fen:
             tot = off if off < base else base
@@ -273,8 +285,7 @@ def _fast_threshold(p: "_Promo", nets: list[int]) -> None:
     if tot <= 0:
         return
     rest = tot
-    for i in elig:
-        n = nets[i]
+    for i, n in zip(elig, weights):
         d = tot * n // base
         nets[i] = n - d
         rest -= d
@@ -300,20 +311,23 @@ _FAST = {"percent_off": _fast_percent_off, "member_price": _fast_member_price, "
 class _Promo:
     """A promotion in scope for this basket, with what it needs precomputed."""
 
-    __slots__ = ("id", "kind", "prio", "key", "group", "elig", "eligset", "src", "pct", "targets",
-                 "nth", "steps", "extra", "fast", "one")
+    # targets: member_price only; nth: nth_item only; get (the nets of its
+    # lines, as a tuple): threshold and points_multiplier only.
+    __slots__ = ("id", "src", "kind", "prio", "key", "group", "pct", "steps", "extra", "fast",
+                 "elig", "eligset", "one", "targets", "nth", "get")
 
     def __init__(self, rule: _Rule, elig: list[int], lines: list[dict]):
         if rule.error is not None:
             raise rule.error
-        self.id, self.src, self.elig = rule.id, rule.src, elig
-        self.eligset = frozenset(elig) if len(elig) > 1 else None  # one line: test ``one`` instead
-        self.kind = kind = rule.kind
-        self.prio, self.key, self.group, self.pct = rule.prio, rule.key, rule.group, rule.pct
-        self.steps, self.extra, self.fast = rule.steps, rule.extra, rule.fast
-        self.targets = self.nth = None
+        (self.id, self.src, self.kind, self.prio, self.key, self.group, self.pct, self.steps, self.extra,
+         self.fast) = rule.proto
+        kind = self.kind
+        self.elig = elig
         self.one = elig[0]
-        if kind == "member_price":
+        self.eligset = frozenset(elig) if len(elig) > 1 else None  # one line: test ``one`` instead
+        if kind == "threshold" or kind == "points_multiplier":
+            self.get = itemgetter(*elig) if len(elig) > 1 else lambda nets, i=elig[0]: (nets[i],)
+        elif kind == "member_price":
             prices = rule.prices
             self.targets = [(i, prices[lines[i]["sku"]] * lines[i]["qty"]) for i in elig]
             if len(elig) == 1:
@@ -363,7 +377,7 @@ class _Promo:
                     if adj is not None:
                         adj[i].append((self.id, d, False))
         elif kind == "threshold":
-            weights = [nets[i] for i in self.elig]
+            weights = self.get(nets)
             base = sum(weights)
             for min_fen, off in self.steps:
                 if base >= min_fen:
@@ -379,7 +393,7 @@ class _Promo:
 
     def bonus(self, nets: list[int]) -> int:
         """Points-multiplier campaigns: extra percent-fen, to compare candidates."""
-        return sum(nets[i] for i in self.elig) * self.extra
+        return sum(self.get(nets)) * self.extra
 
 
 class Pricer:
@@ -422,11 +436,11 @@ class Pricer:
         for cat in by_cat:
             relevant.update(p_cat.get(cat, ()))
         promos = []
-        for pid in relevant:  # any order: sorted by (priority, id) below
-            r = scoped.get(pid)
+        for rank in sorted(relevant):  # in order of application
+            r = scoped[rank]
             if r is None:
                 continue
-            if r.limit is not None and member is not None and uses.get(pid, 0) >= r.limit:
+            if r.limit is not None and member is not None and uses.get(r.id, 0) >= r.limit:
                 continue
             if r.kind == "member_price":
                 prices = r.prices
@@ -445,7 +459,6 @@ class Pricer:
                     idx = discountable
             if idx:
                 promos.append(_Promo(r, idx, lines))
-        promos.sort(key=lambda p: p.key)
         self.promos = promos
 
     def run(self, active: list[_Promo], record: bool = False, snapshots: list | None = None):
@@ -561,7 +574,7 @@ class Pricer:
                     new_snaps.append(state[:])
                 if p.extra:
                     snap = snaps[k]
-                    bonus += sum([state[i] - snap[i] for i in p.elig]) * p.extra
+                    bonus += (sum(p.get(state)) - sum(p.get(snap))) * p.extra
                 else:
                     p.fast(p, state)
             saving += sum(final) - sum(state)
@@ -587,6 +600,7 @@ class Pricer:
         if choice_ahead[0]:
             total_start = sum(self.start)
             active = plain
+            keys = [p.key for p in active]  # kept beside active, a new list for each base
             snaps: list = []
             final, bonus = self._run_fast(active, snaps)
         for j, g in enumerate(order):
@@ -595,7 +609,6 @@ class Pricer:
             best = cands[0]
             if len(cands) > 1:
                 saving = total_start - sum(final)
-                keys = [p.key for p in active]
                 best_key = None
                 for c in cands:
                     key = self._candidate(c, active, keys, snaps, final, saving, bonus)
@@ -603,7 +616,6 @@ class Pricer:
                         best, best_key = c, key
             chosen.append(best)
             if choice_ahead[j + 1]:
-                keys = [p.key for p in active]
                 pos = bisect_left(keys, best.key)
                 if pos * 3 < len(active):  # a plain run is cheaper than patching most snapshots
                     active = active[:pos] + [best] + active[pos:]
@@ -612,8 +624,10 @@ class Pricer:
                 else:
                     (_, bonus), active, snaps, final = self._candidate(
                         best, active, keys, snaps, final, 0, bonus, rebase=True)
+                keys = keys[:pos] + [best.key] + keys[pos:]
         self.chosen = chosen
-        nets, adj, applied, _ = self.run(sorted(plain + chosen, key=lambda p: p.key), record=True)
+        picked = set(chosen)
+        nets, adj, applied, _ = self.run([p for p in self.promos if not p.group or p in picked], record=True)
         for i, d in enumerate(self.base_adj):
             if d:
                 adj[i].insert(0, (self.base_src, d, False))
