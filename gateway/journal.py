@@ -28,9 +28,12 @@ never reused even after every record is acked and compacted away), a record
   tail (a drain once stalled on one when reads were buffered). Where the file
   system refuses O_DIRECT (tmpfs: EINVAL) both sides fall back to buffered
   I/O, which is coherent. The fdatasync follows each write either way.
-  With direct I/O, blocks are zeroed ahead of the frames (ZERO_AHEAD), which
-  costs one more write of each log byte (~0.6 KB per record) and spares every
-  fdatasync a metadata commit. Buffered (``direct=False``), zeroing ahead
+  With direct I/O, frames go into written (zeroed) blocks, which costs one
+  more write of each log byte (~0.6 KB per record) and spares every
+  fdatasync a metadata commit: the next segment is zeroed whole on a spare
+  thread while one fills (_prepare_spare), and a segment without a spare
+  (the first after a first-ever start) is zeroed ahead of its frames as it
+  fills (ZERO_AHEAD). Buffered (``direct=False``), zeroing ahead
   measured no faster and the page cache wrote the zeroed pages again and
   again (77 KB per record by /proc/self/io instead of 4.6 KB), so it is only
   done with direct I/O.
