@@ -468,34 +468,34 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         sv_line = allocate(asked_sv, [nets[i] - red_fen[i] for i in range(n)])
     cash = [nets[i] - red_fen[i] - sv_line[i] for i in range(n)]
 
+    # Everything the POS and the receipt show about each saving, in the order
+    # they were applied (member discount, promotions, coupons), with what it
+    # saved in all: (source, fen, info), info as _saving_info gives it.
+    savings = []
+    if pricer.base_src:
+        savings.append((pricer.base_src, sum(pricer.base_adj),
+                        _saving_info(pricer.base_src, pricer.base_src.split(":")[0], pricer.base_name, pricer)))
+    promo_info = pricer.table.labels
+    for p, fen in applied:
+        info = promo_info.get(p.id)
+        if info is None:
+            info = _saving_info(p.id, p.kind, _name(p.src, p.id), pricer)
+            if p.src.get("name"):  # a made-up name is made anew for each quote, as it always was
+                if len(promo_info) >= 4096:
+                    promo_info.clear()
+                promo_info[p.id] = info
+        savings.append((p.id, fen, info))
+    for code, off in coupons_used:
+        savings.append((f"coupon:{code}", off, _saving_info(f"coupon:{code}", "coupon",
+                                                            _name(policy["coupons"][code], code), pricer)))
+    info_of = {s: info for s, _, info in savings}
+
     # Points on what was paid in money.
-    campaigns = [(p.id, _name(p.src, p.id), p.src["multiplier_percent"], p.elig)
+    campaigns = [(p.id, info_of[p.id][1], p.src["multiplier_percent"], p.elig)
                  for p, _ in applied if p.kind == "points_multiplier"]
     earned = pts.earn(lines, [nets[i] - red_fen[i] for i in range(n)], member, policy, today, campaigns,
                       spend=nets)
 
-    # Everything the POS and the receipt show about each saving.
-    kinds = {pricer.base_src: pricer.base_src.split(":")[0]} if pricer.base_src else {}
-    names = {pricer.base_src: pricer.base_name} if pricer.base_src else {}
-    for p, _ in applied:
-        kinds[p.id], names[p.id] = p.kind, _name(p.src, p.id)
-    for code, _ in coupons_used:
-        kinds[f"coupon:{code}"] = "coupon"
-        names[f"coupon:{code}"] = _name(policy["coupons"][code], code)
-
-    # Receipt labels of each saving, "  <name>  -" and "  <name> (share)  -" in
-    # both languages; a promotion's are kept with its rule set's table.
-    table_labels = pricer.table.labels
-    labels: dict[str, tuple] = {}
-    for s, kind in kinds.items():
-        pair = table_labels.get(s) if kind in _PROMO_KINDS else None
-        if pair is None:
-            pair = _labels_of({"source": s, "kind": kind, "name": names[s]}, pricer)
-            if kind in _PROMO_KINDS:
-                if len(table_labels) >= 4096:
-                    table_labels.clear()
-                table_labels[s] = pair
-        labels[s] = pair
     zh: list[str] = []
     en: list[str] = []
     if member:
@@ -505,10 +505,7 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
     zh_add, en_add = zh.append, en.append
 
     out_lines, body_lines = [], []
-    summary = dict.fromkeys(kinds, 0)
     line_points = earned["line_points"]
-    # Per saving: (kind, name, labels of an item row, labels of an allocated share).
-    info = {s: (kinds[s], names[s], *labels[s]) for s in kinds}
     for i, l in enumerate(lines):
         amount = l["qty"] * l["unit_price"]
         item = f"{l['name']} x{l['qty']}  {yuan(amount)}"
@@ -516,11 +513,10 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         en_add(item)
         disc, shown = [], []
         for s, d, a in adj[i]:
-            kind, name, item_labels, share_labels = info[s]
+            kind, name, labels = info_of[s]
             disc.append({"source": s, "fen": d, "allocated": a})
             shown.append({"source": s, "fen": d, "allocated": a, "kind": kind, "name": name})
-            summary[s] += d
-            pz, pe = share_labels if a else item_labels
+            pz, pe = labels[a]  # an allocated share's labels, or an item row's
             fen = yuan(d)
             zh_add(pz + fen)
             en_add(pe + fen)
@@ -531,11 +527,10 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
                "points_earned": line_points[i]}
         body_lines.append(row)
         out_lines.append({"index": i, **row, "discount": amount - nets[i], "discounts": shown})
-    # In the order they were applied: member discount, promotions, coupons.
-    order = ([pricer.base_src] if pricer.base_src else []) + [p.id for p, _ in applied] \
-        + [f"coupon:{c}" for c, _ in coupons_used]
-    promotions_out = [{"source": s, "kind": kinds[s], "name": names[s], "fen": summary[s]}
-                      for s in order if summary.get(s)]
+    # A saving's total is the sum of its rows: discounts are whole, and shares
+    # of an amount no larger than the lines' nets add up to it exactly.
+    promotions_out = [{"source": s, "kind": info[0], "name": info[1], "fen": fen}
+                      for s, fen, info in savings if fen]
     uses = {p.id: 1 for p, _ in applied}
     deltas = {"points": earned["earned"] - asked_pts, "points_earned": earned["earned"],
               "points_redeemed": asked_pts, "stored_value_fen": -asked_sv,
@@ -571,8 +566,8 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         "balances_after": balances,
         "record": record,
     }
-    result["receipt"] = {"zh-CN": _sale_receipt_tail(zh, result, member, policy, labels, "zh-CN"),
-                         "en": _sale_receipt_tail(en, result, member, policy, labels, "en")}
+    result["receipt"] = {"zh-CN": _sale_receipt_tail(zh, result, member, policy, info_of, "zh-CN"),
+                         "en": _sale_receipt_tail(en, result, member, policy, info_of, "en")}
     return result
 
 
@@ -584,24 +579,24 @@ def _source_label(d: dict, pricer: Pricer, lang: str) -> str:
     return d["name"][lang]
 
 
-_PROMO_KINDS = frozenset({"percent_off", "member_price", "nth_item", "threshold", "points_multiplier"})
-
-
-def _labels_of(d: dict, pricer: Pricer) -> tuple[tuple[str, str], tuple[str, str]]:
-    """((zh, en) item-row prefix, (zh, en) prefix of an allocated share) of a saving."""
+def _saving_info(source: str, kind: str, name: dict, pricer: Pricer) -> tuple:
+    """(kind, name, ((zh, en) item-row prefix, (zh, en) prefix of an allocated
+    share)) of a saving: "  <name>  -" and "  <name> (share)  -". A promotion's
+    is kept with its rule set's table."""
+    d = {"source": source, "kind": kind, "name": name}
     base = [_source_label(d, pricer, lang) for lang in LANGS]
-    return (tuple(f"  {b}  -" for b in base),
-            tuple("  " + _label("allocated", lang, name=b) + "  -" for lang, b in zip(LANGS, base)))
+    return kind, name, (tuple(f"  {b}  -" for b in base),
+                        tuple("  " + _label("allocated", lang, name=b) + "  -" for lang, b in zip(LANGS, base)))
 
 
-def _sale_receipt_tail(rows: list[str], q: dict, member: dict | None, policy: dict, labels: dict,
+def _sale_receipt_tail(rows: list[str], q: dict, member: dict | None, policy: dict, info_of: dict,
                        lang: str) -> list[str]:
     rows.append(f"{_label('subtotal', lang)}  {yuan(q['subtotal'])}")
     if q["discount"]:
         rows.append(f"{_label('discount_total', lang)}  -{yuan(q['discount'])}")
         k = 0 if lang == "zh-CN" else 1
         for p in q["promotions"]:
-            rows.append(labels[p["source"]][0][k] + yuan(p["fen"]))
+            rows.append(info_of[p["source"]][2][0][k] + yuan(p["fen"]))
     rows.append(f"{_label('total', lang)}  {yuan(q['total'])}")
     t = q["tender"]
     if t["points"]:
