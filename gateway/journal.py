@@ -77,7 +77,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import orjson
 
@@ -121,8 +121,7 @@ class IdempotencyConflict(ValueError):
     """The same idempotency key came with a different request."""
 
 
-@dataclass(frozen=True, slots=True)  # slots: ~0.3 us less per append
-class Appended:
+class Appended(NamedTuple):  # immutable and cheap: a frozen dataclass's __init__ cost ~1 us per append
     seq: int
     id: str
     response: dict
