@@ -441,6 +441,9 @@ class Journal:
         self._segments: set[int] = set()  # segment files on disk
         self._spare_thread: threading.Thread | None = None
         self._spare_stop = threading.Event()
+        self._spare_lock = threading.Lock()  # guards _spare_busy and _spare_again (writer vs spare thread)
+        self._spare_busy = False
+        self._spare_again = False
         self._logical: dict[int, int] = {}  # segment -> bytes of frames in it
 
     # -- lifetime -----------------------------------------------------------
@@ -634,23 +637,38 @@ class Journal:
         same bytes as zeroing ahead, off the path of the POS's OK. Skipped
         when space is short: a spare must never take the last of the disk
         or of the journal's cap from the records."""
-        if self._spare_thread is not None and self._spare_thread.is_alive():
-            return
+        with self._spare_lock:
+            if self._spare_busy:
+                self._spare_again = True  # taken while the thread was finishing: it looks again
+                return
+            if not self._spare_needed():
+                return
+            self._spare_busy = True
+            self._spare_stop.clear()
+            self._spare_thread = threading.Thread(target=self._spare_loop, name="journal-spare", daemon=True)
+            self._spare_thread.start()
+
+    def _spare_needed(self) -> bool:
         if _file_size(self.dir / SPARE_READY) == self.segment_bytes:
-            return
+            return False
         if self._total + 2 * self.segment_bytes > self.max_bytes:
-            return
+            return False
         try:
             st = os.statvfs(self.dir)
         except OSError:
-            return
-        if st.f_bavail * st.f_frsize < SPARE_MIN_FREE_SEGMENTS * self.segment_bytes:
-            return
-        self._spare_stop.clear()
-        self._spare_thread = threading.Thread(target=self._write_spare, name="journal-spare", daemon=True)
-        self._spare_thread.start()
+            return False
+        return st.f_bavail * st.f_frsize >= SPARE_MIN_FREE_SEGMENTS * self.segment_bytes
 
-    def _write_spare(self) -> None:
+    def _spare_loop(self) -> None:
+        while True:
+            done = self._write_spare()
+            with self._spare_lock:
+                again, self._spare_again = self._spare_again, False
+                if not (done and again and not self._spare_stop.is_set() and self._spare_needed()):
+                    self._spare_busy = False
+                    return
+
+    def _write_spare(self) -> bool:
         """The spare's zeros, then its name: only a complete, durable spare is
         ever called SPARE_READY (a crash leaves at most SPARE_TMP, redone)."""
         tmp, size = self.dir / SPARE_TMP, self.segment_bytes
@@ -693,12 +711,14 @@ class Journal:
             os.rename(tmp, self.dir / SPARE_READY)
             self._sync_dir()
             self.stats["spare_bytes"] += size
+            return True
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             if not isinstance(exc, InterruptedError):
                 log.warning("journal: could not prepare the next segment ahead (%s); it will be zeroed as "
                             "it fills", exc.strerror or exc)
+            return False
 
     def _sync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY)

@@ -364,3 +364,19 @@ async def test_closing_drops_an_unfinished_spare(tmp_path):
     assert not (path / "spare.tmp").exists()
     ready = path / "spare.ready"
     assert not ready.exists() or ready.stat().st_size == 256 << 20
+
+
+async def test_a_spare_follows_every_rotation_even_when_they_race(tmp_path):
+    """Small segments rotating as fast as records come: a spare taken while
+    the spare thread was finishing the previous one is still replaced."""
+    path = tmp_path / "j"
+    async with Journal(path, segment_bytes=64 << 10) as j:
+        if j._direct_fd is None:
+            pytest.skip("this file system refuses O_DIRECT: no zeroing, no spares")
+        for round_ in range(6):
+            await asyncio.gather(*(j.append("sale", {"r": round_, "i": i, "pad": "x" * 500}) for i in range(200)))
+        assert j._segment >= 10
+        assert await j.spare_prepared()
+        assert j.stats["spare_bytes"] >= 2 * (64 << 10)
+    async with Journal(path, segment_bytes=64 << 10) as j:
+        assert len(await j.pending(limit=2000)) == 1200
