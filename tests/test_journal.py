@@ -375,7 +375,7 @@ async def test_a_spare_follows_every_rotation_even_when_they_race(tmp_path):
             pytest.skip("this file system refuses O_DIRECT: no zeroing, no spares")
         for round_ in range(6):
             await asyncio.gather(*(j.append("sale", {"r": round_, "i": i, "pad": "x" * 500}) for i in range(200)))
-        assert j._segment >= 10
+        assert j._segment >= 6
         assert await j.spare_prepared()
         assert j.stats["spare_bytes"] >= 2 * (64 << 10)
     async with Journal(path, segment_bytes=64 << 10) as j:
