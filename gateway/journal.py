@@ -27,7 +27,9 @@ never reused even after every record is acked and compacted away), a record
   writes to the same pages (open(2)), and a stale cached page reads as a torn
   tail (a drain once stalled on one when reads were buffered). Where the file
   system refuses O_DIRECT (tmpfs: EINVAL) both sides fall back to buffered
-  I/O, which is coherent. The fdatasync follows each write either way.
+  I/O, which is coherent. A direct write carries its own sync (RWF_DSYNC,
+  as durable as a write followed by fdatasync, in one call); a buffered
+  write is followed by fdatasync.
   With direct I/O, frames go into written (zeroed) blocks, which costs one
   more write of each log byte (~0.6 KB per record) and spares every
   fdatasync a metadata commit: the next segment is zeroed whole on a spare
@@ -102,6 +104,7 @@ SEGMENT_BYTES = 16 * 1024 * 1024
 IDEMPOTENCY_RETENTION_S = 24 * 3600  # a POS retries within minutes; a day is generous
 GROUP_MAX = 512
 # The next segment, zeroed ahead on a thread (Journal._prepare_spare).
+RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)  # Linux 4.7+: a write that is durable when it returns
 SPARE_TMP = "spare.tmp"
 SPARE_READY = "spare.ready"
 SPARE_CHUNK = 256 << 10  # ~13 ms on a 20 MB/s SD card: the longest a group waits behind the spare
@@ -413,6 +416,7 @@ class Journal:
         self.fsync = fsync
         self.segment_bytes = segment_bytes
         self.direct = direct  # O_DIRECT appends where the file system allows them
+        self._rwf_dsync = bool(RWF_DSYNC)  # direct appends sync in the write itself (see _pwrite)
         self._clock = clock
         self.index = JournalIndex()
         self.faults: list[str] = []
@@ -763,8 +767,7 @@ class Journal:
             try:
                 if self._direct_fd is not None and start + len(data) + BLOCK > self._zeroed:
                     self._zero_ahead(start + len(data) + BLOCK)
-                self._pwrite(data, start)
-                if self.fsync:
+                if not self._pwrite(data, start, sync=self.fsync) and self.fsync:
                     os.fdatasync(self._fd)
             except OSError as exc:
                 # Nothing half-written stays in the log: zero what was written.
@@ -817,13 +820,15 @@ class Journal:
             pos += n
         self._zeroed = end
 
-    def _pwrite(self, data: bytes, start: int) -> None:
+    def _pwrite(self, data: bytes, start: int, sync: bool = False) -> bool:
         """Write data at start, the end of the frames. With O_DIRECT only the
         512-byte sectors touched go to the device (the partial last sector is
         rewritten with the same bytes in front): ~1 KB per lone record
         instead of a 4 KiB page-cache page, and no slower here (bench.journal).
-        Durability still comes from the fdatasync that follows (it flushes
-        the device's write cache)."""
+        sync: make it durable too. A direct write does it in the same call
+        (RWF_DSYNC: the kernel then syncs as fdatasync would, flushing the
+        device's write cache; ~7% more 8-lane commits here than a separate
+        fdatasync) and returns True; otherwise the caller must fdatasync."""
         if self._direct_fd is not None:
             head = len(self._tail)
             n = head + len(data)
@@ -834,10 +839,19 @@ class Journal:
             buf[:head] = self._tail
             buf[head:n] = data
             buf[n:size] = bytes(size - n)  # zeros past the end read as unused space on recovery
+            view, offset = [memoryview(buf)[:size]], start - head
+            dsync = sync and self._rwf_dsync
             try:
-                written = os.pwritev(self._direct_fd, [memoryview(buf)[:size]], start - head)
+                try:
+                    written = os.pwritev(self._direct_fd, view, offset, RWF_DSYNC) if dsync else \
+                        os.pwritev(self._direct_fd, view, offset)
+                except OSError as exc:
+                    if not (dsync and exc.errno == errno.EOPNOTSUPP):
+                        raise
+                    self._rwf_dsync = dsync = False  # a kernel without per-write sync: fdatasync after
+                    written = os.pwritev(self._direct_fd, view, offset)
             except OSError as exc:
-                if exc.errno != 22:  # EINVAL: this file system refuses the alignment; go buffered
+                if exc.errno != errno.EINVAL:  # this file system refuses the alignment; go buffered
                     raise
                 os.close(self._direct_fd)
                 self._direct_fd = None
@@ -846,10 +860,11 @@ class Journal:
                     raise OSError(28, "short write")
                 end = start + len(data)
                 self._tail = bytes(buf[n - end % SECTOR:n]) if end % SECTOR else b""
-                return
+                return dsync
         written = os.pwrite(self._fd, data, start)  # (the tail is not needed: never direct again in this segment)
         if written != len(data):
             raise OSError(28, "short write")
+        return False
 
     def _finish(self, group: list[_Write], placed: tuple[int, int] | None, error: JournalError | None) -> None:
         """On the event loop, after a group's write: index every record that is

@@ -380,3 +380,46 @@ async def test_a_spare_follows_every_rotation_even_when_they_race(tmp_path):
         assert j.stats["spare_bytes"] >= 2 * (64 << 10)
     async with Journal(path, segment_bytes=64 << 10) as j:
         assert len(await j.pending(limit=2000)) == 1200
+
+
+async def test_direct_appends_sync_in_the_write_or_fall_back_to_fdatasync(tmp_path, monkeypatch):
+    """A direct append is made durable by its own write (RWF_DSYNC) with no
+    separate fdatasync; a kernel that refuses the flag gets the fdatasync."""
+    import os
+
+    import gateway.journal as journal_module
+
+    if not journal_module.RWF_DSYNC:
+        pytest.skip("no RWF_DSYNC on this platform")
+    syncs, flags_seen = [], []
+    real_fdatasync, real_pwritev = os.fdatasync, os.pwritev
+
+    def counting_fdatasync(fd):
+        syncs.append(fd)
+        real_fdatasync(fd)
+
+    def recording_pwritev(fd, buffers, offset, *flags):
+        flags_seen.append(flags[0] if flags else 0)
+        return real_pwritev(fd, buffers, offset, *flags)
+
+    async with Journal(tmp_path / "j") as j:
+        if j._direct_fd is None:
+            pytest.skip("this file system refuses O_DIRECT")
+        await j.spare_prepared()                                  # (the spare thread syncs its own file)
+        monkeypatch.setattr(journal_module.os, "fdatasync", counting_fdatasync)
+        monkeypatch.setattr(journal_module.os, "pwritev", recording_pwritev)
+        await asyncio.gather(*(j.append("sale", {"i": i}) for i in range(5)))
+        assert syncs == [] and journal_module.RWF_DSYNC in flags_seen
+
+        def refusing_pwritev(fd, buffers, offset, *flags):
+            if flags:
+                raise OSError(95, "Operation not supported")
+            return real_pwritev(fd, buffers, offset)
+        monkeypatch.setattr(journal_module.os, "pwritev", refusing_pwritev)
+        await j.append("sale", {"i": 5})
+        assert len(syncs) == 1 and not j._rwf_dsync
+        await j.append("sale", {"i": 6})
+        assert len(syncs) == 2
+    monkeypatch.undo()
+    async with Journal(tmp_path / "j") as j:
+        assert [r.body["i"] for r in await j.pending()] == list(range(7))
