@@ -48,7 +48,7 @@ from bench.common import args, bytes_written, emit, median, note
 from bench.sqlite_journal import Journal as SqliteJournal
 from common import eventloop
 from gateway import runtime
-from gateway.journal import SEGMENT_BYTES, Journal
+from gateway.journal import RWF_DSYNC, SEGMENT_BYTES, Journal
 
 BODY = {"lane": "1", "member_id": "M1001", "card_no": "880000000013", "tier": "gold", "rules_version": 7,
         "lines": [{"sku": "6901234567892", "name": "大米 5kg", "category": "staples", "qty": 1,
@@ -69,8 +69,9 @@ async def frame_bytes(path: Path) -> int:
 def raw_fsync_rate(path: Path, seconds: float, record_bytes: int, preallocated: bool = False) -> float:
     """The disk's own limit: write one record-sized chunk and fdatasync, repeatedly.
     preallocated=True does the journal's own I/O without any journal logic:
-    pwrite into a posix_fallocate'd file, with O_DIRECT sector writes (the
-    partial last sector rewritten) where the file system allows them."""
+    pwrite into a posix_fallocate'd file of zeroed blocks, with O_DIRECT
+    sector writes (the partial last sector rewritten) made durable by the
+    write itself (RWF_DSYNC) where the file system allows them."""
     line = (repr(BODY) * (record_bytes // len(repr(BODY)) + 1)).encode()[:record_bytes - 1] + b"\n"
     direct_fd = None
     if preallocated:
@@ -97,15 +98,19 @@ def raw_fsync_rate(path: Path, seconds: float, record_bytes: int, preallocated: 
                     buf[head:end] = line
                     size = (end + 511) & -512
                     buf[end:size] = bytes(size - end)
-                    os.pwritev(direct_fd, [memoryview(buf)[:size]], offset - head)
+                    # Durable in the write itself, as the journal's direct appends are (RWF_DSYNC).
+                    os.pwritev(direct_fd, [memoryview(buf)[:size]], offset - head, RWF_DSYNC)
                     tail = end % 512
                     buf[:tail] = buf[end - tail:end]  # the partial sector, rewritten with the next record
+                    if not RWF_DSYNC:
+                        os.fdatasync(fd)
                 else:
                     os.pwrite(fd, line, offset)
+                    os.fdatasync(fd)
                 offset += len(line)
             else:
                 os.write(fd, line)
-            os.fdatasync(fd)
+                os.fdatasync(fd)
             n += 1
     finally:
         if direct_fd is not None:
