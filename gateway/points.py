@@ -118,45 +118,47 @@ def earn(lines: list[dict], nets: list[int], member: dict | None, policy: dict, 
         result["reason"] = "min_spend"
         return result
 
-    # rows: (source, id, name, multiplier_percent, {line: extra_percent})
-    rows: list[tuple[str, str | None, dict | None, int, dict[int, int]]] = []
-    rows.append(("base", None, None, 100, {i: 100 for i in eligible}))
+    # rows: (source, id, name, multiplier_percent, extra percent, lines); the
+    # base row's extra is its 100%, every other row adds its multiplier - 100.
+    rows: list[tuple[str, str | None, dict | None, int, int, list[int]]] = []
+    rows.append(("base", None, None, 100, 100, eligible))
     tier = policy["tiers"].get(member.get("tier") or "")
     if tier and tier.get("points_multiplier_percent", 100) != 100:
         m = tier["points_multiplier_percent"]
-        rows.append(("tier", member["tier"], tier["name"], m, {i: m - 100 for i in eligible}))
+        rows.append(("tier", member["tier"], tier["name"], m, m - 100, eligible))
     cat_m = earning.get("category_multipliers_percent") or {}
     sku_m = earning.get("sku_multipliers_percent") or {}
-    by_key: dict[tuple[str, str], dict[int, int]] = {}
+    by_key: dict[tuple[str, str], list[int]] = {}
     for i in eligible:
         sku, cat = lines[i]["sku"], lines[i]["category"]
         if sku in sku_m:
-            by_key.setdefault(("sku", sku), {})[i] = sku_m[sku] - 100
+            by_key.setdefault(("sku", sku), []).append(i)
         elif cat in cat_m:
-            by_key.setdefault(("category", cat), {})[i] = cat_m[cat] - 100
+            by_key.setdefault(("category", cat), []).append(i)
     for (src, key) in sorted(by_key):
         m = (sku_m if src == "sku" else cat_m)[key]
-        rows.append((src, key, None, m, by_key[(src, key)]))
+        rows.append((src, key, None, m, m - 100, by_key[(src, key)]))
     md = member_day_multiplier(earning, today)
     if md != 100:
-        rows.append(("member_day", None, None, md, {i: md - 100 for i in eligible}))
+        rows.append(("member_day", None, None, md, md - 100, eligible))
     bday = earning.get("birthday")
     if bday and is_birthday(member, bday.get("period", "month"), today):
         m = bday["multiplier_percent"]
-        rows.append(("birthday", bday.get("period", "month"), None, m, {i: m - 100 for i in eligible}))
+        rows.append(("birthday", bday.get("period", "month"), None, m, m - 100, eligible))
     elig_set = set(eligible)
     for pid, name, m, idxs in campaigns:
-        share = {i: m - 100 for i in idxs if i in elig_set}
+        share = [i for i in idxs if i in elig_set]
         if share:
-            rows.append(("campaign", pid, name, m, share))
+            rows.append(("campaign", pid, name, m, m - 100, share))
 
     line_units = [0] * n
     line_pct = [0] * n  # running multiplier per line: a line never earns below zero
     cum = 0
     prev_pts = 0
-    for src, key, name, m, share in rows:
+    for src, key, name, m, extra, share in rows:
         units = 0
-        for i, pct in share.items():
+        for i in share:
+            pct = extra
             if pct < -line_pct[i]:  # a multiplier under 100% can take a line to zero, not below
                 pct = -line_pct[i]
             line_pct[i] += pct
