@@ -212,26 +212,28 @@ def check_lines(lines: Any) -> list[dict]:
         bad("lines", f"at most {MAX_LINES} lines")
     out = []
     for i, line in enumerate(lines):
-        where = f"lines[{i}]"
+        # The field's name is formatted only for an error: most baskets have none.
         if not isinstance(line, dict):
-            bad(where, "must be an object")
+            bad(f"lines[{i}]", "must be an object")
         if not _LINE_KEYS.issuperset(line):
             unknown = set(line) - _LINE_KEYS
-            bad(where, f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+            bad(f"lines[{i}]", f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         sku = line.get("sku")
         if not isinstance(sku, str) or not sku or len(sku) > 64:
-            bad(f"{where}.sku", "required, a string of 1-64 characters")
+            bad(f"lines[{i}].sku", "required, a string of 1-64 characters")
         qty = line.get("qty")
         if type(qty) is not int or not 1 <= qty <= MAX_QTY:
-            bad(f"{where}.qty", f"required, a whole number from 1 to {MAX_QTY}")
+            bad(f"lines[{i}].qty", f"required, a whole number from 1 to {MAX_QTY}")
         price = line.get("unit_price")
         if type(price) is not int or not 0 <= price <= MAX_UNIT_PRICE:
-            bad(f"{where}.unit_price", f"required, whole fen from 0 to {MAX_UNIT_PRICE}")
-        for key in ("name", "category"):
-            if key in line and not isinstance(line[key], str):
-                bad(f"{where}.{key}", "must be a string")
-        out.append({"sku": sku, "name": line.get("name") or sku, "category": line.get("category", ""),
-                    "qty": qty, "unit_price": price})
+            bad(f"lines[{i}].unit_price", f"required, whole fen from 0 to {MAX_UNIT_PRICE}")
+        name = line.get("name")
+        if "name" in line and not isinstance(name, str):
+            bad(f"lines[{i}].name", "must be a string")
+        category = line.get("category", "")
+        if not isinstance(category, str):
+            bad(f"lines[{i}].category", "must be a string")
+        out.append({"sku": sku, "name": name or sku, "category": category, "qty": qty, "unit_price": price})
     return out
 
 
