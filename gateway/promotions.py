@@ -238,17 +238,19 @@ def promotion_index(promotions: dict) -> tuple[dict, dict, list]:
 # Application without recording adjustments or totals: what the exclusive-group
 # evaluation runs hundreds of times per quote. Same arithmetic as _Promo.apply;
 # the one-line forms skip the loop (most SKU-scoped promotions touch one line).
+# Half-up of n x pct / 100 is (n * pct + 50) // 100, allocation.half_up(n * pct, 100)
+# with the factor 2 cancelled (an nth item's denominator, 100 x qty, is even too).
 def _fast_percent_off(p: "_Promo", nets: list[int]) -> None:
     pct = p.pct
     for i in p.elig:
         n = nets[i]
-        nets[i] = n - (2 * n * pct + 100) // 200
+        nets[i] = n - (n * pct + 50) // 100
 
 
 def _fast_percent_off_1(p: "_Promo", nets: list[int]) -> None:
     i = p.one
     n = nets[i]
-    nets[i] = n - (2 * n * p.pct + 100) // 200
+    nets[i] = n - (n * p.pct + 50) // 100
 
 
 def _fast_member_price(p: "_Promo", nets: list[int]) -> None:
@@ -264,9 +266,9 @@ def _fast_member_price_1(p: "_Promo", nets: list[int]) -> None:
 
 
 def _fast_nth_item(p: "_Promo", nets: list[int]) -> None:
-    for i, num, den in p.nth:
+    for i, num, half, den in p.nth:
         n = nets[i]
-        nets[i] = n - (2 * n * num + den) // (2 * den)
+        nets[i] = n - (n * num + half) // den
 
 
 def _fast_threshold(p: "_Promo", nets: list[int]) -> None:
@@ -344,7 +346,7 @@ class _Promo:
                 k = (c + q) // n - c // n
                 seen[sku] = c + q
                 if k:
-                    nth.append((i, k * pct, q * 100))
+                    nth.append((i, k * pct, q * 50, q * 100))  # num, den / 2, den
             self.nth = nth
 
     def apply(self, nets: list[int], adj: list | None) -> int:
@@ -354,7 +356,7 @@ class _Promo:
             pct = self.pct
             for i in self.elig:
                 n = nets[i]
-                d = (2 * n * pct + 100) // 200
+                d = (n * pct + 50) // 100
                 if d:
                     nets[i] = n - d
                     tot += d
@@ -369,8 +371,8 @@ class _Promo:
                     if adj is not None:
                         adj[i].append((self.id, d, False))
         elif kind == "nth_item":
-            for i, num, den in self.nth:
-                d = (2 * nets[i] * num + den) // (2 * den)
+            for i, num, half, den in self.nth:
+                d = (nets[i] * num + half) // den
                 if d:
                     nets[i] -= d
                     tot += d
@@ -422,7 +424,7 @@ class Pricer:
         disc = set(discountable) if pct else ()
         for i, l in enumerate(lines):
             amount = l["qty"] * l["unit_price"]
-            d = (2 * amount * pct + 100) // 200 if i in disc else 0
+            d = (amount * pct + 50) // 100 if i in disc else 0
             start.append(amount - d)
             base_adj.append(d)
         uses = ((member or {}).get("today") or {}).get("promotion_uses") or {}
