@@ -142,7 +142,8 @@ class _Rule:
         except Exception as e:  # noqa: BLE001 - re-raised unchanged when the rule is used
             self.error = e
         # What every _Promo of this rule copies, in its slots' order (one unpacking per quote).
-        self.proto = (pid, src, kind, self.prio, self.key, self.group, self.pct, self.steps, self.extra, self.fast)
+        self.proto = (pid, src, kind, self.prio, self.key, self.group, self.pct, self.steps, self.extra, self.fast,
+                      kind == "threshold" or kind == "points_multiplier")
 
     def static_scope(self, member: dict | None, store: str | None, region: str | None) -> bool:
         """The checks of ``in_scope`` that depend neither on the time nor on today's uses."""
@@ -314,15 +315,16 @@ class _Promo:
     """A promotion in scope for this basket, with what it needs precomputed."""
 
     # targets: member_price only; nth: nth_item only; get (the nets of its
-    # lines, as a tuple): threshold and points_multiplier only.
-    __slots__ = ("id", "src", "kind", "prio", "key", "group", "pct", "steps", "extra", "fast",
+    # lines, as a tuple): threshold and points_multiplier only. snap: whether
+    # the group evaluation reads the snapshot before it (see Pricer.__init__).
+    __slots__ = ("id", "src", "kind", "prio", "key", "group", "pct", "steps", "extra", "fast", "snap",
                  "elig", "eligset", "one", "targets", "nth", "get")
 
     def __init__(self, rule: _Rule, elig: list[int], lines: list[dict]):
         if rule.error is not None:
             raise rule.error
         (self.id, self.src, self.kind, self.prio, self.key, self.group, self.pct, self.steps, self.extra,
-         self.fast) = rule.proto
+         self.fast, self.snap) = rule.proto
         kind = self.kind
         self.elig = elig
         self.one = elig[0]
@@ -438,6 +440,11 @@ class Pricer:
         for cat in by_cat:
             relevant.update(p_cat.get(cat, ()))
         promos = []
+        # The group evaluation reads a run's snapshot (the nets before a
+        # promotion) only before a threshold or points campaign, right after a
+        # threshold, and where a candidate goes in: after a promotion of a group.
+        # So the runs keep just those (None for the others), flagged ``snap``.
+        after_coupling = False
         for rank in sorted(relevant):  # in order of application
             r = scoped[rank]
             if r is None:
@@ -460,7 +467,11 @@ class Pricer:
                 else:
                     idx = discountable
             if idx:
-                promos.append(_Promo(r, idx, lines))
+                p = _Promo(r, idx, lines)
+                if after_coupling:
+                    p.snap = True
+                after_coupling = p.kind == "threshold" or p.group != ""
+                promos.append(p)
         self.promos = promos
 
     def run(self, active: list[_Promo], record: bool = False, snapshots: list | None = None):
@@ -485,12 +496,13 @@ class Pricer:
         return nets, adj, applied, bonus
 
     def _run_fast(self, active: list[_Promo], snapshots: list) -> tuple[list[int], int]:
-        """``run`` without adjustments: (nets, bonus), a snapshot before each promotion."""
+        """``run`` without adjustments: (nets, bonus), a snapshot before each
+        promotion flagged ``snap`` (None before the others)."""
         nets = list(self.start)
         bonus = 0
         add = snapshots.append
         for p in active:
-            add(nets[:])
+            add(nets[:] if p.snap else None)
             if p.extra:  # points multipliers only: the others have extra 0
                 bonus += p.bonus(nets)
             else:
@@ -514,7 +526,7 @@ class Pricer:
         n_act = len(active)
         before = snaps[pos] if pos < n_act else final
         state = before[:]
-        new_snaps = [state[:]] if rebase else None  # before c, as in a run with it
+        new_snaps = [state[:] if c.snap else None] if rebase else None  # before c, as in a run with it
         if c.kind == "points_multiplier":
             bonus += c.bonus(state)
             dirty = set()
@@ -526,9 +538,11 @@ class Pricer:
         for k in range(pos, n_act):
             p = active[k]
             if rebase:
-                snap = snaps[k][:]
-                for i in dirty:
-                    snap[i] = state[i]
+                snap = snaps[k]
+                if snap is not None:
+                    snap = snap[:]
+                    for i in dirty:
+                        snap[i] = state[i]
                 new_snaps.append(snap)
             elif not dirty:
                 break  # every line is as in the base run: so is the rest
@@ -573,7 +587,7 @@ class Pricer:
             for k in range(whole_from, n_act):
                 p = active[k]
                 if rebase:
-                    new_snaps.append(state[:])
+                    new_snaps.append(state[:] if p.snap else None)
                 if p.extra:
                     snap = snaps[k]
                     bonus += (sum(p.get(state)) - sum(p.get(snap))) * p.extra
