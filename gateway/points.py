@@ -153,23 +153,41 @@ def earn(lines: list[dict], nets: list[int], member: dict | None, policy: dict, 
 
     line_units = [0] * n
     line_pct = [0] * n  # running multiplier per line: a line never earns below zero
+    # Without a multiplier under 100% nothing is capped: a row's units are its
+    # lines' nets x ppy x its extra, and a line's the sum over its rows, so a
+    # row over every eligible line costs nothing per line.
+    capped = any(row[4] < 0 for row in rows)
+    everywhere = 0  # uncapped: the extra percent of the rows over every eligible line
     cum = 0
     prev_pts = 0
     for src, key, name, m, extra, share in rows:
-        units = 0
-        for i in share:
-            pct = extra
-            if pct < -line_pct[i]:  # a multiplier under 100% can take a line to zero, not below
-                pct = -line_pct[i]
-            line_pct[i] += pct
-            u = nets[i] * ppy * pct
-            units += u
-            line_units[i] += u
+        if capped:
+            units = 0
+            for i in share:
+                pct = extra
+                if pct < -line_pct[i]:  # a multiplier under 100% can take a line to zero, not below
+                    pct = -line_pct[i]
+                line_pct[i] += pct
+                u = nets[i] * ppy * pct
+                units += u
+                line_units[i] += u
+        elif share is eligible:
+            everywhere += extra
+            units = eligible_fen * ppy * extra
+        else:
+            units = 0
+            for i in share:
+                line_pct[i] += extra
+                units += nets[i]
+            units *= ppy * extra
         cum += units
         pts = cum // UNITS_PER_POINT
         result["breakdown"].append({"source": src, "id": key, "name": name, "multiplier_percent": m,
                                     "points": pts - prev_pts})
         prev_pts = pts
+    if not capped:
+        for i in eligible:
+            line_units[i] = nets[i] * ppy * (everywhere + line_pct[i])
     total = cum // UNITS_PER_POINT
     acc = 0
     line_points = []
