@@ -516,8 +516,12 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         disc, shown = [], []
         for s, d, a in adj[i]:
             kind, name, labels = info_of[s]
-            disc.append({"source": s, "fen": d, "allocated": a})
-            shown.append({"source": s, "fen": d, "allocated": a, "kind": kind, "name": name})
+            row = {"source": s, "fen": d, "allocated": a}
+            disc.append(row)
+            row = row.copy()  # cheaper than building the shown row anew: a small dict is copied whole
+            row["kind"] = kind
+            row["name"] = name
+            shown.append(row)
             pz, pe = labels[a]  # an allocated share's labels, or an item row's
             fen = yuan(d)
             zh_add(pz + fen)
@@ -530,9 +534,16 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         body_lines.append(row)
         out_lines.append({"index": i, **row, "discount": amount - nets[i], "discounts": shown})
     # A saving's total is the sum of its rows: discounts are whole, and shares
-    # of an amount no larger than the lines' nets add up to it exactly.
-    promotions_out = [{"source": s, "kind": info[0], "name": info[1], "fen": fen}
-                      for s, fen, info in savings if fen]
+    # of an amount no larger than the lines' nets add up to it exactly. Its
+    # receipt rows, in both languages at once.
+    promotions_out = []
+    saved_rows: tuple[list[str], list[str]] = ([], [])
+    for s, fen, (kind, name, labels) in savings:
+        if fen:
+            promotions_out.append({"source": s, "kind": kind, "name": name, "fen": fen})
+            amount = yuan(fen)
+            saved_rows[0].append(labels[0][0] + amount)
+            saved_rows[1].append(labels[0][1] + amount)
     uses = {p.id: 1 for p, _ in applied}
     deltas = {"points": earned["earned"] - asked_pts, "points_earned": earned["earned"],
               "points_redeemed": asked_pts, "stored_value_fen": -asked_sv,
@@ -568,8 +579,8 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         "balances_after": balances,
         "record": record,
     }
-    result["receipt"] = {"zh-CN": _sale_receipt_tail(zh, result, member, policy, info_of, "zh-CN"),
-                         "en": _sale_receipt_tail(en, result, member, policy, info_of, "en")}
+    result["receipt"] = {"zh-CN": _sale_receipt_tail(zh, result, member, policy, saved_rows[0], "zh-CN"),
+                         "en": _sale_receipt_tail(en, result, member, policy, saved_rows[1], "en")}
     return result
 
 
@@ -591,14 +602,12 @@ def _saving_info(source: str, kind: str, name: dict, pricer: Pricer) -> tuple:
                         tuple("  " + _label("allocated", lang, name=b) + "  -" for lang, b in zip(LANGS, base)))
 
 
-def _sale_receipt_tail(rows: list[str], q: dict, member: dict | None, policy: dict, info_of: dict,
+def _sale_receipt_tail(rows: list[str], q: dict, member: dict | None, policy: dict, saved_rows: list[str],
                        lang: str) -> list[str]:
     rows.append(f"{_label('subtotal', lang)}  {yuan(q['subtotal'])}")
     if q["discount"]:
         rows.append(f"{_label('discount_total', lang)}  -{yuan(q['discount'])}")
-        k = 0 if lang == "zh-CN" else 1
-        for p in q["promotions"]:
-            rows.append(info_of[p["source"]][2][0][k] + yuan(p["fen"]))
+        rows += saved_rows
     rows.append(f"{_label('total', lang)}  {yuan(q['total'])}")
     t = q["tender"]
     if t["points"]:
