@@ -18,14 +18,9 @@ frame, on the same file system, with one fdatasync per record:
   allowed) without any journal logic. This is the stronger baseline: it
   isolates the journal's own overhead.
 
-The journal runs measure it as a running gateway holds it: writing into a
-segment its spare thread prepared (zeroed) ahead. ``commit_rate_8lanes_first_segment``
-is the exception a first-ever start meets: a segment zeroed ahead as it fills.
-
 bytes_written_per_tx is this process's write_bytes (/proc/self/io) per
-record, plus the zeroing of the segments ahead of their frames (one zero for
-each log byte, counted per record rather than a whole spare segment at
-once); metadata the file system writes on its own behalf is not in it.
+record, including the journal's zeroing ahead of its frames; metadata the
+file system writes on its own behalf is not in it.
 
 The machine is shared and noisy, so each round measures the baselines right
 around the journal run and the ratio is computed per round; the reported
@@ -77,7 +72,7 @@ def raw_fsync_rate(path: Path, seconds: float, record_bytes: int, preallocated: 
     if preallocated:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.posix_fallocate(fd, 0, SEGMENT_BYTES)
-        zeros = bytes(1 << 20)  # written blocks, as the journal's segments prepared ahead
+        zeros = bytes(1 << 20)  # written blocks, as the journal's zeroing ahead leaves them
         for pos in range(0, SEGMENT_BYTES, len(zeros)):
             os.pwrite(fd, zeros, pos)
         os.fsync(fd)
@@ -121,18 +116,10 @@ def raw_fsync_rate(path: Path, seconds: float, record_bytes: int, preallocated: 
 
 
 async def journal_rate(path: Path, lanes: int, seconds: float, waiting: int = 0,
-                       journal=None, prepared: bool = True) -> tuple[float, float]:
+                       journal=None) -> tuple[float, float]:
     """Appends/s with `lanes` concurrent appenders, each awaiting its own
-    durable append; bytes written to storage per append.
-
-    prepared: measure as a running gateway's journal is, writing into a
-    segment prepared ahead (zeroed on the journal's spare thread): the
-    journal is opened once to prepare one, then again to take it. Without,
-    the first segment after a first-ever start, zeroed ahead as it fills."""
+    durable append; bytes written to storage per append."""
     j = journal or Journal(path)
-    if prepared and isinstance(j, Journal) and j.direct:
-        async with Journal(path, segment_bytes=j.segment_bytes) as first:
-            await first.spare_prepared()
     async with j:
         if waiting:
             await _fill(j, waiting)
@@ -148,21 +135,11 @@ async def journal_rate(path: Path, lanes: int, seconds: float, waiting: int = 0,
                                response=RESPONSE)
                 count += 1
 
-        spares = isinstance(j, Journal)
-        if spares:
-            await j.spare_prepared()  # the next segment's zeros are accounted below, not as they fall
-            before_spare, before_log = j.stats["spare_bytes"], j.stats["bytes"]
         before_bytes = bytes_written()
         start = time.perf_counter()
         await asyncio.gather(*(lane(i) for i in range(lanes)))
         elapsed = time.perf_counter() - start
-        if spares:
-            await j.spare_prepared()
         written = bytes_written() - before_bytes
-        if spares:
-            # A spare (whole segment) written during a short run would count at once what
-            # its records amortise: count instead what it costs per log byte, one zero each.
-            written += (j.stats["bytes"] - before_log) - (j.stats["spare_bytes"] - before_spare)
     return count / elapsed, written / max(count, 1)
 
 
@@ -216,7 +193,7 @@ async def run(opts, base: Path, secs: float, waiting: int, rounds: int) -> None:
     record = await frame_bytes(base / "frame")
     m: dict[str, list[float]] = {k: [] for k in (
         "raw", "prealloc", "one", "eight", "eight_groups", "per_tx", "per_tx8", "at50k", "tiny", "threaded",
-        "sqlite1", "sqlite_bytes", "eight_nosync", "eight_first")}
+        "sqlite1", "sqlite_bytes", "eight_nosync")}
     for r in range(rounds):  # interleaved so the noisy machine hits every side alike
         # Baselines straight around the journal runs: each round's ratio is a fair pair.
         raw_before = raw_fsync_rate(base / f"raw-{r}.log", secs / 2, record)
@@ -236,7 +213,6 @@ async def run(opts, base: Path, secs: float, waiting: int, rounds: int) -> None:
         m["eight_nosync"].append((await journal_rate(base / f"j8n-{r}", 8, secs / 2,
                                                      journal=Journal(base / f"j8n-{r}", fsync=False, direct=False)))[0])
         if r < 3 or opts.quick:  # the slow anchors: three rounds are enough to show orders of magnitude
-            m["eight_first"].append((await journal_rate(base / f"j8f-{r}", 8, secs, prepared=False))[0])
             m["at50k"].append((await journal_rate(base / f"j50k-{r}", 1, secs, waiting))[0])
             m["tiny"].append(tinydb_rate(base / f"tiny-{r}.json", waiting, secs))
             m["threaded"].append((await journal_rate(base / f"jt-{r}", 1, secs,
@@ -258,9 +234,6 @@ async def run(opts, base: Path, secs: float, waiting: int, rounds: int) -> None:
         emit(metric + "_vs_preallocated", median(m[key]), "records/s",
              "raw pwrite+fdatasync, preallocated, same I/O as the journal", median(m["prealloc"]),
              ratio_paired=round(paired(m[key], m["prealloc"]), 3), **common)
-    emit("commit_rate_8lanes_first_segment", median(m["eight_first"]), "records/s", "raw append+fdatasync",
-         median(m["raw"]), rounds=len(m["eight_first"]),
-         note="a first-ever start's segment, zeroed ahead as it fills instead of prepared ahead")
     emit("commit_rate_8lanes_no_fsync", median(m["eight_nosync"]), "records/s",
          note="NOT durable: the journal's CPU ceiling with fdatasync switched off, for diagnosis only")
     emit("commit_rate_1lane_50k_waiting", median(m["at50k"]), "records/s", "TinyDB outbox, 50k waiting",

@@ -30,12 +30,9 @@ never reused even after every record is acked and compacted away), a record
   I/O, which is coherent. A direct write carries its own sync (RWF_DSYNC,
   as durable as a write followed by fdatasync, in one call); a buffered
   write is followed by fdatasync.
-  With direct I/O, frames go into written (zeroed) blocks, which costs one
-  more write of each log byte (~0.6 KB per record) and spares every
-  fdatasync a metadata commit: the next segment is zeroed whole on a spare
-  thread while one fills (_prepare_spare), and a segment without a spare
-  (the first after a first-ever start) is zeroed ahead of its frames as it
-  fills (ZERO_AHEAD). Buffered (``direct=False``), zeroing ahead
+  With direct I/O, blocks are zeroed ahead of the frames (ZERO_AHEAD), which
+  costs one more write of each log byte (~0.6 KB per record) and spares every
+  fdatasync a metadata commit. Buffered (``direct=False``), zeroing ahead
   measured no faster and the page cache wrote the zeroed pages again and
   again (77 KB per record by /proc/self/io instead of 4.6 KB), so it is only
   done with direct I/O.
@@ -103,12 +100,7 @@ ZERO_AHEAD = 256 << 10
 SEGMENT_BYTES = 16 * 1024 * 1024
 IDEMPOTENCY_RETENTION_S = 24 * 3600  # a POS retries within minutes; a day is generous
 GROUP_MAX = 512
-# The next segment, zeroed ahead on a thread (Journal._prepare_spare).
 RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)  # Linux 4.7+: a write that is durable when it returns
-SPARE_TMP = "spare.tmp"
-SPARE_READY = "spare.ready"
-SPARE_CHUNK = 256 << 10  # ~13 ms on a 20 MB/s SD card: the longest a group waits behind the spare
-SPARE_MIN_FREE_SEGMENTS = 8  # prepare one only while the file system has room for this many more
 MEMORY_ONLY = -1  # the "segment" of idempotency keys not on disk (full disk)
 
 
@@ -379,13 +371,6 @@ class JournalIndex:
 
 # -- the journal (I/O) ----------------------------------------------------------
 
-def _file_size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return -1
-
-
 class _Write:
     """One frame queued for the writer. A record's frame dict rides along so
     the writer can index it once it is on disk, whoever still waits for it."""
@@ -421,7 +406,7 @@ class Journal:
         self.index = JournalIndex()
         self.faults: list[str] = []
         self.on_append: Callable[[], None] | None = None  # the uplink's wake-up
-        self.stats = {"appends": 0, "groups": 0, "bytes": 0, "spare_bytes": 0}
+        self.stats = {"appends": 0, "groups": 0, "bytes": 0}
         self._writes: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._inflight_keys: dict[str, _Write] = {}  # key -> its record being written now
@@ -443,11 +428,6 @@ class Journal:
         self._readers_lock = threading.Lock()  # guards _readers and _reader (reads run in worker threads)
         self._reader = _Reader()
         self._segments: set[int] = set()  # segment files on disk
-        self._spare_thread: threading.Thread | None = None
-        self._spare_stop = threading.Event()
-        self._spare_lock = threading.Lock()  # guards _spare_busy and _spare_again (writer vs spare thread)
-        self._spare_busy = False
-        self._spare_again = False
         self._logical: dict[int, int] = {}  # segment -> bytes of frames in it
 
     # -- lifetime -----------------------------------------------------------
@@ -475,10 +455,6 @@ class Journal:
             self._writes.put(None)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
-        if self._spare_thread is not None:
-            self._spare_stop.set()  # an unfinished spare is dropped, and redone next time
-            await asyncio.to_thread(self._spare_thread.join)
-            self._spare_thread = None
         with self._readers_lock:
             for f in self._readers.values():
                 f.close()
@@ -489,14 +465,6 @@ class Journal:
         if self._direct_fd is not None:
             os.close(self._direct_fd)
             self._direct_fd = None
-
-    async def spare_prepared(self) -> bool:
-        """Wait for the next segment being prepared ahead, if one is; True when
-        one is ready (for benchmarks and tests: the gateway never waits)."""
-        thread = self._spare_thread
-        if thread is not None:
-            await asyncio.to_thread(thread.join)
-        return _file_size(self.dir / SPARE_READY) == self.segment_bytes
 
     # -- recovery -----------------------------------------------------------
 
@@ -581,32 +549,22 @@ class Journal:
         """Start the next segment, its space allocated up front: an fdatasync
         then need not commit a new file size each time (measured ~1.4x the
         raw append+fdatasync rate on ext4), and a full disk shows here, at
-        rotation, never in the middle of a frame. The segment prepared ahead
-        (zeroed, see _prepare_spare) is taken when there is one; otherwise
-        its blocks are zeroed ahead of the frames as it fills (_zero_ahead)."""
+        rotation, never in the middle of a frame."""
         n = self._segment + 1
         path = self._segment_path(n)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         header = encode_frame({"k": "h", "next": self.index.next_seq})
-        # The header's block in full: a spare reused after a crash may hold an older header.
-        first = header + bytes(-len(header) % BLOCK)
-        spare = self.dir / SPARE_READY
-        prepared = self.direct and len(first) <= self.segment_bytes and _file_size(spare) == self.segment_bytes
-        fd = os.open(spare if prepared else path, os.O_WRONLY | (0 if prepared else os.O_CREAT | os.O_TRUNC), 0o600)
         try:
-            if not prepared:
-                try:
-                    os.posix_fallocate(fd, 0, max(self.segment_bytes, len(header)))
-                except OSError as exc:
-                    if exc.errno not in (95, 22):  # EOPNOTSUPP/EINVAL: a file system without fallocate
-                        raise
-            os.pwrite(fd, first if prepared else header, 0)
+            try:
+                os.posix_fallocate(fd, 0, max(self.segment_bytes, len(header)))
+            except OSError as exc:
+                if exc.errno not in (95, 22):  # EOPNOTSUPP/EINVAL: a file system without fallocate
+                    raise
+            os.pwrite(fd, header, 0)
             os.fsync(fd)
-            if prepared:
-                os.rename(spare, path)  # made durable by the caller's _sync_dir
         except OSError as exc:
             os.close(fd)
-            if not prepared:
-                path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             if exc.errno in (28, 27):  # ENOSPC, EFBIG
                 raise JournalFull("the journal disk is full") from None
             raise
@@ -624,105 +582,9 @@ class Journal:
         self._segments.add(n)
         self._size = len(header)
         self._tail = header[len(header) - len(header) % SECTOR:]
-        # Blocks before this offset are written (zeros or frames): all of a prepared segment,
-        # else only the header's block, written and fsync'd above.
-        self._zeroed = self.segment_bytes - self.segment_bytes % BLOCK if prepared else BLOCK
+        self._zeroed = BLOCK  # the header's block was written and fsync'd above
         self._logical[n] = len(header)
         self._total += len(header)
-        if self._direct_fd is not None:
-            self._prepare_spare()
-
-    def _prepare_spare(self) -> None:
-        """Zero the next segment ahead, on a thread of its own, while this one
-        fills: written blocks spare every group's fdatasync the file-system
-        metadata commit that writing into fallocate'd ("unwritten") blocks
-        needs, and spare the groups that would otherwise pay for _zero_ahead
-        (measured +18% on the 8-lane commit rate here, bench.journal). The
-        same bytes as zeroing ahead, off the path of the POS's OK. Skipped
-        when space is short: a spare must never take the last of the disk
-        or of the journal's cap from the records."""
-        with self._spare_lock:
-            if self._spare_busy:
-                self._spare_again = True  # taken while the thread was finishing: it looks again
-                return
-            if not self._spare_needed():
-                return
-            self._spare_busy = True
-            self._spare_stop.clear()
-            self._spare_thread = threading.Thread(target=self._spare_loop, name="journal-spare", daemon=True)
-            self._spare_thread.start()
-
-    def _spare_needed(self) -> bool:
-        if _file_size(self.dir / SPARE_READY) == self.segment_bytes:
-            return False
-        if self._total + 2 * self.segment_bytes > self.max_bytes:
-            return False
-        try:
-            st = os.statvfs(self.dir)
-        except OSError:
-            return False
-        return st.f_bavail * st.f_frsize >= SPARE_MIN_FREE_SEGMENTS * self.segment_bytes
-
-    def _spare_loop(self) -> None:
-        while True:
-            done = self._write_spare()
-            with self._spare_lock:
-                again, self._spare_again = self._spare_again, False
-                if not (done and again and not self._spare_stop.is_set() and self._spare_needed()):
-                    self._spare_busy = False
-                    return
-
-    def _write_spare(self) -> bool:
-        """The spare's zeros, then its name: only a complete, durable spare is
-        ever called SPARE_READY (a crash leaves at most SPARE_TMP, redone)."""
-        tmp, size = self.dir / SPARE_TMP, self.segment_bytes
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                try:
-                    direct = os.open(tmp, os.O_WRONLY | os.O_DIRECT)
-                except OSError:
-                    direct = None
-                zeros = mmap.mmap(-1, SPARE_CHUNK)  # page-aligned zeros, as O_DIRECT needs (freed with it)
-                try:
-                    os.posix_fallocate(fd, 0, size)  # a full disk shows here, before any write
-                    for pos in range(0, size, SPARE_CHUNK):
-                        started = time.monotonic()
-                        chunk = memoryview(zeros)[:min(SPARE_CHUNK, size - pos)]
-                        written = None
-                        if direct is not None and not len(chunk) % SECTOR:
-                            try:
-                                written = os.pwritev(direct, [chunk], pos)
-                            except OSError as exc:
-                                if exc.errno != errno.EINVAL:  # O_DIRECT refused: buffered from here on
-                                    raise
-                                os.close(direct)
-                                direct = None
-                        if written is None:
-                            written = os.pwrite(fd, chunk, pos)
-                        if written != len(chunk):
-                            raise OSError(errno.ENOSPC, "short write")
-                        # Half the disk's time at most: on an SD card that takes one command
-                        # at a time, the groups' writes and syncs get every other turn.
-                        if self._spare_stop.wait(time.monotonic() - started):
-                            raise InterruptedError("journal closing")
-                    os.fdatasync(fd)
-                finally:
-                    if direct is not None:
-                        os.close(direct)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.dir / SPARE_READY)
-            self._sync_dir()
-            self.stats["spare_bytes"] += size
-            return True
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            if not isinstance(exc, InterruptedError):
-                log.warning("journal: could not prepare the next segment ahead (%s); it will be zeroed as "
-                            "it fills", exc.strerror or exc)
-            return False
 
     def _sync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY)

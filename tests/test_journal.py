@@ -287,101 +287,6 @@ async def test_stored_answers_are_whole_after_a_restart_in_both_frame_formats(tm
             await j.lookup("k-old-0001", {"r": 3})
 
 
-def _unwritten_extents(path) -> bool:
-    """Whether the file has fallocate'd blocks not yet written (FIEMAP, via e2fsprogs' filefrag)."""
-    import shutil
-    import subprocess
-
-    if not shutil.which("filefrag"):
-        pytest.skip("filefrag (e2fsprogs) is not installed")
-    out = subprocess.run(["filefrag", "-v", str(path)], capture_output=True, text=True, check=True).stdout
-    return "unwritten" in out
-
-
-async def test_segments_are_prepared_ahead_and_taken_at_rotation(tmp_path):
-    """The next segment is zeroed on the spare thread while one fills; rotation
-    takes it (written blocks: no metadata commit in the groups' fdatasync),
-    a new spare follows, and every record reads back after a restart."""
-    path = tmp_path / "j"
-    segment = 256 << 10
-    async with Journal(path, segment_bytes=segment) as j:
-        if j._direct_fd is None:
-            pytest.skip("this file system refuses O_DIRECT: no zeroing, no spares")
-        assert _unwritten_extents(path / "00000001.log")    # the first one: zeroed as it fills
-        assert await j.spare_prepared()
-        spare = path / "spare.ready"
-        spare_inode = spare.stat().st_ino
-        assert not _unwritten_extents(spare)
-        bodies = [{"i": i, "pad": "x" * 700} for i in range(400)]   # ~300 KB: one rotation
-        for b in bodies:
-            await j.append("sale", b)
-        second = path / "00000002.log"
-        assert second.stat().st_ino == spare_inode and second.stat().st_size == segment
-        assert await j.spare_prepared() and spare.stat().st_ino != spare_inode
-        assert j.stats["spare_bytes"] == 2 * segment
-    async with Journal(path, segment_bytes=segment) as j:
-        assert [r.body for r in await j.pending(limit=1000)] == bodies
-        third = path / "00000003.log"                       # a start takes the spare too
-        assert not _unwritten_extents(third)
-        assert (await j.append("sale", {"after": 1})).seq == 401
-    for p in path.glob("*.log"):
-        buf = p.read_bytes()
-        end = sum(length for _o, length, _f in scan_frames(buf))
-        assert not buf[end:].strip(b"\0")                   # past the frames only zeros
-
-
-async def test_a_spare_left_by_a_crash_is_redone_or_reused(tmp_path):
-    """A crash while zeroing leaves spare.tmp (never used: redone); a crash
-    after a spare's header was written but before its rename leaves a
-    spare.ready with an old header (reused: the header is written again)."""
-    path = tmp_path / "j"
-    segment = 64 << 10
-    async with Journal(path, segment_bytes=segment) as j:
-        if j._direct_fd is None:
-            pytest.skip("this file system refuses O_DIRECT: no zeroing, no spares")
-        await j.append("sale", {"i": 1})
-        await j.spare_prepared()
-    (path / "spare.tmp").write_bytes(b"\xff" * 1000)          # half a spare, garbage in it
-    old_header = encode_frame({"k": "h", "next": 1})
-    with open(path / "spare.ready", "r+b") as f:
-        f.write(old_header)
-    async with Journal(path, segment_bytes=segment) as j:
-        assert (await j.append("sale", {"i": 2})).seq == 2
-        assert await j.spare_prepared()
-        assert not (path / "spare.tmp").exists()
-        assert not (path / "spare.ready").read_bytes().strip(b"\0")
-    async with Journal(path, segment_bytes=segment) as j:
-        assert [r.body["i"] for r in await j.pending()] == [1, 2]
-        assert (await j.append("sale", {"i": 3})).seq == 3
-
-
-async def test_closing_drops_an_unfinished_spare(tmp_path):
-    path = tmp_path / "j"
-    async with Journal(path, segment_bytes=256 << 20) as j:  # a big spare: still being zeroed at close
-        if j._direct_fd is None:
-            pytest.skip("this file system refuses O_DIRECT: no zeroing, no spares")
-        await j.append("sale", {"i": 1})
-    assert not (path / "spare.tmp").exists()
-    ready = path / "spare.ready"
-    assert not ready.exists() or ready.stat().st_size == 256 << 20
-
-
-async def test_a_spare_follows_every_rotation_even_when_they_race(tmp_path):
-    """Small segments rotating as fast as records come: a spare taken while
-    the spare thread was finishing the previous one is still replaced."""
-    path = tmp_path / "j"
-    async with Journal(path, segment_bytes=64 << 10) as j:
-        if j._direct_fd is None:
-            pytest.skip("this file system refuses O_DIRECT: no zeroing, no spares")
-        for round_ in range(6):
-            await asyncio.gather(*(j.append("sale", {"r": round_, "i": i, "pad": "x" * 500}) for i in range(200)))
-        assert j._segment >= 6
-        assert await j.spare_prepared()
-        assert j.stats["spare_bytes"] >= 2 * (64 << 10)
-    async with Journal(path, segment_bytes=64 << 10) as j:
-        assert len(await j.pending(limit=2000)) == 1200
-
-
 async def test_direct_appends_sync_in_the_write_or_fall_back_to_fdatasync(tmp_path, monkeypatch):
     """A direct append is made durable by its own write (RWF_DSYNC) with no
     separate fdatasync; a kernel that refuses the flag gets the fdatasync."""
@@ -405,7 +310,6 @@ async def test_direct_appends_sync_in_the_write_or_fall_back_to_fdatasync(tmp_pa
     async with Journal(tmp_path / "j") as j:
         if j._direct_fd is None:
             pytest.skip("this file system refuses O_DIRECT")
-        await j.spare_prepared()                                  # (the spare thread syncs its own file)
         monkeypatch.setattr(journal_module.os, "fdatasync", counting_fdatasync)
         monkeypatch.setattr(journal_module.os, "pwritev", recording_pwritev)
         await asyncio.gather(*(j.append("sale", {"i": i}) for i in range(5)))

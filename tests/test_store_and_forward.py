@@ -170,7 +170,6 @@ def test_disk_fills_while_committing(tmp_path, broker):
                 full = (status, answer)
                 break
         assert full is not None, "the disk never filled"
-        assert not list((gw.data_dir / "journal").glob("spare.*"))  # no spare segment on a disk this small
         status, answer = full
         assert status == 507 and answer["error"]["code"] == "journal_full"
         assert "满" in answer["error"]["text"]["zh-CN"] and "full" in answer["error"]["text"]["en"]
