@@ -240,18 +240,18 @@ def promotion_index(promotions: dict) -> tuple[dict, dict, list]:
 # evaluation runs hundreds of times per quote. Same arithmetic as _Promo.apply;
 # the one-line forms skip the loop (most SKU-scoped promotions touch one line).
 # Half-up of n x pct / 100 is (n * pct + 50) // 100, allocation.half_up(n * pct, 100)
-# with the factor 2 cancelled (an nth item's denominator, 100 x qty, is even too).
+# with the factor 2 cancelled (an nth item's denominator, 100 x qty, is even too);
+# what is left of n, n - (n * pct + 50) // 100, is (n * (100 - pct) + 49) // 100
+# (n - floor(x / 100) = ceil((100 n - x) / 100)): one operation less.
 def _fast_percent_off(p: "_Promo", nets: list[int]) -> None:
-    pct = p.pct
+    keep = 100 - p.pct
     for i in p.elig:
-        n = nets[i]
-        nets[i] = n - (n * pct + 50) // 100
+        nets[i] = (nets[i] * keep + 49) // 100
 
 
 def _fast_percent_off_1(p: "_Promo", nets: list[int]) -> None:
     i = p.one
-    n = nets[i]
-    nets[i] = n - (n * p.pct + 50) // 100
+    nets[i] = (nets[i] * (100 - p.pct) + 49) // 100
 
 
 def _fast_member_price(p: "_Promo", nets: list[int]) -> None:
