@@ -13,7 +13,7 @@ frame, on the same file system, with one fdatasync per record:
 
 - "raw append+fdatasync": O_APPEND to a growing regular file (the issue's
   baseline);
-- "raw pwrite+fdatasync, preallocated": the journal's own I/O per record
+- "raw pwrite, synced, preallocated": the journal's own I/O per record
   (pwrite into a posix_fallocate'd file of zeroed blocks, O_DIRECT sector writes where
   allowed) without any journal logic. This is the stronger baseline: it
   isolates the journal's own overhead.
@@ -232,7 +232,7 @@ async def run(opts, base: Path, secs: float, waiting: int, rounds: int) -> None:
         emit(metric, median(m[key]), "records/s", "raw append+fdatasync", median(m["raw"]),
              ratio_paired=round(paired(m[key], m["raw"]), 3), **extra, **common)
         emit(metric + "_vs_preallocated", median(m[key]), "records/s",
-             "raw pwrite+fdatasync, preallocated, same I/O as the journal", median(m["prealloc"]),
+             "raw pwrite synced (RWF_DSYNC or fdatasync) into a preallocated, zeroed file: the same I/O as the journal", median(m["prealloc"]),
              ratio_paired=round(paired(m[key], m["prealloc"]), 3), **common)
     emit("commit_rate_8lanes_no_fsync", median(m["eight_nosync"]), "records/s",
          note="NOT durable: the journal's CPU ceiling with fdatasync switched off, for diagnosis only")
