@@ -232,7 +232,8 @@ async def run(opts, base: Path, secs: float, waiting: int, rounds: int) -> None:
         emit(metric, median(m[key]), "records/s", "raw append+fdatasync", median(m["raw"]),
              ratio_paired=round(paired(m[key], m["raw"]), 3), **extra, **common)
         emit(metric + "_vs_preallocated", median(m[key]), "records/s",
-             "raw pwrite synced (RWF_DSYNC or fdatasync) into a preallocated, zeroed file: the same I/O as the journal", median(m["prealloc"]),
+             "raw pwrite synced (RWF_DSYNC or fdatasync) into a preallocated, zeroed file: the same I/O as the journal",
+             median(m["prealloc"]),
              ratio_paired=round(paired(m[key], m["prealloc"]), 3), **common)
     emit("commit_rate_8lanes_no_fsync", median(m["eight_nosync"]), "records/s",
          note="NOT durable: the journal's CPU ceiling with fdatasync switched off, for diagnosis only")
