@@ -148,7 +148,6 @@ given back (single use; HQ may reissue).
 from __future__ import annotations
 
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
 from gateway import points as pts
@@ -157,7 +156,20 @@ from gateway.pricing_texts import PRICING_RECEIPT, PRICING_REASONS
 from gateway.promotions import Pricer, card_type_of
 from gateway.texts import yuan as _yuan
 
-yuan = lru_cache(maxsize=8192)(_yuan)  # receipts format the same few amounts many times
+
+
+class _YuanTexts(dict):
+    """fen -> its yuan text, made on first use: receipts format the same few
+    amounts many times, and a dict hit is cheaper than an lru_cache call."""
+
+    def __missing__(self, fen: int) -> str:
+        if len(self) >= 8192:
+            self.clear()
+        text = self[fen] = _yuan(fen)
+        return text
+
+
+yuan = _YuanTexts().__getitem__
 
 MAX_LINES = 500
 MAX_QTY = 9999
