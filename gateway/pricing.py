@@ -157,7 +157,6 @@ from gateway.promotions import Pricer, card_type_of
 from gateway.texts import yuan as _yuan
 
 
-
 class _YuanTexts(dict):
     """fen -> its yuan text, made on first use: receipts format the same few
     amounts many times, and a dict hit is cheaper than an lru_cache call."""
