@@ -228,14 +228,6 @@ def table(promotions: dict) -> _Table:
     return t
 
 
-def promotion_index(promotions: dict) -> tuple[dict, dict, list]:
-    """(by SKU, by category, on every line) -> promotion ids; pure but memoised."""
-    t = table(promotions)
-    ids = [r.id for r in t.ordered]
-    return ({sku: [ids[k] for k in ranks] for sku, ranks in t.by_sku.items()},
-            {cat: [ids[k] for k in ranks] for cat, ranks in t.by_cat.items()}, [ids[k] for k in t.everywhere])
-
-
 # Application without recording adjustments or totals: what the exclusive-group
 # evaluation runs hundreds of times per quote. Same arithmetic as _Promo.apply;
 # the one-line forms skip the loop (most SKU-scoped promotions touch one line).
