@@ -7,15 +7,16 @@ commit_rate_8lanes, commit_rate_1lane_50k_waiting (baseline: a TinyDB outbox
 with 50,000 records waiting), bytes_written_per_tx.
 
 Everything goes through the journal's real interface: each lane awaits
-``journal.append(...)``, which returns only after its frame is fdatasync'd.
+``journal.append(...)``, which returns only after its frame is durable.
 The raw baselines write exactly as many bytes per record as the journal's
-frame, on the same file system, with one fdatasync per record:
+frame, on the same file system, with one sync per record:
 
 - "raw append+fdatasync": O_APPEND to a growing regular file (the issue's
   baseline);
 - "raw pwrite, synced, preallocated": the journal's own I/O per record
-  (pwrite into a posix_fallocate'd file of zeroed blocks, O_DIRECT sector writes where
-  allowed) without any journal logic. This is the stronger baseline: it
+  (pwrite into a posix_fallocate'd file of zeroed blocks; O_DIRECT sector
+  writes synced in the write, RWF_DSYNC, where allowed) without any journal
+  logic. This is the stronger baseline: it
   isolates the journal's own overhead.
 
 bytes_written_per_tx is this process's write_bytes (/proc/self/io) per
