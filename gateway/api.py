@@ -19,17 +19,27 @@ and 200 with the first answer when retried with the same idempotency key.
 
 Errors are JSON ``{"error": {"code", "message", "text": {"zh-CN", "en"}}}``
 with a 4xx status for the caller's mistakes; nothing is written on an error.
+
+Safe by default (gateway/terminals.py): every call but ``/health`` and
+``/openapi.json`` needs a terminal's credential (401 without, 429 after too
+many failures from one address); the terminal's role and lanes decide what
+it may do (403). Bodies are ``application/json`` only (415), the Host header
+must name this box (421: DNS rebinding), and browsers of other origins are
+refused unless ``api.cors_origins`` lists them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import ipaddress
 import inspect
 import json
 import logging
+import socket
+import time
 
 from microdot import Microdot, Request
+from microdot.cors import CORS
 from microdot.sse import sse_response
 
 from gateway import engine
@@ -37,29 +47,57 @@ from gateway.counter import CounterError
 from gateway.journal import Appended, IdempotencyConflict, JournalError, JournalFull
 from gateway.pricing import PricingError
 from gateway.service import Gateway, NoMember, QuoteChanged
+from gateway.terminals import FailedLogins, Terminal, Terminals, TerminalsError, default_path
 from hardware.readers import SOURCES, CardRead
 
 log = logging.getLogger("storegate.api")
 
 Request.max_content_length = 256 * 1024  # a 500-line basket fits comfortably
+Request.max_body_length = Request.max_content_length  # else Microdot leaves a larger body unread
 
-# Errors a cashier sees on the POS screen, in both languages.
-CASHIER_TEXT = {
+# What the POS and the people at the counter see for each error code, in both
+# languages. Codes are stable; a code without its own text gets its status's.
+ERROR_TEXT = {
     "journal_unavailable": ("交易未能保存，请勿重复收款，稍后重试或联系店长",
                             "The sale could not be saved. Do not take payment again; retry or call the manager"),
     "journal_full": ("门店存储已满，会员交易暂停，请按非会员结账并联系店长",
                      "Store storage is full: member sales are paused. Check out as a non-member and call the manager"),
     "no_member": ("本通道没有已验证的会员卡，请重新刷卡", "No member card accepted on this lane; please tap again"),
     "quote_changed": ("价格已更新，请重新计算", "Prices changed; please quote again"),
+    "unauthorized": ("终端未登录或凭证无效，请联系店长", "This terminal is not signed in or its credential is not valid; "
+                     "call the manager"),
+    "forbidden": ("此终端无权进行该操作", "This terminal may not do this"),
+    "too_many_failures": ("登录失败次数过多，请稍后再试", "Too many failed sign-ins; try again in a minute"),
+    "host_not_allowed": ("请求地址不属于本门店网关", "This request was not addressed to this store's gateway"),
+    "origin_not_allowed": ("不允许来自该网页的请求", "Requests from this web page are not allowed"),
+    "unsupported_media_type": ("请求格式须为 JSON", "The request body must be JSON (Content-Type: application/json)"),
+    "bad_request": ("请求内容有误，请检查后重试", "The request is not valid; check it and retry"),
+    "not_found": ("请求的功能不存在", "No such function"),
+    "unknown_lane": ("本店没有这个收银通道", "This store has no such lane"),
+    "method_not_allowed": ("不支持此请求方式", "This method is not allowed here"),
+    "too_large": ("请求内容过大", "The request is too large"),
+    "idempotency_conflict": ("交易编号已用于另一笔交易，请重新发起", "This transaction key was used for a different "
+                             "request; start the transaction again"),
+    "not_a_terminal_lane": ("该通道使用本机读卡器，不接受终端刷卡", "This lane reads cards with its own reader"),
+    "internal": ("系统错误，未记录任何交易，请重试或联系店长", "Internal error; nothing was recorded. Retry or call the manager"),
+}
+STATUS_TEXT = {
+    400: ERROR_TEXT["bad_request"], 401: ERROR_TEXT["unauthorized"], 403: ERROR_TEXT["forbidden"],
+    404: ERROR_TEXT["not_found"], 409: ("请求与当前状态冲突，请重试", "The request conflicts with the current state; retry"),
+    422: ("按门店规则不能办理此业务", "The store's rules do not allow this"), 507: ERROR_TEXT["journal_unavailable"],
 }
 
 
-def error(status: int, code: str, message: str) -> tuple[dict, int]:
-    body = {"error": {"code": code, "message": message}}
-    if code in CASHIER_TEXT:
-        zh, en = CASHIER_TEXT[code]
-        body["error"]["text"] = {"zh-CN": zh, "en": en}
-    return body, status
+def error(status: int, code: str, message: str, *, text: dict | None = None, field: str | None = None,
+          headers: dict | None = None) -> tuple:
+    """The one shape of every error answer; every code carries zh-CN/en text."""
+    if text is None:
+        zh, en = ERROR_TEXT.get(code) or STATUS_TEXT.get(status) or ERROR_TEXT["internal"]
+        text = {"zh-CN": zh, "en": en}
+    body = {"error": {"code": code, "message": message, "text": text}}
+    if field is not None:
+        body["error"]["field"] = field
+    return (body, status, headers) if headers else (body, status)
 
 
 def _json_body(request: Request) -> dict:
@@ -72,16 +110,99 @@ def _json_body(request: Request) -> dict:
     return data
 
 
-def create_app(gw: Gateway) -> Microdot:
+def needs(action: str | None):
+    """Mark a route with the action a terminal must be allowed (None: open)."""
+    def mark(handler):
+        handler.action = action
+        return handler
+    return mark
+
+
+class HostCheck:
+    """Host headers this box answers to: IP literals (a POS dials the box's
+    address), localhost, the box's host name and ``api.allowed_hosts``.
+    Another name means a browser was pointed at us through someone else's
+    DNS (rebinding): refused."""
+
+    def __init__(self, allowed: list[str]) -> None:
+        name = socket.gethostname().lower()
+        self.names = {"localhost", name, f"{name}.local", *(h.lower() for h in allowed)}
+
+    def __call__(self, host: str | None) -> bool:
+        if not host:
+            return False
+        host = host.strip().lower()
+        if host.startswith("["):  # [v6]:port
+            literal = host[1:host.find("]")] if "]" in host else host
+        else:
+            literal = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        try:
+            ipaddress.ip_address(literal)
+            return True
+        except ValueError:
+            return literal in self.names
+
+
+def create_app(gw: Gateway, terminals: Terminals | None = None) -> Microdot:
+    """The POS API of a gateway. ``terminals``: the credentials to accept
+    (default: ``api.terminals_file``). Refuses to build without any: a
+    gateway nobody may call safely is a gateway anybody may call."""
+    api_cfg = gw.config["api"]
+    if terminals is None:
+        terminals = Terminals(default_path(gw.config))
+    if not terminals.configured():
+        raise TerminalsError(
+            f"api.terminals_file: no POS terminal credentials in {terminals.path}; add one with "
+            f"`storegate terminals add pos-1 --role pos --lanes 1,2 --config <gateway.toml>` "
+            f"(and one per lane terminal, service desk and manager)")
     app = Microdot()
-    token = gw.config["api"].get("token")
+    app.terminals = terminals
+    failures = FailedLogins(api_cfg.get("auth_failures_per_minute", 10))
+    host_ok = HostCheck(api_cfg.get("allowed_hosts", []))
+    origins = set(api_cfg.get("cors_origins", []))
+    pos_return_max = api_cfg.get("pos_return_max_fen", 20000)
+    if origins:
+        CORS(app, allowed_origins=sorted(origins), allowed_methods=["GET", "POST"],
+             allowed_headers=["Authorization", "Content-Type", "Last-Event-ID"], max_age=600)
+    last_failure_log = [0.0]
 
     @app.before_request
-    async def authenticate(request):
-        if token and request.path != "/health":
-            sent = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-                return error(401, "unauthorized", "missing or wrong 'Authorization: Bearer <token>' header")
+    async def guard(request):
+        if not host_ok(request.headers.get("Host")):
+            return error(421, "host_not_allowed", f"Host {request.headers.get('Host')!r} is not this gateway; "
+                         "add it to api.allowed_hosts if it is")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin not in origins:
+            return error(403, "origin_not_allowed", f"cross-origin requests from {origin!r} are not allowed "
+                         "(api.cors_origins)")
+        if request.method == "POST":
+            ctype = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return error(415, "unsupported_media_type", "Content-Type must be application/json")
+        action = getattr(request.route, "action", None)
+        if action is None:
+            return None
+        addr = (request.client_addr or ("?",))[0]
+        if failures.blocked(addr):
+            return error(429, "too_many_failures", f"too many failed authentications from {addr}; wait a minute",
+                         headers={"Retry-After": "60"})
+        terminal = terminals.authenticate(request.headers.get("Authorization"))
+        if terminal is None:
+            count = failures.failed(addr)
+            now = time.monotonic()
+            if count <= 3 or now - last_failure_log[0] > 10:  # a flood is logged, not echoed line by line
+                last_failure_log[0] = now
+                log.warning("authentication failed from %s for %s %s (%d in the last minute)", addr,
+                            request.method, request.path, count)
+            return error(401, "unauthorized", "missing or wrong 'Authorization: Bearer <terminal>.<secret>' "
+                         "header", headers={"WWW-Authenticate": 'Bearer realm="storegate"'})
+        lane = request.url_args.get("lane_id") if request.url_args else None
+        if not terminal.may(action, lane):
+            where = f" on lane {lane}" if lane is not None else ""
+            log.warning("terminal %s (%s) refused: %s%s", terminal.id, terminal.role, action, where)
+            return error(403, "forbidden", f"terminal {terminal.id} ({terminal.role}) may not {action}{where}")
+        request.g.terminal = terminal
+        return None
 
     @app.errorhandler(404)
     async def not_found(request):
@@ -107,6 +228,7 @@ def create_app(gw: Gateway) -> Microdot:
             return None, error(404, "unknown_lane", exc.args[0])
 
     @app.get("/health")
+    @needs(None)
     async def health(request):
         backlog = await gw.journal.backlog()
         rules = gw.rules.current
@@ -114,15 +236,18 @@ def create_app(gw: Gateway) -> Microdot:
                 "backlog": backlog["depth"], "uplink": "online" if gw.uplink.state.connected else "offline"}
 
     @app.get("/status")
+    @needs("read")
     async def status(request):
         return await gw.status()
 
     @app.get("/lanes")
+    @needs("read")
     async def lanes(request):
         return {"lanes": [{"id": l.id, "reader": l.reader.kind if l.reader else "terminal"}
                           for l in gw.lanes.values()]}
 
     @app.get("/lanes/<lane_id>/member")
+    @needs("lane_read")
     async def member(request, lane_id):
         lane, err = lane_or_404(lane_id)
         if err:
@@ -131,26 +256,35 @@ def create_app(gw: Gateway) -> Microdot:
         return {"lane": lane.id, "member": current.public() if current else None}
 
     @app.get("/lanes/<lane_id>/events")
+    @needs("lane_read")
     async def events(request, lane_id):
         lane, err = lane_or_404(lane_id)
         if err:
             return err
-        return sse_response(request, _event_stream, lane)
+        return sse_response(request, _event_stream, lane, request.headers.get("Last-Event-ID"))
 
-    async def _event_stream(request, sse, lane):
+    async def _event_stream(request, sse, lane, last_event_id):
+        """Events after ``Last-Event-ID`` first (a POS that reconnects misses
+        none and sees none twice), then live ones, each with its id."""
         queue: asyncio.Queue = asyncio.Queue(maxsize=32)
+        # Subscribed and the backlog taken in one step (no await between):
+        # every event is either in the backlog or comes through the queue.
         lane.listeners.add(queue)
+        backlog = lane.events_after(last_event_id)
         try:
+            for event in backlog:
+                await sse.send(dict(event), event=event["type"], event_id=event.id)
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout=15)
-                    await sse.send(event, event=event["type"])
+                    await sse.send(dict(event), event=event["type"], event_id=event.id)
                 except TimeoutError:
                     await sse.send("keepalive", comment=True)
         finally:
             lane.listeners.discard(queue)
 
     @app.post("/lanes/<lane_id>/taps")
+    @needs("tap")
     async def tap(request, lane_id):
         lane, err = lane_or_404(lane_id)
         if err:
@@ -180,14 +314,9 @@ def create_app(gw: Gateway) -> Microdot:
         except PricingError as exc:
             # Malformed input is 400; a well-formed request the rules refuse is 422.
             status = 400 if exc.code.endswith("_invalid") else 422
-            body, _ = error(status, exc.code, str(exc))
-            body["error"].update({"field": exc.field, "text": exc.text})
-            return body, status
+            return error(status, exc.code, str(exc), text=exc.text, field=exc.field)
         except CounterError as exc:
-            body, _ = error(exc.status, exc.code, str(exc))
-            if exc.text:
-                body["error"]["text"] = exc.text
-            return body, exc.status
+            return error(exc.status, exc.code, str(exc), text=exc.text)
         except NoMember as exc:
             return error(409, "no_member", str(exc))
         except QuoteChanged as exc:
@@ -203,7 +332,7 @@ def create_app(gw: Gateway) -> Microdot:
             return body, (200 if result.duplicate else 201)
         return result
 
-    def with_lane(handler):
+    def with_lane(action: str, handler):
         async def route(request, lane_id, **url_args):
             lane, err = lane_or_404(lane_id)
             if err:
@@ -212,39 +341,42 @@ def create_app(gw: Gateway) -> Microdot:
                 body = _json_body(request)
             except engine.BasketError as exc:
                 return error(400, "bad_request", str(exc))
-            return await handler(lane, body, **url_args)
+            return await handler(lane, body, request.g.terminal, **url_args)
         route.__name__ = handler.__name__
-        return route
+        return needs(action)(route)
 
-    async def _quote(lane, body):
+    async def _quote(lane, body, terminal):
         return await answer(lambda: gw.quote(lane.id, body))
 
-    async def _sale(lane, body):
-        return await answer(lambda: gw.commit_sale(lane.id, body))
+    async def _sale(lane, body, terminal):
+        return await answer(lambda: gw.counter.sale(lane.id, body, terminal=terminal))
 
-    async def _topup(lane, body):
-        return await answer(lambda: gw.counter.topup(lane.id, body))
+    async def _topup(lane, body, terminal):
+        return await answer(lambda: gw.counter.topup(lane.id, body, terminal=terminal))
 
-    async def _package_use(lane, body, package_id):
-        return await answer(lambda: gw.counter.use_package(lane.id, package_id, body))
+    async def _package_use(lane, body, terminal, package_id):
+        return await answer(lambda: gw.counter.use_package(lane.id, package_id, body, terminal=terminal))
 
-    app.post("/lanes/<lane_id>/quote")(with_lane(_quote))
-    app.post("/lanes/<lane_id>/sales")(with_lane(_sale))
-    app.post("/lanes/<lane_id>/topups")(with_lane(_topup))
-    app.post("/lanes/<lane_id>/packages/<package_id>/uses")(with_lane(_package_use))
+    app.post("/lanes/<lane_id>/quote")(with_lane("quote", _quote))
+    app.post("/lanes/<lane_id>/sales")(with_lane("sale", _sale))
+    app.post("/lanes/<lane_id>/topups")(with_lane("topup", _topup))
+    app.post("/lanes/<lane_id>/packages/<package_id>/uses")(with_lane("package_use", _package_use))
 
-    def store_wide(operation):
+    def store_wide(action: str, operation):
         """A route for a counter operation that belongs to no lane."""
         async def route(request):
             try:
                 body = _json_body(request)
             except engine.BasketError as exc:
                 return error(400, "bad_request", str(exc))
-            return await answer(lambda: operation(body))
+            return await answer(lambda: operation(body, terminal=request.g.terminal))
         route.__name__ = operation.__name__
-        return route
+        return needs(action)(route)
 
-    app.post("/returns")(store_wide(gw.counter.sale_return))
-    app.post("/cards/services")(store_wide(gw.counter.card_service))
+    async def sale_return(body, *, terminal: Terminal):
+        return await gw.counter.sale_return(body, terminal=terminal, pos_return_max_fen=pos_return_max)
+
+    app.post("/returns")(store_wide("return", sale_return))
+    app.post("/cards/services")(store_wide("card_service", gw.counter.card_service))
 
     return app

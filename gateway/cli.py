@@ -1,7 +1,9 @@
 """`storegate`: the gateway.
 
     storegate run --config /etc/storegate/gateway.toml
-    storegate status [--config FILE | --url http://127.0.0.1:8080]
+    storegate status [--config FILE | --url http://127.0.0.1:8080 --token-file F]
+    storegate terminals add ID --role pos|lane_terminal|service_desk|manager --lanes 1,2 --config FILE
+    storegate terminals list|revoke ID --config FILE
     storegate demo
     storegate devices [--json]    # PC/SC readers and input devices, with the config lines selecting them
 """
@@ -31,8 +33,12 @@ async def serve(cfg: dict, *, ready=None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from gateway import terminals as gw_terminals
+
+    registry = gw_terminals.Terminals(gw_terminals.default_path(cfg))
     async with Gateway(cfg) as gw:
-        app = create_app(gw)
+        app = create_app(gw, registry)  # refuses to serve without terminal credentials
+        gw_terminals.write_cli_token(cfg, registry)  # for `storegate status` on this box
         server = asyncio.create_task(app.start_server(host=cfg["api"]["host"], port=cfg["api"]["port"]))
         logging.getLogger("storegate").info("POS API on %s:%s (event loop: %s)", cfg["api"]["host"],
                                             cfg["api"]["port"], type(loop).__module__.split(".")[0])
@@ -47,17 +53,34 @@ async def serve(cfg: dict, *, ready=None) -> None:
 
 
 def _status(args) -> int:
-    url = args.url
-    if url is None:
-        if args.config:
-            from gateway import config as gw_config
-            cfg = gw_config.load(args.config)
+    from gateway import terminals as gw_terminals
+
+    url, token = args.url, None
+    if args.token_file:
+        try:
+            token = open(args.token_file).read().strip()
+        except OSError as exc:
+            print(f"--token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    if args.config:
+        from gateway import config as gw_config
+        cfg = gw_config.load(args.config)
+        if url is None:
             host = cfg["api"]["host"]
-            url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{cfg['api']['port']}"
-        else:
-            url = "http://127.0.0.1:8080"
+            scheme = "https" if "tls" in cfg["api"] else "http"
+            url = f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{cfg['api']['port']}"
+        token = token or gw_terminals.read_cli_token(cfg)
+        if token is None:
+            print(f"no credential to ask the gateway with: {gw_terminals.cli_token_path(cfg)} is missing or "
+                  "unreadable (the running gateway writes it; run this as root or the storegate user)",
+                  file=sys.stderr)
+            return 2
+    url = url or "http://127.0.0.1:8080"
+
     def fetch() -> dict:
-        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as resp:
+        request = urllib.request.Request(url.rstrip("/") + "/status",
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        with urllib.request.urlopen(request, timeout=5, context=_tls_context(url)) as resp:
             return json.load(resp)
 
     try:
@@ -68,11 +91,64 @@ def _status(args) -> int:
         print(render_status(status))
         if args.watch:
             _watch_drain(fetch, status)
+    except urllib.error.HTTPError as exc:
+        print(f"gateway at {url} refused: HTTP {exc.code} {exc.read()[:300].decode(errors='replace')}",
+              file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"gateway at {url} is not answering: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print()
+    return 0
+
+
+def _tls_context(url: str):
+    """The box's own API over HTTPS: its certificate is the store's, often
+    self-signed, and we are talking to 127.0.0.1, so it is not verified."""
+    if not url.startswith("https:"):
+        return None
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _terminals(args) -> int:
+    from gateway import config as gw_config
+    from gateway import terminals as gw_terminals
+
+    cfg = gw_config.load(args.config)
+    path = gw_terminals.default_path(cfg)
+    try:
+        if args.action == "add":
+            lanes = [lane.strip() for lane in (args.lanes or "").split(",") if lane.strip()]
+            known = {lane["id"] for lane in cfg["lanes"]}
+            unknown = [lane for lane in lanes if lane != gw_terminals.ALL_LANES and lane not in known]
+            if unknown:
+                print(f"--lanes: this store has no lane {', '.join(unknown)} (lanes: {', '.join(sorted(known))})",
+                      file=sys.stderr)
+                return 2
+            token = gw_terminals.add(path, args.id, args.role, lanes)
+            print(f"terminal {args.id} ({args.role}, lanes {', '.join(lanes)}) added to {path}.\n"
+                  f"Its token, shown once (configure it on the terminal; it sends "
+                  f"'Authorization: Bearer <token>'):\n{token}")
+        elif args.action == "revoke":
+            t = gw_terminals.revoke(path, args.id)
+            print(f"terminal {t.id} revoked; the running gateway refuses it within a second")
+        else:
+            rows = sorted(gw_terminals.read_file(path).values(), key=lambda t: t.id)
+            if args.json:
+                print(json.dumps([t.public() for t in rows], indent=2))
+            else:
+                print(f"{'terminal':<20} {'role':<14} {'lanes':<16} state")
+                for t in rows:
+                    state = "revoked" if t.revoked_at else "active"
+                    print(f"{t.id:<20} {t.role:<14} {','.join(t.lanes):<16} {state}")
+    except gw_terminals.TerminalsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     return 0
 
 
@@ -139,9 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="show the running gateway's status")
     st.add_argument("--config")
     st.add_argument("--url")
+    st.add_argument("--token-file", help="a terminal token to ask with (default: the gateway's CLI token)")
     st.add_argument("--json", action="store_true")
     st.add_argument("--watch", action="store_true", help="show a progress bar until the backlog has drained")
     demo = sub.add_parser("demo", help="run a whole store on this machine with simulated readers")
+    term = sub.add_parser("terminals", help="POS terminal credentials: add, list, revoke")
+    term.add_argument("action", choices=["add", "list", "revoke"])
+    term.add_argument("id", nargs="?")
+    term.add_argument("--role", choices=["pos", "lane_terminal", "service_desk", "manager"])
+    term.add_argument("--lanes", help="comma-separated lane ids, or '*' for every lane")
+    term.add_argument("--json", action="store_true")
+    term.add_argument("--config", required=True)
     dev = sub.add_parser("devices", help="list PC/SC readers and input devices with the config line for each")
     dev.add_argument("--json", action="store_true")
     dev.add_argument("--input-dir", default="/dev/input", help=argparse.SUPPRESS)  # for tests
@@ -151,6 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         try:
             return _status(args)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+    if args.command == "terminals":
+        if args.action in ("add", "revoke") and not args.id:
+            parser.error(f"terminals {args.action}: give the terminal id")
+        if args.action == "add" and not args.role:
+            parser.error("terminals add: --role is required")
+        try:
+            return _terminals(args)
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return 2
@@ -167,6 +261,15 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg["logging"]["level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from gateway.terminals import Terminals, TerminalsError, default_path
+    try:
+        if not Terminals(default_path(cfg)).configured():  # before anything starts: say how, and stop
+            raise TerminalsError(
+                f"api.terminals_file: no POS terminal credentials in {default_path(cfg)}; add one with "
+                f"`storegate terminals add pos-1 --role pos --lanes 1,2 --config {args.config}`")
+    except TerminalsError as exc:
+        print(f"config error in {args.config}: {exc}", file=sys.stderr)
+        return 2
     eventloop.run(serve(cfg))
     return 0
 

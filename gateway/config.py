@@ -33,9 +33,46 @@ GATEWAY_CONFIG_SCHEMA = {
             "properties": {
                 "host": {"type": "string", "default": "0.0.0.0"},
                 "port": {"type": "integer", "minimum": 0, "maximum": 65535, "default": 8080},
-                "token": {"type": "string", "minLength": 16,
-                          "description": "POS terminals send 'Authorization: Bearer <token>'"},
+                "terminals_file": {"type": "string", "minLength": 1,
+                                   "description": "the POS terminals' credentials (hashed), managed with "
+                                                  "`storegate terminals add|list|revoke`; default "
+                                                  "<data_dir>/terminals.json"},
                 "member_hold_s": {"type": "integer", "minimum": 10, "default": 300},
+                "max_connections": {"type": "integer", "minimum": 4, "maximum": 10000, "default": 256,
+                                    "description": "open connections at once; more are answered 503 and closed"},
+                "max_connections_per_host": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 32},
+                "header_timeout_s": {"type": "number", "minimum": 0.1, "maximum": 120, "default": 5,
+                                     "description": "time a client has to send its request line and headers"},
+                "body_timeout_s": {"type": "number", "minimum": 0.1, "maximum": 120, "default": 10,
+                                   "description": "time a client has to send its request body"},
+                "max_header_bytes": {"type": "integer", "minimum": 1024, "maximum": 65536, "default": 16384},
+                "max_body_bytes": {"type": "integer", "minimum": 1024, "maximum": 4194304, "default": 262144,
+                                   "description": "a 500-line basket is about 70 KB"},
+                "max_event_streams": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 64,
+                                      "description": "server-sent event streams open at once"},
+                "allowed_hosts": {"type": "array", "items": {"type": "string", "minLength": 1}, "default": [],
+                                  "description": "Host header values accepted besides the API's own address, "
+                                                 "localhost and this box's host name (e.g. a DNS name for the box)"},
+                "cors_origins": {"type": "array", "items": {"type": "string", "pattern": "^https?://[^/]+$"},
+                                 "default": [],
+                                 "description": "origins of browser-based POS allowed to call the API; "
+                                                "empty: no cross-origin calls (CORS off)"},
+                "tls": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["cert_file", "key_file"],
+                    "properties": {
+                        "cert_file": {"type": "string", "minLength": 1},
+                        "key_file": {"type": "string", "minLength": 1},
+                    },
+                    "description": "serve the POS API over HTTPS with this certificate",
+                },
+                "pos_return_max_fen": {"type": "integer", "minimum": 0, "default": 20000,
+                                       "description": "a POS may refund up to this much (fen) per return of a "
+                                                      "sale made on its lanes; larger returns need the service desk"},
+                "auth_failures_per_minute": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 10,
+                                             "description": "failed log-ins from one address before it is "
+                                                            "refused (429) for a minute"},
             },
         },
         "uplink": {

@@ -45,12 +45,15 @@ from gateway.texts import reason_text
 
 if TYPE_CHECKING:
     from gateway.service import Gateway, Lane
+    from gateway.terminals import Terminal
 
 log = logging.getLogger("storegate.counter")
 
 RETURN_WINDOW_DAYS = 90
 JOURNALED = ("sale", "return", "topup", "package_use", "card_op")
 LOCAL_DENY = {"lost", "frozen", "replaced"}  # take effect here at once; unfreeze waits for HQ
+LOCAL_CALLER = "local"  # the terminal of operations called in-process (demo, tools), not over the API
+PAYMENT_METHODS = ("cash", "bank_card", "wechat", "alipay", "unionpay", "other")
 
 ARCHIVE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -70,6 +73,13 @@ CREATE TABLE IF NOT EXISTS card_status (
     seq INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS topups (
+    seq INTEGER PRIMARY KEY,
+    day TEXT NOT NULL,
+    terminal TEXT NOT NULL,
+    pay_fen INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS topups_day ON topups(day, terminal);
 """
 
 
@@ -121,6 +131,10 @@ class CounterArchive:
             if type_ in ("sale", "return"):
                 db.execute("INSERT OR IGNORE INTO records(seq, id, type, ts, sale_seq, body) VALUES (?,?,?,?,?,?)",
                            (seq, tx_id, type_, ts_ms, body.get("sale_seq"), zlib.compress(orjson.dumps(body), 1)))
+            elif type_ == "topup":
+                db.execute("INSERT OR IGNORE INTO topups(seq, day, terminal, pay_fen) VALUES (?,?,?,?)",
+                           (seq, body.get("day") or "", body.get("terminal") or LOCAL_CALLER,
+                            body.get("pay_fen", 0)))
             elif type_ == "card_op":
                 op, card = body.get("op"), body.get("card_no")
                 if body.get("status_after") in LOCAL_DENY:
@@ -150,6 +164,11 @@ class CounterArchive:
         return [orjson.loads(zlib.decompress(b)) for (b,) in self._db.execute(
             "SELECT body FROM records WHERE sale_seq=? AND type='return' ORDER BY seq", (sale_seq,))]
 
+    def topups_paid(self, day: str, terminal: str) -> int:
+        """Fen one terminal took as top-ups on a day."""
+        return self._db.execute("SELECT COALESCE(SUM(pay_fen), 0) FROM topups WHERE day=? AND terminal=?",
+                                (day, terminal)).fetchone()[0]
+
     def card_status(self, card_no: str) -> tuple[str, str | None] | None:
         row = self._db.execute("SELECT status, replaced_by FROM card_status WHERE card_no=?", (card_no,)).fetchone()
         return (row[0], row[1]) if row else None
@@ -162,11 +181,46 @@ class CounterArchive:
         return cur.rowcount
 
 
-def _key(request: dict, what: str) -> str:
+def _key(request: dict, what: str, terminal: "Terminal | None") -> str:
+    """The request's idempotency key, scoped to the terminal that sent it:
+    one terminal's key can neither replay nor block another's."""
     key = request.get("idempotency_key")
     if not isinstance(key, str) or not 8 <= len(key) <= 128:
         raise engine.BasketError(f"idempotency_key: required, a string of 8-128 characters unique per {what}")
-    return key
+    return f"{terminal.id if terminal else LOCAL_CALLER}/{key}"
+
+
+def _payment(payment) -> dict:
+    """How a top-up was paid: money in the till must match money on the card."""
+    if not isinstance(payment, dict) or payment.get("method") not in PAYMENT_METHODS:
+        raise engine.BasketError(f"payment.method: required, one of {', '.join(PAYMENT_METHODS)}")
+    ref = payment.get("reference")
+    if set(payment) - {"method", "reference"} or (ref is not None and not (
+            isinstance(ref, str) and 1 <= len(ref) <= 64 and ref.isascii() and ref.isprintable())):
+        raise engine.BasketError("payment: {method, reference?}; reference up to 64 printable ASCII characters")
+    return {"method": payment["method"], **({"reference": ref} if ref is not None else {})}
+
+
+def _pos_may_return(terminal: "Terminal", original: dict, record: dict, limit: int | None) -> None:
+    """A POS returns only its own lanes' sales, and only small ones."""
+    if not terminal.serves(str(original.get("lane"))):
+        raise CounterError("return_other_lane", f"sale was made on lane {original.get('lane')}; terminal "
+                           f"{terminal.id} serves lanes {', '.join(terminal.lanes)}: use the service desk", 403,
+                           {"zh-CN": "此笔销售不是在本收银台完成的，请到服务台办理退货",
+                            "en": "This sale was made at another lane; please handle the return at the service desk"})
+    refund = record["totals"]["refund_fen"]
+    if limit is not None and refund > limit:
+        raise CounterError("return_needs_service_desk", f"refund {refund} fen is over the POS limit of {limit} "
+                           "fen (api.pos_return_max_fen): use the service desk", 403,
+                           {"zh-CN": "退款金额超出收银台权限，请到服务台办理",
+                            "en": "This refund is above the lane's limit; please handle it at the service desk"})
+
+
+def _account_of(member: engine.Verdict | None) -> str | None:
+    """Whose balances an operation spends: the primary's for a 附属卡."""
+    if member is None or member.member is None:
+        return None
+    return member.member.get("account_id") or member.member.get("member_id")
 
 
 def _only(request: dict, allowed: set[str]) -> None:
@@ -239,6 +293,25 @@ class Counter:
             self._unapplied.pop(0)
         self.faults = []
 
+    def _topup_within_caps(self, policy: dict, record: dict, terminal: "Terminal | None") -> None:
+        """The rules' caps on one top-up and on one terminal's top-ups a day."""
+        sv = policy.get("stored_value", {})
+        pay = record["pay_fen"]
+        one_max = sv.get("topup_max_fen", 500_000)
+        if pay > one_max:
+            raise CounterError("topup_over_limit", f"top-up of {pay} fen is over the limit of {one_max} fen "
+                               "(stored_value.topup_max_fen)", 422,
+                               {"zh-CN": "单笔充值金额超出上限", "en": "This top-up is above the limit for one top-up"})
+        who = terminal.id if terminal else LOCAL_CALLER
+        day_max = sv.get("topup_max_per_terminal_day_fen", 2_000_000)
+        taken = self.archive.topups_paid(self.gw.now().date().isoformat(), who)
+        if taken + pay > day_max:
+            raise CounterError("topup_terminal_day_limit", f"terminal {who} took {taken} fen of top-ups today; "
+                               f"{pay} more is over its daily limit of {day_max} fen "
+                               "(stored_value.topup_max_per_terminal_day_fen)", 422,
+                               {"zh-CN": "本收银台今日充值总额已达上限，请联系店长",
+                                "en": "This till has reached today's top-up limit; please call the manager"})
+
     def _day(self, ts_ms: int) -> str:
         return datetime.fromtimestamp(ts_ms / 1000, self.gw.tz).date().isoformat()
 
@@ -285,6 +358,31 @@ class Counter:
             lock = self._locks[name] = asyncio.Lock()
         return lock
 
+    @contextlib.asynccontextmanager
+    async def _locked_member(self, lane: "Lane", request: dict, *, required: bool = False):
+        """The lane's member, read and validated while its account's lock is
+        held; the caller prices and journals before the lock is let go.
+
+        Balances, daily usage and card status must be read inside the lock:
+        a read taken before waiting misses what the lane ahead just spent, so
+        two lanes could both spend the same balance or daily allowance. The
+        lock is the account's, so a primary card and its 附属卡 share it. A
+        member without an account (not in the snapshot) can spend nothing
+        and is not locked."""
+        while True:
+            account = _account_of(self.member(lane, request, required=required))  # which lock to wait for
+            if account is None:
+                self._settle()
+                yield self.member(lane, request, required=required)
+                return
+            async with self._lock(f"account:{account}"):
+                self._settle()  # the local writes of the operation ahead must count before we read
+                member = self.member(lane, request, required=required)
+                if _account_of(member) == account:
+                    yield member
+                    return
+            # A new snapshot moved the card to another account while we waited: lock that one.
+
     # -- pricing context ----------------------------------------------------------
 
     def _policy(self) -> tuple[dict, Any]:
@@ -297,11 +395,11 @@ class Counter:
     def _quote(self, lane: "Lane", request: dict, member: engine.Verdict | None) -> dict:
         policy, rules = self._policy()
         now = self.gw.now()
-        age = int(now.timestamp()) - rules.issued_at if rules else 0
+        ages = engine.offline_ages(rules, now) if rules else {}  # the same ages the tap's verdict used
         store_cfg = self.gw.config["store"]
         return pricing.quote(request.get("lines"), engine.member_context(member), policy, now,
                              store=self.gw.store_id, region=store_cfg.get("region"),
-                             tender=request.get("tender"), rules_age_s=age)
+                             tender=request.get("tender"), **ages)
 
     def quote(self, lane_id: str, request: dict) -> dict:
         lane = self.gw.lane(lane_id)
@@ -314,9 +412,10 @@ class Counter:
     # -- journaled operations -------------------------------------------------
 
     async def _journal(self, type_: str, key: str, idem: dict, body: dict, response: dict,
-                       account: str | None) -> Appended:
+                       account: str | None, terminal: "Terminal | None") -> Appended:
         now = self.gw.now()
-        body = {**body, "account_id": account, "day": now.date().isoformat()}
+        body = {**body, "account_id": account, "day": now.date().isoformat(),
+                "terminal": terminal.id if terminal else LOCAL_CALLER}
         result = await self.gw.journal.append(type_, body, idempotency_key=key, request=idem, response=response)
         if not result.duplicate:
             # Same loop turn as the append's completion: nothing else sees the
@@ -325,21 +424,19 @@ class Counter:
             self._apply_or_hold(result.seq, result.id, type_, int(self.gw.clock() * 1000), body)
         return result
 
-    async def sale(self, lane_id: str, request: dict) -> Appended:
+    async def sale(self, lane_id: str, request: dict, *, terminal: "Terminal | None" = None) -> Appended:
         lane = self.gw.lane(lane_id)
         _only(request, {"lines", "member", "tender", "idempotency_key", "expected_total"})
-        key = _key(request, "sale")
+        key = _key(request, "sale", terminal)
         idem = {k: request.get(k) for k in ("lines", "member", "tender", "expected_total")} | {"lane": lane.id}
         earlier = await self.gw.journal.lookup(key, idem)
         if earlier:
             return earlier  # a retry: the first answer, whatever changed since
-        self._settle()
-        member = self.member(lane, request)
-        account = member.member.get("account_id") if member else None
-        async with self._lock(f"account:{account}") if account else contextlib.nullcontext():
+        async with self._locked_member(lane, request) as member:
             earlier = await self.gw.journal.lookup(key, idem)
             if earlier:
                 return earlier
+            account = member.member.get("account_id") if member else None
             q = self._quote(lane, request, member)
             expected = request.get("expected_total")
             if expected is not None and expected != q["total"]:
@@ -349,18 +446,21 @@ class Counter:
             response = {"lane": lane.id, "total": q["total"], "discount": q["discount"],
                         "tender": q["tender"], "points_earned": q["points"]["earned"],
                         "balances_after": q["balances_after"], "receipt": q["receipt"]}
-            result = await self._journal("sale", key, idem, body, response, account)
+            result = await self._journal("sale", key, idem, body, response, account, terminal)
         if not result.duplicate:
             self.gw.stats["sales"] += 1
             lane.member = None  # the member's visit ends with the sale
             lane.publish({"type": "sale", "lane": lane.id, "seq": result.seq, "total": q["total"]})
         return result
 
-    async def sale_return(self, request: dict) -> Appended:
+    async def sale_return(self, request: dict, *, terminal: "Terminal | None" = None,
+                          pos_return_max_fen: int | None = None) -> Appended:
         """A full or partial return referencing the original sale by its
-        journal ``sale_seq`` or transaction ``sale_id`` (both on the receipt)."""
+        journal ``sale_seq`` or transaction ``sale_id`` (both on the receipt).
+        A POS may return only sales made on its own lanes, up to
+        ``pos_return_max_fen``; the service desk returns any sale."""
         _only(request, {"idempotency_key", "sale_seq", "sale_id", "lines"})
-        key = _key(request, "return")
+        key = _key(request, "return", terminal)
         if ("sale_seq" in request) == ("sale_id" in request):
             raise engine.BasketError("give exactly one of sale_seq (the sale's number) or sale_id")
         ref = {"seq": request["sale_seq"]} if "sale_seq" in request else {"id": request["sale_id"]}
@@ -387,52 +487,59 @@ class Counter:
             policy, _rules = self._policy()
             r = pricing.return_quote(original, request.get("lines"), self.archive.returns_of(sale_seq),
                                      policy, self.gw.now())
+            if terminal is not None and terminal.role != "service_desk":
+                _pos_may_return(terminal, original, r["record"], pos_return_max_fen)
             body = {**r["record"], "sale_seq": sale_seq, "sale_id": sale_id, "idempotency_key": key}
             response = {"sale_seq": sale_seq, "totals": r["totals"], "receipt": r["receipt"]}
-            return await self._journal("return", key, idem, body, response, original.get("account_id"))
+            return await self._journal("return", key, idem, body, response, original.get("account_id"), terminal)
 
-    async def topup(self, lane_id: str, request: dict) -> Appended:
+    async def topup(self, lane_id: str, request: dict, *, terminal: "Terminal | None" = None) -> Appended:
         lane = self.gw.lane(lane_id)
-        _only(request, {"idempotency_key", "package_id", "amount_fen"})
-        key = _key(request, "top-up")
+        _only(request, {"idempotency_key", "package_id", "amount_fen", "payment"})
+        key = _key(request, "top-up", terminal)
         idem = {k: request.get(k) for k in ("package_id", "amount_fen")} | {"lane": lane.id}
-        return await self._member_op(lane, key, idem, "topup", lambda policy, ctx: pricing.topup(
-            policy, ctx, package_id=request.get("package_id"), amount_fen=request.get("amount_fen"),
-            now=self.gw.now()))
+        payment = _payment(request.get("payment"))
+        idem["payment"] = payment
 
-    async def use_package(self, lane_id: str, package_id: str, request: dict) -> Appended:
+        def build(policy, ctx):
+            out = pricing.topup(policy, ctx, package_id=request.get("package_id"),
+                                amount_fen=request.get("amount_fen"), now=self.gw.now())
+            self._topup_within_caps(policy, out["record"], terminal)
+            return {**out, "record": {**out["record"], "payment": payment}}
+        return await self._member_op(lane, key, idem, "topup", build, terminal)
+
+    async def use_package(self, lane_id: str, package_id: str, request: dict, *,
+                          terminal: "Terminal | None" = None) -> Appended:
         lane = self.gw.lane(lane_id)
         _only(request, {"idempotency_key", "uses"})
-        key = _key(request, "package use")
+        key = _key(request, "package use", terminal)
         uses = request.get("uses", 1)
         idem = {"package_id": package_id, "uses": uses, "lane": lane.id}
         return await self._member_op(lane, key, idem, "package_use", lambda policy, ctx: pricing.consume_package(
-            policy, ctx, package_id, uses, now=self.gw.now()))
+            policy, ctx, package_id, uses, now=self.gw.now()), terminal)
 
-    async def _member_op(self, lane: "Lane", key: str, idem: dict, type_: str, build) -> Appended:
+    async def _member_op(self, lane: "Lane", key: str, idem: dict, type_: str, build,
+                         terminal: "Terminal | None" = None) -> Appended:
         earlier = await self.gw.journal.lookup(key, idem)
         if earlier:
             return earlier
-        self._settle()
-        member = self.member(lane, {"member": True}, required=True)
-        account = member.member.get("account_id") or member.member.get("member_id")
-        async with self._lock(f"account:{account}"):
+        async with self._locked_member(lane, {"member": True}, required=True) as member:
             earlier = await self.gw.journal.lookup(key, idem)
             if earlier:
                 return earlier
-            member = self.member(lane, {"member": True}, required=True)  # after waiting: current balances
+            account = _account_of(member)
             policy, _rules = self._policy()
             out = build(policy, engine.member_context(member))
             body = {**out["record"], "lane": lane.id, "idempotency_key": key}
             response = {"lane": lane.id, "record": {k: v for k, v in out["record"].items() if k != "card_no"},
                         "receipt": out["receipt"]}
-            return await self._journal(type_, key, idem, body, response, account)
+            return await self._journal(type_, key, idem, body, response, account, terminal)
 
-    async def card_service(self, request: dict) -> Appended:
+    async def card_service(self, request: dict, *, terminal: "Terminal | None" = None) -> Appended:
         """Issue, report lost, freeze, unfreeze, replace, annual fee: at the
         service desk, by card number (a lost card cannot be tapped)."""
         _only(request, {"idempotency_key", "kind", "card_no", "new_card_no", "reason"})
-        key = _key(request, "card service")
+        key = _key(request, "card service", terminal)
         kind, card = request.get("kind"), request.get("card_no")
         if not isinstance(card, str) or not card.isdigit() or not 6 <= len(card) <= 19:
             raise engine.BasketError("card_no: required, the card's number (6-19 digits)")
@@ -459,5 +566,5 @@ class Counter:
         body = {**out["record"], "reason": request.get("reason"), "idempotency_key": key}
         response = {"kind": kind, "card": engine.mask_card(card), "fee_fen": out["record"]["fee_fen"],
                     "status_after": out["record"]["status_after"], "receipt": out["receipt"]}
-        return await self._journal("card_op", key, idem, body, response, None)
+        return await self._journal("card_op", key, idem, body, response, None, terminal)
 

@@ -11,6 +11,7 @@ was told is committed is in HQ's database exactly once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 import sqlite3
@@ -22,7 +23,8 @@ from pathlib import Path
 from gateway import config as gw_config
 from gateway.api import create_app
 from gateway.service import Gateway
-from gateway.testbed import EmbeddedBroker, LinkProxy, MosquittoBroker, free_port, http_json, mosquitto_path
+from gateway.testbed import (EmbeddedBroker, LinkProxy, MosquittoBroker, free_port, http_json, mosquitto_path,
+                             provision_terminals)
 from hq_bridge.bridge import Bridge
 from hq_bridge.ledger import Ledger
 from hq_bridge import keys as hq_keys
@@ -104,12 +106,16 @@ async def run_demo(keep: bool = False) -> int:
             "store": {"id": STORE, "region": "east", "data_dir": str(workdir / "store")},
             "mqtt": {"host": "127.0.0.1", "port": proxy.port, "keepalive": 5},
             "rules": {"hq_public_keys": [hq_public_key]},
-            "api": {"host": "127.0.0.1", "port": api_port},
+            "api": {"host": "127.0.0.1", "port": api_port,
+                    "terminals_file": str(workdir / "store" / "terminals.json")},
             "uplink": {"resend_after_s": 3, "status_interval_s": 2},
             "lanes": [{"id": lane, "reader": "simulated", "indicator": "gpio",
                        "gpio": {"green": 17, "red": 27, "buzzer": 22, "status": 23, "mock": True}}
                       for lane in ("1", "2", "3")],
         }, "demo config")
+        # The store's terminals: one credential per role (a real store: `storegate terminals add`).
+        tokens = provision_terminals(workdir / "store" / "terminals.json")
+        pos_call = functools.partial(http_json, token=tokens["pos"])
         async with Gateway(cfg) as gw:
             app = create_app(gw)
             tasks.append(asyncio.create_task(app.start_server(host="127.0.0.1", port=api_port)))
@@ -118,13 +124,13 @@ async def run_demo(keep: bool = False) -> int:
 
             committed: dict[str, int] = {}  # tx_id -> seq the POS was told
             print("morning, HQ reachable:")
-            await _visits(gw, api_port, MORNING, committed)
+            await _visits(gw, api_port, MORNING, committed, pos_call)
             await _until(lambda: gw.uplink.state.acked_records >= len(committed), 15, "HQ to ack the morning's sales")
 
             print("\nthe store's internet link drops:")
             proxy.cut()
             await _until(lambda: not gw.uplink.state.connected, 20, "the gateway to notice the outage")
-            await _visits(gw, api_port, OFFLINE, committed)
+            await _visits(gw, api_port, OFFLINE, committed, pos_call)
             backlog = (await gw.journal.backlog())["depth"]
             _say(f"backlog while offline: {backlog} sale(s) journaled, waiting for HQ")
 
@@ -153,7 +159,7 @@ async def run_demo(keep: bool = False) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _visits(gw: Gateway, port: int, visits, committed: dict[str, int]) -> None:
+async def _visits(gw: Gateway, port: int, visits, committed: dict[str, int], http_json) -> None:
     for lane, source, raw, basket, what in visits:
         if source:
             events: asyncio.Queue = asyncio.Queue()

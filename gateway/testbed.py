@@ -315,6 +315,34 @@ class LinkProxy:
             writer.transport.abort()
 
 
+def provision_terminals(path, lanes=("*",)) -> dict[str, str]:
+    """One terminal of each role acting for ``lanes``, written as the
+    terminals file at ``path`` (replacing it): role -> token. The demo's and
+    the tests' credentials; a real store adds its own with `storegate terminals add`."""
+    from pathlib import Path
+
+    from gateway import terminals
+
+    tokens, rows = {}, {}
+    for role in terminals.ROLES:
+        tid, secret = f"test-{role.replace('_', '-')}", terminals.new_secret()
+        rows[tid] = terminals.Terminal(tid, role, tuple(lanes), terminals.digest(secret), int(time.time()))
+        tokens[role] = f"{tid}.{secret}"
+    terminals.write_file(Path(path), rows)
+    return tokens
+
+
+def role_for(method: str, path: str) -> str:
+    """The role a POS-side caller of this endpoint would have."""
+    if path.endswith("/taps"):
+        return "lane_terminal"
+    if path.startswith(("/cards/", "/returns")):
+        return "service_desk"
+    if method == "POST":
+        return "pos"
+    return "manager"
+
+
 def http_json(port: int, method: str, path: str, body=None, *, raw: bytes | None = None,
               token: str | None = None, timeout: float = 10.0) -> tuple[int, dict]:
     """A POS-like HTTP/JSON call to the gateway (blocking; use asyncio.to_thread)."""

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.testbed import free_port, http_json, wait_for_port
+from gateway.testbed import free_port, http_json, provision_terminals, role_for, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -135,6 +135,8 @@ class GatewayProc(Service):
         uplink = {"resend_after_s": 2, "status_interval_s": 1, **(uplink or {})}
         uplink_toml = "".join(f"{k} = {v}\n" for k, v in uplink.items())
         self.data_dir = tmp / "store"
+        self.terminals_file = tmp / "terminals.json"
+        self.tokens = provision_terminals(self.terminals_file)  # role -> token, every lane
         lanes_toml = "".join(f'\n[[lanes]]\nid = "{l}"\nreader = "simulated"\n' for l in lanes)
         key = hq_public_key(tmp)
         rules_toml = f'[rules]\nhq_public_keys = ["{key}"]\n' if key else ""
@@ -149,6 +151,7 @@ keepalive = 5
 [api]
 host = "127.0.0.1"
 port = {self.api_port}
+terminals_file = "{self.terminals_file}"
 [uplink]
 {uplink_toml}
 {rules_toml}
@@ -165,7 +168,10 @@ port = {self.api_port}
             raise AssertionError(f"gateway did not start; its log:\n{self.log()[-3000:]}") from None
         return self
 
-    def call(self, method: str, path: str, body=None, **kw) -> tuple[int, dict]:
+    def call(self, method: str, path: str, body=None, *, role: str | None = None, **kw) -> tuple[int, dict]:
+        """A call as the terminal a POS-side caller of ``path`` would be
+        (``role`` to choose; ``token=None`` or another token to override)."""
+        kw.setdefault("token", self.tokens[role or role_for(method, path)])
         return http_json(self.api_port, method, path, body, **kw)
 
     def status(self) -> dict:
@@ -176,6 +182,28 @@ port = {self.api_port}
         from gateway.journal import read_index
 
         return sorted(read_index(self.data_dir / "journal").pending)
+
+
+def api_client(gw):
+    """The POS API of an in-process Gateway under Microdot's test client,
+    each call made as the terminal a POS-side caller of its path would be
+    (``client.tokens``: role -> token)."""
+    from microdot.test_client import TestClient
+
+    from gateway.api import create_app
+    from gateway.terminals import Terminals
+
+    path = Path(gw.config["store"]["data_dir"]) / "terminals.json"
+    tokens = provision_terminals(path)
+
+    class Client(TestClient):
+        async def request(self, method, path, headers=None, body=None, sock=None):
+            headers = {"Authorization": f"Bearer {tokens[role_for(method, path)]}", **(headers or {})}
+            return await super().request(method, path, headers, body, sock)
+
+    client = Client(create_app(gw, Terminals(path)), host="127.0.0.1:8080")
+    client.tokens = tokens
+    return client
 
 
 def sale_body(key: str, lines=None, member=None) -> dict:

@@ -16,17 +16,17 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from microdot.test_client import TestClient
 
 from gateway import config as gw_config
-from gateway.api import create_app
 from gateway.counter import CounterError
 from gateway.pricing import PricingError
 from gateway.service import Gateway
 from gateway.testbed import free_port
 from hardware.readers import CardRead
 from hq_bridge.rules import _read_doc, read_table_file
-from tests.support import ROOT, install_rules
+from tests.support import ROOT, api_client, install_rules
+
+CASH = {"method": "cash"}  # how a top-up was paid
 
 EXAMPLES = ROOT / "deploy" / "examples"
 T0 = datetime(2026, 11, 25, 15, 0, tzinfo=ZoneInfo("Asia/Shanghai")).timestamp()
@@ -140,8 +140,8 @@ async def test_partial_returns_restore_points_and_balance_exactly(gw):
 async def test_a_retried_operation_answers_once_and_counts_once(gw):
     _p0, balance0 = await balances(gw, GOLD)
     await tap(gw, GOLD)
-    first = await gw.counter.topup("1", {"idempotency_key": "topup-0001", "package_id": "p500"})
-    again = await gw.counter.topup("1", {"idempotency_key": "topup-0001", "package_id": "p500"})
+    first = await gw.counter.topup("1", {"idempotency_key": "topup-0001", "package_id": "p500", "payment": CASH})
+    again = await gw.counter.topup("1", {"idempotency_key": "topup-0001", "package_id": "p500", "payment": CASH})
     assert not first.duplicate and again.duplicate and again.seq == first.seq
     assert first.response["record"]["credit_fen"] == 55000          # 充500送50
     assert (await balances(gw, GOLD))[1] == balance0 + 55000        # credited once
@@ -209,7 +209,7 @@ async def test_local_state_is_rebuilt_from_the_journal_after_a_crash(tmp_path):
 
 
 async def test_pos_api_errors_name_the_field_and_write_nothing(gw):
-    client = TestClient(create_app(gw))
+    client = api_client(gw)
     await tap(gw, DIAMOND)
     depth = await journal_depth(gw)
     cases = [
@@ -218,7 +218,7 @@ async def test_pos_api_errors_name_the_field_and_write_nothing(gw):
         ("/lanes/1/sales", {"idempotency_key": "api-0002", "lines": basket(1000), "tender": {"points": 150}},
          422, None),                                                  # under min_points / not a step
         ("/lanes/1/sales", {"idempotency_key": "api-0003", "lines": basket(1000), "tip": 5}, 400, "bad_request"),
-        ("/lanes/1/topups", {"idempotency_key": "api-0004", "package_id": "p9999"}, 422, "topup_unknown_package"),
+        ("/lanes/1/topups", {"idempotency_key": "api-0004", "package_id": "p9999", "payment": CASH}, 422, "topup_unknown_package"),
         ("/returns", {"idempotency_key": "api-0005", "lines": [{"line": 0, "qty": 1}]}, 400, "bad_request"),
         ("/cards/services", {"idempotency_key": "api-0006", "kind": "explode", "card_no": GOLD}, 400,
          "card_op_invalid"),

@@ -212,6 +212,10 @@ STORED_VALUE = _obj({
     "offline_max_per_tx_fen": {**_FEN, "default": 0, "description": "0: no stored-value payment offline"},
     "offline_max_per_day_fen": {**_FEN, "default": 0},
     "max_sync_age_s": {"type": "integer", "minimum": 0, "maximum": 31_536_000, "default": 86400},
+    "topup_max_fen": {**_FEN, "minimum": 1, "default": 500_000,
+                      "description": "largest single top-up (paid part), 5,000 yuan by default"},
+    "topup_max_per_terminal_day_fen": {**_FEN, "minimum": 1, "default": 2_000_000,
+                                       "description": "top-ups (paid part) one terminal may take in a day"},
     "topup_packages": _table(TOPUP_PACKAGE, default={}),
 }, default={})
 
