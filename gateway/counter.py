@@ -201,13 +201,17 @@ def _payment(payment) -> dict:
     return {"method": payment["method"], **({"reference": ref} if ref is not None else {})}
 
 
-def _pos_may_return(terminal: "Terminal", original: dict, record: dict, limit: int | None) -> None:
-    """A POS returns only its own lanes' sales, and only small ones."""
+def _pos_may_return(terminal: "Terminal", original: dict) -> None:
+    """A POS returns only its own lanes' sales..."""
     if not terminal.serves(str(original.get("lane"))):
         raise CounterError("return_other_lane", f"sale was made on lane {original.get('lane')}; terminal "
                            f"{terminal.id} serves lanes {', '.join(terminal.lanes)}: use the service desk", 403,
                            {"zh-CN": "此笔销售不是在本收银台完成的，请到服务台办理退货",
                             "en": "This sale was made at another lane; please handle the return at the service desk"})
+
+
+def _pos_may_refund(record: dict, limit: int | None) -> None:
+    """...and only small ones."""
     refund = record["totals"]["refund_fen"]
     if limit is not None and refund > limit:
         raise CounterError("return_needs_service_desk", f"refund {refund} fen is over the POS limit of {limit} "
@@ -485,10 +489,13 @@ class Counter:
             if earlier:
                 return earlier
             policy, _rules = self._policy()
+            pos = terminal is not None and terminal.role != "service_desk"
+            if pos:
+                _pos_may_return(terminal, original)
             r = pricing.return_quote(original, request.get("lines"), self.archive.returns_of(sale_seq),
                                      policy, self.gw.now())
-            if terminal is not None and terminal.role != "service_desk":
-                _pos_may_return(terminal, original, r["record"], pos_return_max_fen)
+            if pos:
+                _pos_may_refund(r["record"], pos_return_max_fen)
             body = {**r["record"], "sale_seq": sale_seq, "sale_id": sale_id, "idempotency_key": key}
             response = {"sale_seq": sale_seq, "totals": r["totals"], "receipt": r["receipt"]}
             return await self._journal("return", key, idem, body, response, original.get("account_id"), terminal)

@@ -814,13 +814,14 @@ def test_lane_reader_against_a_real_gateway(tmp_path, broker):
         leds = FakeLeds()
         ticks = iter(range(0, 10_000, 100))
         reader = lr.LaneReader("1", FakeNfc(reads), lambda p, h, b: http_client.http_post(base, p, h, b), leds,
-                               lambda: next(ticks))
+                               lambda: next(ticks), token=gw.tokens["lane_terminal"])
         for _ in range(6):
             reader.step()
         assert leds.shown == ["accept", "deny"]
         assert gw.status()["lanes"]["1"]["taps"] == 2        # held card: one tap; the second card: one
         assert gw.call("GET", "/lanes/1/member")[1]["member"] is None  # the refused card ended the member's visit
-        status, body = http_client.http_post(base, "/lanes/9/taps", {"Content-Type": "application/json"},
+        status, body = http_client.http_post(base, "/lanes/9/taps", {"Content-Type": "application/json",
+                                                                     "Authorization": f"Bearer {gw.tokens['lane_terminal']}"},
                                              b'{"source": "nfc", "raw": "01020304"}')
         assert status == 404 and json.loads(body)["error"]["code"] == "unknown_lane"
     finally:
