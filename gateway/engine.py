@@ -210,6 +210,22 @@ def _expired(record: dict, today: date) -> bool:
 NOT_OFFLINE = {"stored_value": False, "redemption": False, "coupons": False}
 
 
+def offline_ages(rules: Rules, now: datetime) -> dict[str, int]:
+    """How old what the store decides by is, in seconds: the one place the
+    tap (validate) and pricing (the counter passes these to pricing.quote)
+    get the ages for the offline limits from, so they never disagree.
+
+    ``rules_age_s``: since HQ issued the rule set (``max_age_s``).
+    ``sync_age_s``: since HQ last sent the balances, i.e. the older of the
+    rule set and the member snapshot's ``as_of`` (``max_sync_age_s``): fresh
+    rules over a days-old snapshot still mean days-old balances, which other
+    stores may have spent since. A snapshot without ``as_of`` (0) came with
+    the rules."""
+    now_s = int(now.timestamp())
+    as_of = getattr(rules.members, "as_of", None) or rules.issued_at
+    return {"rules_age_s": now_s - rules.issued_at, "sync_age_s": now_s - min(rules.issued_at, as_of)}
+
+
 def validate(source: str, raw: str, rules: Rules | None, now: datetime) -> Verdict:
     """Decide whether a card read identifies a member in good standing
     (wire/RULESET.md "Card status verdicts"). Pure: the member store is the
@@ -230,8 +246,8 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime) -> Verdi
         return _deny_verdict(denied["status"], card_no, denied)
     data = rules.data
     today = now.date()
-    age_s = int(now.timestamp()) - rules.issued_at
-    stale = age_s > data["max_age_s"]
+    ages = offline_ages(rules, now)
+    stale = ages["rules_age_s"] > data["max_age_s"]
     limits = ["rules_stale"] if stale else []
 
     record = members.get(card_no)
@@ -273,12 +289,12 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime) -> Verdi
             account = primary
     if stale and reason == "ok":
         reason = "rules_stale"
-    summary = _summary(record, account, card_no, primary_card, tier, card_type, rules, now, age_s, limits)
+    summary = _summary(record, account, card_no, primary_card, tier, card_type, rules, now, ages, limits)
     return Verdict("accept" if reason == "ok" else "accept_limited", reason, card_no, summary)
 
 
 def _summary(record: dict, account: dict | None, card_no: str, primary_card: str | None, tier: str,
-             card_type: str, rules: Rules, now: datetime, age_s: int, limits: list) -> dict:
+             card_type: str, rules: Rules, now: datetime, ages: dict, limits: list) -> dict:
     data = rules.data
     ct = data["card_types"][card_type]
     out = {
@@ -314,9 +330,8 @@ def _summary(record: dict, account: dict | None, card_no: str, primary_card: str
         return out  # identify and accrue only
 
     sv = data["stored_value"]
-    sync_age = int(now.timestamp()) - min(rules.issued_at, getattr(rules.members, "as_of", None) or rules.issued_at)
     if ct["stored_value"] and sv["offline_max_per_tx_fen"] > 0:
-        if sync_age > sv["max_sync_age_s"]:
+        if ages["sync_age_s"] > sv["max_sync_age_s"]:
             limits.append("sync_stale")
         else:
             out["allowed"]["stored_value"] = True

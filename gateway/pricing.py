@@ -42,11 +42,14 @@ its primary's balance and points (the caller resolves ``primary_card``).
 
 ``now``: an aware datetime *in the store's time zone* (promotion windows,
 member days, birthdays and coupon dates are store-local). ``rules_age_s``:
-now minus the rule set's issue time, for the staleness limits.
+now minus the rule set's issue time; ``sync_age_s``: now minus when HQ last
+sent the balances (the older of the rule set and the member snapshot; None:
+the same as ``rules_age_s``). The counter takes both from
+``engine.offline_ages``, as the tap's verdict does.
 
 Public functions and return shapes
 ----------------------------------
-``quote(lines, member, policy, now, *, store, region, tender=None, rules_age_s=0)``
+``quote(lines, member, policy, now, *, store, region, tender=None, rules_age_s=0, sync_age_s=None)``
   lines: ``[{"sku", "qty", "unit_price" (fen), "name"?, "category"?}]``;
   tender: ``{"points": n, "stored_value_fen": x, "coupons": [codes]}`` or None.
   Returns::
@@ -132,6 +135,12 @@ most the amount due, the balance, ``offline_max_per_tx_fen`` and what is left
 of ``offline_max_per_day_fen``; refused past ``max_sync_age_s`` (or
 ``max_age_s``). Limited members get neither, nor coupons; nor does anyone
 when the rules are older than ``max_age_s``.
+
+Age refusals (``too_old``) name the true reason and come before
+``member_limited`` (a stale tap also marks the member limited): the rules
+past ``max_age_s``, or past a section's ``max_sync_age_s``, are
+``rules_stale``; fresh rules over balances older than ``max_sync_age_s``
+are ``sync_stale``.
 
 Refunds follow the original tender, line by line: for returned units
 ``r_before+1..r_after`` of a line sold ``qty``, every recorded per-line value
@@ -281,19 +290,59 @@ def _today(member: dict) -> dict:
 
 # ---------------------------------------------------------------- availability
 
-def redeemable(member: dict | None, policy: dict, total_fen: int, rules_age_s: int) -> dict:
+# The tender's field and texts of an age refusal, per operation.
+_AGE_WHAT = {"redemption": ("tender.points", "积分抵现", "points redemption"),
+             "stored_value": ("tender.stored_value_fen", "储值支付", "stored-value payment"),
+             "coupons": ("tender.coupons", "使用优惠券", "coupon use")}
+# Sections whose max_sync_age_s limits them, with its default (wire/ruleset.py).
+_SYNC_LIMITED = {"stored_value": 86400, "redemption": None}
+
+
+def too_old(policy: dict, what: str, rules_age_s: int, sync_age_s: int | None = None) -> dict | None:
+    """Why ``what`` (redemption, stored_value, coupons) is refused offline
+    for age, or None: ``{"reason", "age_s", "limit_s"}``.
+
+    ``rules_stale``: the rule set is past ``max_age_s`` (then nothing risky
+    goes), or, for an operation whose section sets ``max_sync_age_s``, past
+    that. ``sync_stale``: the rules are fresh enough but HQ's balances (the
+    member snapshot, ``sync_age_s``) are past ``max_sync_age_s``: other
+    stores may have spent them since. ``sync_age_s`` None: only the rules'
+    age is known (the snapshot came with them)."""
+    sync_age_s = rules_age_s if sync_age_s is None else max(sync_age_s, rules_age_s)
+    sync_limit = None
+    if what in _SYNC_LIMITED:
+        sync_limit = (policy.get(what) or {}).get("max_sync_age_s", _SYNC_LIMITED[what])
+    max_age_s = policy.get("max_age_s", 604800)
+    if rules_age_s > max_age_s:
+        return {"reason": "rules_stale", "age_s": rules_age_s, "limit_s": max_age_s}
+    if sync_limit is not None and rules_age_s > sync_limit:
+        return {"reason": "rules_stale", "age_s": rules_age_s, "limit_s": sync_limit}
+    if sync_limit is not None and sync_age_s > sync_limit:
+        return {"reason": "sync_stale", "age_s": sync_age_s, "limit_s": sync_limit}
+    return None
+
+
+def _refuse_too_old(old: dict, what: str) -> None:
+    field, zh, en = _AGE_WHAT[what]
+    raise TenderError(old["reason"], field, age_s=old["age_s"], limit_s=old["limit_s"], what_zh=zh, what_en=en)
+
+
+def redeemable(member: dict | None, policy: dict, total_fen: int, rules_age_s: int,
+               sync_age_s: int | None = None) -> dict:
     """The most points the member may redeem on a bill of ``total_fen`` offline."""
     red = policy.get("redemption") or {}
     out = {"max_points": 0, "max_fen": 0, "reason": None}
     if member is None:
         out["reason"] = "member_required"
         return out
+    # The store's own staleness first: it refuses every member, and a stale
+    # tap also marks the member limited, which would hide it.
+    old = too_old(policy, "redemption", rules_age_s, sync_age_s)
+    if old:
+        out.update(old)
+        return out
     if member.get("limited"):
         out["reason"] = "member_limited"
-        return out
-    limit_s = min(policy.get("max_age_s", 604800), red.get("max_sync_age_s", 1 << 62))
-    if rules_age_s > limit_s:
-        out.update(reason="rules_stale", age_s=rules_age_s, limit_s=limit_s)
         return out
     ppy = red.get("points_per_yuan", 100)  # defaults as in wire/ruleset.py: offline caps default to 0
     if ppy <= 0:
@@ -319,7 +368,8 @@ def redeemable(member: dict | None, policy: dict, total_fen: int, rules_age_s: i
     return out
 
 
-def stored_value_payable(member: dict | None, policy: dict, due_fen: int, rules_age_s: int) -> dict:
+def stored_value_payable(member: dict | None, policy: dict, due_fen: int, rules_age_s: int,
+                         sync_age_s: int | None = None) -> dict:
     """The most stored value the member may pay on ``due_fen`` offline."""
     sv = policy.get("stored_value") or {}
     out = {"max_fen": 0, "balance_fen": 0, "reason": None}
@@ -327,16 +377,16 @@ def stored_value_payable(member: dict | None, policy: dict, due_fen: int, rules_
         out["reason"] = "member_required"
         return out
     out["balance_fen"] = max(member.get("balance_available_fen", 0), 0)
-    if member.get("limited"):
-        out["reason"] = "member_limited"
-        return out
     ctype = card_type_of(member, policy)
     if ctype is not None and not ctype.get("stored_value", False):
-        out["reason"] = "stored_value_not_allowed"
+        out["reason"] = "stored_value_not_allowed"  # never, however fresh the data
         return out
-    limit_s = min(policy.get("max_age_s", 604800), sv.get("max_sync_age_s", 86400))
-    if rules_age_s > limit_s:
-        out.update(reason="rules_stale", age_s=rules_age_s, limit_s=limit_s)
+    old = too_old(policy, "stored_value", rules_age_s, sync_age_s)  # before limited: see redeemable
+    if old:
+        out.update(old)
+        return out
+    if member.get("limited"):
+        out["reason"] = "member_limited"
         return out
     caps = {
         "stored_value_exceeds_due": max(due_fen, 0),
@@ -357,9 +407,8 @@ def _check_points(asked: int, avail: dict, policy: dict) -> None:
     reason = avail["reason"]
     if reason in ("member_required", "member_limited", "redemption_disabled"):
         raise TenderError(reason, field)
-    if reason == "rules_stale":
-        raise TenderError("rules_stale", field, age_s=avail["age_s"], limit_s=avail["limit_s"],
-                          what_zh="积分抵现", what_en="points redemption")
+    if reason in ("rules_stale", "sync_stale"):
+        _refuse_too_old(avail, "redemption")
     red = policy["redemption"]
     step = avail["step_points"]
     if asked % step:
@@ -378,9 +427,8 @@ def _check_stored_value(asked: int, avail: dict) -> None:
     reason = avail["reason"]
     if reason in ("member_required", "member_limited", "stored_value_not_allowed"):
         raise TenderError(reason, field)
-    if reason == "rules_stale":
-        raise TenderError("rules_stale", field, age_s=avail["age_s"], limit_s=avail["limit_s"],
-                          what_zh="储值支付", what_en="stored-value payment")
+    if reason in ("rules_stale", "sync_stale"):
+        _refuse_too_old(avail, "stored_value")
     for code in ("stored_value_exceeds_due", "stored_value_insufficient",
                  "stored_value_offline_tx_limit", "stored_value_offline_day_limit"):
         limit = avail["limits"][code] if code in avail["limits"] else None
@@ -415,7 +463,7 @@ def _coupon_problem(code: str, member: dict, policy: dict, today_iso: str) -> tu
 
 def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
           store: str | None = None, region: str | None = None, tender: Any = None,
-          rules_age_s: int = 0) -> dict:
+          rules_age_s: int = 0, sync_age_s: int | None = None) -> dict:
     """Price a basket; with a tender, apply coupons, redemption and stored value."""
     if not isinstance(now, datetime) or now.tzinfo is None:
         raise ValueError("now: an aware datetime in the store's time zone")
@@ -429,13 +477,13 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
 
     # Coupons: order-level, after promotions, in the order given.
     coupons_used = []
+    coupons_too_old = too_old(policy, "coupons", rules_age_s, sync_age_s)
     if tender["coupons"] and member is None:
         raise TenderError("member_required", "tender.coupons")
+    if tender["coupons"] and coupons_too_old:  # before limited: see redeemable
+        _refuse_too_old(coupons_too_old, "coupons")
     if tender["coupons"] and member.get("limited"):
         raise TenderError("member_limited", "tender.coupons")
-    if tender["coupons"] and rules_age_s > policy.get("max_age_s", 604800):
-        raise TenderError("rules_stale", "tender.coupons", age_s=rules_age_s, limit_s=policy.get("max_age_s", 604800),
-                          what_zh="使用优惠券", what_en="coupon use")
     for k, code in enumerate(tender["coupons"]):
         field = f"tender.coupons[{k}]"
         problem = _coupon_problem(code, member, policy, today_iso)
@@ -462,7 +510,7 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
 
     # Redemption, then stored value, both allocated to lines by what is left to pay.
     ppy_red = (policy.get("redemption") or {}).get("points_per_yuan", 100)
-    avail_pts = redeemable(member, policy, total, rules_age_s)
+    avail_pts = redeemable(member, policy, total, rules_age_s, sync_age_s)
     n = len(lines)
     red_pts, red_fen = [0] * n, [0] * n
     asked_pts = tender["points"]
@@ -473,7 +521,7 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         red_fen = allocate(points_fen, nets)
         red_pts = allocate(asked_pts, nets, capped=False)
     due = total - points_fen
-    avail_sv = stored_value_payable(member, policy, due, rules_age_s)
+    avail_sv = stored_value_payable(member, policy, due, rules_age_s, sync_age_s)
     sv_line = [0] * n
     asked_sv = tender["stored_value_fen"]
     if asked_sv:
@@ -577,7 +625,7 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         balances = {"points": member.get("points_available", 0) + deltas["points"],
                     "stored_value_fen": member.get("balance_available_fen", 0) - asked_sv}
     usable = []
-    if member is not None and not member.get("limited"):
+    if member is not None and not member.get("limited") and not coupons_too_old:
         usable = [c for c in member.get("coupons") or ()
                   if _coupon_problem(c, member, policy, today_iso) is None and c not in tender["coupons"]]
     result = {

@@ -14,6 +14,7 @@ PRICING_REASONS: dict[str, tuple[str, str]] = {
     "member_required": ("需先识别会员", "A member card is needed for this"),
     "member_limited": ("离线受限会员，不能使用储值、积分或优惠券", "Limited offline member: no stored value, points redemption or coupons"),
     "rules_stale": ("门店规则已过期（{age_s}秒，上限{limit_s}秒），暂不能{what_zh}", "The store's rules are too old ({age_s} s, limit {limit_s} s): {what_en} refused"),
+    "sync_stale": ("会员余额已{age_s}秒未与总部同步（上限{limit_s}秒），暂不能{what_zh}", "The member balances were last synced with HQ {age_s} s ago (limit {limit_s} s): {what_en} refused"),
     "redemption_disabled": ("本店不支持积分抵现", "Points redemption is not offered"),
     "points_min": ("积分抵现至少{limit}分，本次{asked}分", "At least {limit} points must be redeemed; asked {asked}"),
     "points_step": ("积分需按{limit}分的整数倍使用，本次{asked}分", "Points are redeemed in multiples of {limit}; asked {asked}"),

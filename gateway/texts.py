@@ -21,6 +21,9 @@ REASONS: dict[str, tuple[str, str]] = {
     "rules_stale": ("会员卡有效（会员规则已过期，仅识别会员和积分，暂停储值、积分抵现和优惠券）",
                     "Card accepted; the store's member rules are out of date: identification and points only "
                     "(no stored value, redemption or coupons)"),
+    # a limit in the member summary's ``limits`` (the verdict stays "ok"): balances too old for stored value
+    "sync_stale": ("会员卡有效（会员余额久未与总部同步，暂停储值支付）",
+                   "Card accepted; the member balances have not been synced with HQ recently: no stored-value payment"),
     "source_not_allowed": ("此类会员卡不能以这种方式使用，请换用实体卡或会员码",
                            "This card cannot be presented this way; please use the card or the member code"),
     "primary_inactive": ("主卡已冻结或注销，附属卡不能使用，请到服务台办理",
