@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import weakref
 import zlib
 from datetime import datetime
 from pathlib import Path
@@ -220,6 +221,27 @@ def _pos_may_refund(record: dict, limit: int | None) -> None:
                             "en": "This refund is above the lane's limit; please handle it at the service desk"})
 
 
+def _within_sale_limits(limits: dict, q: dict) -> None:
+    """The rules' sanity caps on a line, a sale and its points: a mistyped
+    price (or a forged one) must not become a sale of billions."""
+    def over(code: str, field: str, value: int, cap: int, key: str, zh: str, en: str):
+        return CounterError(code, f"{field}: {value} is over the store's limit of {cap} (sale_limits.{key})", 422,
+                            {"zh-CN": zh, "en": en})
+    line_max = limits.get("max_line_fen", 5_000_000)
+    for i, line in enumerate(q["lines"]):
+        if line["amount"] > line_max:
+            raise over("line_over_limit", f"lines[{i}]", line["amount"], line_max, "max_line_fen",
+                       "单行商品金额超出上限，请核对数量和价格", "A line's amount is above the limit; check quantity and price")
+    sale_max = limits.get("max_sale_fen", 20_000_000)
+    if q["subtotal"] > sale_max:
+        raise over("sale_over_limit", "lines", q["subtotal"], sale_max, "max_sale_fen",
+                   "整单金额超出上限，请核对商品", "The sale is above the limit; check the basket")
+    points_max = limits.get("max_points_per_sale", 1_000_000)
+    if q["points"]["earned"] > points_max:
+        raise over("points_over_limit", "lines", q["points"]["earned"], points_max, "max_points_per_sale",
+                   "本单积分超出上限，请联系店长", "The points this sale earns are above the limit; call the manager")
+
+
 def _account_of(member: engine.Verdict | None) -> str | None:
     """Whose balances an operation spends: the primary's for a 附属卡."""
     if member is None or member.member is None:
@@ -240,7 +262,7 @@ class Counter:
     def __init__(self, gw: "Gateway", archive_path: str | Path) -> None:
         self.gw = gw
         self.archive = CounterArchive(archive_path)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()  # in use only
         # Journaled records whose local effects could not be written yet (disk
         # full): retried before every operation; while any is left, new
         # operations are refused, so balances and limits never miss one.
@@ -357,9 +379,12 @@ class Counter:
         return fresh
 
     def _lock(self, name: str) -> asyncio.Lock:
+        """The lock of one account, sale or terminal; kept while anyone holds
+        or waits for it, so the table stays as small as the work in flight."""
         lock = self._locks.get(name)
         if lock is None:
-            lock = self._locks[name] = asyncio.Lock()
+            lock = asyncio.Lock()
+            self._locks[name] = lock
         return lock
 
     @contextlib.asynccontextmanager
@@ -401,9 +426,11 @@ class Counter:
         now = self.gw.now()
         ages = engine.offline_ages(rules, now) if rules else {}  # the same ages the tap's verdict used
         store_cfg = self.gw.config["store"]
-        return pricing.quote(request.get("lines"), engine.member_context(member), policy, now,
-                             store=self.gw.store_id, region=store_cfg.get("region"),
-                             tender=request.get("tender"), **ages)
+        q = pricing.quote(request.get("lines"), engine.member_context(member), policy, now,
+                          store=self.gw.store_id, region=store_cfg.get("region"),
+                          tender=request.get("tender"), **ages)
+        _within_sale_limits(policy.get("sale_limits", {}), q)
+        return q
 
     def quote(self, lane_id: str, request: dict) -> dict:
         lane = self.gw.lane(lane_id)
@@ -484,7 +511,11 @@ class Counter:
                                {"zh-CN": "未找到原销售记录，请到服务台办理退货", "en":
                                 "Original sale not found here; please handle the return at the service desk"})
         sale_seq, sale_id, original = found
-        async with self._lock(f"sale:{sale_seq}"):
+        account = original.get("account_id")
+        # The sale's lock, then its account's (a return gives back points a
+        # concurrent redemption may be spending); sales take only the latter.
+        async with self._lock(f"sale:{sale_seq}"), \
+                (self._lock(f"account:{account}") if account else contextlib.nullcontext()):
             earlier = await self.gw.journal.lookup(key, idem)
             if earlier:
                 return earlier
@@ -498,7 +529,7 @@ class Counter:
                 _pos_may_refund(r["record"], pos_return_max_fen)
             body = {**r["record"], "sale_seq": sale_seq, "sale_id": sale_id, "idempotency_key": key}
             response = {"sale_seq": sale_seq, "totals": r["totals"], "receipt": r["receipt"]}
-            return await self._journal("return", key, idem, body, response, original.get("account_id"), terminal)
+            return await self._journal("return", key, idem, body, response, account, terminal)
 
     async def topup(self, lane_id: str, request: dict, *, terminal: "Terminal | None" = None) -> Appended:
         lane = self.gw.lane(lane_id)
@@ -513,7 +544,10 @@ class Counter:
                                 amount_fen=request.get("amount_fen"), now=self.gw.now())
             self._topup_within_caps(policy, out["record"], terminal)
             return {**out, "record": {**out["record"], "payment": payment}}
-        return await self._member_op(lane, key, idem, "topup", build, terminal)
+        # One terminal's top-ups one at a time: its daily cap is checked and
+        # the top-up journaled before the next is checked.
+        async with self._lock(f"terminal:{terminal.id if terminal else LOCAL_CALLER}"):
+            return await self._member_op(lane, key, idem, "topup", build, terminal)
 
     async def use_package(self, lane_id: str, package_id: str, request: dict, *,
                           terminal: "Terminal | None" = None) -> Appended:

@@ -257,3 +257,24 @@ async def test_sse_resumes_after_the_last_event_id(gw):
     assert lane.events_after(ids[-1]) == []
     assert [e.id for e in lane.events_after("0-1")] == ids      # an id of another boot: all kept events
     assert lane.events_after(None) == []                        # a new stream starts now
+
+
+async def test_a_sale_of_billions_is_refused_by_the_rules_caps(gw):
+    """A sale of ~950 billion yuan was committed and credited 1.4 trillion
+    points; the rules' sale_limits refuse it, naming the field, and write nothing."""
+    from gateway.counter import CounterError
+
+    await tap(gw, GOLD)
+    depth = await journal_depth(gw)
+    cases = [
+        ([{"sku": "A", "name": "gold bar", "category": "household", "qty": 9000, "unit_price": 100_000_000}],
+         "line_over_limit", "lines[0]"),
+        ([{"sku": f"A{i}", "name": "tv", "category": "household", "qty": 1, "unit_price": 4_000_000}
+          for i in range(6)], "sale_over_limit", "lines"),
+    ]
+    for lines, code, field in cases:
+        with pytest.raises(CounterError) as refused:
+            await gw.counter.sale("1", {"idempotency_key": f"billions-{code}", "lines": lines})
+        assert refused.value.code == code and refused.value.status == 422
+        assert str(refused.value).startswith(field) and refused.value.text["zh-CN"]
+    assert await journal_depth(gw) == depth

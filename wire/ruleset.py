@@ -236,6 +236,15 @@ COUPON = _obj({
     "to": _DATE,
 }, required=["member_id"])
 
+SALE_LIMITS = _obj({
+    "max_line_fen": {**_FEN, "minimum": 1, "default": 5_000_000,
+                     "description": "largest amount of one basket line, 50,000 yuan by default"},
+    "max_sale_fen": {**_FEN, "minimum": 1, "default": 20_000_000,
+                     "description": "largest sale (before discounts), 200,000 yuan by default"},
+    "max_points_per_sale": {**_POINTS, "minimum": 1, "default": 1_000_000,
+                            "description": "most points one sale may earn"},
+}, default={})
+
 FEES = _obj({
     "issue_fen": {**_FEN, "default": 0},
     "replace_fen": {**_FEN, "default": 0},
@@ -285,10 +294,11 @@ _INLINE_DENY = _obj({k: v for k, v in _DENY_PROPS.items() if k != "card_no"}, re
 # Sections by merge behaviour.
 KEYED_TABLES = ["card_programs", "card_types", "tiers", "promotions", "coupons", "packages", "members", "deny"]
 NESTED_KEYED = {"stored_value": ["topup_packages"], "keys": ["sun"]}
-SETTINGS = ["earning", "redemption", "stored_value", "fees", "member_qr", "keys"]
+SETTINGS = ["earning", "redemption", "stored_value", "fees", "member_qr", "keys", "sale_limits"]
 CAPS = ["stored_value.offline_max_per_tx_fen", "stored_value.offline_max_per_day_fen",
         "stored_value.max_sync_age_s", "redemption.offline_max_points_per_tx",
-        "redemption.offline_max_points_per_day"]
+        "redemption.offline_max_points_per_day", "sale_limits.max_line_fen", "sale_limits.max_sale_fen",
+        "sale_limits.max_points_per_sale"]
 
 _SECTIONS = {
     "chain": {"type": "string", "minLength": 1},
@@ -312,6 +322,7 @@ _SECTIONS = {
     "packages": _table(PACKAGE, default={}),
     "coupons": _table(COUPON, default={}),
     "fees": FEES,
+    "sale_limits": SALE_LIMITS,
     "members": {"type": "object", "propertyNames": _CARD_NO, "additionalProperties": _INLINE_MEMBER, "default": {},
                 "description": "inline member snapshot: small stores and tests; large snapshots go as parts"},
     "deny": {"type": "object", "propertyNames": _CARD_NO, "additionalProperties": _INLINE_DENY, "default": {},
