@@ -20,6 +20,10 @@ and 200 with the first answer when retried with the same idempotency key.
 Errors are JSON ``{"error": {"code", "message", "text": {"zh-CN", "en"}}}``
 with a 4xx status for the caller's mistakes; nothing is written on an error.
 
+Every body is validated against its endpoint's schema (gateway/api_schema.py,
+also served as OpenAPI 3.1 at ``/openapi.json``) before anything else runs:
+a refused request names the field and writes nothing.
+
 Safe by default (gateway/terminals.py): every call but ``/health`` and
 ``/openapi.json`` needs a terminal's credential (401 without, 429 after too
 many failures from one address); the terminal's role and lanes decide what
@@ -33,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import inspect
-import json
 import logging
 import socket
 import time
@@ -43,12 +46,13 @@ from microdot.cors import CORS
 from microdot.sse import sse_response
 
 from gateway import engine
+from gateway.api_schema import RequestInvalid, openapi_document, parse_body
 from gateway.counter import CounterError
 from gateway.journal import Appended, IdempotencyConflict, JournalError, JournalFull
 from gateway.pricing import PricingError
 from gateway.service import Gateway, NoMember, QuoteChanged
 from gateway.terminals import FailedLogins, Terminal, Terminals, TerminalsError, default_path
-from hardware.readers import SOURCES, CardRead
+from hardware.readers import CardRead
 
 log = logging.getLogger("storegate.api")
 
@@ -100,14 +104,8 @@ def error(status: int, code: str, message: str, *, text: dict | None = None, fie
     return (body, status, headers) if headers else (body, status)
 
 
-def _json_body(request: Request) -> dict:
-    try:
-        data = json.loads(request.body or b"")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise engine.BasketError(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise engine.BasketError("request body must be a JSON object")
-    return data
+def refused(exc: RequestInvalid) -> tuple:
+    return error(exc.status, exc.code, str(exc), text=exc.text, field=exc.field)
 
 
 def needs(action: str | None):
@@ -235,6 +233,13 @@ def create_app(gw: Gateway, terminals: Terminals | None = None) -> Microdot:
         return {"status": "ok", "store": gw.store_id, "rules_version": rules.version if rules else None,
                 "backlog": backlog["depth"], "uplink": "online" if gw.uplink.state.connected else "offline"}
 
+    contract = openapi_document()
+
+    @app.get("/openapi.json")
+    @needs(None)
+    async def openapi(request):
+        return contract
+
     @app.get("/status")
     @needs("read")
     async def status(request):
@@ -292,15 +297,10 @@ def create_app(gw: Gateway, terminals: Terminals | None = None) -> Microdot:
         if lane.reader is not None and lane.reader.kind != "simulated":
             return error(409, "not_a_terminal_lane", f"lane {lane.id} reads cards with its own {lane.reader.kind} reader")
         try:
-            data = _json_body(request)
-            source, raw = data.get("source"), data.get("raw")
-            if source not in SOURCES:
-                raise engine.BasketError(f"source: must be one of {list(SOURCES)}")
-            if not isinstance(raw, str) or not raw.strip() or len(raw) > 512:
-                raise engine.BasketError("raw: required, the card's identifier as a non-empty string")
-        except engine.BasketError as exc:
-            return error(400, "bad_request", str(exc))
-        verdict = await gw.handle_read(CardRead(lane.id, source, raw, gw.clock()))
+            data = parse_body("taps", request.body)
+        except RequestInvalid as exc:
+            return refused(exc)
+        verdict = await gw.handle_read(CardRead(lane.id, data["source"], data["raw"], gw.clock()))
         return verdict.public()
 
     async def answer(call) -> tuple[dict, int] | dict:
@@ -332,15 +332,17 @@ def create_app(gw: Gateway, terminals: Terminals | None = None) -> Microdot:
             return body, (200 if result.duplicate else 201)
         return result
 
-    def with_lane(action: str, handler):
+    def with_lane(action: str, endpoint: str, handler):
+        """A lane's counter operation: the terminal may act for the lane (the
+        guard), the lane exists, and the body is valid, before anything runs."""
         async def route(request, lane_id, **url_args):
             lane, err = lane_or_404(lane_id)
             if err:
                 return err
             try:
-                body = _json_body(request)
-            except engine.BasketError as exc:
-                return error(400, "bad_request", str(exc))
+                body = parse_body(endpoint, request.body, url_args or None)
+            except RequestInvalid as exc:
+                return refused(exc)
             return await handler(lane, body, request.g.terminal, **url_args)
         route.__name__ = handler.__name__
         return needs(action)(route)
@@ -357,18 +359,18 @@ def create_app(gw: Gateway, terminals: Terminals | None = None) -> Microdot:
     async def _package_use(lane, body, terminal, package_id):
         return await answer(lambda: gw.counter.use_package(lane.id, package_id, body, terminal=terminal))
 
-    app.post("/lanes/<lane_id>/quote")(with_lane("quote", _quote))
-    app.post("/lanes/<lane_id>/sales")(with_lane("sale", _sale))
-    app.post("/lanes/<lane_id>/topups")(with_lane("topup", _topup))
-    app.post("/lanes/<lane_id>/packages/<package_id>/uses")(with_lane("package_use", _package_use))
+    app.post("/lanes/<lane_id>/quote")(with_lane("quote", "quote", _quote))
+    app.post("/lanes/<lane_id>/sales")(with_lane("sale", "sales", _sale))
+    app.post("/lanes/<lane_id>/topups")(with_lane("topup", "topups", _topup))
+    app.post("/lanes/<lane_id>/packages/<package_id>/uses")(with_lane("package_use", "package_uses", _package_use))
 
-    def store_wide(action: str, operation):
+    def store_wide(action: str, endpoint: str, operation):
         """A route for a counter operation that belongs to no lane."""
         async def route(request):
             try:
-                body = _json_body(request)
-            except engine.BasketError as exc:
-                return error(400, "bad_request", str(exc))
+                body = parse_body(endpoint, request.body)
+            except RequestInvalid as exc:
+                return refused(exc)
             return await answer(lambda: operation(body, terminal=request.g.terminal))
         route.__name__ = operation.__name__
         return needs(action)(route)
@@ -376,7 +378,7 @@ def create_app(gw: Gateway, terminals: Terminals | None = None) -> Microdot:
     async def sale_return(body, *, terminal: Terminal):
         return await gw.counter.sale_return(body, terminal=terminal, pos_return_max_fen=pos_return_max)
 
-    app.post("/returns")(store_wide("return", sale_return))
-    app.post("/cards/services")(store_wide("card_service", gw.counter.card_service))
+    app.post("/returns")(store_wide("return", "returns", sale_return))
+    app.post("/cards/services")(store_wide("card_service", "card_services", gw.counter.card_service))
 
     return app

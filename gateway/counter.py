@@ -43,6 +43,7 @@ import orjson
 from gateway import engine, pricing
 from gateway.journal import Appended
 from gateway.texts import reason_text
+from wire.ruleset import is_card_no
 
 if TYPE_CHECKING:
     from gateway.service import Gateway, Lane
@@ -582,7 +583,7 @@ class Counter:
         _only(request, {"idempotency_key", "kind", "card_no", "new_card_no", "reason"})
         key = _key(request, "card service", terminal)
         kind, card = request.get("kind"), request.get("card_no")
-        if not isinstance(card, str) or not card.isdigit() or not 6 <= len(card) <= 19:
+        if not is_card_no(card):
             raise engine.BasketError("card_no: required, the card's number (6-19 digits)")
         idem = {k: request.get(k) for k in ("kind", "card_no", "new_card_no", "reason")}
         earlier = await self.gw.journal.lookup(key, idem)

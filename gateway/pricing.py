@@ -164,6 +164,7 @@ from gateway.allocation import allocate, half_up, prorate
 from gateway.pricing_texts import PRICING_RECEIPT, PRICING_REASONS
 from gateway.promotions import Pricer, card_type_of
 from gateway.texts import yuan as _yuan
+from wire.ruleset import is_card_no
 
 
 class _YuanTexts(dict):
@@ -905,12 +906,12 @@ def card_operation(policy: dict, kind: str, member: dict | None = None, *, card_
     if kind not in CARD_OPS:
         raise PricingError("card_op_invalid", "kind", detail=f"kind: one of {', '.join(CARD_OPS)}")
     card = card_no or (member or {}).get("card_no")
-    if not isinstance(card, str) or not card.isdigit():
-        raise PricingError("card_op_invalid", "card_no", detail="card_no: the card's number (digits)")
+    if not is_card_no(card):
+        raise PricingError("card_op_invalid", "card_no", detail="card_no: the card's number (6-19 digits)")
     if kind != "issue" and not isinstance(member, dict):
         raise PricingError("member_required", "member")
-    if kind == "replace" and not (isinstance(new_card_no, str) and new_card_no.isdigit() and new_card_no != card):
-        raise PricingError("card_op_invalid", "new_card_no", detail="new_card_no: the new card's number (digits)")
+    if kind == "replace" and not (is_card_no(new_card_no) and new_card_no != card):
+        raise PricingError("card_op_invalid", "new_card_no", detail="new_card_no: the new card's number (6-19 digits)")
     fee_key, status = CARD_OPS[kind]
     fee = (policy.get("fees") or {}).get(fee_key, 0) if fee_key else 0
     record = {"type": "card_op", "v": 1, "op": kind, "at": now.isoformat() if now else None,

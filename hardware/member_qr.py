@@ -54,6 +54,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from wire.ruleset import is_card_no
+
 PREFIX = "SGQ1."
 VERSION = 1
 CRED_DOMAIN = b"SGQR-cred-v1"
@@ -163,7 +165,7 @@ def decode(payload: str) -> tuple[Credential, int, bytes, bytes]:
                           app_key, valid_from, valid_to, cred_sig)
     except (IndexError, struct.error, UnicodeDecodeError):
         raise QrError("bad_format", "the code is cut short or garbled") from None
-    if not cred.card_no.isdigit():
+    if not is_card_no(cred.card_no):
         raise QrError("bad_format", "the card number in the code is not digits")
     return cred, step, app_sig, signed
 
@@ -211,7 +213,7 @@ class Issuer:
 
     def issue(self, member_id: str, card_no: str, app_public_key: Ed25519PublicKey, valid_from: int,
               valid_to: int) -> Credential:
-        if not card_no.isdigit() or not 6 <= len(card_no) <= 19:
+        if not is_card_no(card_no):
             raise ValueError("card_no: 6-19 digits")
         if not 1 <= len(member_id.encode("utf-8")) <= 64:
             raise ValueError("member_id: 1-64 bytes of UTF-8")

@@ -56,7 +56,13 @@ _TEXT = {
     "additionalProperties": False,
 }
 _KEY = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"}
-_CARD_NO = {"type": "string", "pattern": "^[0-9]{6,19}$"}
+CARD_NO_PATTERN = "^[0-9]{6,19}$"  # ASCII digits only: full-width or Arabic-Indic digits are not a card number
+_CARD_NO = {"type": "string", "pattern": CARD_NO_PATTERN}
+
+
+def is_card_no(value) -> bool:
+    """A card number as every part of storegate means it: 6-19 ASCII digits."""
+    return isinstance(value, str) and value.isascii() and value.isdigit() and 6 <= len(value) <= 19
 _DATE = {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$", "description": "YYYY-MM-DD, store time"}
 _DATETIME = {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2})?$",
              "description": "YYYY-MM-DDTHH:MM (or a date), store time"}
