@@ -48,7 +48,7 @@ from microdot.sse import sse_response
 from gateway import engine
 from gateway.api_schema import RequestInvalid, openapi_document, parse_body
 from gateway.counter import CounterError
-from gateway.journal import Appended, IdempotencyConflict, JournalError, JournalFull
+from gateway.journal import Appended, IdempotencyConflict, JournalError, JournalFull, RecordRefused
 from gateway.pricing import PricingError
 from gateway.service import Gateway, NoMember, QuoteChanged
 from gateway.terminals import FailedLogins, Terminal, Terminals, TerminalsError, default_path
@@ -56,8 +56,10 @@ from hardware.readers import CardRead
 
 log = logging.getLogger("storegate.api")
 
-Request.max_content_length = 256 * 1024  # a 500-line basket fits comfortably
-Request.max_body_length = Request.max_content_length  # else Microdot leaves a larger body unread
+# The server (gateway/http_server.py) bounds every body by api.max_body_bytes
+# before Microdot sees it; these only matter for Microdot's test client.
+Request.max_content_length = 256 * 1024
+Request.max_body_length = Request.max_content_length
 
 # What the POS and the people at the counter see for each error code, in both
 # languages. Codes are stable; a code without its own text gets its status's.
@@ -323,6 +325,8 @@ def create_app(gw: Gateway, terminals: Terminals | None = None) -> Microdot:
             return error(409, "quote_changed", str(exc))
         except IdempotencyConflict as exc:
             return error(409, "idempotency_conflict", str(exc))
+        except RecordRefused as exc:  # the door's schemas should have caught it: the journal's last line
+            return error(400, "record_refused", str(exc))
         except JournalFull as exc:
             return error(507, "journal_full", str(exc))
         except JournalError as exc:

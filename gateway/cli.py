@@ -27,6 +27,7 @@ from common.configfile import ConfigError
 async def serve(cfg: dict, *, ready=None) -> None:
     """Run the gateway and its POS API until SIGTERM/SIGINT."""
     from gateway.api import create_app
+    from gateway.http_server import PosServer
     from gateway.service import Gateway
 
     stop = asyncio.Event()
@@ -39,17 +40,14 @@ async def serve(cfg: dict, *, ready=None) -> None:
     async with Gateway(cfg) as gw:
         app = create_app(gw, registry)  # refuses to serve without terminal credentials
         gw_terminals.write_cli_token(cfg, registry)  # for `storegate status` on this box
-        server = asyncio.create_task(app.start_server(host=cfg["api"]["host"], port=cfg["api"]["port"]))
-        logging.getLogger("storegate").info("POS API on %s:%s (event loop: %s)", cfg["api"]["host"],
-                                            cfg["api"]["port"], type(loop).__module__.split(".")[0])
-        if ready:
-            ready(gw)
-        await stop.wait()
-        app.shutdown()
-        # uvloop's Server.close() does not wake serve_forever() as asyncio's
-        # does; Microdot takes the cancellation as the end of serving.
-        server.cancel()
-        await asyncio.wait_for(server, 5)
+        # Connection caps, deadlines and size limits: gateway/http_server.py.
+        async with PosServer.from_config(app, cfg["api"]) as server:
+            logging.getLogger("storegate").info("POS API on %s://%s:%s (event loop: %s)", server.scheme,
+                                                cfg["api"]["host"], server.port, type(loop).__module__.split(".")[0])
+            gw.http_stats = lambda: dict(server.stats)
+            if ready:
+                ready(gw)
+            await stop.wait()
 
 
 def _status(args) -> int:
@@ -270,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     except TerminalsError as exc:
         print(f"config error in {args.config}: {exc}", file=sys.stderr)
         return 2
-    eventloop.run(serve(cfg))
+    from gateway.http_server import StartError
+    try:
+        eventloop.run(serve(cfg))
+    except StartError as exc:  # a port in use, a missing certificate: say which key, do not loop
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gateway import config as gw_config
 from gateway.api import create_app
+from gateway.http_server import PosServer
 from gateway.service import Gateway
 from gateway.testbed import (EmbeddedBroker, LinkProxy, MosquittoBroker, free_port, http_json, mosquitto_path,
                              provision_terminals)
@@ -118,30 +119,32 @@ async def run_demo(keep: bool = False) -> int:
         pos_call = functools.partial(http_json, token=tokens["pos"])
         async with Gateway(cfg) as gw:
             app = create_app(gw)
-            tasks.append(asyncio.create_task(app.start_server(host="127.0.0.1", port=api_port)))
-            await _until(lambda: gw.rules.current is not None, 15, "the gateway to receive its rules")
-            print(f"gateway: store {STORE}, 3 lanes, rules v{gw.rules.current.version}, POS API on port {api_port}\n")
+            async with PosServer.from_config(app, cfg["api"]):  # gateway/http_server.py
+                await _until(lambda: gw.rules.current is not None, 15, "the gateway to receive its rules")
+                print(f"gateway: store {STORE}, 3 lanes, rules v{gw.rules.current.version}, "
+                      f"POS API on port {api_port}\n")
 
-            committed: dict[str, int] = {}  # tx_id -> seq the POS was told
-            print("morning, HQ reachable:")
-            await _visits(gw, api_port, MORNING, committed, pos_call)
-            await _until(lambda: gw.uplink.state.acked_records >= len(committed), 15, "HQ to ack the morning's sales")
+                committed: dict[str, int] = {}  # tx_id -> seq the POS was told
+                print("morning, HQ reachable:")
+                await _visits(gw, api_port, MORNING, committed, pos_call)
+                await _until(lambda: gw.uplink.state.acked_records >= len(committed), 15,
+                             "HQ to ack the morning's sales")
 
-            print("\nthe store's internet link drops:")
-            proxy.cut()
-            await _until(lambda: not gw.uplink.state.connected, 20, "the gateway to notice the outage")
-            await _visits(gw, api_port, OFFLINE, committed, pos_call)
-            backlog = (await gw.journal.backlog())["depth"]
-            _say(f"backlog while offline: {backlog} sale(s) journaled, waiting for HQ")
+                print("\nthe store's internet link drops:")
+                proxy.cut()
+                await _until(lambda: not gw.uplink.state.connected, 20, "the gateway to notice the outage")
+                await _visits(gw, api_port, OFFLINE, committed, pos_call)
+                backlog = (await gw.journal.backlog())["depth"]
+                _say(f"backlog while offline: {backlog} sale(s) journaled, waiting for HQ")
 
-            print("\nthe link comes back:")
-            proxy.restore()
-            await _until(lambda: gw.uplink.state.connected, 40, "the gateway to reconnect")
-            drained_at = time.monotonic()
-            await _until_async(lambda: _backlog_empty(gw), 40, "the backlog to drain")
-            _say(f"backlog drained in {time.monotonic() - drained_at:.1f} s")
-            status = await gw.status()
-            indicator_counts = _pattern_counts(gw)
+                print("\nthe link comes back:")
+                proxy.restore()
+                await _until(lambda: gw.uplink.state.connected, 40, "the gateway to reconnect")
+                drained_at = time.monotonic()
+                await _until_async(lambda: _backlog_empty(gw), 40, "the backlog to drain")
+                _say(f"backlog drained in {time.monotonic() - drained_at:.1f} s")
+                status = await gw.status()
+                indicator_counts = _pattern_counts(gw)
         await proxy.stop()
 
         ok = _summary(committed, status, ledger, indicator_counts)

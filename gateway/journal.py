@@ -44,9 +44,17 @@ never reused even after every record is acked and compacted away), a record
   while the loop waits for the disk new requests gather into the next group.
   "thread" keeps the loop free during the sync, for media whose fdatasync
   stalls for tens of milliseconds (cheap SD cards); see bench.journal.
+- Only what can be delivered is journaled: append() refuses (RecordRefused,
+  nothing written, no sequence number taken) a record that could not go to
+  HQ (not JSON, nested deeper than wire.messages.MAX_BODY_DEPTH, a frame
+  over MAX_RECORD_BYTES, a type HQ does not take).
 - Forget only on HQ's ack: mark_acked() appends an ack frame; records are
   dropped from the backlog, and a segment file is deleted once none of its
-  records is pending and its idempotency keys have expired.
+  records is pending and its idempotency keys have expired. An ack never
+  moves the next sequence number.
+- A record that cannot be sent anyway (written by an older version, or
+  unreadable on disk) is copied aside (set_aside(): ``unsendable/``, never
+  deleted) and reported as a fault; the uplink sends HQ a placeholder.
 - Recovery on open: every frame's checksum is verified. A torn tail (a crash
   during a write: those frames were never acknowledged) is cut off. Damage
   inside a segment sets a copy aside (never deleted), keeps every intact
@@ -69,6 +77,7 @@ import logging
 import mmap
 import os
 import queue
+import re
 import shutil
 import struct
 import threading
@@ -80,7 +89,8 @@ from typing import Any, Callable, NamedTuple
 
 import orjson
 
-from wire.messages import TxRecord
+from wire.messages import (MAX_BODY_DEPTH, MAX_RECORD_BYTES, TOO_DEEP, TX_RECORD_SCHEMA, TooDeep, TxRecord,
+                           WireError, dumps_within, normal_ranges, seqs_to_ranges)
 
 log = logging.getLogger("storegate.journal")
 
@@ -102,6 +112,7 @@ IDEMPOTENCY_RETENTION_S = 24 * 3600  # a POS retries within minutes; a day is ge
 GROUP_MAX = 512
 RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)  # Linux 4.7+: a write that is durable when it returns
 MEMORY_ONLY = -1  # the "segment" of idempotency keys not on disk (full disk)
+UNSENDABLE_DIR = "unsendable"  # copies of records that could not be sent (set_aside)
 
 
 class JournalError(RuntimeError):
@@ -114,6 +125,21 @@ class JournalFull(JournalError):
 
 class IdempotencyConflict(ValueError):
     """The same idempotency key came with a different request."""
+
+
+class RecordRefused(ValueError):
+    """A record that could not be delivered to HQ; nothing was written."""
+
+
+_RECORD_TYPE = re.compile(TX_RECORD_SCHEMA["properties"]["type"]["pattern"])
+
+
+@dataclass(frozen=True)
+class UnreadableRecord(TxRecord):
+    """A pending record whose frame no longer reads back intact (pending()
+    returns it in the record's place so delivery can go on past it)."""
+
+    error: str = ""
 
 
 class Appended(NamedTuple):  # immutable and cheap: a frozen dataclass's __init__ cost ~1 us per append
@@ -331,20 +357,26 @@ class JournalIndex:
             self.idempotency[key] = (frame["rh"], seq, resp, frame["ts"], segment)
 
     def on_ack(self, ranges) -> int:
+        """Forget the pending records in these ranges; how many there were.
+        The work is bounded by the records in the ranges, however wide they
+        are (ack frames of older versions were not checked against what was
+        sent), and the next sequence number never moves."""
         freed = 0
-        for lo, hi in ranges:
-            self.next_seq = max(self.next_seq, hi + 1)  # HQ holds these: never reuse them
-            if hi - lo > len(self.pending):
-                hits = [s for s in self.pending if lo <= s <= hi]
-            else:
-                hits = [s for s in range(lo, hi + 1) if s in self.pending]
-            for seq in hits:
-                segment = self.pending.pop(seq)[0]
-                self.live[segment] -= 1
-                freed += 1
-        if len(self.order) > 2 * len(self.pending) + 1024:
-            self.order = [s for s in self.order if s in self.pending]
+        pending, order, live = self.pending, self.order, self.live
+        for lo, hi in normal_ranges(ranges):
+            for k in range(bisect.bisect_left(order, lo), bisect.bisect_right(order, hi)):
+                loc = pending.pop(order[k], None)
+                if loc is not None:
+                    live[loc[0]] -= 1
+                    freed += 1
+        if len(order) > 2 * len(pending) + 1024:
+            self.order = [s for s in order if s in pending]
         return freed
+
+    def any_pending(self, lo: int, hi: int) -> bool:
+        order, pending = self.order, self.pending
+        return any(order[k] in pending
+                   for k in range(bisect.bisect_left(order, lo), bisect.bisect_right(order, hi)))
 
     def after(self, cursor: int, limit: int) -> list[int]:
         i = bisect.bisect_right(self.order, cursor)
@@ -405,6 +437,7 @@ class Journal:
         self._clock = clock
         self.index = JournalIndex()
         self.faults: list[str] = []
+        self._aside_fault: int | None = None  # where in faults the records set aside are reported
         self.on_append: Callable[[], None] | None = None  # the uplink's wake-up
         self.stats = {"appends": 0, "groups": 0, "bytes": 0}
         self._writes: queue.Queue = queue.Queue()
@@ -478,6 +511,8 @@ class Journal:
         for n in segments:
             self._load_segment(n, last=(n == segments[-1]))
         self._total = sum(self._logical.values())
+        if any((self.dir / UNSENDABLE_DIR).glob("*.frame")):
+            self._report_aside()
         self._segment = segments[-1] if segments else 0
         try:
             self._open_new_segment()  # a fresh segment per start: old ones are never appended to again
@@ -825,9 +860,10 @@ class Journal:
                     return earlier
         if not self._open:
             raise JournalError("journal is not open")
+        if not isinstance(type_, str) or not _RECORD_TYPE.match(type_) or not isinstance(body, dict):
+            raise RecordRefused(f"a record needs a type matching {_RECORD_TYPE.pattern} and a JSON object body")
         index = self.index
         seq = index.next_seq
-        index.next_seq = seq + 1  # taken even if the write fails: never reused
         tx_id = self._new_id()
         ts = int(self._clock() * 1000)
         full = {**response, "seq": seq, "tx_id": tx_id} if response else {"seq": seq, "tx_id": tx_id}
@@ -836,7 +872,8 @@ class Journal:
                      "key": idempotency_key, "rh": req_hash, "resp": response or {}}
         else:
             frame = {"k": "r", "seq": seq, "id": tx_id, "type": type_, "ts": ts, "body": body}
-        data = orjson.dumps(frame)
+        data = self._encode_record(frame)
+        index.next_seq = seq + 1  # taken even if the write fails: never reused
         if idempotency_key:
             # On disk the stored answer leaves out seq and tx_id (the frame has
             # them; on_record puts them back); the index keeps the full answer.
@@ -853,6 +890,22 @@ class Journal:
         # still indexes the record when it reaches the disk.
         await fut
         return Appended(seq, tx_id, full, False)
+
+    @staticmethod
+    def _encode_record(frame: dict) -> bytes:
+        """The frame of a record, or RecordRefused if the record could not
+        be delivered to HQ (the frame holds the record and more, so a frame
+        within the bounds is a record within them)."""
+        try:
+            data = dumps_within(frame, MAX_BODY_DEPTH + 1)
+        except TooDeep:
+            raise RecordRefused(f"record not journaled: {TOO_DEEP}") from None
+        except WireError as exc:
+            raise RecordRefused(f"record not journaled: {exc}") from None
+        if len(data) > MAX_RECORD_BYTES:
+            raise RecordRefused(f"record not journaled: {len(data)} bytes, more than the {MAX_RECORD_BYTES} "
+                                "a record may hold")
+        return data
 
     def _new_id(self) -> str:
         """128 random bits as hex, like uuid4; urandom is read in blocks
@@ -890,20 +943,87 @@ class Journal:
                 if f is None:
                     f = self._readers[segment] = _ReadFile(self._segment_path(segment))
                 buf = self._reader.read(f, first, end - first)
-                for seq, (_seg, offset, length, _ts) in locs[i:j]:
+                bad = []
+                for seq, (_seg, offset, length, ts) in locs[i:j]:
                     frame = decode_frame(buf, offset - first, length)
                     if frame is None or frame.get("seq") != seq:
-                        raise JournalError(f"record {seq} unreadable at segment {segment} offset {offset}")
-                    out.append(TxRecord(frame["seq"], frame["id"], frame["type"], frame["ts"], frame["body"]))
+                        bad.append((len(out), seq, offset, length, ts))
+                        out.append(None)
+                    else:
+                        out.append(TxRecord(frame["seq"], frame["id"], frame["type"], frame["ts"], frame["body"]))
                 del buf  # the view pins the reader's buffer
+                for at, seq, offset, length, ts in bad:  # read once more on its own before giving up on it
+                    frame = decode_frame(self._reader.read(f, offset, length), 0, length)
+                    if frame is not None and frame.get("seq") == seq:
+                        out[at] = TxRecord(frame["seq"], frame["id"], frame["type"], frame["ts"], frame["body"])
+                    else:
+                        log.error("journal: record %d unreadable at segment %d offset %d", seq, segment, offset)
+                        out[at] = UnreadableRecord(seq, "", "", ts, None,
+                                                   f"unreadable in journal segment {segment} at offset {offset}")
                 i = j
         return out
 
-    async def mark_acked(self, seqs: list[int]) -> int:
-        """HQ committed these: forget them. Returns how many were pending."""
-        from wire.messages import seqs_to_ranges
+    async def set_aside(self, seq: int, error: str) -> str:
+        """Copy a pending record that cannot be sent to ``unsendable/`` (kept,
+        never deleted: the original of the placeholder HQ gets) and report it
+        as a fault. Idempotent. Returns the copy's path relative to the journal."""
+        name = f"{UNSENDABLE_DIR}/{seq:012d}.frame"
+        loc = self.index.pending.get(seq)
+        if loc is None or (self.dir / name).exists():
+            return name
+        try:
+            await asyncio.to_thread(self._copy_aside, loc, self.dir / name)
+        except OSError as exc:  # not sent without its copy: HQ's ack would free the only one
+            fault = f"record {seq} cannot be sent to HQ ({error}) nor kept aside ({exc}); it waits"
+            if fault not in self.faults:
+                self.faults.append(fault)
+            raise JournalError(fault) from None
+        log.error("journal: record %d cannot be sent to HQ (%s); kept as %s, HQ gets a placeholder", seq, error,
+                  name)
+        self._report_aside(f"seq {seq}: {error}")
+        return name
 
-        ranges = seqs_to_ranges(seqs)
+    def _copy_aside(self, loc: tuple, dest: Path) -> None:
+        segment, offset, length, _ts = loc
+        with self._readers_lock:
+            f = self._readers.get(segment)
+            if f is None:
+                f = self._readers[segment] = _ReadFile(self._segment_path(segment))
+            raw = bytes(self._reader.read(f, offset, length))
+        dest.parent.mkdir(exist_ok=True)
+        tmp = dest.with_suffix(".tmp")
+        with open(tmp, "wb") as out:
+            out.write(raw)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+        fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _report_aside(self, last: str | None = None) -> None:
+        """One fault line for every record set aside, kept up to date."""
+        kept = len(list((self.dir / UNSENDABLE_DIR).glob("*.frame")))
+        fault = (f"{kept} journaled record(s) could not be sent to HQ and are kept in "
+                 f"{self.dir / UNSENDABLE_DIR} (HQ holds a placeholder for each)" + (f"; last: {last}" if last else ""))
+        if self._aside_fault is None:
+            self._aside_fault = len(self.faults)
+            self.faults.append(fault)
+        else:
+            self.faults[self._aside_fault] = fault
+
+    async def mark_acked(self, seqs: list[int]) -> int:
+        """HQ committed these seqs: forget them. Returns how many were pending."""
+        return await self.mark_acked_ranges(seqs_to_ranges(seqs))
+
+    async def mark_acked_ranges(self, ranges) -> int:
+        """HQ committed these [lo, hi] ranges (checked by the caller against
+        what was sent): forget them. Returns how many were pending. Only
+        ranges of records this journal wrote reach the ack frame."""
+        last = self.index.next_seq - 1
+        ranges = [[max(lo, 1), min(hi, last)] for lo, hi in normal_ranges(ranges) if lo <= last and hi >= 1]
         freed = self.index.on_ack(ranges)
         if freed:
             # Not awaited: losing this frame in a crash only means a resend,

@@ -151,6 +151,7 @@ class Gateway:
         self.uplink = Uplink(config["mqtt"], self.store_id, self.journal, self.rules, self.status_message,
                              UplinkSettings(**config["uplink"]), on_connection_change=self._on_link)
         self.started_at = clock()
+        self.http_stats = lambda: {}  # the POS API server's counters, once it serves (gateway/cli.py)
         self._tasks: list[asyncio.Task] = []
         self.stats = {"taps": 0, "accepted": 0, "denied": 0, "retries": 0, "sales": 0}
 
@@ -287,6 +288,7 @@ class Gateway:
             "oldest_unsent_age_s": backlog["oldest_age_s"],
             "last_seq": backlog["last_seq"],
             "acked_records": up.acked_records,
+            "rejected_acks": up.rejected_acks,
             "rules_version": rules.version if rules else None,
             "rules_issued_at": rules.issued_at if rules else None,
             "rules_rejection": self.rules.last_rejection,
@@ -296,10 +298,11 @@ class Gateway:
                       for lid, l in self.lanes.items()},
             "faults": self.faults(),
             "stats": dict(self.stats),
+            "http": self.http_stats(),
         }
 
     def faults(self) -> list[str]:
-        faults = list(self.journal.faults) + list(self.counter.faults)
+        faults = list(self.journal.faults) + list(self.counter.faults) + list(self.uplink.state.faults)
         if self.rules.last_rejection:
             faults.append(f"rules rejected: {self.rules.last_rejection}")
         return faults

@@ -8,6 +8,16 @@ publishes on ``{prefix}/stores/{store}/resync``; the bridge answers by
 publishing that store's manifest and every part of it again (a new version
 with a fresh deny part when the deny list has moved on), at most once per
 ``resync_min_interval_s`` per store.
+
+Anything on a topic the bridge reads may be hostile: every payload is
+bounded and checked (wire.messages) before use, a refused one is logged and
+counted, and no message, however bad, ends the bridge's loop. A batch that
+is refused is not acked (nothing was committed); a store's placeholder for a
+record it could not send is kept in the ledger and acked.
+
+Counter card services are recorded in the ledger. A counter's replace never
+lifts a deny: the new card's number is not broadcast as active, and if HQ
+lists it as denied the service is marked for review.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ class Bridge:
         self.topics = Topics(mqtt_settings.get("prefix", "sg/v1"))
         self.connected = asyncio.Event()
         self.stats = {"batches": 0, "applied": 0, "duplicates": 0, "conflicts": 0, "rejected": 0, "resyncs": 0,
-                      "card_broadcasts": 0}
+                      "card_broadcasts": 0, "card_reviews": 0, "unsendable": 0, "bad_messages": 0, "errors": 0}
 
     async def run(self) -> None:
         backoff = mqtt.Backoff()
@@ -57,12 +67,21 @@ class Bridge:
                     log.info("HQ bridge connected")
                     try:
                         async for message in client.messages:
-                            await self._handle(client, message)
+                            await self._handle_safely(client, message)
                     finally:
                         self.connected.clear()
             except aiomqtt.MqttError as exc:
                 log.warning("HQ bridge disconnected: %s", exc)
             await asyncio.sleep(backoff.next_delay())
+
+    async def _handle_safely(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        try:
+            await self._handle(client, message)
+        except aiomqtt.MqttError:
+            raise  # reconnect; a batch not acked comes again
+        except Exception:  # a bug or a database fault: this message is lost to us, not the bridge
+            self.stats["errors"] += 1
+            log.exception("message on %s not handled", message.topic)
 
     async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         topic = str(message.topic)
@@ -72,18 +91,29 @@ class Bridge:
         except ValueError as exc:
             log.warning("ignored message: %s", exc)
             return
-        if topic.endswith("/status"):
+        kind = topic.rsplit("/", 1)[-1]
+        if kind == "status":
             if payload:
-                try:
-                    status = Status.decode(payload)
-                    await asyncio.to_thread(self.ledger.record_status, store, payload.decode())
-                    log.debug("store %s is %s, backlog %s", store, status.state, status.backlog)
-                except WireError as exc:
-                    log.warning("store %s: bad status: %s", store, exc)
-            return
-        if topic.endswith("/resync"):
+                await self._status(store, payload)
+        elif kind == "resync":
             await self._resync(client, store, payload)
+        elif kind == "tx":
+            await self._tx(client, store, topic, payload)
+
+    async def _status(self, store: str, payload: bytes) -> None:
+        try:
+            status = Status.decode(payload)
+            if status.store != store:
+                raise WireError(f"status of store {status.store!r} published on store {store}'s topic")
+        except WireError as exc:
+            self.stats["bad_messages"] += 1
+            log.warning("store %s: bad status: %s", store, exc)
             return
+        # what was checked, re-encoded: never the payload as it came
+        await asyncio.to_thread(self.ledger.record_status, store, status.encode().decode())
+        log.debug("store %s is %s, backlog %s", store, status.state, status.backlog)
+
+    async def _tx(self, client: aiomqtt.Client, store: str, topic: str, payload: bytes) -> None:
         try:
             batch = TxBatch.decode(payload)
             if batch.store != store:
@@ -98,40 +128,67 @@ class Bridge:
         self.stats["applied"] += committed.applied
         self.stats["duplicates"] += committed.duplicates
         self.stats["conflicts"] += committed.conflicts
+        self.stats["unsendable"] += len(committed.unsendable)
         if committed.conflicts:
             log.error("store %s: %d record(s) reuse a sequence number with a different id; kept in conflicts",
                       store, committed.conflicts)
-        await client.publish(self.topics.ack(store), Ack.of(store, committed.seqs).encode(), qos=1)
+        for seq, original, error in committed.unsendable:
+            log.error("store %s: record seq %d (%s) could not be sent by the store (%s); its placeholder is kept "
+                      "in the ledger's unsendable table, the original stays at the store", store, seq, original, error)
+        for ack in Ack.for_seqs(store, committed.seqs):
+            await client.publish(self.topics.ack(store), ack.encode(), qos=1)
         if committed.new_ids:
-            await self._broadcast_counter_card_services(client, store, batch, committed.new_ids)
+            await self._counter_card_services(client, store, batch, committed.new_ids)
 
-    async def _broadcast_counter_card_services(self, client: aiomqtt.Client, store: str, batch: TxBatch,
-                                               new_ids: frozenset) -> None:
+    async def _counter_card_services(self, client: aiomqtt.Client, store: str, batch: TxBatch,
+                                     new_ids: frozenset) -> None:
         """A card reported lost, frozen or replaced at one store's counter is
         refused there at once; HQ takes it to every other store as a signed
         deny delta. An unfreeze at a counter is recorded, not broadcast: who
-        may lift a freeze is HQ's decision (``storegate-hq card unfreeze``)."""
+        may lift a freeze is HQ's decision (``storegate-hq card unfreeze``);
+        so is lifting a deny of the new card of a replace. Every counter
+        card service is recorded in the ledger with what HQ did."""
         for r in batch.records:
             if r.type != "card_op" or r.id not in new_ids:
                 continue
-            action = COUNTER_CARD_ACTIONS.get(r.body.get("op"))
-            card = r.body.get("card_no")
-            if action is None or not isinstance(card, str):
-                if r.body.get("op") == "unfreeze":
-                    log.info("store %s: counter unfreeze of card ****%s recorded; lift it at HQ if approved",
-                             store, str(card)[-4:])
-                continue
-            if self.publisher is None:
-                log.warning("store %s: card ****%s %s at the counter, but this bridge has no signing key to "
-                            "tell the other stores", store, card[-4:], action)
-                continue
+            op, card, new_card = r.body.get("op"), r.body.get("card_no"), r.body.get("new_card_no")
             try:
-                await self.publisher.card_action(action[0], card, f"store {store} counter (seq {r.seq})",
-                                                 status=action[1], new_card=r.body.get("new_card_no"),
-                                                 client=client)
-                self.stats["card_broadcasts"] += 1
+                outcome, review = await self._counter_card_service(client, store, r.seq, op, card, new_card)
             except Exception as exc:  # a bad record must not stop the bridge; the ledger has it
+                outcome, review = f"not broadcast: {exc}", True
                 log.error("store %s: could not broadcast card service seq %d: %s", store, r.seq, exc)
+            if review:
+                self.stats["card_reviews"] += 1
+            await asyncio.to_thread(self.ledger.record_card_service, store, r.seq, r.id, op, card, new_card,
+                                    outcome, review)
+
+    async def _counter_card_service(self, client: aiomqtt.Client, store: str, seq: int, op, card,
+                                    new_card) -> tuple[str, bool]:
+        """(what HQ did, whether a person must look at it)."""
+        action = COUNTER_CARD_ACTIONS.get(op)
+        masked = f"****{str(card)[-4:]}"
+        if action is None or not isinstance(card, str):
+            if op == "unfreeze":
+                log.info("store %s: counter unfreeze of card %s recorded; lift it at HQ if approved", store, masked)
+                return "recorded: lift the freeze at HQ if approved", True
+            return "recorded", False
+        if self.publisher is None:
+            log.warning("store %s: card %s %s at the counter, but this bridge has no signing key to tell the other "
+                        "stores", store, masked, action[0])
+            return "not broadcast: no signing key", True
+        review = None
+        if action[0] == "replace" and isinstance(new_card, str):
+            denied = self.publisher.catalog.deny_status(new_card)
+            if denied is not None:
+                review = (f"new card ****{new_card[-4:]} is on HQ's deny list ({denied}) and stays denied; "
+                          "lift it at HQ if approved")
+                log.warning("store %s: counter replace of card %s (seq %d): %s", store, masked, seq, review)
+        delta = await self.publisher.card_action(action[0], card, f"store {store} counter (seq {seq})",
+                                                 status=action[1], new_card=new_card, activate_new=False,
+                                                 client=client)
+        self.stats["card_broadcasts"] += 1
+        outcome = f"broadcast as deny delta v{delta.version}"
+        return (f"{outcome}; {review}", True) if review else (outcome, False)
 
     async def _resync(self, client: aiomqtt.Client, store: str, payload: bytes) -> None:
         try:
@@ -139,6 +196,7 @@ class Bridge:
             if req.store != store:
                 raise WireError(f"resync for store {req.store!r} published on store {store}'s topic")
         except WireError as exc:
+            self.stats["bad_messages"] += 1
             log.warning("store %s: bad resync request: %s", store, exc)
             return
         if self.publisher is None:

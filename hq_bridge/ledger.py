@@ -6,6 +6,16 @@ resend) and are acked again without being applied twice. A record whose
 (store, seq) is already taken by a *different* id means the store's journal
 was reset: it is kept in ``conflicts`` for ops to resolve, and acked, so the
 store does not resend it forever and nothing is lost.
+
+A placeholder for a record the store could not send (type ``unsendable``,
+wire.messages.unsendable_record; the store keeps the original aside) is
+committed like any record, so every (store, seq) is accounted for and the
+store's delivery goes on, and listed in ``unsendable`` for ops: what HQ is
+missing and why.
+
+Counter card services (report lost, freeze, replace, unfreeze) are recorded
+in ``card_services`` with what HQ did about them, those needing a person
+marked ``review``.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from pathlib import Path
 
 import orjson
 
-from wire.messages import TxBatch
+from wire.messages import UNSENDABLE, TxBatch
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
@@ -40,6 +50,28 @@ CREATE TABLE IF NOT EXISTS conflicts (
     body TEXT NOT NULL,
     received_at INTEGER NOT NULL,
     PRIMARY KEY (tx_id)
+);
+CREATE TABLE IF NOT EXISTS unsendable (
+    store TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    tx_id TEXT NOT NULL,
+    original_type TEXT,
+    ts INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (store, seq)
+);
+CREATE TABLE IF NOT EXISTS card_services (
+    store TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    tx_id TEXT NOT NULL,
+    op TEXT,
+    card_no TEXT,
+    new_card_no TEXT,
+    outcome TEXT NOT NULL,
+    review INTEGER NOT NULL DEFAULT 0,
+    recorded_at INTEGER NOT NULL,
+    PRIMARY KEY (store, seq)
 );
 CREATE TABLE IF NOT EXISTS stores (
     store TEXT PRIMARY KEY,
@@ -77,6 +109,7 @@ class Committed:
     duplicates: int      # already there
     conflicts: int       # seq reused with another id: kept aside
     new_ids: frozenset = frozenset()  # tx ids applied by this commit (not duplicates)
+    unsendable: tuple = ()  # (seq, original type, error) of placeholders new in this commit
 
 
 class Ledger:
@@ -95,7 +128,7 @@ class Ledger:
     def commit(self, batch: TxBatch) -> Committed:
         now = int(time.time() * 1000)
         applied = duplicates = conflicts = 0
-        new_ids = []
+        new_ids, unsendable = [], []
         with self._lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
@@ -108,6 +141,13 @@ class Ledger:
                     if cur.rowcount == 1:
                         applied += 1
                         new_ids.append(r.id)
+                        if r.type == UNSENDABLE:
+                            original = r.body.get("type") if isinstance(r.body.get("type"), str) else None
+                            error = str(r.body.get("error"))
+                            conn.execute("INSERT OR IGNORE INTO unsendable(store, seq, tx_id, original_type, ts, error,"
+                                         " received_at) VALUES (?,?,?,?,?,?,?)",
+                                         (batch.store, r.seq, r.id, original, r.ts, error, now))
+                            unsendable.append((r.seq, original, error))
                         continue
                     row = conn.execute("SELECT store, seq FROM transactions WHERE tx_id=?", (r.id,)).fetchone()
                     if row == (batch.store, r.seq):
@@ -120,7 +160,32 @@ class Ledger:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        return Committed([r.seq for r in batch.records], applied, duplicates, conflicts, frozenset(new_ids))
+        return Committed([r.seq for r in batch.records], applied, duplicates, conflicts, frozenset(new_ids),
+                         tuple(unsendable))
+
+    def unsendable(self, store: str | None = None) -> list[tuple]:
+        """(store, seq, tx_id, original type, ts, error) of every placeholder held."""
+        sql = "SELECT store, seq, tx_id, original_type, ts, error FROM unsendable"
+        with self._lock:
+            if store is None:
+                return self._conn.execute(sql + " ORDER BY store, seq").fetchall()
+            return self._conn.execute(sql + " WHERE store=? ORDER BY seq", (store,)).fetchall()
+
+    def record_card_service(self, store: str, seq: int, tx_id: str, op, card_no, new_card_no, outcome: str,
+                            review: bool = False) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO card_services(store, seq, tx_id, op, card_no, new_card_no, outcome, review, "
+                "recorded_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (store, seq, tx_id, str(op), card_no if isinstance(card_no, str) else None,
+                 new_card_no if isinstance(new_card_no, str) else None, outcome, int(review), int(time.time())))
+
+    def card_services(self, *, review_only: bool = False) -> list[tuple]:
+        """(store, seq, op, card_no, new_card_no, outcome, review) of counter card services."""
+        sql = "SELECT store, seq, op, card_no, new_card_no, outcome, review FROM card_services"
+        with self._lock:
+            return self._conn.execute(sql + (" WHERE review=1" if review_only else "") + " ORDER BY store, seq"
+                                      ).fetchall()
 
     def record_status(self, store: str, status_json: str) -> None:
         with self._lock:

@@ -264,6 +264,12 @@ class Catalog:
                       (version, now, json.dumps({"snapshot": len(checked)}), reason))
         return version
 
+    def deny_status(self, card_no: str) -> str | None:
+        """The card's status on HQ's deny list now (None: not on it)."""
+        with self._lock:
+            row = self._conn.execute("SELECT status FROM deny_list WHERE card_no=?", (card_no,)).fetchone()
+        return row[0] if row else None
+
     def record_delta(self, entries: list[dict], reason: str, sign_fn) -> DenyDelta:
         """Take the next deny version, apply ``entries`` to the deny list and
         keep the signed delta, all in one transaction."""
@@ -561,8 +567,9 @@ class Publisher:
         return await self.publish_stores(stores)
 
     async def card_action(self, action: str, card_no: str, reason: str, *, status: str | None = None,
-                          new_card: str | None = None, client: aiomqtt.Client | None = None) -> DenyDelta:
-        entries = card_entries(action, card_no, status=status, new_card=new_card)
+                          new_card: str | None = None, activate_new: bool = True,
+                          client: aiomqtt.Client | None = None) -> DenyDelta:
+        entries = card_entries(action, card_no, status=status, new_card=new_card, activate_new=activate_new)
         delta = self.catalog.record_delta(entries, reason, self.sign)
         if client is None:
             async with mqtt.client(self.mqtt_settings, identifier=f"storegate-hq-card-{os.getpid()}") as c:
@@ -574,7 +581,10 @@ class Publisher:
 
 
 def card_entries(action: str, card_no: str, *, status: str | None = None, new_card: str | None = None,
-                 today: str | None = None) -> list[dict]:
+                 today: str | None = None, activate_new: bool = True) -> list[dict]:
+    """The deny-delta entries of a card action. ``replace`` also lifts any
+    deny of the new card (``active``) unless ``activate_new`` is False: HQ's
+    own command may lift one, a store's counter may not."""
     since = today or time.strftime("%Y-%m-%d")
     if action == "deny":
         status = status or "lost"
@@ -588,8 +598,9 @@ def card_entries(action: str, card_no: str, *, status: str | None = None, new_ca
     elif action == "replace":
         if not new_card:
             raise PublishError("card replace needs --new-card N")
-        entries = [{"card_no": card_no, "status": "replaced", "since": since, "replaced_by": new_card},
-                   {"card_no": new_card, "status": "active"}]
+        entries = [{"card_no": card_no, "status": "replaced", "since": since, "replaced_by": new_card}]
+        if activate_new:
+            entries.append({"card_no": new_card, "status": "active"})
     else:
         raise PublishError(f"unknown card action {action!r}")
     try:

@@ -1,12 +1,27 @@
 """Messages of the wire contract, each with its JSON Schema.
 
-Payloads are UTF-8 JSON. A tx batch larger than COMPRESS_OVER bytes is sent
-zlib-compressed when that saves space; decode() tells the two apart by the
-first byte ('{' is JSON, 0x78 is a zlib header).
+Payloads are UTF-8 JSON, or JSON in a compressed envelope:
+
+    b"SGZ1" | u32 big-endian: bytes of the JSON once inflated | zlib stream
+
+A tx batch larger than COMPRESS_OVER bytes is sent in the envelope when that
+saves space. Nothing is inflated or parsed before its size is known to be
+within the cap of its kind (MAX_BYTES): a 300 KB zlib bomb once took a
+gateway to ~1 GB and HQ from 45 MB to 660 MB before any check ran. The
+envelope declares the inflated size, so inflation stops at that size + 1
+byte and a payload that inflates to anything else is refused. Bare zlib
+(first byte 0x78, what gateways sent before the envelope) is still read,
+bounded by the cap of its kind, so stores can be upgraded after HQ.
+
+Every message is checked against its schema before use (WireError says what
+and where). Sequence numbers are at most SEQ_MAX; an ack carries at most
+MAX_ACK_RANGES ranges; a record body nests at most MAX_BODY_DEPTH levels.
 """
 
 from __future__ import annotations
 
+import struct
+import threading
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -18,23 +33,119 @@ import orjson
 COMPRESS_OVER = 1024
 SCHEMA_BASE = "https://storegate.example/schemas/wire/"
 
+KiB, MiB = 1 << 10, 1 << 20
+ENVELOPE = b"SGZ1"
+_ENVELOPE_HEAD = struct.Struct(">4sI")
+
+# The most bytes of JSON a message of each kind may hold (inflated).
+MAX_BYTES = {
+    "tx batch": 16 * MiB,          # MAX_BATCH_RECORDS ordinary records, or at least one of MAX_RECORD_BYTES
+    "ack": 64 * KiB,               # MAX_ACK_RANGES ranges of the largest seqs: ~37 KB
+    "status": 256 * KiB,
+    "rule-set manifest": 2 * MiB,  # 4096 parts
+    "deny delta": 4 * MiB,         # 10,000 entries
+    "resync request": 8 * KiB,
+}
+MAX_BATCH_RECORDS = 5000           # uplink.batch_max at most
+MAX_RECORD_BYTES = 1 * MiB         # one journaled record, encoded (a 500-line sale is ~200 KB)
+MAX_BODY_DEPTH = 32                # levels of objects and arrays in a record body
+MAX_ACK_RANGES = 1024
+SEQ_MAX = 2 ** 53 - 1              # exact in every JSON reader
+MAX_LAYER_BYTES = 16 * MiB         # a layer part (JSON)
+MAX_TABLE_PART_BYTES = 64 * MiB    # a table part as published (compressed)
+MAX_TABLE_PART_INFLATED = 512 * MiB
+MAX_TABLE_ROW_BYTES = 64 * KiB     # one line of a table part
+ORJSON_MAX_DEPTH = 254             # orjson refuses to encode anything nested deeper
+UNSENDABLE = "unsendable"          # the type of a placeholder for a record that could not be sent
+TOO_DEEP = f"body nested deeper than {MAX_BODY_DEPTH} levels"
+
 
 class WireError(ValueError):
     """A message that does not follow the contract; says what and where."""
+
+
+class TooDeep(WireError):
+    """Nested deeper than allowed (dumps_within)."""
 
 
 def _dumps(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
 
 
-def _loads(payload: bytes, what: str) -> Any:
+_wrappers: dict[int, tuple[list, list]] = {}  # depth -> (outermost, innermost) of the padding lists
+_wrappers_lock = threading.Lock()
+
+
+def dumps_within(obj: Any, depth: int, option: int = 0) -> bytes:
+    """``orjson.dumps(obj, option=option)``; WireError if obj nests deeper
+    than ``depth`` levels of objects and arrays, or is not JSON.
+
+    orjson itself refuses anything nested deeper than ORJSON_MAX_DEPTH. Inside
+    ORJSON_MAX_DEPTH - depth levels of lists, obj is refused exactly when it
+    is deeper than ``depth``, and its own encoding is the middle of the
+    output: the depth check costs no walk over obj in Python."""
+    pad = ORJSON_MAX_DEPTH - depth
+    with _wrappers_lock:
+        if depth not in _wrappers:
+            inner = [None]
+            outer = inner
+            for _ in range(pad - 1):
+                outer = [outer]
+            _wrappers[depth] = (outer, inner)
+        outer, inner = _wrappers[depth]
+        inner[0] = obj
+        try:
+            out = orjson.dumps(outer, option=option)
+        except orjson.JSONEncodeError as exc:
+            if str(exc) == "Recursion limit reached":
+                raise TooDeep(f"nested deeper than {depth} levels") from None
+            raise WireError(f"not JSON: {exc}") from None
+        finally:
+            inner[0] = None
+    return out[pad:-pad]
+
+
+def compress(raw: bytes) -> bytes:
+    """The compressed envelope of raw JSON (see the module docstring)."""
+    return _ENVELOPE_HEAD.pack(ENVELOPE, len(raw)) + zlib.compress(raw, 6)
+
+
+def _inflate(data: bytes, limit: int, what: str) -> bytes:
+    """A zlib stream inflated, refused as soon as it passes ``limit`` bytes."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise WireError(f"{what}: bad zlib payload: {exc}") from None
+    if len(out) > limit:
+        raise WireError(f"{what}: inflates to more than {limit} bytes")
+    if not d.eof:
+        raise WireError(f"{what}: bad zlib payload: truncated")
+    if d.unused_data:
+        raise WireError(f"{what}: {len(d.unused_data)} bytes after the zlib stream")
+    return out
+
+
+def _loads(payload: bytes, what: str, limit: int | None = None) -> Any:
+    """Parse a payload of kind ``what``: inflated (bounded) if compressed,
+    and never parsed past ``limit`` bytes (default: MAX_BYTES[what])."""
     if isinstance(payload, str):
         payload = payload.encode()
-    if payload[:1] == b"\x78":
-        try:
-            payload = zlib.decompress(payload)
-        except zlib.error as exc:
-            raise WireError(f"{what}: bad zlib payload: {exc}") from None
+    limit = MAX_BYTES[what] if limit is None else limit
+    if payload[:4] == ENVELOPE:
+        if len(payload) < _ENVELOPE_HEAD.size:
+            raise WireError(f"{what}: truncated envelope")
+        declared = _ENVELOPE_HEAD.unpack_from(payload)[1]
+        if declared > limit:
+            raise WireError(f"{what}: declares {declared} bytes, more than the {limit} it may hold")
+        raw = _inflate(payload[_ENVELOPE_HEAD.size:], declared, what)
+        if len(raw) != declared:
+            raise WireError(f"{what}: inflates to {len(raw)} bytes, not the {declared} it declares")
+        payload = raw
+    elif payload[:1] == b"\x78":  # bare zlib from a gateway older than the envelope
+        payload = _inflate(payload, limit, what)
+    elif len(payload) > limit:
+        raise WireError(f"{what}: {len(payload)} bytes, more than the {limit} it may hold")
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -45,7 +156,7 @@ def _loads(payload: bytes, what: str) -> Any:
 def _validator(name: str):
     # Compiled once: a 1,000-record batch validates in about a millisecond
     # (jsonschema's interpreter took ~130 ms).
-    return fastjsonschema.compile(ALL_SCHEMAS[name])
+    return fastjsonschema.compile(ALL_SCHEMAS.get(name) or _INNER_SCHEMAS[name])
 
 
 def _check(name: str, obj: Any, what: str) -> None:
@@ -57,7 +168,7 @@ def _check(name: str, obj: Any, what: str) -> None:
 
 
 _STORE = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
-_SEQ = {"type": "integer", "minimum": 1}
+_SEQ = {"type": "integer", "minimum": 1, "maximum": SEQ_MAX}
 
 TX_RECORD_SCHEMA = {
     "type": "object",
@@ -66,9 +177,11 @@ TX_RECORD_SCHEMA = {
     "properties": {
         "seq": _SEQ,
         "id": {"type": "string", "minLength": 8, "maxLength": 64},
-        "type": {"type": "string", "pattern": "^[a-z_]{1,32}$"},
-        "ts": {"type": "integer", "minimum": 0, "description": "epoch milliseconds at the store"},
-        "body": {"type": "object"},
+        "type": {"type": "string", "pattern": "^[a-z_]{1,32}$",
+                 "description": f"{UNSENDABLE!r}: a placeholder for a record the store could not send (it keeps "
+                                "the original); body {type: the original type, error}"},
+        "ts": {"type": "integer", "minimum": 0, "maximum": SEQ_MAX, "description": "epoch milliseconds at the store"},
+        "body": {"type": "object", "description": f"at most {MAX_BODY_DEPTH} levels deep"},
     },
 }
 
@@ -80,7 +193,7 @@ TX_BATCH_SCHEMA = {
     "additionalProperties": False,
     "properties": {
         "store": _STORE,
-        "records": {"type": "array", "minItems": 1, "items": TX_RECORD_SCHEMA},
+        "records": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH_RECORDS, "items": TX_RECORD_SCHEMA},
     },
 }
 
@@ -95,6 +208,7 @@ ACK_SCHEMA = {
         "acked": {
             "description": "inclusive [first, last] ranges of committed sequence numbers",
             "type": "array",
+            "maxItems": MAX_ACK_RANGES,
             "items": {"type": "array", "items": [_SEQ, _SEQ], "minItems": 2, "maxItems": 2},
         },
     },
@@ -132,6 +246,31 @@ class TxRecord:
     def to_dict(self) -> dict:
         return {"seq": self.seq, "id": self.id, "type": self.type, "ts": self.ts, "body": self.body}
 
+    def encode(self) -> bytes:
+        """The record as it goes in a batch; WireError if HQ would refuse it."""
+        what = f"record {self.seq!r}"
+        obj = self.to_dict()
+        _check("tx_record", obj, what)
+        try:
+            raw = dumps_within(obj, MAX_BODY_DEPTH + 1, orjson.OPT_SORT_KEYS)
+        except TooDeep:
+            raise WireError(f"{what}: {TOO_DEEP}") from None
+        except WireError as exc:
+            raise WireError(f"{what}: {exc}") from None
+        if len(raw) > MAX_RECORD_BYTES:
+            raise WireError(f"{what}: {len(raw)} bytes, more than the {MAX_RECORD_BYTES} a record may hold")
+        return raw
+
+
+def unsendable_record(seq: int, id: Any, type_: Any, ts: Any, error: str) -> TxRecord:
+    """A placeholder for a journaled record that cannot be sent as it is:
+    HQ keeps it aside and acks it, so delivery goes on, and the store keeps
+    the original. The original id and ts are kept when they are valid."""
+    ok_id = isinstance(id, str) and 8 <= len(id) <= 64
+    ok_ts = isinstance(ts, int) and 0 <= ts <= SEQ_MAX
+    return TxRecord(seq, id if ok_id else f"{UNSENDABLE}-{seq}", UNSENDABLE, ts if ok_ts else 0,
+                    {"type": type_ if isinstance(type_, str) else None, "error": str(error)[:500]})
+
 
 @dataclass(frozen=True)
 class TxBatch:
@@ -139,9 +278,21 @@ class TxBatch:
     records: list[TxRecord]
 
     def encode(self) -> bytes:
-        raw = _dumps({"store": self.store, "records": [r.to_dict() for r in self.records]})
+        """The payload, compressed when that pays; WireError if HQ would
+        refuse it (a record HQ would refuse, more than MAX_BYTES)."""
+        what = "tx batch"
+        obj = {"store": self.store, "records": [r.to_dict() for r in self.records]}
+        _check("tx_batch.json", obj, what)
+        try:
+            raw = dumps_within(obj, MAX_BODY_DEPTH + 3, orjson.OPT_SORT_KEYS)
+        except TooDeep:
+            raise WireError(f"{what}: a record {TOO_DEEP}") from None
+        except WireError as exc:
+            raise WireError(f"{what}: {exc}") from None
+        if len(raw) > MAX_BYTES[what]:
+            raise WireError(f"{what}: {len(raw)} bytes, more than the {MAX_BYTES[what]} it may hold")
         if len(raw) > COMPRESS_OVER:
-            packed = zlib.compress(raw, 6)
+            packed = compress(raw)
             if len(packed) < len(raw):
                 return packed
         return raw
@@ -150,8 +301,16 @@ class TxBatch:
     def decode(cls, payload: bytes) -> "TxBatch":
         obj = _loads(payload, "tx batch")
         _check("tx_batch.json", obj, "tx batch")
+        try:
+            dumps_within(obj["records"], MAX_BODY_DEPTH + 2)
+        except TooDeep:
+            raise WireError(f"tx batch: a record {TOO_DEEP}") from None
         return cls(obj["store"], [TxRecord(**r) for r in obj["records"]])
 
+
+# -- inclusive [first, last] ranges of sequence numbers -------------------------
+# "Normal" ranges are sorted, disjoint and not adjacent; the functions below
+# take and give normal ranges, in time linear in the number of ranges.
 
 def seqs_to_ranges(seqs) -> list[list[int]]:
     ranges: list[list[int]] = []
@@ -163,17 +322,71 @@ def seqs_to_ranges(seqs) -> list[list[int]]:
     return ranges
 
 
+def normal_ranges(ranges) -> list[list[int]]:
+    """Any [lo, hi] ranges (lo <= hi) sorted and merged."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return out
+
+
+def intersect_ranges(a, b) -> list[list[int]]:
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo <= hi:
+            out.append([lo, hi])
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def subtract_ranges(a, b) -> list[list[int]]:
+    """What of ``a`` is not in ``b``."""
+    out, j = [], 0
+    for lo, hi in a:
+        while j < len(b) and b[j][1] < lo:
+            j += 1
+        k = j
+        while lo <= hi and k < len(b) and b[k][0] <= hi:
+            if b[k][0] > lo:
+                out.append([lo, b[k][0] - 1])
+            lo = max(lo, b[k][1] + 1)
+            k += 1
+        if lo <= hi:
+            out.append([lo, hi])
+    return out
+
+
+def ranges_text(ranges, most: int = 3) -> str:
+    shown = ", ".join(f"{lo}-{hi}" if lo != hi else f"{lo}" for lo, hi in ranges[:most])
+    return shown + (f" and {len(ranges) - most} more range(s)" if len(ranges) > most else "")
+
+
 @dataclass(frozen=True)
 class Ack:
     store: str
     acked: list[list[int]] = field(default_factory=list)
 
     @classmethod
-    def of(cls, store: str, seqs) -> "Ack":
-        return cls(store, seqs_to_ranges(seqs))
+    def for_seqs(cls, store: str, seqs) -> list["Ack"]:
+        """The acks for these seqs: one, or more if they make more than
+        MAX_ACK_RANGES ranges."""
+        ranges = seqs_to_ranges(seqs)
+        return [cls(store, ranges[i:i + MAX_ACK_RANGES]) for i in range(0, len(ranges), MAX_ACK_RANGES)]
 
-    def seqs(self) -> list[int]:
-        return [s for lo, hi in self.acked for s in range(lo, hi + 1)]
+    @classmethod
+    def of(cls, store: str, seqs) -> "Ack":
+        """One ack for a few seqs (ValueError if they need more than one)."""
+        acks = cls.for_seqs(store, seqs)
+        if len(acks) > 1:
+            raise ValueError(f"{len(acks)} acks needed: use Ack.for_seqs")
+        return acks[0] if acks else cls(store, [])
 
     def encode(self) -> bytes:
         return _dumps({"store": self.store, "acked": self.acked})
@@ -232,7 +445,8 @@ PART_SCHEMA = {
         "name": {"type": "string", "pattern": PART_NAME,
                  "description": "a table may come as several parts of the same name: their rows in manifest order"},
         "sha256": _SHA256,
-        "size": {"type": "integer", "minimum": 0, "description": "bytes of the payload as published"},
+        "size": {"type": "integer", "minimum": 0, "maximum": MAX_TABLE_PART_BYTES,
+                 "description": f"bytes of the payload as published; a layer (json) at most {MAX_LAYER_BYTES}"},
         "topic": {"type": "string", "minLength": 1, "description": "retained topic keyed by the sha256"},
         "encoding": {"enum": ["json", "ndjson+zlib"]},
     },
@@ -369,6 +583,10 @@ class Manifest:
         _check("manifest.json", obj, "rule-set manifest")
         if obj["scope"]["store"] != obj["store"]:
             raise WireError(f"rule-set manifest: scope.store {obj['scope']['store']!r} is not store {obj['store']!r}")
+        for p in obj["parts"]:
+            if p["encoding"] == "json" and p["size"] > MAX_LAYER_BYTES:
+                raise WireError(f"rule-set manifest: part {p['name']} of {p['size']} bytes, more than the "
+                                f"{MAX_LAYER_BYTES} a layer may hold")
         return cls(obj)
 
 
@@ -419,7 +637,7 @@ def encode_layer(doc: dict) -> bytes:
 
 
 def decode_layer(payload: bytes, name: str) -> dict:
-    obj = _loads(payload, f"part {name}")
+    obj = _loads(payload, f"part {name}", MAX_LAYER_BYTES)
     if not isinstance(obj, dict):
         raise WireError(f"part {name}: a layer document must be a JSON object")
     return obj
@@ -443,25 +661,35 @@ def encode_table(rows, level: int = 6) -> bytes:
     return b"".join(out)
 
 
-def iter_table(chunks, name: str, out_block: int = 1 << 16):
+def iter_table(chunks, name: str, out_block: int = 1 << 16, *, max_bytes: int = MAX_TABLE_PART_INFLATED,
+               max_row: int = MAX_TABLE_ROW_BYTES):
     """Rows of a table part (dicts, one at a time) from an iterable of
     compressed byte chunks (a file read in blocks). Memory stays flat: at
-    most ``out_block`` bytes are decompressed at a time."""
+    most ``out_block`` bytes are decompressed at a time, and a row longer
+    than ``max_row`` or a part inflating past ``max_bytes`` is refused."""
     d = zlib.decompressobj()
     tail = b""
     lineno = 0
+    inflated = 0
     loads = orjson.loads
 
     def lines_of(data: bytes):
-        nonlocal tail, lineno
+        nonlocal tail, lineno, inflated
+        inflated += len(data)
+        if inflated > max_bytes:
+            raise WireError(f"part {name}: inflates to more than {max_bytes} bytes")
         data = tail + data
         cut = data.rfind(b"\n")
         if cut < 0:
             tail = data
+            if len(tail) > max_row:
+                raise WireError(f"part {name}: line {lineno + 1}: longer than {max_row} bytes")
             return
         tail = data[cut + 1:]
         for line in data[:cut].split(b"\n"):
             lineno += 1
+            if len(line) > max_row:
+                raise WireError(f"part {name}: line {lineno}: longer than {max_row} bytes")
             if line:
                 yield loads(line)
 
@@ -478,6 +706,8 @@ def iter_table(chunks, name: str, out_block: int = 1 << 16):
     except orjson.JSONDecodeError as exc:
         raise WireError(f"part {name}: line {lineno}: not JSON: {exc}") from None
 
+
+_INNER_SCHEMAS = {"tx_record": TX_RECORD_SCHEMA}
 
 ALL_SCHEMAS = {
     "tx_batch.json": TX_BATCH_SCHEMA,
