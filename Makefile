@@ -13,8 +13,8 @@ MPY_DIR = .cache/micropython
 MPY_PKG = @micropython/micropython-webassembly-pyscript@1.27.0
 
 # Debian packages the test suite runs against (real broker, real PC/SC stack,
-# headers to build pyscard, node for the MicroPython interpreter).
-TEST_APT = mosquitto pcscd vsmartcard-vpcd libpcsclite-dev swig python3-venv python3-dev gcc nodejs npm
+# headers to build pyscard, node for the MicroPython interpreter, PostgreSQL for HQ).
+TEST_APT = mosquitto pcscd vsmartcard-vpcd libpcsclite-dev swig python3-venv python3-dev gcc nodejs npm postgresql
 # The demo needs nothing from apt: it uses mosquitto when installed, else an
 # embedded broker from PyPI.
 
@@ -23,11 +23,11 @@ TEST_APT = mosquitto pcscd vsmartcard-vpcd libpcsclite-dev swig python3-venv pyt
 $(VENV)/.stamp-base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[embedded-broker]'
+	$(PIP) install -q -e '.[embedded-broker,hq]'
 	touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-base
-	$(PIP) install -q -e '.[embedded-broker,test]'
+	$(PIP) install -q -e '.[embedded-broker,hq,test]'
 	touch $@
 
 venv: $(VENV)/.stamp-base

@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway import engine, pricing
-from gateway.journal import Appended
+from gateway.journal import Appended, RecordRefused
 from gateway.texts import reason_text
+from wire import records
 from wire.ruleset import is_card_no
 
 if TYPE_CHECKING:
@@ -448,6 +449,10 @@ class Counter:
         now = self.gw.now()
         body = {**body, "account_id": account, "day": now.date().isoformat(),
                 "terminal": terminal.id if terminal else LOCAL_CALLER}
+        try:  # only what the contract's record schema allows goes into the journal: HQ can apply all of it
+            records.validate_body(type_, body)
+        except records.RecordError as exc:
+            raise RecordRefused(str(exc)) from None
         result = await self.gw.journal.append(type_, body, idempotency_key=key, request=idem, response=response)
         if not result.duplicate:
             # Same loop turn as the append's completion: nothing else sees the

@@ -278,3 +278,18 @@ async def test_a_sale_of_billions_is_refused_by_the_rules_caps(gw):
         assert refused.value.code == code and refused.value.status == 422
         assert str(refused.value).startswith(field) and refused.value.text["zh-CN"]
     assert await journal_depth(gw) == depth
+
+
+async def test_only_what_the_record_schema_allows_is_journaled(gw):
+    """An in-process caller (no API door) with a line name HQ could not
+    apply: refused before the fsync, no sequence number used."""
+    from gateway.journal import RecordRefused
+
+    depth, last = await journal_depth(gw), (await gw.journal.backlog())["last_seq"]
+    line = {"sku": "A1", "name": "x" * 5000, "category": "household", "qty": 1, "unit_price": 100}
+    with pytest.raises(RecordRefused, match=r"lines\[0\]\.name"):
+        await gw.counter.sale("1", {"idempotency_key": "long-name-01", "lines": [line], "member": False})
+    assert await journal_depth(gw) == depth
+    ok = await gw.counter.sale("1", {"idempotency_key": "short-name-01", "member": False,
+                                     "lines": [{**line, "name": "rice"}]})
+    assert ok.seq == last + 1

@@ -1,0 +1,459 @@
+"""HQ's database, one schema for SQLite (embedded default, the demo) and PostgreSQL (real chains).
+
+SQLAlchemy Core metadata; the schema is created and moved on by the Alembic
+migrations in hq_bridge/migrations/ (``migrate(url)``), never by create_all
+outside the tests.
+
+Tables
+------
+The ledger's and the rule publisher's tables, exactly as hq_bridge/ledger.py
+and hq_bridge/rules.py create them today (so both can move onto this metadata
+without touching their data):
+
+- ``transactions``, ``conflicts``, ``stores``, ``rule_versions`` (ledger.py)
+- ``rule_layers``, ``rule_snapshots``, ``rule_manifests``, ``deny_list``,
+  ``deny_log``, ``retained_parts`` (rules.py)
+
+HQ's accounts of record (hq_bridge/accounts.py applies records to them):
+
+- ``members``          a person: masked name, phone hash (never the number), consent, birthday
+- ``accounts``         balances: stored value (paid part, bonus part), points, tier, status
+- ``cards``            card -> account; role primary | subsidiary (附属卡) | linked (group card)
+- ``points_lots``      points by expiry date (one lot per account and expiry), what is left of each
+- ``packages``         count packages (计次卡): uses left per account and package
+- ``coupons``          single-use coupons held by an account: issued | used
+- ``account_history``  every change of every balance, with the record that made it
+- ``set_aside``        store records HQ could not apply, with the reason (never dropped)
+- ``account_watermarks`` per store: the highest seq applied to the accounts (every seq
+                       at or below it is applied or set aside) — the watermark a snapshot carries
+
+Integers that can pass 2**31 (epoch ms, seqs, fen, points) are BIGINT on
+PostgreSQL and INTEGER on SQLite (which stores 64-bit integers in INTEGER
+columns; ``INTEGER PRIMARY KEY`` keeps its rowid meaning there).
+
+``open_engine(url)``: ``sqlite:///path`` (WAL, synchronous=FULL, foreign keys
+on, a write transaction begins with BEGIN IMMEDIATE so two writers wait for
+each other instead of failing on upgrade) or ``postgresql+psycopg://...``
+(psycopg 3).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import orjson
+
+from sqlalchemy import (BigInteger, Boolean, CheckConstraint, Column, Engine, ForeignKey, Index, Integer,
+                        MetaData, PrimaryKeyConstraint, String, Table, Text, UniqueConstraint, create_engine,
+                        any_, bindparam, event, false, select)
+from sqlalchemy.engine import Connection, make_url
+
+# 64-bit everywhere; plain INTEGER on SQLite, where it is 64-bit already and
+# where the existing tables were created with it.
+Int64 = BigInteger().with_variant(Integer(), "sqlite")
+
+# Stable constraint names: migrations can refer to them on both engines.
+metadata = MetaData(naming_convention={
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+})
+
+# ---------------------------------------------------------------- the ledger (hq_bridge/ledger.py)
+
+transactions = Table(
+    "transactions", metadata,
+    Column("store", Text, nullable=False),
+    Column("seq", Int64, nullable=False),
+    Column("tx_id", Text, nullable=False, unique=True),
+    Column("type", Text, nullable=False),
+    Column("ts", Int64, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("received_at", Int64, nullable=False),
+    PrimaryKeyConstraint("store", "seq"),
+)
+
+conflicts = Table(
+    "conflicts", metadata,
+    Column("store", Text, nullable=False),
+    Column("seq", Int64, nullable=False),
+    Column("tx_id", Text, primary_key=True),
+    Column("type", Text, nullable=False),
+    Column("ts", Int64, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("received_at", Int64, nullable=False),
+)
+
+stores = Table(
+    "stores", metadata,
+    Column("store", Text, primary_key=True),
+    Column("status", Text),
+    Column("updated_at", Int64),
+)
+
+rule_versions = Table(
+    "rule_versions", metadata,
+    Column("scope", Text, primary_key=True),
+    Column("version", Int64, nullable=False),
+    Column("published_at", Int64, nullable=False),
+)
+
+# ---------------------------------------------------------------- the rule publisher (hq_bridge/rules.py)
+
+rule_layers = Table(
+    "rule_layers", metadata,
+    Column("scope", Text, primary_key=True),
+    Column("doc", Text, nullable=False),
+    Column("updated_at", Int64, nullable=False),
+)
+
+rule_snapshots = Table(
+    "rule_snapshots", metadata,
+    Column("scope", Text, primary_key=True),
+    Column("parts", Text, nullable=False),
+    Column("as_of", Int64, nullable=False),
+    Column("rows", Int64, nullable=False),
+    Column("updated_at", Int64, nullable=False),
+)
+
+rule_manifests = Table(
+    "rule_manifests", metadata,
+    Column("store", Text, primary_key=True),
+    Column("version", Int64, nullable=False),
+    Column("doc", Text, nullable=False),
+    Column("published_at", Int64, nullable=False),
+)
+
+deny_list = Table(
+    "deny_list", metadata,
+    Column("card_no", Text, primary_key=True),
+    Column("status", Text, nullable=False),
+    Column("since", Text),
+    Column("replaced_by", Text),
+    Column("version", Int64, nullable=False),
+    Column("reason", Text),
+    Column("updated_at", Int64, nullable=False),
+)
+
+deny_log = Table(
+    "deny_log", metadata,
+    Column("version", Int64, primary_key=True, autoincrement=False),
+    Column("issued_at", Int64, nullable=False),
+    Column("doc", Text, nullable=False),
+    Column("reason", Text),
+)
+
+retained_parts = Table(
+    "retained_parts", metadata,
+    Column("topic", Text, primary_key=True),
+    Column("sha256", Text, nullable=False),
+    Column("published_at", Int64, nullable=False),
+)
+
+LEDGER_TABLES = ("transactions", "conflicts", "stores", "rule_versions")
+RULES_TABLES = ("rule_layers", "rule_snapshots", "rule_manifests", "deny_list", "deny_log", "retained_parts")
+
+# ---------------------------------------------------------------- accounts of record
+
+ID = 64          # member, account, package, coupon ids (wire/ruleset.py _KEY)
+CARD = 19        # card numbers: 6-19 digits
+DAY = 10         # YYYY-MM-DD
+NEVER = "9999-12-31"   # the expiry of points lots that do not expire
+
+members = Table(
+    "members", metadata,
+    Column("member_id", String(ID), primary_key=True),
+    Column("name_masked", String(64)),                 # 张*; the full name is not kept
+    Column("phone_hash", String(64)),                  # hex HMAC-SHA256 of the number, or none
+    Column("consent", Boolean, nullable=False, server_default=false()),
+    Column("birthday", String(5)),                     # MM-DD
+    Column("birthday_calendar", String(5), nullable=False, server_default="solar"),
+    Column("source", String(80), nullable=False),      # "import", "hq", "store:S001/1234"
+    Column("created_at", Int64, nullable=False),       # epoch ms, HQ's clock
+    Column("updated_at", Int64, nullable=False),
+    CheckConstraint("birthday_calendar IN ('solar', 'lunar')", name="calendar"),
+)
+
+accounts = Table(
+    "accounts", metadata,
+    Column("account_id", String(ID), primary_key=True),    # the owner's member_id (what stores key deltas by)
+    Column("owner_member_id", String(ID), ForeignKey("members.member_id"), nullable=False),
+    Column("tier", String(ID), nullable=False),
+    Column("status", String(16), nullable=False, server_default="active"),
+    Column("card_type", String(ID)),
+    Column("paid_fen", Int64, nullable=False, server_default="0"),       # may go below 0 (offline overdraft)
+    Column("bonus_fen", Int64, nullable=False, server_default="0"),      # never below 0
+    Column("points", Int64, nullable=False, server_default="0"),         # sum of lots' remaining - points_owed
+    Column("points_owed", Int64, nullable=False, server_default="0"),    # points spent beyond the lots (overdraft)
+    # The store-local day the offline allowances below count (the latest day seen).
+    Column("day", String(DAY)),
+    Column("day_stored_value_paid_fen", Int64, nullable=False, server_default="0"),
+    Column("day_points_redeemed", Int64, nullable=False, server_default="0"),
+    Column("created_at", Int64, nullable=False),
+    Column("updated_at", Int64, nullable=False),
+    CheckConstraint("bonus_fen >= 0", name="bonus"),
+    CheckConstraint("points_owed >= 0", name="owed"),
+    CheckConstraint("status IN ('active', 'frozen', 'blocked', 'cancelled', 'expired')", name="status"),
+)
+
+cards = Table(
+    "cards", metadata,
+    Column("card_no", String(CARD), primary_key=True),
+    Column("account_id", String(ID), ForeignKey("accounts.account_id"), nullable=False),
+    Column("member_id", String(ID), ForeignKey("members.member_id"), nullable=False),   # who holds it
+    Column("role", String(12), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("replaced_by", String(CARD)),
+    Column("card_type", String(ID)),
+    Column("nfc_uid", String(20)),
+    Column("issued_at", Int64, nullable=False),        # epoch ms
+    Column("expires", String(DAY)),
+    Column("updated_at", Int64, nullable=False),
+    CheckConstraint("role IN ('primary', 'subsidiary', 'linked')", name="role"),
+    CheckConstraint("status IN ('active', 'not_activated', 'lost', 'frozen', 'cancelled', 'replaced', 'expired')",
+                    name="status"),
+    Index(None, "account_id"),
+)
+
+points_lots = Table(
+    "points_lots", metadata,
+    Column("account_id", String(ID), ForeignKey("accounts.account_id"), nullable=False),
+    Column("expires", String(DAY), nullable=False),     # NEVER for points that do not expire
+    Column("earned_at", Int64, nullable=False),         # epoch ms of the first points in the lot
+    Column("points", Int64, nullable=False),            # earned into the lot in all
+    Column("remaining", Int64, nullable=False),
+    PrimaryKeyConstraint("account_id", "expires"),
+    CheckConstraint("remaining >= 0", name="remaining"),
+)
+
+packages = Table(
+    "packages", metadata,
+    Column("account_id", String(ID), ForeignKey("accounts.account_id"), nullable=False),
+    Column("package_id", String(ID), nullable=False),
+    Column("uses_left", Int64, nullable=False),         # may go below 0 (offline overdraft)
+    Column("updated_at", Int64, nullable=False),
+    PrimaryKeyConstraint("account_id", "package_id"),
+)
+
+coupons = Table(
+    "coupons", metadata,
+    Column("account_id", String(ID), ForeignKey("accounts.account_id"), nullable=False),
+    Column("code", String(ID), nullable=False),
+    Column("state", String(8), nullable=False),         # issued | used
+    Column("used_tx", String(64)),
+    Column("updated_at", Int64, nullable=False),
+    PrimaryKeyConstraint("account_id", "code"),
+    CheckConstraint("state IN ('issued', 'used')", name="state"),
+)
+
+account_history = Table(
+    "account_history", metadata,
+    Column("id", Int64, primary_key=True, autoincrement=True),
+    Column("account_id", String(ID), ForeignKey("accounts.account_id"), nullable=False),
+    Column("kind", String(24), nullable=False),         # sale, return, topup, package_use, card_op, registration, import, ...
+    Column("d_paid_fen", Int64, nullable=False, server_default="0"),
+    Column("d_bonus_fen", Int64, nullable=False, server_default="0"),
+    Column("d_points", Int64, nullable=False, server_default="0"),
+    Column("package_id", String(ID)),
+    Column("d_uses", Int64, nullable=False, server_default="0"),
+    Column("card_no", String(CARD)),
+    Column("store", String(64)),                        # the source record: store, seq, tx id (none: HQ itself)
+    Column("seq", Int64),
+    Column("tx_id", String(64)),
+    Column("ref_tx_id", String(64)),                    # a return's sale
+    Column("terminal", String(64)),
+    Column("operator", String(64)),
+    Column("at", String(40)),                           # when it happened (the record's store time)
+    Column("recorded_at", Int64, nullable=False),       # when HQ applied it (epoch ms)
+    Column("detail", Text),                             # JSON: lots, coupons, fee, status change
+    Index(None, "account_id", "id"),
+    Index(None, "tx_id"),
+    Index(None, "ref_tx_id"),
+)
+
+set_aside = Table(
+    "set_aside", metadata,
+    Column("id", Int64, primary_key=True, autoincrement=True),
+    Column("store", String(64), nullable=False),
+    Column("seq", Int64, nullable=False),
+    Column("tx_id", Text, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("error", Text, nullable=False),               # "<code>: <what>"
+    Column("at", Int64, nullable=False),                 # epoch ms, HQ's clock
+    Column("resolved_at", Int64),                        # set by whoever resolves it
+    UniqueConstraint("store", "seq"),
+)
+
+account_watermarks = Table(
+    "account_watermarks", metadata,
+    Column("store", String(64), primary_key=True),
+    Column("seq", Int64, nullable=False),                # every seq <= this is applied or set aside
+    Column("held_above", Int64, nullable=False, server_default="0"),   # highest seq committed past a gap
+    Column("updated_at", Int64, nullable=False),
+)
+
+ACCOUNT_TABLES = ("members", "accounts", "cards", "points_lots", "packages", "coupons", "account_history",
+                  "set_aside", "account_watermarks")
+
+
+# ---------------------------------------------------------------- engines
+
+def open_engine(url: str, **kw) -> Engine:
+    """An engine for ``sqlite:///path`` or ``postgresql+psycopg://user@host/db``."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        engine = create_engine(u, **kw)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn, _record):
+            # Transactions are begun by the "begin" hook below, not by the driver.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA busy_timeout=10000")
+            if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal" and u.database not in (None, "", ":memory:"):
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")   # durable before the ack goes out
+            cur.execute("PRAGMA foreign_keys=ON")     # as PostgreSQL enforces them
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if u.get_backend_name() == "postgresql":
+        if u.drivername == "postgresql":
+            u = u.set(drivername="postgresql+psycopg")
+        return create_engine(u, **{"pool_pre_ping": True, **kw})
+    raise ValueError(f"database url: {url!r} is neither sqlite:/// nor postgresql+psycopg://")
+
+
+def is_postgres(conn: Connection | Engine) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def dialect_insert(conn: Connection, table: Table):
+    """INSERT with ON CONFLICT support for the connection's engine."""
+    if is_postgres(conn):
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table)
+
+
+def in_(conn: Connection, column, values: Iterable):
+    """``column IN values``; on PostgreSQL ``column = ANY(:array)``: one
+    parameter instead of one per value, planned once."""
+    values = list(values)
+    if is_postgres(conn):
+        from sqlalchemy.dialects.postgresql import ARRAY
+        return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
+    return column.in_(values)
+
+
+def insert_rows(conn: Connection, table: Table, rows: list[dict], *, keys: Iterable[str] | None = None,
+                update: bool = False, returning: str | None = None):
+    """INSERT ``rows`` (all with the same columns) in one go. ``keys`` with
+    ``update``: upsert on them; ``keys`` without: skip rows whose keys exist
+    (``keys=()``: any unique constraint). ``returning``: a column of the
+    inserted rows, returned as a list.
+
+    PostgreSQL gets COPY for plain inserts and one statement for all rows
+    otherwise (INSERT .. SELECT FROM unnest(one array per column)): a row per
+    statement in a pipeline costs more than the insert itself there. SQLite
+    gets executemany, a C loop."""
+    if not rows:
+        return [] if returning else None
+    cols = list(rows[0])
+    keys = None if keys is None else list(keys)
+    if is_postgres(conn) and keys is None and not returning:
+        # COPY: the cheapest way into PostgreSQL, large text (ledger bodies) too.
+        q = conn.dialect.identifier_preparer.quote
+        cursor = conn.connection.dbapi_connection.cursor()
+        with cursor.copy(f"COPY {q(table.name)} ({', '.join(map(q, cols))}) FROM STDIN") as copy:
+            for r in rows:
+                copy.write_row([r[c] for c in cols])
+        return None
+    if is_postgres(conn):
+        q = conn.dialect.identifier_preparer.quote
+        casts = ", ".join(f"%(c{i})s::{table.c[c].type.compile(dialect=conn.dialect)}[]" for i, c in enumerate(cols))
+        sql = f"INSERT INTO {q(table.name)} ({', '.join(map(q, cols))}) SELECT * FROM unnest({casts})"
+        if keys is not None:
+            target = f" ({', '.join(map(q, keys))})" if keys else ""
+            sets = [c for c in cols if c not in keys]
+            sql += (f" ON CONFLICT{target} DO UPDATE SET " + ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in sets)
+                    if update and sets else f" ON CONFLICT{target} DO NOTHING")
+        if returning:
+            sql += f" RETURNING {q(returning)}"
+        result = conn.exec_driver_sql(sql, {f"c{i}": [r[c] for r in rows] for i, c in enumerate(cols)})
+        return [r[0] for r in result] if returning else None
+    stmt = dialect_insert(conn, table)
+    if keys is not None:
+        sets = [c for c in cols if c not in keys]
+        stmt = stmt.on_conflict_do_update(index_elements=keys, set_={c: stmt.excluded[c] for c in sets}) \
+            if update and sets else stmt.on_conflict_do_nothing(index_elements=keys or None)
+    if returning:
+        return [r[0] for r in conn.execute(stmt.returning(table.c[returning]), rows)]
+    conn.execute(stmt, rows)
+    return None
+
+
+def upsert(conn: Connection, table: Table, rows: list[dict], keys: Iterable[str]) -> None:
+    """Insert ``rows`` (all with the same columns), updating the other columns where ``keys`` exist."""
+    insert_rows(conn, table, rows, keys=keys, update=True)
+
+
+# ---------------------------------------------------------------- ledger insert (for ledger.py on this metadata)
+
+@dataclass(frozen=True)
+class LedgerInsert:
+    new: list          # the records now in the ledger for the first time (apply these to the accounts)
+    duplicates: int    # already there with the same (store, seq, tx_id): a resend
+    conflicts: int     # (store, seq) or tx_id taken by another record: kept in ``conflicts``
+
+
+def ledger_insert(conn: Connection, store: str, records: list, received_at: int | None = None) -> LedgerInsert:
+    """What hq_bridge/ledger.py's ``commit`` does, on this metadata and
+    inside the caller's transaction: insert every record of a batch exactly
+    once; tell resends from conflicts. ``records``: objects with ``seq, id,
+    type, ts, body`` (wire.messages.TxRecord) — bodies as dicts; stored as JSON.
+    Two workers inserting the same records at once: one of them fails on
+    the unique keys and its transaction rolls back (its batch is not acked;
+    the store sends it again)."""
+    now = int(time.time() * 1000) if received_at is None else received_at
+    if not records:
+        return LedgerInsert([], 0, 0)
+    t = transactions
+    by_seq = dict(conn.execute(select(t.c.seq, t.c.tx_id).where(
+        t.c.store == store, in_(conn, t.c.seq, {r.seq for r in records}))).all())
+    by_id = {i: (s, q) for i, s, q in conn.execute(select(t.c.tx_id, t.c.store, t.c.seq).where(
+        in_(conn, t.c.tx_id, {r.id for r in records})))}
+    new, rows, clash, dup = [], [], [], 0
+    for r in records:
+        if r.seq not in by_seq and r.id not in by_id:
+            by_seq[r.seq], by_id[r.id] = r.id, (store, r.seq)
+            new.append(r)
+            rows.append({"store": store, "seq": r.seq, "tx_id": r.id, "type": r.type, "ts": r.ts,
+                         "body": orjson.dumps(r.body).decode(), "received_at": now})
+        elif by_id.get(r.id) == (store, r.seq):
+            dup += 1
+        else:
+            clash.append({"store": store, "seq": r.seq, "tx_id": r.id, "type": r.type, "ts": r.ts,
+                          "body": orjson.dumps(r.body).decode(), "received_at": now})
+    insert_rows(conn, t, rows)
+    if clash:
+        insert_rows(conn, conflicts, clash, keys=())
+    return LedgerInsert(new, dup, len(clash))
+
+
+# ---------------------------------------------------------------- migrations
+
+def migrate(url: str | Engine) -> None:
+    """Bring the database at ``url`` to the newest schema (alembic upgrade head)."""
+    from hq_bridge.migrations import upgrade
+    upgrade(url)
