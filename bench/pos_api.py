@@ -15,10 +15,14 @@ has a member of its own, as every customer is: the member's local ledger
 since HQ's snapshot is summed on each call, so one card used for hundreds of
 sales would measure that ledger's growth instead.
 
-Before its quote and its sale a terminal waits a random 0-50 ms (the same
-draws in every run): a few hundred calls a second over the store (printed as
-``calls_per_s``), calls of different lanes arriving together all the time; a
-real store's eight lanes make a few a minute. ``*_saturated_*``: the same
+Before its quote and its sale a terminal waits a random 0-400 ms (the same
+draws in every run): about forty calls a second over the store (printed as
+``calls_per_s``), calls of different lanes arriving together all the time,
+ten times what eight lanes at their busiest hour make (a cashier rings up a
+customer in tens of seconds). Waits of 0-50 ms (~360 calls a second) kept one
+core of this machine two-thirds busy, so their p99 measured queueing on a
+shared 2-core box rather than what a cashier waits for; that regime is
+reported as ``*_saturated_*``. ``*_saturated_*``: the same
 without the waits, every terminal calling back to back: the gateway's
 capacity, where latency is queueing.
 
@@ -62,7 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES_FILE = ROOT / "deploy" / "examples" / "rules.demo.toml"
 TERMINALS = 8
 WARMUP = 3  # rounds per terminal not counted
-MAX_WAIT_S = 0.05
+MAX_WAIT_S = 0.4
 
 
 def credentials(terminals_file: Path) -> dict[str, str]:
