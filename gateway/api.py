@@ -11,7 +11,11 @@
     POST /lanes/<lane>/topups          stored-value top-up for the lane's member {"idempotency_key", "package_id" | "amount_fen"}
     POST /lanes/<lane>/packages/<id>/uses   use a count package {"idempotency_key", "uses"}
     POST /returns                      full or partial return {"idempotency_key", "sale_seq" | "sale_id", "lines": [{"line", "qty"}]}
-    POST /cards/services               service desk {"idempotency_key", "kind", "card_no", "new_card_no"?, "reason"?}
+    POST /cards/services               service desk {"idempotency_key", "kind", "card_no", "new_card_no"?, "months"?, "reason"?}
+    POST /members                      register a member with a new card (办卡), offline {"idempotency_key", "card_no", "consent", "name"?, "birthday"?, ...}
+    POST /withdrawals                  service desk 取款 {"idempotency_key", "card_no", "amount_fen", "payout", "reason"?}
+
+Every POST body may carry "operator" (the cashier's id), journaled with the record.
 
 A tender is {"points": n, "stored_value_fen": x, "coupons": [codes]} (gateway/pricing.py).
 Every journaled operation answers 201 after fsync with its "seq" and "id",
@@ -384,5 +388,7 @@ def create_app(gw: Gateway, terminals: Terminals | None = None) -> Microdot:
 
     app.post("/returns")(store_wide("return", "returns", sale_return))
     app.post("/cards/services")(store_wide("card_service", "card_services", gw.counter.card_service))
+    app.post("/members")(store_wide("register", "members", gw.counter.register))
+    app.post("/withdrawals")(store_wide("withdrawal", "withdrawals", gw.counter.withdraw))
 
     return app

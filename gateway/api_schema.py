@@ -43,6 +43,10 @@ uses (package)             1..9,999                       ``pricing.MAX_QTY``
 sale_seq                   1..2^63-1                      SQLite's INTEGER
 lines (return)             500 lines                      a sale's lines
 name / category / reason   100 / 64 / 200 characters      receipt and journal space
+operator (every POST)      ``[A-Za-z0-9_.-]{1,32}``       the cashier's id, journaled
+member name (/members)     32 characters, kept masked     minimal PII; no phone field
+amount_fen (withdrawal)    1..10,000,000 fen              ``pricing.MAX_TOPUP_FEN``
+months (extend)            1..120                         ``pricing.MAX_EXTEND_MONTHS``
 =========================  =============================  =========================
 
 Identifiers are ASCII: card numbers ``[0-9]{6,19}`` (so full-width or
@@ -107,6 +111,11 @@ LANE_ID = r"^[A-Za-z0-9_-]{1,16}$"        # as gateway/config.py allows lane ids
 SALE_ID = r"^[A-Za-z0-9_-]{8,64}$"        # journal tx ids (32 hex digits)
 PRINTABLE_ASCII = r"^[\x20-\x7e]+$"
 CARD_READ = r"^ *[\x21-\x7e][\x20-\x7e]*$"  # printable ASCII, not blank
+OPERATOR_ID = r"^[A-Za-z0-9_.-]{1,32}$"   # a cashier's id (gateway/counter.py OPERATOR)
+MMDD = r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$"
+NFC_UID = r"^([0-9A-Fa-f]{8}|[0-9A-Fa-f]{14}|[0-9A-Fa-f]{20})$"
+MAX_MEMBER_NAME = 32
+MAX_EXTEND_MONTHS = pricing.MAX_EXTEND_MONTHS
 
 # How a pattern is described in an error message.
 _PATTERN_HELP = {
@@ -119,6 +128,9 @@ _PATTERN_HELP = {
     SALE_ID: "the sale's transaction id (8 to 64 characters of A-Z a-z 0-9 _ -)",
     PRINTABLE_ASCII: "printable ASCII characters",
     CARD_READ: "the card's identifier in printable ASCII, not blank",
+    OPERATOR_ID: "the cashier's id: 1 to 32 characters of A-Z a-z 0-9 _ . -",
+    MMDD: "a birthday as MM-DD",
+    NFC_UID: "the chip's UID: 8, 14 or 20 hex digits",
 }
 
 
@@ -158,6 +170,7 @@ def _exactly_one(*names: str) -> list[dict]:
 
 IDEMPOTENCY = _str(IDEMPOTENCY_KEY, "unique per operation and terminal; a retry with the same key and "
                    "body gets the first answer (200) instead of doing it twice")
+OPERATOR = _str(OPERATOR_ID, "the cashier who does it (journaled with the record; optional)")
 
 LINE = _obj({
     "sku": _str(SKU, "the item's code (barcode or item number)"),
@@ -234,13 +247,44 @@ RETURN_REQUEST = _obj({
 CARD_SERVICE_REQUEST = _obj({
     "idempotency_key": IDEMPOTENCY,
     "kind": {"enum": list(CARD_SERVICE_KINDS), "description": "the service"},
-    "card_no": _str(CARD_NO, "the card's number (for issue: the new card's)"),
-    "new_card_no": _str(CARD_NO, "replace: the replacement card's number"),
+    "card_no": _str(CARD_NO, "the card's number (for issue: the new card's; for issue_subsidiary: the primary's)"),
+    "new_card_no": _str(CARD_NO, "replace: the replacement card's number; issue_subsidiary: the 附属卡's"),
+    "months": _int(1, MAX_EXTEND_MONTHS, "extend (延期): months to extend the card by (default 12)"),
     "reason": _text(MAX_REASON, "why, in the staff's words (kept in the journal)"),
 }, required=["idempotency_key", "kind", "card_no"],
-    **{"if": {"properties": {"kind": {"const": "replace"}}, "required": ["kind"]},
+    **{"if": {"properties": {"kind": {"enum": ["replace", "issue_subsidiary"]}}, "required": ["kind"]},
        "then": {"required": ["new_card_no"]}},
-    description="a service-desk card operation; replace needs new_card_no")
+    description="a service-desk card operation; replace and issue_subsidiary need new_card_no; unfreeze lifts "
+                "a freeze or a loss report made here (a card on HQ's deny list stays refused until HQ lifts it)")
+
+MEMBER_REGISTRATION_REQUEST = _obj({
+    "idempotency_key": IDEMPOTENCY,
+    "card_no": _str(CARD_NO, "the new card's number (a card of the chain's programmes, never issued)"),
+    "consent": {"type": "boolean", "description": "the member agreed to the programme's terms and the use of "
+                "their data (required; false is refused: sell an anonymous card instead)"},
+    "name": _text(MAX_MEMBER_NAME, "the member's name; kept masked (张*), never in full", min_len=1),
+    "birthday": _str(MMDD, "MM-DD, for birthday offers (no year is kept)"),
+    "birthday_calendar": {"enum": ["solar", "lunar"], "description": "the birthday's calendar (default solar)"},
+    "card_type": _str(CODE, "a card type of the rules (default: the card programme's)"),
+    "nfc_uid": _str(NFC_UID, "the new card's chip UID, so it can be tapped at once"),
+    "lane": _str(LANE_ID, "the lane registering (a POS may name only its own lanes)"),
+    "operator": OPERATOR,
+}, required=["idempotency_key", "card_no", "consent"],
+    description="办卡: a new member with a new card, usable at once at the base tier; no phone number is taken "
+                "at the store (bound at HQ or in the member app, where it can be verified)")
+
+WITHDRAWAL_REQUEST = _obj({
+    "idempotency_key": IDEMPOTENCY,
+    "card_no": _str(CARD_NO, "the member's primary card"),
+    "amount_fen": _int(1, MAX_TOPUP_FEN, "fen to pay out of the paid part of the stored value"),
+    "payout": _obj({
+        "method": {"enum": list(PAYMENT_METHODS), "description": "how the money goes back to the member"},
+        "reference": _str(PRINTABLE_ASCII, "the payout's reference", min_len=1, max_len=64),
+    }, required=["method"], description="how the member was paid"),
+    "reason": _text(MAX_REASON, "why, in the staff's words (kept in the journal)"),
+    "operator": OPERATOR,
+}, required=["idempotency_key", "card_no", "amount_fen", "payout"],
+    description="取款: the paid part of stored value paid out, as the rules' accounts.withdrawal allows")
 
 REQUESTS: dict[str, dict] = {
     "taps": TAP_REQUEST,
@@ -250,7 +294,11 @@ REQUESTS: dict[str, dict] = {
     "package_uses": PACKAGE_USE_REQUEST,
     "returns": RETURN_REQUEST,
     "card_services": CARD_SERVICE_REQUEST,
+    "members": MEMBER_REGISTRATION_REQUEST,
+    "withdrawals": WITHDRAWAL_REQUEST,
 }
+for _schema in REQUESTS.values():  # every POST body may say which cashier did it
+    _schema["properties"].setdefault("operator", OPERATOR)
 
 PATH_PARAMS: dict[str, dict] = {
     "lane": _str(LANE_ID, "the lane (checkout) id"),
@@ -332,14 +380,21 @@ CARD_SERVICE = _open({"kind": {"enum": list(CARD_SERVICE_KINDS)}, "card": _STR, 
                       "status_after": _STR, "receipt": RECEIPT, **_JOURNALED},
                      ["kind", "card", "fee_fen", "status_after", "receipt", "seq", "tx_id", "duplicate"])
 
+REGISTRATION = _open({"member_id": _STR, "card": _STR, "tier": _STR, "fee_fen": _INT, "receipt": RECEIPT,
+                      **_JOURNALED}, ["member_id", "card", "tier", "fee_fen", "receipt", "seq", "tx_id", "duplicate"])
+WITHDRAWAL = _open({"card": _STR, "amount_fen": _INT, "paid_fen": _INT, "balance_after_fen": _INT,
+                    "receipt": RECEIPT, **_JOURNALED},
+                   ["card", "amount_fen", "paid_fen", "receipt", "seq", "tx_id", "duplicate"])
+
 # Component name -> schema, as the OpenAPI document lists them.
 COMPONENTS: dict[str, dict] = {
     "TapRequest": TAP_REQUEST, "QuoteRequest": QUOTE_REQUEST, "SaleRequest": SALE_REQUEST,
     "TopupRequest": TOPUP_REQUEST, "PackageUseRequest": PACKAGE_USE_REQUEST, "ReturnRequest": RETURN_REQUEST,
-    "CardServiceRequest": CARD_SERVICE_REQUEST,
+    "CardServiceRequest": CARD_SERVICE_REQUEST, "MemberRegistrationRequest": MEMBER_REGISTRATION_REQUEST,
+    "WithdrawalRequest": WITHDRAWAL_REQUEST,
     "Error": ERROR, "Health": HEALTH, "Status": STATUS, "Lanes": LANES, "LaneMember": LANE_MEMBER,
     "Verdict": VERDICT, "Quote": QUOTE, "Sale": SALE, "MemberOperation": MEMBER_OPERATION, "Return": RETURN,
-    "CardService": CARD_SERVICE,
+    "CardService": CARD_SERVICE, "Registration": REGISTRATION, "Withdrawal": WITHDRAWAL,
 }
 
 # ---------------------------------------------------------------- endpoints
@@ -369,9 +424,14 @@ ENDPOINTS: dict[str, tuple] = {
                      (*_POST_ERRORS, 507), True),
     "returns": ("post", "/returns", "full or partial return against the original sale", "ReturnRequest",
                 {200: "Return", 201: "Return"}, (*_POST_ERRORS, 507), True),
-    "card_services": ("post", "/cards/services", "service desk: issue, report lost, freeze, unfreeze, replace, "
-                      "annual fee", "CardServiceRequest", {200: "CardService", 201: "CardService"},
-                      (*_POST_ERRORS, 507), True),
+    "card_services": ("post", "/cards/services", "service desk: issue, report lost, freeze, unfreeze (also "
+                      "lifts a loss report), replace, annual fee, extend (延期), issue_subsidiary (附属卡)",
+                      "CardServiceRequest", {200: "CardService", 201: "CardService"}, (*_POST_ERRORS, 507), True),
+    "members": ("post", "/members", "register a member with a new card (办卡), offline: usable at once at the "
+                "base tier", "MemberRegistrationRequest", {200: "Registration", 201: "Registration"},
+                (*_POST_ERRORS, 507), True),
+    "withdrawals": ("post", "/withdrawals", "service desk: pay out the paid part of stored value (取款)",
+                    "WithdrawalRequest", {200: "Withdrawal", 201: "Withdrawal"}, (*_POST_ERRORS, 507), True),
     "openapi": ("get", "/openapi.json", "this document", None, {200: None}, _OPEN_ERRORS, False),
 }
 
@@ -448,6 +508,8 @@ FIELD_CODES = {
     ("package_uses", "uses"): "package_invalid_uses",
     ("returns", "lines"): "return_invalid",
     ("card_services", "kind"): "card_op_invalid", ("card_services", "new_card_no"): "card_op_invalid",
+    ("card_services", "months"): "card_op_invalid",
+    ("withdrawals", "amount_fen"): "withdrawal_invalid",
 }
 
 
@@ -800,7 +862,7 @@ def openapi_document() -> dict:
 def _tag(path: str) -> str:
     if path.startswith("/lanes/{lane}/") and not path.endswith(("/member", "/events")):
         return "counter"
-    if path.startswith(("/returns", "/cards")):
+    if path.startswith(("/returns", "/cards", "/members", "/withdrawals")):
         return "service desk"
     return "lanes" if path.startswith("/lanes") else "status"
 

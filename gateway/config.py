@@ -84,6 +84,10 @@ GATEWAY_CONFIG_SCHEMA = {
                 "window": {"type": "integer", "minimum": 1, "maximum": 64, "default": 8},
                 "resend_after_s": {"type": "number", "minimum": 1, "default": 10},
                 "status_interval_s": {"type": "number", "minimum": 1, "default": 10},
+                "live_lookup_ms": {"type": "integer", "minimum": 0, "maximum": 2000, "default": 300,
+                                   "description": "while online, a tap waits at most this long for HQ's live "
+                                                  "account; past it (or 0: never ask) the store decides from "
+                                                  "its snapshot"},
                 "part_timeout_s": {"type": "number", "minimum": 1, "default": 60,
                                    "description": "a rule set whose parts do not all arrive in this time is rejected"},
             },

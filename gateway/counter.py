@@ -16,6 +16,16 @@ changes locally:
   here (a card reported lost or frozen at this counter is refused here at once,
   before HQ's deny delta comes back).
 
+The member lifecycle at the counter (this store's side of issue 12):
+registration while offline (``register``: a new card usable here at once at
+the base tier, from a local table the member look-up consults until HQ's
+snapshot has the member), 补办 (the new card carries the account here at
+once), 延期 (``extend``), 附属卡 (``issue_subsidiary``), 取款 (``withdraw``:
+the paid part of stored value, as ``accounts.withdrawal`` allows), and
+lifts: a service-desk ``unfreeze`` lifts a local freeze or loss report, and
+HQ's deny delta saying ``active`` clears this store's local status of the
+card (``deny_applied``, registered with the rules store).
+
 Crash safety: both are written right after the journal append, in the same
 turn of the event loop. On start-up every journal record after the archive's
 last sequence number is applied again (both writes are idempotent by seq), so
@@ -30,7 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import logging
+import re
 import sqlite3
 import weakref
 import zlib
@@ -53,8 +66,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("storegate.counter")
 
 RETURN_WINDOW_DAYS = 90
-JOURNALED = ("sale", "return", "topup", "package_use", "card_op")
-LOCAL_DENY = {"lost", "frozen", "replaced"}  # take effect here at once; unfreeze waits for HQ
+JOURNALED = ("sale", "return", "topup", "package_use", "card_op", "registration", "withdrawal")
+LOCAL_DENY = {"lost", "frozen", "replaced"}  # take effect here at once; HQ's deny delta takes them elsewhere
+LIFTABLE = ("lost", "frozen")                 # what a service-desk unfreeze lifts here
+OPERATOR = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")   # the cashier's id (gateway/api_schema.py OPERATOR)
 LOCAL_CALLER = "local"  # the terminal of operations called in-process (demo, tools), not over the API
 PAYMENT_METHODS = ("cash", "bank_card", "wechat", "alipay", "unionpay", "other")
 
@@ -83,6 +98,26 @@ CREATE TABLE IF NOT EXISTS topups (
     pay_fen INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS topups_day ON topups(day, terminal);
+-- Cards registered or issued here that HQ's snapshot may not hold yet: a
+-- member row (registration), {"alias_of": old card} (a replacement card:
+-- the old card's account) or {"subsidiary_of": primary} (附属卡).
+CREATE TABLE IF NOT EXISTS local_members (
+    card_no TEXT PRIMARY KEY,
+    uid TEXT,
+    rec BLOB NOT NULL,
+    seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS local_members_uid ON local_members(uid);
+CREATE TABLE IF NOT EXISTS card_expiry (card_no TEXT PRIMARY KEY, expires TEXT NOT NULL, seq INTEGER NOT NULL);
+-- Moves of the paid part of stored value made here (top-ups +, withdrawals -).
+CREATE TABLE IF NOT EXISTS sv_paid (
+    seq INTEGER PRIMARY KEY,
+    account TEXT NOT NULL,
+    day TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    fen INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sv_paid_account ON sv_paid(account, day);
 """
 
 
@@ -109,6 +144,9 @@ class CounterArchive:
         self._db.execute("PRAGMA wal_autocheckpoint=64")
         self._db.execute("PRAGMA journal_size_limit=262144")
         self._db.executescript(ARCHIVE_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(card_status)")}
+        if "ts" not in columns:  # an archive from before lifts: its statuses count as set long ago
+            self._db.execute("ALTER TABLE card_status ADD COLUMN ts INTEGER NOT NULL DEFAULT 0")
 
     def relieve(self) -> None:
         """After a write failed for lack of space: fold the WAL back into the
@@ -138,13 +176,32 @@ class CounterArchive:
                 db.execute("INSERT OR IGNORE INTO topups(seq, day, terminal, pay_fen) VALUES (?,?,?,?)",
                            (seq, body.get("day") or "", body.get("terminal") or LOCAL_CALLER,
                             body.get("pay_fen", 0)))
+                if body.get("account_id"):
+                    db.execute("INSERT OR IGNORE INTO sv_paid(seq, account, day, kind, fen) VALUES (?,?,?,?,?)",
+                               (seq, body["account_id"], body.get("day") or "", "topup", body.get("pay_fen", 0)))
+            elif type_ == "withdrawal":
+                db.execute("INSERT OR IGNORE INTO sv_paid(seq, account, day, kind, fen) VALUES (?,?,?,?,?)",
+                           (seq, body.get("account_id") or "", body.get("day") or "", "withdrawal",
+                            -body.get("paid_fen", 0)))
+            elif type_ == "registration":
+                rec = {k: body[k] for k in ("member_id", "name", "birthday", "birthday_calendar", "card_type",
+                                            "nfc_uid") if body.get(k) is not None}
+                rec.update(tier=None, status="active", points=0, balance_fen=0)
+                self._local_member(body["card_no"], rec, seq, body.get("nfc_uid"))
             elif type_ == "card_op":
                 op, card = body.get("op"), body.get("card_no")
                 if body.get("status_after") in LOCAL_DENY:
-                    db.execute("INSERT OR REPLACE INTO card_status VALUES (?,?,?,?)",
-                               (card, body["status_after"], body.get("new_card_no"), seq))
+                    db.execute("INSERT OR REPLACE INTO card_status(card_no, status, replaced_by, seq, ts) "
+                               "VALUES (?,?,?,?,?)", (card, body["status_after"], body.get("new_card_no"), seq, ts_ms))
+                    if op == "replace" and body.get("new_card_no"):
+                        self._local_member(body["new_card_no"], {"alias_of": card}, seq)
                 elif op == "unfreeze":
-                    db.execute("DELETE FROM card_status WHERE card_no=? AND status='frozen'", (card,))
+                    db.execute(f"DELETE FROM card_status WHERE card_no=? AND status IN {LIFTABLE}", (card,))
+                elif op == "extend" and body.get("expires"):
+                    db.execute("INSERT OR REPLACE INTO card_expiry(card_no, expires, seq) VALUES (?,?,?)",
+                               (card, body["expires"], seq))
+                elif op == "issue_subsidiary" and body.get("primary_card_no"):
+                    self._local_member(card, {"subsidiary_of": body["primary_card_no"]}, seq)
             db.execute("INSERT INTO meta(k, v) VALUES ('last_seq', ?) ON CONFLICT(k) DO UPDATE "
                        "SET v=max(v, excluded.v)", (seq,))
             db.execute("COMMIT")
@@ -172,6 +229,44 @@ class CounterArchive:
         return self._db.execute("SELECT COALESCE(SUM(pay_fen), 0) FROM topups WHERE day=? AND terminal=?",
                                 (day, terminal)).fetchone()[0]
 
+    def _local_member(self, card_no: str, rec: dict, seq: int, uid: str | None = None) -> None:
+        self._db.execute("INSERT OR IGNORE INTO local_members(card_no, uid, rec, seq) VALUES (?,?,?,?)",
+                         (card_no, uid.upper() if uid else None, orjson.dumps(rec), seq))
+
+    def local_member(self, card_no: str) -> dict | None:
+        """A card registered or issued here (see ARCHIVE_SCHEMA), or None."""
+        row = self._db.execute("SELECT rec FROM local_members WHERE card_no=?", (card_no,)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def card_for_uid(self, uid: str) -> str | None:
+        row = self._db.execute("SELECT card_no FROM local_members WHERE uid=?",
+                               ((uid or "").strip().upper(),)).fetchone()
+        return row[0] if row else None
+
+    def expiry(self, card_no: str) -> str | None:
+        row = self._db.execute("SELECT expires FROM card_expiry WHERE card_no=?", (card_no,)).fetchone()
+        return row[0] if row else None
+
+    def knows(self, card_no: str) -> bool:
+        """Whether this store holds local member data for the card."""
+        return self._db.execute("SELECT 1 FROM local_members WHERE card_no=? UNION ALL "
+                                "SELECT 1 FROM card_expiry WHERE card_no=?", (card_no, card_no)).fetchone() is not None
+
+    def paid_moves(self, account: str, after_seq: int) -> int:
+        """Fen the paid part of an account moved here after a seq (top-ups less withdrawals)."""
+        return self._db.execute("SELECT COALESCE(SUM(fen), 0) FROM sv_paid WHERE account=? AND seq>?",
+                                (account, after_seq)).fetchone()[0]
+
+    def withdrawn(self, account: str, day: str) -> int:
+        return -self._db.execute("SELECT COALESCE(SUM(fen), 0) FROM sv_paid WHERE account=? AND day=? "
+                                 "AND kind='withdrawal'", (account, day)).fetchone()[0]
+
+    def lift(self, card_no: str, set_before_ms: int) -> bool:
+        """HQ lifted the card: forget this store's status of it, unless it
+        was set here after HQ's decision (a new report wins)."""
+        cur = self._db.execute("DELETE FROM card_status WHERE card_no=? AND ts<?", (card_no, set_before_ms))
+        return cur.rowcount > 0
+
     def card_status(self, card_no: str) -> tuple[str, str | None] | None:
         row = self._db.execute("SELECT status, replaced_by FROM card_status WHERE card_no=?", (card_no,)).fetchone()
         return (row[0], row[1]) if row else None
@@ -182,6 +277,57 @@ class CounterArchive:
         self._db.execute("DELETE FROM records WHERE type='return' AND sale_seq NOT IN "
                          "(SELECT seq FROM records WHERE type='sale')")
         return cur.rowcount
+
+
+class LocalMembers:
+    """The member store as this counter sees it: HQ's snapshot first, then
+    the cards registered or issued here that the snapshot does not hold yet,
+    with expiries extended here. Everything else is the snapshot's."""
+
+    def __init__(self, base, archive: CounterArchive, own_uid: str | None = None) -> None:
+        self._base, self._archive, self._own_uid = base, archive, own_uid
+
+    def get(self, card_no: str, _depth: int = 0) -> dict | None:
+        row = self._base.get(card_no)
+        if row is None and _depth < 4:
+            row = self._local(card_no, _depth)
+        if row is not None:
+            expires = self._archive.expiry(card_no)
+            if expires and (not row.get("expires") or row["expires"] < expires):
+                row = {**row, "expires": expires}
+        return row
+
+    def _local(self, card_no: str, depth: int) -> dict | None:
+        rec = self._archive.local_member(card_no)
+        if rec is None:
+            return None
+        if "alias_of" in rec:        # 补办: the new card carries the old card's account
+            old = self.get(rec["alias_of"], depth + 1)
+            if old is None:
+                return None
+            return {**{k: v for k, v in old.items() if k != "nfc_uid"}, "card_no": card_no, "status": "active"}
+        if "subsidiary_of" in rec:   # 附属卡: pays from and earns to the primary's account
+            primary = self.get(rec["subsidiary_of"], depth + 1)
+            if primary is None:
+                return None
+            return {"card_no": card_no, "member_id": primary["member_id"], "tier": primary["tier"],
+                    "status": "active", "primary_card": rec["subsidiary_of"]}
+        return {**rec, "card_no": card_no}
+
+    def card_for_uid(self, uid: str) -> str | None:
+        return self._base.card_for_uid(uid) or self._archive.card_for_uid(uid) or \
+            (self._own_uid if uid == self._own_uid else None)
+
+    def __getattr__(self, name: str):
+        return getattr(self._base, name)
+
+
+def _operator(request: dict) -> str | None:
+    """The cashier who did it (optional): an id of 1-32 ASCII letters, digits, ``_ . -``."""
+    op = request.get("operator")
+    if op is not None and not (isinstance(op, str) and OPERATOR.fullmatch(op)):
+        raise engine.BasketError("operator: the cashier's id, 1-32 characters of A-Z a-z 0-9 _ . -")
+    return op
 
 
 def _key(request: dict, what: str, terminal: "Terminal | None") -> str:
@@ -270,9 +416,37 @@ class Counter:
         # operations are refused, so balances and limits never miss one.
         self._unapplied: list[tuple] = []
         self.faults: list[str] = []
+        # HQ's lift of a card (a deny delta entry "active") clears this store's
+        # local status of it. The rules store calls back; it imports nothing of ours.
+        listeners = getattr(getattr(gw, "rules", None), "deny_listeners", None)
+        if listeners is not None:
+            listeners.append(self.deny_applied)
 
     def close(self) -> None:
+        listeners = getattr(getattr(self.gw, "rules", None), "deny_listeners", None)
+        if listeners is not None and self.deny_applied in listeners:
+            listeners.remove(self.deny_applied)
         self.archive.close()
+
+    def deny_applied(self, version: int, issued_at_s: int, entries: dict) -> list[str]:
+        """A deny delta was applied: every card it lifts (entry None: status
+        "active") loses the status this counter gave it (lost, frozen,
+        replaced), unless that was set after HQ issued the delta (a report
+        made here since wins; HQ's next delta settles it). Returns the cards
+        lifted here."""
+        lifted = []
+        before_ms = (int(issued_at_s) + 1) * 1000
+        for card_no, entry in entries.items():
+            if entry is None:
+                try:
+                    if self.archive.lift(card_no, before_ms):
+                        lifted.append(card_no)
+                except sqlite3.Error as exc:
+                    log.error("deny delta v%d: could not lift card %s locally: %s", version,
+                              engine.mask_card(card_no), exc)
+        if lifted:
+            log.info("deny delta v%d lifted %d card(s) reported here", version, len(lifted))
+        return lifted
 
     # -- start-up: re-apply what the journal holds and the local state may miss --
 
@@ -345,9 +519,62 @@ class Counter:
 
     # -- members ------------------------------------------------------------
 
+    def members_view(self, own_uid: str | None = None) -> LocalMembers | None:
+        rules = self.gw.rules.current
+        return LocalMembers(rules.members, self.archive, own_uid) if rules is not None else None
+
+    def local_member(self, card_no: str) -> dict | None:
+        """The member row of a card registered or issued here that HQ's
+        snapshot does not hold yet (None otherwise)."""
+        rules = self.gw.rules.current
+        if rules is None or rules.members.get(card_no) is not None:
+            return None
+        return self.members_view().get(card_no)
+
+    def _validate_local(self, card_no: str, source: str | None = None, raw: str | None = None
+                        ) -> engine.Verdict | None:
+        """The engine's verdict with this store's own member data in view."""
+        rules = self.gw.rules.current
+        if rules is None:
+            return None
+        if source is None:  # the card's number, read as its programme reads it
+            _pid, prog, reason = engine.program_for(card_no, rules)
+            if reason:
+                return None
+            source = next((s for s in prog["sources"] if s != "nfc"), "nfc")
+            raw = card_no
+        view = dataclasses.replace(rules, members=self.members_view(own_uid=card_no if raw == card_no else None))
+        return engine.validate(source, raw, view, self.gw.now())
+
+    def validate(self, source: str, raw: str) -> engine.Verdict:
+        """A card read decided as this counter must: the engine on HQ's rules
+        and snapshot, then this store's own records (cards registered,
+        replaced, issued or extended here; statuses set here)."""
+        verdict = engine.validate(source, raw, self.gw.rules.current, self.gw.now())
+        if source == "nfc" and verdict.reason == "unknown_nfc_card":
+            card = self.archive.card_for_uid(raw)
+            if card is not None:
+                verdict = self._validate_local(card, source, raw) or verdict
+        return self.local_status(verdict)
+
+    def card_verdict(self, card_no: str) -> engine.Verdict:
+        """A card given by number at the desk (a lost card cannot be tapped)."""
+        rules = self.gw.rules.current
+        if rules is None:
+            return engine.Verdict("deny", "no_rules")
+        _pid, prog, reason = engine.program_for(card_no, rules)
+        if reason:
+            return engine.Verdict("deny", reason, card_no)
+        source = next((s for s in prog["sources"] if s != "nfc"), "nfc")
+        return self.local_status(self._validate_local(card_no, source, card_no))
+
     def local_status(self, verdict: engine.Verdict) -> engine.Verdict:
         """A card reported lost, frozen or replaced at this counter is refused
-        here at once, even before HQ's deny delta arrives."""
+        here at once, even before HQ's deny delta arrives; a card registered,
+        issued or extended here is known here at once."""
+        if verdict.card_no and verdict.reason in ("member_not_in_snapshot", "expired") \
+                and self.archive.knows(verdict.card_no):
+            verdict = self._validate_local(verdict.card_no) or verdict
         if not verdict.accepted or not verdict.card_no:
             return verdict
         local = self.archive.card_status(verdict.card_no)
@@ -373,7 +600,7 @@ class Counter:
                                f"{self.gw.config['api']['member_hold_s']} s")
             return None
         source, raw = lane.member_read
-        fresh = self.local_status(engine.validate(source, raw, self.gw.rules.current, self.gw.now()))
+        fresh = self.validate(source, raw)
         if not fresh.accepted:
             lane.member = None
             raise CounterError("member_refused", f"the lane's member card is now refused: {fresh.reason}",
@@ -436,7 +663,7 @@ class Counter:
 
     def quote(self, lane_id: str, request: dict) -> dict:
         lane = self.gw.lane(lane_id)
-        _only(request, {"lines", "member", "tender", "idempotency_key", "expected_total"})  # a sale body quotes too
+        _only(request, {"lines", "member", "tender", "idempotency_key", "expected_total", "operator"})  # a sale body quotes too
         member = self.member(lane, request)
         q = self._quote(lane, request, member)
         q = {k: v for k, v in q.items() if k != "record"}
@@ -445,10 +672,12 @@ class Counter:
     # -- journaled operations -------------------------------------------------
 
     async def _journal(self, type_: str, key: str, idem: dict, body: dict, response: dict,
-                       account: str | None, terminal: "Terminal | None") -> Appended:
+                       account: str | None, terminal: "Terminal | None", operator: str | None = None) -> Appended:
         now = self.gw.now()
         body = {**body, "account_id": account, "day": now.date().isoformat(),
                 "terminal": terminal.id if terminal else LOCAL_CALLER}
+        if operator is not None:
+            body["operator"] = operator
         try:  # only what the contract's record schema allows goes into the journal: HQ can apply all of it
             records.validate_body(type_, body)
         except records.RecordError as exc:
@@ -463,8 +692,9 @@ class Counter:
 
     async def sale(self, lane_id: str, request: dict, *, terminal: "Terminal | None" = None) -> Appended:
         lane = self.gw.lane(lane_id)
-        _only(request, {"lines", "member", "tender", "idempotency_key", "expected_total"})
+        _only(request, {"lines", "member", "tender", "idempotency_key", "expected_total", "operator"})
         key = _key(request, "sale", terminal)
+        operator = _operator(request)
         idem = {k: request.get(k) for k in ("lines", "member", "tender", "expected_total")} | {"lane": lane.id}
         earlier = await self.gw.journal.lookup(key, idem)
         if earlier:
@@ -483,7 +713,7 @@ class Counter:
             response = {"lane": lane.id, "total": q["total"], "discount": q["discount"],
                         "tender": q["tender"], "points_earned": q["points"]["earned"],
                         "balances_after": q["balances_after"], "receipt": q["receipt"]}
-            result = await self._journal("sale", key, idem, body, response, account, terminal)
+            result = await self._journal("sale", key, idem, body, response, account, terminal, operator)
         if not result.duplicate:
             self.gw.stats["sales"] += 1
             lane.member = None  # the member's visit ends with the sale
@@ -496,8 +726,9 @@ class Counter:
         journal ``sale_seq`` or transaction ``sale_id`` (both on the receipt).
         A POS may return only sales made on its own lanes, up to
         ``pos_return_max_fen``; the service desk returns any sale."""
-        _only(request, {"idempotency_key", "sale_seq", "sale_id", "lines"})
+        _only(request, {"idempotency_key", "sale_seq", "sale_id", "lines", "operator"})
         key = _key(request, "return", terminal)
+        operator = _operator(request)
         if ("sale_seq" in request) == ("sale_id" in request):
             raise engine.BasketError("give exactly one of sale_seq (the sale's number) or sale_id")
         ref = {"seq": request["sale_seq"]} if "sale_seq" in request else {"id": request["sale_id"]}
@@ -535,11 +766,11 @@ class Counter:
                 _pos_may_refund(r["record"], pos_return_max_fen)
             body = {**r["record"], "sale_seq": sale_seq, "sale_id": sale_id, "idempotency_key": key}
             response = {"sale_seq": sale_seq, "totals": r["totals"], "receipt": r["receipt"]}
-            return await self._journal("return", key, idem, body, response, account, terminal)
+            return await self._journal("return", key, idem, body, response, account, terminal, operator)
 
     async def topup(self, lane_id: str, request: dict, *, terminal: "Terminal | None" = None) -> Appended:
         lane = self.gw.lane(lane_id)
-        _only(request, {"idempotency_key", "package_id", "amount_fen", "payment"})
+        _only(request, {"idempotency_key", "package_id", "amount_fen", "payment", "operator"})
         key = _key(request, "top-up", terminal)
         idem = {k: request.get(k) for k in ("package_id", "amount_fen")} | {"lane": lane.id}
         payment = _payment(request.get("payment"))
@@ -553,20 +784,20 @@ class Counter:
         # One terminal's top-ups one at a time: its daily cap is checked and
         # the top-up journaled before the next is checked.
         async with self._lock(f"terminal:{terminal.id if terminal else LOCAL_CALLER}"):
-            return await self._member_op(lane, key, idem, "topup", build, terminal)
+            return await self._member_op(lane, key, idem, "topup", build, terminal, _operator(request))
 
     async def use_package(self, lane_id: str, package_id: str, request: dict, *,
                           terminal: "Terminal | None" = None) -> Appended:
         lane = self.gw.lane(lane_id)
-        _only(request, {"idempotency_key", "uses"})
+        _only(request, {"idempotency_key", "uses", "operator"})
         key = _key(request, "package use", terminal)
         uses = request.get("uses", 1)
         idem = {"package_id": package_id, "uses": uses, "lane": lane.id}
         return await self._member_op(lane, key, idem, "package_use", lambda policy, ctx: pricing.consume_package(
-            policy, ctx, package_id, uses, now=self.gw.now()), terminal)
+            policy, ctx, package_id, uses, now=self.gw.now()), terminal, _operator(request))
 
     async def _member_op(self, lane: "Lane", key: str, idem: dict, type_: str, build,
-                         terminal: "Terminal | None" = None) -> Appended:
+                         terminal: "Terminal | None" = None, operator: str | None = None) -> Appended:
         earlier = await self.gw.journal.lookup(key, idem)
         if earlier:
             return earlier
@@ -580,23 +811,61 @@ class Counter:
             body = {**out["record"], "lane": lane.id, "idempotency_key": key}
             response = {"lane": lane.id, "record": {k: v for k, v in out["record"].items() if k != "card_no"},
                         "receipt": out["receipt"]}
-            return await self._journal(type_, key, idem, body, response, account, terminal)
+            return await self._journal(type_, key, idem, body, response, account, terminal, operator)
+
+    def _card_free(self, card: str, rules, field: str) -> None:
+        """A card about to be issued here (registration, 补办, 附属卡): a valid
+        number of a card programme, not a member's already, not denied."""
+        _pid, _prog, reason = engine.program_for(card, rules)
+        if reason:
+            raise CounterError("card_not_valid", f"{field}: {engine.mask_card(card)} is not a card of this "
+                               f"chain's programmes ({reason})", 422,
+                               {"zh-CN": "卡号无效，请核对新卡卡号", "en": "This card number is not valid; check the new card"})
+        if rules.members.get(card) is not None or self.archive.local_member(card) is not None:
+            raise CounterError("card_exists", f"{field}: card {engine.mask_card(card)} is already issued", 409,
+                               {"zh-CN": "此卡已发行", "en": "This card has already been issued"})
+        if rules.members.denied(card) or self.archive.card_status(card):
+            raise CounterError("card_denied", f"{field}: card {engine.mask_card(card)} is on the deny list", 409,
+                               {"zh-CN": "此卡已被停用，不能发放", "en": "This card is blocked and cannot be issued"})
+
+    def _status_now(self, card: str, record: dict | None) -> str:
+        """The card's status as this store sees it: set here, HQ's deny list, the snapshot."""
+        local = self.archive.card_status(card)
+        if local:
+            return local[0]
+        rules = self.gw.rules.current
+        denied = rules.members.denied(card) if rules else None
+        if denied:
+            return denied["status"]
+        return (record or {}).get("status") or "active"
 
     async def card_service(self, request: dict, *, terminal: "Terminal | None" = None) -> Appended:
-        """Issue, report lost, freeze, unfreeze, replace, annual fee: at the
-        service desk, by card number (a lost card cannot be tapped)."""
-        _only(request, {"idempotency_key", "kind", "card_no", "new_card_no", "reason"})
+        """Issue, report lost, freeze, unfreeze, replace, annual fee, extend
+        (延期), issue_subsidiary (附属卡): at the service desk, by card number
+        (a lost card cannot be tapped).
+
+        ``unfreeze`` lifts a freeze or a loss report made here at once and
+        records it (``status_before``); a card HQ's deny list holds stays
+        refused until HQ lifts it chain-wide (``hq_decides`` in the answer).
+        ``replace``: the new card carries the account here at once.
+        ``issue_subsidiary``: ``card_no`` is the primary, ``new_card_no`` the
+        附属卡, usable here at once on the primary's account."""
+        _only(request, {"idempotency_key", "kind", "card_no", "new_card_no", "reason", "months", "operator"})
         key = _key(request, "card service", terminal)
-        kind, card = request.get("kind"), request.get("card_no")
+        operator = _operator(request)
+        kind, card, new_card = request.get("kind"), request.get("card_no"), request.get("new_card_no")
         if not is_card_no(card):
             raise engine.BasketError("card_no: required, the card's number (6-19 digits)")
         idem = {k: request.get(k) for k in ("kind", "card_no", "new_card_no", "reason")}
+        if "months" in request:
+            idem["months"] = request["months"]
         earlier = await self.gw.journal.lookup(key, idem)
         if earlier:
             return earlier
         self._settle()
         policy, rules = self._policy()
-        record = rules.members.get(card) if rules else None
+        view = self.members_view()
+        record = view.get(card) if view is not None else None
         member = None
         if kind != "issue":
             if record is None:
@@ -608,10 +877,196 @@ class Counter:
         elif record is not None:
             raise CounterError("card_exists", f"card {engine.mask_card(card)} is already issued", 409,
                                {"zh-CN": "此卡已发行", "en": "This card has already been issued"})
-        out = pricing.card_operation(policy, kind, member, card_no=card, new_card_no=request.get("new_card_no"),
-                                     now=self.gw.now())
+        before = self._status_now(card, record)
+        account, extra = None, {}
+        if kind in ("replace", "issue_subsidiary") and is_card_no(new_card) and new_card != card:
+            if kind == "issue_subsidiary":
+                self._card_free(new_card, rules, "new_card_no")
+            elif rules.members.get(new_card) is not None or self.archive.local_member(new_card) is not None:
+                raise CounterError("card_exists", f"new_card_no: card {engine.mask_card(new_card)} is already "
+                                   "issued", 409, {"zh-CN": "新卡已发行，请换一张新卡",
+                                                   "en": "The new card has already been issued; use another"})
+        if kind == "issue_subsidiary":
+            verdict = self.card_verdict(card)
+            if not verdict.accepted:
+                raise CounterError("member_refused", f"the primary card is refused: {verdict.reason}", 409,
+                                   reason_text(verdict.reason, verdict.detail))
+            if record.get("primary_card"):
+                raise CounterError("not_a_primary_card", "card_no: a 附属卡 is issued on a primary card", 422,
+                                   {"zh-CN": "附属卡须挂在主卡下办理", "en": "A subsidiary card needs the primary card"})
+            account = _account_of(verdict) or record["member_id"]
+            member = {"member_id": account, "card_no": card}
+        elif kind == "extend":
+            extra = {"months": request.get("months"), "expires": record.get("expires")}
+        out = pricing.card_operation(policy, kind, member, card_no=card, new_card_no=new_card,
+                                     now=self.gw.now(), **extra)
         body = {**out["record"], "reason": request.get("reason"), "idempotency_key": key}
         response = {"kind": kind, "card": engine.mask_card(card), "fee_fen": out["record"]["fee_fen"],
                     "status_after": out["record"]["status_after"], "receipt": out["receipt"]}
-        return await self._journal("card_op", key, idem, body, response, None, terminal)
+        if kind in ("unfreeze", "report_lost", "freeze"):
+            body["status_before"] = before
+            response["status_before"] = before
+        if kind == "unfreeze":
+            response["hq_decides"] = bool(rules and rules.members.denied(card))
+        if new_card:
+            response["new_card"] = engine.mask_card(new_card)
+        if kind == "extend":
+            response["expires"] = out["record"]["expires"]
+        return await self._journal("card_op", key, idem, body, response, account, terminal, operator)
 
+    # -- the member lifecycle: registration, withdrawal ------------------------
+
+    def _new_member_id(self, card: str) -> str:
+        """Unique chain-wide without asking HQ: the store and the new card (a
+        card number is issued once in the chain)."""
+        member_id = f"{self.gw.store_id}-{card}"
+        if len(member_id) > 64:
+            member_id = f"S{hashlib.sha256(member_id.encode()).hexdigest()[:40]}-{card}"
+        return member_id
+
+    async def register(self, request: dict, *, terminal: "Terminal | None" = None) -> Appended:
+        """A new member with a new card, offline (办卡 at the desk or a lane):
+        journaled as a ``registration`` record; the card is usable here at
+        once at the base tier, with ``fees.issue_fen`` to pay. Minimal PII:
+        the name is kept masked (张*), a birthday as MM-DD, the member's
+        consent is required; a phone number is never taken here (bound at HQ
+        or in the member app, where it can be verified)."""
+        _only(request, {"idempotency_key", "card_no", "name", "birthday", "birthday_calendar", "consent",
+                        "nfc_uid", "card_type", "lane", "operator"})
+        key = _key(request, "registration", terminal)
+        operator = _operator(request)
+        card = request.get("card_no")
+        if not is_card_no(card):
+            raise engine.BasketError("card_no: required, the new card's number (6-19 digits)")
+        consent = request.get("consent")
+        if type(consent) is not bool:
+            raise engine.BasketError("consent: required, true when the member agreed to the programme's terms")
+        idem = {k: request.get(k) for k in ("card_no", "name", "birthday", "birthday_calendar", "consent",
+                                             "nfc_uid", "card_type", "lane")}
+        earlier = await self.gw.journal.lookup(key, idem)
+        if earlier:
+            return earlier
+        lane = request.get("lane")
+        if lane is not None:
+            try:
+                lane = self.gw.lane(lane).id
+            except KeyError:
+                raise CounterError("unknown_lane", f"lane: this store has no lane {lane}", 404) from None
+            if terminal is not None and terminal.role != "service_desk" and not terminal.serves(lane):
+                raise CounterError("forbidden", f"terminal {terminal.id} does not serve lane {lane}", 403)
+        if not consent:
+            raise CounterError("consent_required", "consent: a member must agree to the programme's terms; "
+                               "without it sell an anonymous card (card service issue)", 422,
+                               {"zh-CN": "会员须同意会员章程方可办卡；不同意可办理不记名卡",
+                                "en": "The member must agree to the programme's terms; otherwise issue an "
+                                      "anonymous card"})
+        policy, rules = self._policy()
+        if rules is None:
+            raise CounterError("no_rules", "no rules from HQ yet: cannot register", 409)
+        card_type = request.get("card_type")
+        if card_type is not None and card_type not in policy.get("card_types", {}):
+            raise CounterError("unknown_card_type", f"card_type: {card_type} is not a card type of the rules", 422,
+                               {"zh-CN": "卡种不存在", "en": "No such card type"})
+        uid = request.get("nfc_uid")
+        uid = uid.upper() if isinstance(uid, str) else None
+        async with self._lock(f"card:{card}"):
+            earlier = await self.gw.journal.lookup(key, idem)
+            if earlier:
+                return earlier
+            self._settle()
+            self._card_free(card, rules, "card_no")
+            if uid and (rules.members.card_for_uid(uid) or self.archive.card_for_uid(uid)):
+                raise CounterError("card_exists", "nfc_uid: this chip belongs to another card", 409,
+                                   {"zh-CN": "此芯片卡已绑定其他卡号", "en": "This chip is already another card's"})
+            now = self.gw.now()
+            member_id = self._new_member_id(card)
+            fee = (policy.get("fees") or {}).get("issue_fen", 0)
+            body = {"type": "registration", "v": 1, "at": now.isoformat(), "member_id": member_id,
+                    "card_no": card, "consent": True, "fee_fen": fee, "idempotency_key": key}
+            name = engine.mask_name(request.get("name"))
+            optional = {"name": name[:64] if name else None, "birthday": request.get("birthday"),
+                        "birthday_calendar": request.get("birthday_calendar"), "card_type": card_type,
+                        "nfc_uid": uid, "lane": lane}
+            body.update({k: v for k, v in optional.items() if v is not None})
+            tier = engine._default_tier(rules)
+            receipt = {}
+            for lang in pricing.LANGS:
+                rows = [f"{pricing._label('registration', lang)}  {engine.mask_card(card)}"]
+                if fee:
+                    rows.append(f"{pricing._label('fee', lang)}  {pricing.yuan(fee)}")
+                receipt[lang] = rows
+            response = {"member_id": member_id, "card": engine.mask_card(card), "tier": tier, "fee_fen": fee,
+                        "receipt": receipt}
+            return await self._journal("registration", key, idem, body, response, member_id, terminal, operator)
+
+    async def withdraw(self, request: dict, *, terminal: "Terminal | None" = None) -> Appended:
+        """取款 at the service desk: pay out part of the paid part (本金) of a
+        member's stored value, as ``accounts.withdrawal`` (HQ's key) or
+        ``stored_value.withdrawal`` allows (default ``"none"``). Offline the store pays out at most the paid part it can
+        vouch for: the snapshot's ``paid_fen`` (when HQ sends it) plus this
+        store's top-ups since the snapshot, less its withdrawals since; and at
+        most the balance, the day's offline stored-value allowance and
+        ``stored_value.withdrawal_offline_max_per_day_fen`` per account."""
+        _only(request, {"idempotency_key", "card_no", "amount_fen", "payout", "reason", "operator"})
+        key = _key(request, "withdrawal", terminal)
+        operator = _operator(request)
+        card = request.get("card_no")
+        if not is_card_no(card):
+            raise engine.BasketError("card_no: required, the card's number (6-19 digits)")
+        payout = _payment(request.get("payout"))
+        idem = {"card_no": card, "amount_fen": request.get("amount_fen"), "payout": payout,
+                "reason": request.get("reason")}
+        earlier = await self.gw.journal.lookup(key, idem)
+        if earlier:
+            return earlier
+
+        def member_now() -> tuple[engine.Verdict, str]:
+            verdict = self.card_verdict(card)
+            if not verdict.accepted:
+                raise CounterError("member_refused", f"the card is refused: {verdict.reason}", 409,
+                                   reason_text(verdict.reason, verdict.detail))
+            account = _account_of(verdict)
+            if account is None:
+                raise CounterError("card_not_found", f"card {engine.mask_card(card)} has no account in this "
+                                   "store's member list; do this at HQ", 404,
+                                   {"zh-CN": "本店会员资料中没有此卡账户，请联系总部办理",
+                                    "en": "This card's account is not in the store's member list; please contact HQ"})
+            if verdict.member.get("primary_card"):
+                raise CounterError("not_a_primary_card", "card_no: stored value is paid out to the primary "
+                                   "card's holder", 422, {"zh-CN": "储值取款须持主卡办理",
+                                                          "en": "Stored value is paid out on the primary card"})
+            return verdict, account
+
+        _verdict, account = member_now()
+        async with self._lock(f"account:{account}"):
+            self._settle()
+            earlier = await self.gw.journal.lookup(key, idem)
+            if earlier:
+                return earlier
+            verdict, account2 = member_now()
+            if account2 != account:
+                raise CounterError("member_refused", "the card moved to another account; try again", 409)
+            policy, rules = self._policy()
+            m = verdict.member
+            mode = (policy.get("stored_value") or {}).get("withdrawal",
+                                                         (policy.get("accounts") or {}).get("withdrawal", "none"))
+            if mode != "none" and not m["allowed"].get("stored_value"):
+                raise CounterError("stored_value_offline_refused", "the member's stored value cannot be used "
+                                   f"offline now ({', '.join(m.get('limits') or []) or 'card type'})", 422,
+                                   {"zh-CN": "此卡储值暂不能离线使用，请联系总部办理",
+                                    "en": "This card's stored value cannot be used offline now; please contact HQ"})
+            row = self.members_view().get(card) or {}
+            store_seq = getattr(rules.members, "store_seq", 0) or 0
+            paid_known = max(0, (row.get("paid_fen") or 0) + self.archive.paid_moves(account, store_seq))
+            now = self.gw.now()
+            out = pricing.withdrawal(policy, engine.member_context(verdict), amount_fen=request.get("amount_fen"),
+                                     paid_known_fen=paid_known,
+                                     withdrawn_today_fen=self.archive.withdrawn(account, now.date().isoformat()),
+                                     offline_left_fen=m["offline_left"]["stored_value_fen"], now=now)
+            body = {**out["record"], "payout": payout, "idempotency_key": key}
+            if request.get("reason"):
+                body["reason"] = request["reason"]
+            rec = out["record"]
+            response = {"card": engine.mask_card(card), "amount_fen": rec["amount_fen"], "paid_fen": rec["paid_fen"],
+                        "balance_after_fen": rec["balance_after_fen"], "receipt": out["receipt"]}
+            return await self._journal("withdrawal", key, idem, body, response, account, terminal, operator)

@@ -94,7 +94,7 @@ async def run_demo(keep: bool = False) -> int:
         hq_mqtt = {"host": "127.0.0.1", "port": broker.port}
         # A throwaway HQ signing key for the demo (mode 0600); the gateway trusts its public half.
         hq_public_key = hq_keys.generate(workdir / "hq" / "keys" / "hq.key")
-        publisher = Publisher(hq_mqtt, ledger, Catalog(workdir / "hq" / "ledger.sqlite3"),
+        publisher = Publisher(hq_mqtt, ledger, Catalog(parts_dir=workdir / "hq" / "parts", engine=ledger.engine),
                               workdir / "hq" / "keys" / "hq.key", {STORE: {"region": "east"}})
         bridge = Bridge(hq_mqtt, ledger, publisher=publisher)
         tasks.append(asyncio.create_task(bridge.run()))

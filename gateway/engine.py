@@ -2,8 +2,19 @@
 
 No I/O and no clock reads: time is an argument; the member snapshot is
 reached only through ``rules.members`` (get / card_for_uid / denied /
-local_totals), an injected lookup. Money is integer fen, points
-are integers. Rounding (DESIGN.md principle 3):
+local_totals, and ``live``: HQ's live answers held for a short time), an
+injected lookup.
+
+Which account a verdict decides by (its member summary's ``source``):
+``"live"`` when HQ answered for the card a moment ago (gateway/
+live_accounts.py; the answer is held in ``rules.members.live`` for
+``api.member_hold_s``): HQ's live account plus this store's records
+journaled after the answer's ``store_seq``; ``"snapshot"`` otherwise: HQ's
+snapshot plus this store's records after the snapshot's watermark. The daily
+offline allowances (``today``) always count this store's records since the
+snapshot, so a live answer never hands back what the day has used.
+
+Money is integer fen, points are integers. Rounding (DESIGN.md principle 3):
 - tier discount per line = amount * percent / 100, rounded half-up to the fen;
 - points = eligible fen * points_per_yuan * multiplier% / (100 * 100),
   rounded down once per transaction.
@@ -12,7 +23,7 @@ are integers. Rounding (DESIGN.md principle 3):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from typing import Any
 
@@ -250,7 +261,10 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime) -> Verdi
     stale = ages["rules_age_s"] > data["max_age_s"]
     limits = ["rules_stale"] if stale else []
 
-    record = members.get(card_no)
+    live = live_account(members, card_no, now)
+    record = live.row if live else members.get(card_no)
+    if live and record.get("primary_card") and (live.primary or {}).get("card_no") != record["primary_card"]:
+        return validate_without_live(source, raw, rules, now)   # the account's row did not come: no mixing
     if record is None:
         # A valid card number HQ has not sent us yet (issued elsewhere today):
         # identify as a basic member, points accrue, HQ reconciles.
@@ -262,7 +276,7 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime) -> Verdi
             "today": {"points_redeemed": 0, "stored_value_paid_fen": 0, "promotion_uses": {}, "coupons_used": []},
             "allowed": dict(NOT_OFFLINE),
             "offline_left": {"stored_value_fen": 0, "redemption_points": 0},
-            "limits": ["member_not_in_snapshot", *limits]})
+            "limits": ["member_not_in_snapshot", *limits], "source": "snapshot"})
     if record["status"] != "active":
         return _deny_verdict(record["status"], card_no)
     if _expired(record, today):
@@ -277,7 +291,7 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime) -> Verdi
     account, reason, primary_card = record, "ok", None
     if record.get("primary_card"):
         primary_card = record["primary_card"]
-        primary = members.get(primary_card)
+        primary = live.primary if live else members.get(primary_card)
         primary_denied = members.denied(primary_card)
         if (primary_denied and primary_denied["status"] in ("frozen", "cancelled")) or \
                 (primary and (primary["status"] in ("frozen", "cancelled") or _expired(primary, today))):
@@ -289,12 +303,45 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime) -> Verdi
             account = primary
     if stale and reason == "ok":
         reason = "rules_stale"
-    summary = _summary(record, account, card_no, primary_card, tier, card_type, rules, now, ages, limits)
+    summary = _summary(record, account, card_no, primary_card, tier, card_type, rules, now, ages, limits,
+                       live.store_seq if live else None)
     return Verdict("accept" if reason == "ok" else "accept_limited", reason, card_no, summary)
 
 
+def live_account(members: Any, card_no: str, now: datetime):
+    """HQ's live answer for the card held by the member store (a
+    member_store.LiveAccount), or None: none held, expired, or older than
+    the running snapshot (its watermark is below the snapshot's, whose
+    deltas up to there are gone: the snapshot is the newer view then)."""
+    cache = getattr(members, "live", None)
+    if cache is None:
+        return None
+    live = cache.get(card_no, now.timestamp())
+    if live is None or live.store_seq < (getattr(members, "store_seq", 0) or 0):
+        return None
+    return live
+
+
+class _NoLive:
+    """A member store seen without its live answers (validate_without_live)."""
+
+    live = None
+
+    def __init__(self, members: Any) -> None:
+        self._m = members
+
+    def __getattr__(self, name: str):
+        return getattr(self._m, name)
+
+
+def validate_without_live(source: str, raw: str, rules: Rules, now: datetime) -> Verdict:
+    """validate() on the snapshot alone (a live answer that cannot be used whole)."""
+    return validate(source, raw, replace(rules, members=_NoLive(rules.members)), now)
+
+
 def _summary(record: dict, account: dict | None, card_no: str, primary_card: str | None, tier: str,
-             card_type: str, rules: Rules, now: datetime, ages: dict, limits: list) -> dict:
+             card_type: str, rules: Rules, now: datetime, ages: dict, limits: list,
+             live_seq: int | None = None) -> dict:
     data = rules.data
     ct = data["card_types"][card_type]
     out = {
@@ -313,10 +360,18 @@ def _summary(record: dict, account: dict | None, card_no: str, primary_card: str
         "allowed": dict(NOT_OFFLINE),
         "offline_left": {"stored_value_fen": 0, "redemption_points": 0},
         "limits": limits,
+        "source": "snapshot" if live_seq is None else "live",
     }
     if account is None:
         return out
-    totals = rules.members.local_totals(account["member_id"], now.date().isoformat())
+    day = now.date().isoformat()
+    totals = rules.members.local_totals(account["member_id"], day)
+    if live_seq is not None:
+        # Balances: HQ's live account + what this store journaled after the answer's
+        # watermark. The day's offline use: everything since the snapshot, as offline.
+        today = totals["today"]
+        totals = rules.members.local_totals(account["member_id"], day, after=live_seq)
+        totals["today"] = today
     points = max(0, account["points"] + totals["points"])
     balance = max(0, account["balance_fen"] + totals["stored_value_fen"])
     out["points"], out["balance_fen"] = points, balance

@@ -27,6 +27,15 @@ journal sequence number, so recording one again (a retry) changes nothing.
 A member's totals count only deltas with ``seq > store_seq`` of the running
 snapshot; applying a snapshot drops the deltas it already reflects.
 
+A live account from HQ (gateway/live_accounts.py) carries its own
+watermark: it includes this store's records up to ``store_seq`` of the
+reply, so the member's balances are HQ's live account plus the deltas with
+``seq`` greater than that (``local_totals(..., after=store_seq)``), each
+record counted exactly once. ``LiveCache`` holds the last live answer per
+card for a short time (``api.member_hold_s``), attached to the member store
+as ``.live``, so engine.validate on a quote or sale sees the same account the
+tap saw without asking HQ again.
+
 Delta fields (all optional; the ``deltas`` of gateway/pricing.py's journal
 records go in as they are): ``points`` (signed change of the point balance),
 ``points_earned``, ``points_redeemed`` (counts toward the daily offline
@@ -46,7 +55,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import orjson
 
@@ -104,6 +113,65 @@ def _check_deltas(deltas: dict) -> dict:
     return deltas
 
 
+class LiveAccount(NamedTuple):
+    """HQ's live answer for one card: ``row`` (the card's member row, in the
+    snapshot's format), ``primary`` (its primary card's row for a subsidiary
+    card), ``store_seq`` (it includes this store's records up to it),
+    ``as_of`` (HQ's clock, epoch ms), ``expires`` (epoch s, store clock)."""
+    card_no: str
+    row: dict
+    primary: dict | None
+    store_seq: int
+    as_of: int
+    expires: float
+
+
+class LiveCache:
+    """The last live answer per card, for ``hold_s`` seconds; at most
+    ``max_cards`` cards (the oldest answer goes first)."""
+
+    def __init__(self, hold_s: float = 300.0, max_cards: int = 4096) -> None:
+        self.hold_s = hold_s
+        self.max_cards = max_cards
+        self._by_card: dict[str, LiveAccount] = {}
+
+    def put(self, card_no: str, row: dict, primary: dict | None, store_seq: int, as_of: int,
+            now: float) -> LiveAccount:
+        entry = LiveAccount(card_no, expand_row(row), expand_row(primary) if primary else None, store_seq, as_of,
+                            now + self.hold_s)
+        self._by_card.pop(card_no, None)       # re-inserted last: dicts keep insertion order
+        self._by_card[card_no] = entry
+        while len(self._by_card) > self.max_cards:
+            del self._by_card[next(iter(self._by_card))]
+        return entry
+
+    def get(self, card_no: str, now: float) -> LiveAccount | None:
+        entry = self._by_card.get(card_no)
+        if entry is None:
+            return None
+        if now > entry.expires:
+            del self._by_card[card_no]
+            return None
+        return entry
+
+    def forget(self, card_no: str | None = None) -> None:
+        if card_no is None:
+            self._by_card.clear()
+        else:
+            self._by_card.pop(card_no, None)
+
+    def __len__(self) -> int:
+        return len(self._by_card)
+
+
+def expand_row(rec: dict) -> dict:
+    """A member row with the defaults a snapshot read fills in (MemberStore.get)."""
+    out = {**_MEMBER_DEFAULTS, "packages": {}, "coupons": [], **rec}
+    if out.get("nfc_uid"):
+        out["nfc_uid"] = normalise_uid(out["nfc_uid"])
+    return out
+
+
 def _empty_totals() -> dict:
     """Since the snapshot: net changes; ``today``: the store-local day's use."""
     return {"points": 0, "stored_value_fen": 0, "packages": {}, "coupons_used": [],
@@ -130,6 +198,8 @@ def _add(totals: dict, row_day: str, day: str, d: dict) -> None:
 class InMemoryMembers:
     """The member interface over dicts: inline ``members`` / ``deny`` tables
     (keyed by card number, as in a rule set) or part records."""
+
+    live: LiveCache | None = None   # HQ's live answers (gateway/live_accounts.py), when online
 
     def __init__(self, members: dict | Iterable[dict] = (), deny: dict | Iterable[dict] = (), *,
                  version: int = 0, as_of: int | None = None, store_seq: int = 0, deny_version: int = 0) -> None:
@@ -208,11 +278,14 @@ class InMemoryMembers:
             if seq > self.store_seq:
                 self._deltas[seq] = (member_id, day, deltas)
 
-    def local_totals(self, member_id: str, day: str) -> dict:
+    def local_totals(self, member_id: str, day: str, after: int | None = None) -> dict:
+        """The member's deltas journaled here after seq ``after`` (default:
+        the snapshot's watermark; a live account's ``store_seq``)."""
+        after = self.store_seq if after is None else max(after, self.store_seq)
         totals = _empty_totals()
         for seq in sorted(self._deltas):
             mid, row_day, d = self._deltas[seq]
-            if mid == member_id and seq > self.store_seq:
+            if mid == member_id and seq > after:
                 _add(totals, row_day, day, d)
         return totals
 
@@ -251,6 +324,8 @@ class MemberStore:
     Reads (``get``, ``card_for_uid``, ``denied``, ``local_totals``) come from
     the event loop; ``replace_snapshot`` may run in a worker thread
     (``asyncio.to_thread``) while they go on."""
+
+    live: LiveCache | None = None   # HQ's live answers (gateway/live_accounts.py), when online
 
     def __init__(self, data_dir: str | Path, *, durable: bool = True) -> None:
         self.dir = Path(data_dir)
@@ -469,13 +544,19 @@ class MemberStore:
         if seq > self.store_seq:
             self._with_deltas.add(member_id)
 
-    def local_totals(self, member_id: str, day: str) -> dict:
+    def local_totals(self, member_id: str, day: str, after: int | None = None) -> dict:
+        """The member's deltas journaled here after seq ``after`` (default:
+        the snapshot's watermark; a live account's ``store_seq``). Deltas at
+        or below the snapshot's watermark are gone: ``after`` below it counts
+        from the watermark (the caller does not ask for that: engine.validate
+        ignores a live answer older than the snapshot)."""
+        after = self.store_seq if after is None else max(after, self.store_seq)
         totals = _empty_totals()
-        if member_id not in self._with_deltas:
+        if member_id not in self._with_deltas:   # no delta after the watermark, so none after ``after``
             return totals
         for row_day, p, pe, pr, sv, extra in self._deltas.execute(
                 "SELECT day, points, points_earned, points_redeemed, stored_value_fen, extra FROM deltas "
-                "WHERE member_id=? AND seq>? ORDER BY seq", (member_id, self.store_seq)):
+                "WHERE member_id=? AND seq>? ORDER BY seq", (member_id, after)):
             d = {"points": p, "points_earned": pe, "points_redeemed": pr, "stored_value_fen": sv}
             if extra:
                 d.update(orjson.loads(extra))
@@ -501,10 +582,7 @@ def _row(rec: dict) -> tuple:
 
 
 def _expand(row: tuple) -> dict:
-    out = {**_MEMBER_DEFAULTS, "packages": {}, "coupons": [], **orjson.loads(row[0])}
-    if "nfc_uid" in out:
-        out["nfc_uid"] = normalise_uid(out["nfc_uid"])
-    return out
+    return expand_row(orjson.loads(row[0]))
 
 
 def _load_members(conn: sqlite3.Connection, members: Iterable[dict], check: bool, rules: dict | None) -> None:

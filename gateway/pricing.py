@@ -105,7 +105,8 @@ Public functions and return shapes
 
 ``topup(policy, member, *, package_id=None, amount_fen=None, now=None)``
 ``consume_package(policy, member, package_id, uses, *, now=None)``
-``card_operation(policy, kind, member=None, *, card_no=None, new_card_no=None, now=None)``
+``card_operation(policy, kind, member=None, *, card_no=None, new_card_no=None, now=None, months=None, expires=None)``
+``withdrawal(policy, member, *, amount_fen, paid_known_fen, withdrawn_today_fen, offline_left_fen=None, now=None)``
   each returns ``{"record": body with "deltas", "receipt": {...}}``.
 
 Errors: ``PricingError`` (and its ``TenderError``, ``ReturnError``) with
@@ -156,7 +157,8 @@ given back (single use; HQ may reissue).
 
 from __future__ import annotations
 
-from datetime import datetime
+import calendar
+from datetime import date, datetime
 from typing import Any
 
 from gateway import points as pts
@@ -891,18 +893,36 @@ CARD_OPS = {  # kind -> (fee key in policy.fees, card status afterwards)
     "issue": ("issue_fen", "active"),
     "report_lost": (None, "lost"),
     "freeze": (None, "frozen"),
-    "unfreeze": (None, "active"),
+    "unfreeze": (None, "active"),          # lifts a freeze or a loss report
     "replace": ("replace_fen", "replaced"),
     "annual_fee": ("annual_fen", "active"),
+    "extend": ("extend_fen", "active"),    # 延期: the card's expiry moves on by ``months``
+    "issue_subsidiary": ("subsidiary_fen", "active"),  # 附属卡 on the primary's account
 }
+EXTEND_MONTHS = 12       # 延期 by default
+MAX_EXTEND_MONTHS = 120
+
+
+def _add_months(day: date, n: int) -> date:
+    """The same day ``n`` months on (the month's last day when it has fewer)."""
+    y, m = divmod(day.month - 1 + n, 12)
+    year, month = day.year + y, m + 1
+    return date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
 
 
 def card_operation(policy: dict, kind: str, member: dict | None = None, *, card_no: str | None = None,
-                   new_card_no: str | None = None, now: datetime | None = None) -> dict:
+                   new_card_no: str | None = None, now: datetime | None = None, months: int | None = None,
+                   expires: str | None = None) -> dict:
     """A counter card service with its fee from ``policy.fees``. ``issue``
     takes the new card's ``card_no`` (member may be None); ``replace`` needs
     ``new_card_no``; the record says the card's status afterwards (for
-    ``replace``: the old card's)."""
+    ``replace``: the old card's). ``extend`` (延期) moves the card's expiry
+    ``months`` (default 12) past the later of today and ``expires`` (the
+    card's expiry now, if any), fee ``fees.extend_fen``. ``issue_subsidiary``
+    issues ``new_card_no`` as a 附属卡 of the member's card ``card_no``
+    (fee ``fees.subsidiary_fen``, else HQ's ``accounts.subsidiary_fee_fen``,
+    else ``fees.issue_fen``); its record's
+    ``card_no`` is the new card, ``primary_card_no`` the primary."""
     if kind not in CARD_OPS:
         raise PricingError("card_op_invalid", "kind", detail=f"kind: one of {', '.join(CARD_OPS)}")
     card = card_no or (member or {}).get("card_no")
@@ -910,17 +930,82 @@ def card_operation(policy: dict, kind: str, member: dict | None = None, *, card_
         raise PricingError("card_op_invalid", "card_no", detail="card_no: the card's number (6-19 digits)")
     if kind != "issue" and not isinstance(member, dict):
         raise PricingError("member_required", "member")
-    if kind == "replace" and not (is_card_no(new_card_no) and new_card_no != card):
+    if kind in ("replace", "issue_subsidiary") and not (is_card_no(new_card_no) and new_card_no != card):
         raise PricingError("card_op_invalid", "new_card_no", detail="new_card_no: the new card's number (6-19 digits)")
     fee_key, status = CARD_OPS[kind]
-    fee = (policy.get("fees") or {}).get(fee_key, 0) if fee_key else 0
+    fees = policy.get("fees") or {}
+    fee = fees.get(fee_key, 0) if fee_key else 0
+    if kind == "issue_subsidiary" and fee_key not in fees:  # HQ's accounts.subsidiary_fee_fen, else the issue fee
+        fee = (policy.get("accounts") or {}).get("subsidiary_fee_fen", fees.get("issue_fen", 0))
     record = {"type": "card_op", "v": 1, "op": kind, "at": now.isoformat() if now else None,
               "member_id": (member or {}).get("member_id"), "card_no": card, "new_card_no": new_card_no,
               "fee_fen": fee, "status_after": status, "deltas": {}}
+    extra_rows: list[tuple[str, dict]] = []
+    if kind == "extend":
+        months = EXTEND_MONTHS if months is None else months
+        if type(months) is not int or not 1 <= months <= MAX_EXTEND_MONTHS:
+            raise PricingError("card_op_invalid", "months", detail=f"months: 1 to {MAX_EXTEND_MONTHS}")
+        today = (now or datetime.now()).date()
+        start = today
+        if expires:
+            start = max(today, date.fromisoformat(expires))
+        record["months"] = months
+        record["expires"] = _add_months(start, months).isoformat()
+        extra_rows.append(("card_expires", {"date": record["expires"]}))
+    elif kind == "issue_subsidiary":
+        record["card_no"], record["new_card_no"], record["primary_card_no"] = new_card_no, None, card
+        extra_rows.append(("card_primary", {"card": _mask_card(card)}))
     receipt = {}
     for lang in LANGS:
         rows = [_label(f"card_{kind}", lang)]
+        rows += [_label(label, lang, **kw) for label, kw in extra_rows]
         if fee:
             rows.append(f"{_label('fee', lang)}  {yuan(fee)}")
         receipt[lang] = rows
+    return {"record": record, "receipt": receipt}
+
+
+def _mask_card(card_no: str) -> str:
+    return card_no[:4] + "*" * max(0, len(card_no) - 8) + card_no[-4:] if len(card_no) > 8 else card_no
+
+
+WITHDRAWAL_MODES = ("none", "paid_part")
+WITHDRAWAL_OFFLINE_MAX_PER_DAY_FEN = 50_000   # 500 yuan per account and day, unless the rules say otherwise
+
+
+def withdrawal(policy: dict, member: dict, *, amount_fen: int, paid_known_fen: int, withdrawn_today_fen: int,
+               offline_left_fen: int | None = None, now: datetime | None = None) -> dict:
+    """取款: pay out ``amount_fen`` of the paid part of the member's stored
+    value, as the chain's policy allows (``stored_value.withdrawal``, else
+    ``accounts.withdrawal``, HQ's key; ``"none"``, the default:
+    never at a store; ``"paid_part"``: up to the paid part this store can
+    vouch for, ``paid_known_fen``, the balance, and what is left of
+    ``stored_value.withdrawal_offline_max_per_day_fen`` (default 500 yuan)
+    for the account today, and ``offline_left_fen``, what is left of the
+    day's offline stored-value allowance). The bonus part (赠送) is never paid out."""
+    if not isinstance(member, dict):
+        raise PricingError("member_required", "member")
+    if member.get("limited"):
+        raise PricingError("member_limited", "member")
+    sv = policy.get("stored_value") or {}
+    mode = sv.get("withdrawal", (policy.get("accounts") or {}).get("withdrawal", "none"))
+    if mode not in WITHDRAWAL_MODES or mode == "none":
+        raise PricingError("withdrawal_not_allowed", "card_no")
+    if type(amount_fen) is not int or not 1 <= amount_fen <= MAX_TOPUP_FEN:
+        raise PricingError("withdrawal_invalid", "amount_fen", detail=f"amount_fen: whole fen from 1 to {MAX_TOPUP_FEN}")
+    balance = member.get("balance_available_fen", 0)
+    day_max = sv.get("withdrawal_offline_max_per_day_fen", WITHDRAWAL_OFFLINE_MAX_PER_DAY_FEN)
+    limit = max(0, min(paid_known_fen, balance, day_max - withdrawn_today_fen,
+                       offline_left_fen if offline_left_fen is not None else balance))
+    if amount_fen > limit:
+        raise PricingError("withdrawal_over_limit", "amount_fen", max=limit, paid=paid_known_fen,
+                           balance=balance, _fen=("max", "paid", "balance"))
+    record = {"type": "withdrawal", "v": 1, "at": now.isoformat() if now else None, **_member_base(member),
+              "amount_fen": amount_fen, "paid_fen": amount_fen, "paid_known_fen": max(0, paid_known_fen),
+              "balance_before_fen": balance, "balance_after_fen": balance - amount_fen,
+              "deltas": {"stored_value_fen": -amount_fen}}
+    receipt = {}
+    for lang in LANGS:
+        receipt[lang] = [f"{_label('withdrawal', lang)}  {yuan(amount_fen)}",
+                         f"{_label('stored_value_left', lang)}  {yuan(balance - amount_fen)}"]
     return {"record": record, "receipt": receipt}

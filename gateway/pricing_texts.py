@@ -43,6 +43,9 @@ PRICING_REASONS: dict[str, tuple[str, str]] = {
     "package_invalid_uses": ("使用次数须为1到{limit}的整数", "Uses must be a whole number from 1 to {limit}"),
     "package_insufficient": ("次卡剩余{limit}次，不足{asked}次", "Only {limit} uses left on the package; asked {asked}"),
     "card_op_invalid": ("卡务操作有误：{detail}", "The card operation is not valid: {detail}"),
+    "withdrawal_invalid": ("取款有误：{detail}", "The withdrawal is not valid: {detail}"),
+    "withdrawal_not_allowed": ("本店不办理储值取款，请联系总部", "Stored value cannot be paid out at the store; please contact HQ"),
+    "withdrawal_over_limit": ("取款金额超出可取额度（最多 {max}）", "The amount is above what may be paid out here (at most {max})"),
 }
 
 # Receipt labels, (zh-CN, en).
@@ -87,4 +90,10 @@ PRICING_RECEIPT: dict[str, tuple[str, str]] = {
     "card_unfreeze": ("解冻", "Card unfrozen"),
     "card_replace": ("补换新卡", "Card replaced"),
     "card_annual_fee": ("年费", "Annual fee"),
+    "card_extend": ("延期", "Card validity extended"),
+    "card_issue_subsidiary": ("办理附属卡", "Subsidiary card issued"),
+    "card_expires": ("有效期至 {date}", "Valid until {date}"),
+    "card_primary": ("主卡 {card}", "Primary card {card}"),
+    "withdrawal": ("储值取款（本金）", "Stored value paid out (paid part)"),
+    "registration": ("会员办卡", "Member registered"),
 }

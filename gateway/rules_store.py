@@ -128,6 +128,11 @@ class RulesStore:
         self.last_rejection: str | None = None
         self._verified: set[str] = set()  # parts hashed since start (a damaged cache file is caught at boot)
         self.counters = {"applied": 0, "rejected": 0, "parts_fetched": 0, "parts_cached": 0, "deny_deltas": 0}
+        # Called after a deny delta is applied: (version, issued_at epoch s,
+        # {card_no: entry or None when lifted}). The counter registers one to
+        # clear its local card status when HQ lifts a card (gateway/counter.py
+        # ``Counter.deny_applied``); this module imports nothing of the counter.
+        self.deny_listeners: list = []
 
     @property
     def deny_version(self) -> int | None:
@@ -400,4 +405,9 @@ class RulesStore:
         if applied:
             self.counters["deny_deltas"] += 1
             log.info("deny delta v%d applied (%d card(s))", delta.version, len(entries))
+            for listener in list(self.deny_listeners):
+                try:  # the delta stands whatever a listener does
+                    listener(delta.version, delta.issued_at, entries)
+                except Exception:  # noqa: BLE001
+                    log.exception("deny delta v%d: a listener failed", delta.version)
         return applied

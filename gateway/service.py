@@ -150,6 +150,10 @@ class Gateway:
         self.counter = Counter(self, data_dir / "counter.db")
         self.uplink = Uplink(config["mqtt"], self.store_id, self.journal, self.rules, self.status_message,
                              UplinkSettings(**config["uplink"]), on_connection_change=self._on_link)
+        # HQ's live answers are held as long as the lane holds its member, for the counter's re-validation.
+        self.live = self.uplink.live
+        self.live.clock = clock
+        self.live.cache.hold_s = config["api"]["member_hold_s"]
         self.started_at = clock()
         self.http_stats = lambda: {}  # the POS API server's counters, once it serves (gateway/cli.py)
         self._tasks: list[asyncio.Task] = []
@@ -236,11 +240,37 @@ class Gateway:
                 verdict = engine.Verdict("deny", refused)
                 self.show_verdict(lane, read.source, verdict)
                 return verdict
-        verdict = self.counter.local_status(engine.validate(read.source, raw, self.rules.current, self.now()))
+        rules = self.rules.current
+        await self.ask_hq(read.source, raw, rules)
+        verdict = self.counter.validate(read.source, raw)  # HQ's rules and snapshot, then this store's own records
         self.show_verdict(lane, read.source, verdict)
         if verdict.accepted:
             lane.member_read = (read.source, raw)
         return verdict
+
+    async def ask_hq(self, source: str, raw: str, rules: engine.Rules | None) -> None:
+        """While online: HQ's live account for the card, within the tap's
+        budget (uplink.live_lookup_ms), held where engine.validate finds it
+        (gateway/live_accounts.py) for the quote and sale that follow.
+        Offline, past the wait, or for a card refused anyway: nothing held,
+        the store decides from its snapshot (an earlier answer is let go, so
+        the tap and the counter's re-validation use the view the tap shows)."""
+        if rules is None:
+            return
+        card_no, _ = engine.card_number_of(source, raw, rules)
+        if card_no is None:
+            return
+        if not self.live.online or not 6 <= len(card_no) <= 19 or rules.members.denied(card_no) \
+                or engine.program_for(card_no, rules)[2]:
+            self.live.cache.forget(card_no)
+            return
+        rules.members.live = self.live.cache   # the member store the engine reads (it may be a new one)
+        try:
+            if await self.live.lookup(card_no) is None:
+                self.live.cache.forget(card_no)
+        except Exception:   # a look-up must never cost the tap: decide from the snapshot
+            self.live.cache.forget(card_no)
+            log.exception("live account look-up failed")
 
     def show_verdict(self, lane: Lane, source: str, verdict: engine.Verdict) -> None:
         """The counter side of a verdict: indicator, lane state, POS event, log."""
@@ -293,6 +323,7 @@ class Gateway:
             "rules_issued_at": rules.issued_at if rules else None,
             "rules_rejection": self.rules.last_rejection,
             "deny_version": self.rules.deny_version,
+            "live_lookups": self.live.status(),
             "lanes": {lid: {"reader": (l.reader.kind if l.reader else "terminal"), "taps": l.taps,
                             "state": l.reader.state if l.reader else "terminal"}
                       for lid, l in self.lanes.items()},

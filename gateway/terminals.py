@@ -15,9 +15,10 @@ What each role may do (``PERMISSIONS``):
 lane_terminal  post card reads (taps) for its lanes
 pos            quote, sell, top up, use packages on its lanes; see its
                lanes' member and events; return sales made on its lanes up
-               to ``api.pos_return_max_fen``
-service_desk   what a POS may on its lanes, card services, and returns of
-               any sale of this store, of any amount
+               to ``api.pos_return_max_fen``; register new members (办卡)
+service_desk   what a POS may on its lanes, card services (incl. lifting
+               a loss report, 延期, 附属卡), 取款 (withdrawals), and
+               returns of any sale of this store, of any amount
 manager        read-only: status, lanes, every lane's member and events
 =============  ==========================================================
 
@@ -58,6 +59,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "package_use": frozenset({"pos", "service_desk"}),
     "return": frozenset({"pos", "service_desk"}),
     "card_service": frozenset({"service_desk"}),
+    "register": frozenset({"pos", "service_desk"}),                 # 办卡: at a lane (收银台办卡) or the desk
+    "withdrawal": frozenset({"service_desk"}),                      # 取款: money out of stored value
 }
 # Roles that see every lane, whatever lanes their credential lists.
 ALL_LANE_ROLES = frozenset({"manager"})

@@ -336,7 +336,7 @@ def role_for(method: str, path: str) -> str:
     """The role a POS-side caller of this endpoint would have."""
     if path.endswith("/taps"):
         return "lane_terminal"
-    if path.startswith(("/cards/", "/returns")):
+    if path.startswith(("/cards/", "/returns", "/withdrawals")):
         return "service_desk"
     if method == "POST":
         return "pos"

@@ -18,6 +18,8 @@
 - Reconnects with exponential backoff and full jitter.
 - Publishes a retained status message, with a retained "offline" last will.
 - Rules from HQ (signed manifest, parts, deny deltas, resync): gateway.rules_sync.
+- Live account look-ups on a tap (QoS 0 query/reply, bounded wait):
+  gateway.live_accounts; this session carries them while connected.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import aiomqtt
 
 from common import mqtt
 from gateway.journal import Journal, JournalError, UnreadableRecord
+from gateway.live_accounts import LiveAccounts
 from gateway.rules_store import RulesStore
 from gateway.rules_sync import RulesSync
 from wire.messages import (MAX_BATCH_RECORDS, MAX_BYTES, Ack, Status, TxBatch, TxRecord, WireError,
@@ -55,6 +58,7 @@ class UplinkSettings:
     resend_after_s: float = 10.0
     status_interval_s: float = 10.0
     part_timeout_s: float = 60.0
+    live_lookup_ms: int = 300   # a tap waits at most this long for HQ's live account (0: never ask)
 
 
 @dataclass
@@ -114,6 +118,7 @@ class Uplink:
         self._last_ignored_ack = 0.0
         self.sync = RulesSync(rules, self.topics, store, part_timeout_s=self.settings.part_timeout_s,
                               on_change=self._publish_status_now)
+        self.live = LiveAccounts(store, self.topics, budget_s=self.settings.live_lookup_ms / 1000)
 
     async def run(self) -> None:
         """Stay connected until cancelled."""
@@ -176,11 +181,13 @@ class Uplink:
                     log.exception("connection-change callback failed")
 
     async def _session(self, client: aiomqtt.Client) -> None:
-        await client.subscribe([(self.topics.ack(self.store), 1)] + [(t, 1) for t in self.sync.topics_to_subscribe()])
+        await client.subscribe([(self.topics.ack(self.store), 1)] + [(t, 1) for t in self.sync.topics_to_subscribe()]
+                               + [self.live.subscription()])
         inflight = self._inflight
         inflight.batches.clear()  # a new connection's window; everything unacked goes out again
         self._client = client
         self.sync.attach(client)
+        self.live.attach(client)
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._receive(client, inflight))
@@ -188,6 +195,7 @@ class Uplink:
                 tasks.create_task(self._publish_status_periodically(client))
         finally:
             self._client = None
+            self.live.detach()
             self.sync.detach()
 
     async def _receive(self, client: aiomqtt.Client, inflight: InFlight) -> None:
@@ -196,7 +204,9 @@ class Uplink:
             topic = str(message.topic)
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
             try:
-                if topic == ack_topic:
+                if self.live.handle(topic, payload):  # first: a tap is waiting for it
+                    pass
+                elif topic == ack_topic:
                     await self._on_ack(payload, inflight)
                 elif await self.sync.handle(topic, payload):
                     if topic == self.topics.rules(self.store):

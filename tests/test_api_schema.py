@@ -346,7 +346,8 @@ def test_openapi_paths_are_the_readme_table():
                 ("get", "/lanes/{lane}/events"), ("post", "/lanes/{lane}/taps"), ("post", "/lanes/{lane}/quote"),
                 ("post", "/lanes/{lane}/sales"), ("post", "/lanes/{lane}/topups"),
                 ("post", "/lanes/{lane}/packages/{package_id}/uses"), ("post", "/returns"),
-                ("post", "/cards/services"), ("get", "/openapi.json")}
+                ("post", "/cards/services"), ("post", "/members"), ("post", "/withdrawals"),
+                ("get", "/openapi.json")}
     doc = api.openapi_document()
     assert {(m, p) for p, ops in doc["paths"].items() for m in ops} == expected
 

@@ -216,3 +216,60 @@ async def test_gateway_drains_its_journal_to_hq_over_tls_with_its_client_certifi
     finally:
         task.cancel()
         ledger.close()
+
+
+async def test_live_account_lookups_reach_only_the_asking_store(secure, tmp_path):
+    """A store asks on its own query topic and reads only its own replies;
+    HQ's look-up service reads every store's queries through the shared
+    subscription ($share/hq/...) under the shipped ACL."""
+    from hq_bridge import db
+    from hq_bridge.accounts import import_members
+    from hq_bridge.lookup import LookupService
+    from hq_bridge.rules import read_table_file
+    from wire.messages import AccountQuery, AccountReply
+
+    broker, pki = secure
+    url = f"sqlite:///{tmp_path / 'hq.db'}"
+    db.migrate(url)
+    engine = db.open_engine(url)
+    with engine.begin() as conn:
+        import_members(conn, list(read_table_file(EX / "members.demo.jsonl")))
+    svc = LookupService(settings(broker, pki, "hq"), engine)
+    task = asyncio.create_task(svc.run())
+    try:
+        await asyncio.wait_for(svc.connected.wait(), 10)
+        async with client(broker, pki, "S001") as s1, client(broker, pki, "S002") as s2:
+            await s1.subscribe(T.account_reply("S001"), qos=0)
+            await s2.subscribe([(T.account_reply("S001"), 0), (T.account_query("S001"), 0)])
+            await s2.subscribe("sg/v1/stores/#", qos=0)                   # a wildcard does not help
+            await asyncio.sleep(0.2)
+            q = AccountQuery("S001", "query-s1-0001", "880000000013", 1)
+            await s1.publish(T.account_query("S001"), q.encode(), qos=0)
+            got1, got2 = await asyncio.gather(collect(s1, 1.0), collect(s2, 1.0))
+        replies = [AccountReply.decode(p) for t, p in got1 if t == T.account_reply("S001")]
+        assert len(replies) == 1 and replies[0].found and replies[0].id == q.id
+        assert replies[0].account["balance_fen"] == 20000
+        assert not [t for t, _ in got2 if "/S001/" in t], got2           # nothing of S001's
+        assert svc.stats["queries"] == 1
+
+        # A store cannot ask as another store, nor publish replies (to anyone).
+        forbidden = [
+            (T.account_query("S002"), AccountQuery("S002", "query-s2-0001", "880000000013", 1).encode()),
+            (T.account_reply("S001"), replies[0].encode()),
+            (T.account_reply("S002"), replies[0].encode()),
+        ]
+        async with client(broker, pki, "S002") as s2:
+            await s2.subscribe(T.account_reply("S002"), qos=0)
+            for topic, payload in forbidden:
+                try:
+                    async with client(broker, pki, "S001") as s1:
+                        await s1.publish(topic, payload, qos=0)
+                        await asyncio.sleep(0.1)
+                except aiomqtt.MqttError:
+                    pass
+            got = await collect(s2, 0.5)
+        assert got == [] and svc.stats["queries"] == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        engine.dispose()

@@ -14,7 +14,9 @@ byte and a payload that inflates to anything else is refused. Bare zlib
 bounded by the cap of its kind, so stores can be upgraded after HQ.
 
 Every message is checked against its schema before use (WireError says what
-and where). Sequence numbers are at most SEQ_MAX; an ack carries at most
+and where). Live account look-ups (AccountQuery / AccountReply) are
+request/response at QoS 0: an answer is only worth having within the tap's
+budget (~300 ms), so nothing is queued or resent (see README "Wire contract"). Sequence numbers are at most SEQ_MAX; an ack carries at most
 MAX_ACK_RANGES ranges; a record body nests at most MAX_BODY_DEPTH levels.
 """
 
@@ -45,6 +47,8 @@ MAX_BYTES = {
     "rule-set manifest": 2 * MiB,  # 4096 parts
     "deny delta": 4 * MiB,         # 10,000 entries
     "resync request": 8 * KiB,
+    "account query": 4 * KiB,
+    "account reply": 2 * 64 * KiB + 8 * KiB,  # two member rows (a card and its primary) of MAX_TABLE_ROW_BYTES
 }
 MAX_BATCH_RECORDS = 5000           # uplink.batch_max at most
 MAX_RECORD_BYTES = 1 * MiB         # one journaled record, encoded (a 500-line sale is ~200 KB)
@@ -628,6 +632,114 @@ class ResyncRequest:
         return cls(**obj)
 
 
+# -- live account look-up (gateway <-> HQ, QoS 0, not retained) ------------------
+# While its link is up, a gateway asks HQ for the live account behind a card
+# on a tap; HQ answers from its accounts of record within a few ms. Past the
+# gateway's wait (uplink.live_lookup_ms) the store decides from its snapshot.
+
+LOOKUP_ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{8,64}$",
+             "description": "random per query (the gateway's own); the reply carries it back"}
+_CARD = {"type": "string", "pattern": "^[0-9]{6,19}$"}
+_EPOCH_MS = {"type": "integer", "minimum": 0, "maximum": SEQ_MAX, "description": "epoch milliseconds"}
+
+
+def _member_row_schema() -> dict:
+    from wire.ruleset import MEMBER_SCHEMA  # the snapshot's member row: one definition
+    return {k: v for k, v in MEMBER_SCHEMA.items() if k not in ("$id", "title")}
+
+
+ACCOUNT_QUERY_SCHEMA = {
+    "$id": SCHEMA_BASE + "account_query.json",
+    "title": "Live account look-up, gateway -> HQ, QoS 0; topic {prefix}/stores/{store}/account/query",
+    "type": "object",
+    "required": ["store", "id", "card_no", "sent_at"],
+    "additionalProperties": False,
+    "properties": {
+        "store": _STORE,
+        "id": LOOKUP_ID,
+        "card_no": _CARD,
+        "sent_at": {**_EPOCH_MS, "description": "epoch milliseconds at the store (information only)"},
+    },
+}
+
+ACCOUNT_REPLY_SCHEMA = {
+    "$id": SCHEMA_BASE + "account_reply.json",
+    "title": "HQ's live account for a card, HQ -> the asking gateway only, QoS 0; "
+             "topic {prefix}/stores/{store}/account/reply",
+    "type": "object",
+    "required": ["store", "id", "card_no", "found", "account", "store_seq", "as_of"],
+    "additionalProperties": False,
+    "properties": {
+        "store": {**_STORE, "description": "the asking store (the reply topic's)"},
+        "id": LOOKUP_ID,
+        "card_no": _CARD,
+        "found": {"type": "boolean", "description": "false: HQ has no such card (account is null)"},
+        "account": {"anyOf": [_member_row_schema(), {"type": "null"}],
+                    "description": "the card's row exactly as in a member snapshot part (wire/schemas/member.json)"},
+        "primary": {"anyOf": [_member_row_schema(), {"type": "null"}],
+                    "description": "for a card whose row names a primary_card: that primary card's row, "
+                                   "which carries the account's balances"},
+        "store_seq": {"type": "integer", "minimum": 0, "maximum": SEQ_MAX,
+                      "description": "the answer includes exactly this store's records up to this seq (HQ's "
+                                     "watermark for the asking store, read in the same transaction)"},
+        "as_of": {**_EPOCH_MS, "description": "epoch milliseconds at HQ when the account was read"},
+    },
+}
+
+
+@dataclass(frozen=True)
+class AccountQuery:
+    store: str
+    id: str
+    card_no: str
+    sent_at: int
+
+    def encode(self) -> bytes:
+        obj = dict(self.__dict__)
+        _check("account_query.json", obj, "account query")
+        return _dumps(obj)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "AccountQuery":
+        obj = _loads(payload, "account query")
+        _check("account_query.json", obj, "account query")
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
+class AccountReply:
+    store: str
+    id: str
+    card_no: str
+    found: bool
+    account: dict | None
+    store_seq: int
+    as_of: int
+    primary: dict | None = None
+
+    def encode(self) -> bytes:
+        obj = {**self.__dict__, "account": dict(self.account) if self.account else None,
+               "primary": dict(self.primary) if self.primary else None}
+        _check("account_reply.json", obj, "account reply")
+        raw = _dumps(obj)
+        if len(raw) > MAX_BYTES["account reply"]:
+            raise WireError(f"account reply: {len(raw)} bytes, more than the {MAX_BYTES['account reply']} it may hold")
+        return raw
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "AccountReply":
+        obj = _loads(payload, "account reply")
+        _check("account_reply.json", obj, "account reply")
+        if obj["found"] != (obj["account"] is not None):
+            raise WireError("account reply: found must be true exactly when an account is given")
+        acct, primary = obj["account"], obj.get("primary")
+        if acct is not None and acct["card_no"] != obj["card_no"]:
+            raise WireError(f"account reply: account.card_no {acct['card_no']!r} is not the card asked for")
+        if primary is not None and (acct is None or primary["card_no"] != acct.get("primary_card")):
+            raise WireError("account reply: primary is not the account's primary_card")
+        return cls(**obj)
+
+
 # Part payloads. Layer documents: canonical JSON. Tables (members, deny): one
 # JSON object per line, zlib-compressed; read back as a stream so a million
 # rows never sit in memory at once.
@@ -716,4 +828,6 @@ ALL_SCHEMAS = {
     "manifest.json": MANIFEST_SCHEMA,
     "deny_delta.json": DENY_DELTA_SCHEMA,
     "resync.json": RESYNC_SCHEMA,
+    "account_query.json": ACCOUNT_QUERY_SCHEMA,
+    "account_reply.json": ACCOUNT_REPLY_SCHEMA,
 }

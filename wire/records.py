@@ -14,15 +14,19 @@ Schema is derived from them (``schema_of``), so the two cannot drift:
 ``package_use`` ``consume_package()["record"]``
 ``card_op``     ``card_operation()["record"]`` + ``reason``
 ``registration`` a member registered at the counter, offline, with a new card
-                (minimal PII: masked name, consent flag, birthday); not
-                emitted by the gateway yet
+                (minimal PII: masked name, consent flag, birthday; never a
+                phone number), ``Counter.register`` (``POST /members``)
+``withdrawal``  取款: the paid part of stored value paid out
+                (``Counter.withdraw``, ``POST /withdrawals``)
 ==============  ===============================================================
 
 What gateway/counter.py adds to every body: ``account_id`` (whose balances,
-None when the member is not in the snapshot; always None on ``card_op``),
+None when the member is not in the snapshot; on ``card_op`` None except
+for ``issue_subsidiary``, the primary's account; on ``registration`` the new
+member_id),
 ``day`` (store-local YYYY-MM-DD), ``terminal``, ``idempotency_key``; ``lane``
-on sale, topup and package_use. ``operator`` (the cashier) is optional until
-the POS API carries it.
+on sale, topup and package_use; ``operator`` (the cashier's id, ASCII up to 32
+characters) whenever the POS sent one (every POST body takes it).
 
 Bounds: every string has a maxLength, every integer a range (money in integer
 fen, points integers), every array a maxItems, and no object takes properties
@@ -66,7 +70,8 @@ MAX_TOPUP_FEN = 10_000_000        # gateway/pricing.py MAX_TOPUP_FEN
 MAX_PACKAGE_USES = 100_000        # wire/ruleset.py member packages
 SEQ_MAX = 2 ** 53 - 1             # wire/messages.py SEQ_MAX
 
-CARD_OPS = ("issue", "report_lost", "freeze", "unfreeze", "replace", "annual_fee")   # gateway/pricing.py CARD_OPS
+CARD_OPS = ("issue", "report_lost", "freeze", "unfreeze", "replace", "annual_fee", "extend",
+            "issue_subsidiary")                                                       # gateway/pricing.py CARD_OPS
 CARD_STATUSES = ("active", "not_activated", "lost", "frozen", "cancelled", "replaced", "expired")
 PAYMENT_METHODS = ("cash", "bank_card", "wechat", "alipay", "unionpay", "other")     # gateway/counter.py
 
@@ -135,8 +140,11 @@ def _terminal() -> Any:
     return text(64, 1)
 
 
+_OPERATOR = r"^[A-Za-z0-9_.-]{1,32}$"    # the cashier's id, as gateway/api_schema.py OPERATOR takes it
+
+
 def _operator() -> Any:
-    return opt(minLength=1, maxLength=64)
+    return opt(pattern=_OPERATOR, maxLength=32)
 
 
 def _lane() -> Any:
@@ -373,10 +381,17 @@ class NoDeltas:
 @dataclass(frozen=True, kw_only=True)
 class CardOp:
     """A counter card service (issue, report_lost, freeze, unfreeze, replace,
-    annual_fee); ``status_after`` is the card's (for replace: the old card's)."""
+    annual_fee, extend, issue_subsidiary); ``status_after`` is the card's (for
+    replace: the old card's). ``unfreeze`` lifts a freeze or a loss report
+    (``status_before`` says which, as this store saw it). ``extend`` (延期)
+    moves the card's expiry to ``expires`` (``months`` past the later of today
+    and the old expiry). ``issue_subsidiary`` (附属卡): ``card_no`` is the NEW
+    card, ``primary_card_no`` the primary it pays from and earns to,
+    ``member_id``/``account_id`` the primary's account."""
     type: Literal["card_op"] = const("card_op")
     v: Literal[1] = const(RECORD_VERSION)
-    op: Literal["issue", "report_lost", "freeze", "unfreeze", "replace", "annual_fee"] = f()
+    op: Literal["issue", "report_lost", "freeze", "unfreeze", "replace", "annual_fee", "extend",
+                "issue_subsidiary"] = f()
     at: str = f(pattern=_AT, maxLength=40)
     member_id: str | None = f(minLength=1, maxLength=64)
     card_no: str = card()
@@ -385,6 +400,11 @@ class CardOp:
     status_after: Literal["active", "not_activated", "lost", "frozen", "cancelled", "replaced", "expired"] = f()
     deltas: NoDeltas = f()
     reason: str | None = text(500)
+    status_before: Literal["active", "not_activated", "lost", "frozen", "cancelled", "replaced",
+                           "expired"] | None = opt()
+    primary_card_no: str | None = opt(pattern=_CARD)
+    months: int | None = opt(minimum=1, maximum=120)
+    expires: str | None = opt(pattern=_DAY)
     idempotency_key: str = _idem()
     account_id: str | None = _account()
     day: str = _day()
@@ -421,6 +441,41 @@ class Registration:
     operator: str | None = _operator()
 
 
+# ---------------------------------------------------------------- withdrawal
+
+@dataclass(frozen=True, kw_only=True)
+class StoredValueDebit:
+    stored_value_fen: int = money(-MAX_TOPUP_FEN, -1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Withdrawal:
+    """取款: the paid part (本金) of stored value paid out to the member at the
+    service desk, as the chain's policy allows (``accounts.withdrawal`` =
+    ``paid_part``). ``paid_fen`` is what leaves the paid part (all of
+    ``amount_fen``: the bonus part is never paid out); ``paid_known_fen`` the
+    paid part this store could vouch for (snapshot ``paid_fen`` + its own
+    top-ups since - its withdrawals since), for HQ's reconciliation."""
+    type: Literal["withdrawal"] = const("withdrawal")
+    v: Literal[1] = const(RECORD_VERSION)
+    at: str = f(pattern=_AT, maxLength=40)
+    member_id: str | None = f(minLength=1, maxLength=64)
+    card_no: str = card()
+    amount_fen: int = money(1, MAX_TOPUP_FEN)
+    paid_fen: int = money(1, MAX_TOPUP_FEN)
+    paid_known_fen: int = money()
+    balance_before_fen: int = money(-MAX_FEN)
+    balance_after_fen: int = money(-MAX_FEN)
+    deltas: StoredValueDebit = f()
+    payout: Payment = f()
+    reason: str | None = opt(maxLength=500)
+    idempotency_key: str = _idem()
+    account_id: str | None = _account()
+    day: str = _day()
+    terminal: str = _terminal()
+    operator: str | None = _operator()
+
+
 RECORD_TYPES: dict[str, type] = {
     "sale": Sale,
     "return": Return,
@@ -428,6 +483,7 @@ RECORD_TYPES: dict[str, type] = {
     "package_use": PackageUse,
     "card_op": CardOp,
     "registration": Registration,
+    "withdrawal": Withdrawal,
 }
 
 

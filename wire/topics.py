@@ -7,6 +7,8 @@ and README.md, "Wire contract", for the reasons behind each topic).
     {prefix}/stores/{store}/rules           HQ -> gateway   QoS 1, retained   signed rule-set manifest
     {prefix}/stores/{store}/parts/<sha256>  HQ -> gateway   QoS 1, retained   parts only this store reads
     {prefix}/stores/{store}/resync          gateway -> HQ   QoS 1             "republish my rule set"
+    {prefix}/stores/{store}/account/query   gateway -> HQ   QoS 0             live account look-up (a tap)
+    {prefix}/stores/{store}/account/reply   HQ -> gateway   QoS 0             HQ's live account, to the asker only
     {prefix}/rules/parts/<sha256>           HQ -> all       QoS 1, retained   chain-wide parts
     {prefix}/rules/deny                     HQ -> all       QoS 1, retained   the latest signed deny delta
 
@@ -62,6 +64,14 @@ class Topics:
         that never came). Not retained."""
         return f"{self.prefix}/stores/{check_store_id(store)}/resync"
 
+    def account_query(self, store: str) -> str:
+        """Gateway -> HQ: the live account of a card (QoS 0: worth nothing after the tap's wait)."""
+        return f"{self.prefix}/stores/{check_store_id(store)}/account/query"
+
+    def account_reply(self, store: str) -> str:
+        """HQ -> the asking gateway only (the ACL): the live account."""
+        return f"{self.prefix}/stores/{check_store_id(store)}/account/reply"
+
     def store_part(self, store: str, sha256: str) -> str:
         """A part only this store may read (the ACL): its store layer, a store snapshot."""
         return f"{self.prefix}/stores/{check_store_id(store)}/parts/{_check_sha(sha256)}"
@@ -90,6 +100,20 @@ class Topics:
 
     def all_resync(self) -> str:
         return f"{self.prefix}/stores/+/resync"
+
+    def all_account_queries(self, share_group: str | None = "hq") -> str:
+        """Every store's look-ups; with a share group, an MQTT shared
+        subscription ($share/<group>/...): each query goes to one of the HQ
+        workers subscribed in the group."""
+        topic = f"{self.prefix}/stores/+/account/query"
+        return f"$share/{share_group}/{topic}" if share_group else topic
+
+    def store_of_account_query(self, topic: str) -> str:
+        """The asking store of an account query topic; ValueError for anything else."""
+        head, tail = f"{self.prefix}/stores/", "/account/query"
+        if not (topic.startswith(head) and topic.endswith(tail)):
+            raise ValueError(f"topic {topic!r} is not an account query topic")
+        return check_store_id(topic[len(head):-len(tail)])
 
     def chain_rules(self) -> str:
         return f"{self.prefix}/rules/#"
