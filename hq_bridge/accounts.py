@@ -67,6 +67,18 @@ Decisions
   for the card (``card-<card_no>``). Fees are paid at the counter, not from
   stored value: recorded in the entry's detail, no balance moves.
 - Registration opens member, account (base tier) and primary card.
+- Spend for the tier rules (hq_bridge/policy.py): a sale entry's detail has
+  ``spend`` (``total - redeemed_fen``: paid in cash and stored value), a
+  return's ``spend`` is minus what it gave back in cash and stored value. A
+  member sale (or return) that moves no balance still gets an entry with no
+  deltas, so its spend counts (when HQ knows the card).
+- ``AccountStore(hooks=[...])``: called as ``hook(conn, store, result)`` at
+  the end of ``apply_batch`` in its transaction when accounts changed
+  (policy.tier_hook: upgrades; reconcile.reconcile_hook: overdrafts found and
+  settled at once, block/lift cards added to ``result.cards_changed``).
+- ``overdrafts`` (defined here on db.metadata, migration 0002): what
+  reconciliation found; an account with an open overdraft under the
+  ``limit`` policy shows nothing to spend in snapshots (``limited_accounts``).
 
 Functional core (pure, no I/O, no clock): ``apply_record``, ``keys_of``,
 ``sale_effect``. Imperative shell: ``AccountStore`` (SQLAlchemy Core on the
@@ -77,18 +89,41 @@ from __future__ import annotations
 
 import calendar
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import date, datetime, timezone
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import orjson
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import (CheckConstraint, Column, ForeignKey, Index, PrimaryKeyConstraint, String, Table, Text,
+                        and_, func, or_, select)
 from sqlalchemy.engine import Connection, Engine
 
 from hq_bridge import db
 from wire.records import RecordError, validate_body
 
 NEVER = db.NEVER
+
+# Overdrafts found by reconciliation (hq_bridge/reconcile.py), created by migration
+# 0002_reconcile. Defined here on db.metadata (accounts.py is imported wherever the
+# accounts are), to move into hq_bridge/db.py as it is, with "overdrafts" in ACCOUNT_TABLES.
+overdrafts = Table(
+    "overdrafts", db.metadata,
+    Column("account_id", String(db.ID), ForeignKey("accounts.account_id"), nullable=False),
+    Column("kind", String(24), nullable=False),       # stored_value | points | package | coupon | day_stored_value | day_points
+    Column("ref", String(db.ID), nullable=False),     # package id, coupon code, day (YYYY-MM-DD); "" for balances
+    Column("amount", db.Int64, nullable=False),       # fen, points, uses beyond what was held (or the day's cap)
+    Column("state", String(8), nullable=False),       # open | settled
+    Column("action", String(8), nullable=False),      # carry | limit | block: the policy applied while open
+    Column("detail", Text),                           # JSON: the records that spent it (store, seq, tx), value
+    Column("detected_at", db.Int64, nullable=False),  # epoch ms, HQ's clock
+    Column("settled_at", db.Int64),
+    Column("settled_by", String(64)),                 # "hq:<user>" or "auto" (balance back at or above zero)
+    Column("updated_at", db.Int64, nullable=False),
+    PrimaryKeyConstraint("account_id", "kind", "ref"),
+    CheckConstraint("state IN ('open', 'settled')", name="state"),
+    CheckConstraint("action IN ('carry', 'limit', 'block')", name="action"),
+    Index(None, "state"),
+)
 OWED = "owed"      # the pseudo-lot of points spent beyond the lots
 SPEND_ORDERS = ("proportional", "bonus_first", "paid_first")
 
@@ -101,12 +136,18 @@ class AccountPolicy:
 
     ``points_expiry_months``: None, points never expire; N, a lot expires at
     the end of the month N months after the month it was earned in.
+    ``points_expiry_date`` ("MM-DD", instead of months): points earned in
+    year Y expire on that day of year Y + ``points_expiry_years`` (the next
+    such day when that is not after the day earned).
     ``card_valid_months``: a new card's validity (None: no expiry)."""
     default_tier: str = "normal"
     spend_order: str = "proportional"
     points_expiry_months: int | None = None
     annual_fee_months: int = 12
     card_valid_months: int | None = None
+    points_expiry_date: str | None = None
+    points_expiry_years: int = 1
+    withdrawal_bonus: str = "forfeit_proportional"
 
     def __post_init__(self) -> None:
         if self.spend_order not in SPEND_ORDERS:
@@ -118,7 +159,8 @@ def policy_from_rules(rules: Mapping | None, **overrides) -> AccountPolicy:
     ``default_tier``; the optional ``accounts`` section may set the other
     fields once the rule-set schema carries it."""
     rules = rules or {}
-    section = dict(rules.get("accounts") or {})
+    known = {f.name for f in fields(AccountPolicy)}
+    section = {k: v for k, v in (rules.get("accounts") or {}).items() if k in known}
     if rules.get("default_tier"):
         section.setdefault("default_tier", rules["default_tier"])
     section.update(overrides)
@@ -283,7 +325,7 @@ def keys_of(record: StoreRecord) -> Keys:
         return v if isinstance(v, str) else None
 
     member = b.get("member") if isinstance(b.get("member"), dict) else {}
-    for v in (member.get("card_no"), b.get("card_no"), b.get("new_card_no")):
+    for v in (member.get("card_no"), b.get("card_no"), b.get("new_card_no"), b.get("primary_card_no")):
         if s(v):
             cards.add(v)
     if s(b.get("account_id")):
@@ -358,6 +400,13 @@ def sale_effect(account_id: str, entries: Iterable[HistoryEntry]) -> SaleEffect:
 
 def lot_expiry(earned_on: date, policy: AccountPolicy) -> str:
     """The lot points earned on ``earned_on`` go to."""
+    if policy.points_expiry_date:
+        mm, dd = (int(x) for x in policy.points_expiry_date.split("-"))
+        y = earned_on.year + policy.points_expiry_years
+        for year in (y, y + 1):
+            day = date(year, mm, min(dd, calendar.monthrange(year, mm)[1]))
+            if day > earned_on:
+                return day.isoformat()
     n = policy.points_expiry_months
     if n is None:
         return NEVER
@@ -551,8 +600,15 @@ def _sale(c: _Apply, b: dict) -> None:
             raise _SetAside("unknown_card", "sale without a member moves stored value, points or coupons")
         return
     card_no = b["member"]["card_no"]
+    spend = max(0, t["total"] - t["redeemed_fen"])     # paid in cash and stored value (tier rules count it)
     if not (sv or red or earned or coupons):
-        return  # a member sale paid in cash that earned nothing: nothing moves
+        # A member sale paid in cash that earned nothing: no balance moves; a zero entry
+        # keeps its spend for the tier rules (hq_bridge/policy.py), when HQ knows the card.
+        card = c.card(card_no)
+        if spend and card is not None:
+            c.entry(card.account_id, "sale", card_no=card_no, detail={"spend": spend})
+            c.sales[c.record.tx_id] = SaleEffect(card.account_id)
+        return
     acct = c.resolve(card_no, b["account_id"])
     acct, paid, bonus = c.spend(acct, sv) if sv else (acct, 0, 0)
     lots: dict[str, int] = {}
@@ -577,7 +633,8 @@ def _sale(c: _Apply, b: dict) -> None:
     c.accounts[acct.account_id] = acct
     c.entry(acct.account_id, "sale", d_paid_fen=-paid, d_bonus_fen=-bonus, d_points=earned - red, card_no=card_no,
             detail={"sv": sv, "paid": paid, "bonus": bonus, "redeemed": red, "taken": taken, "earned": earned,
-                    "earned_lot": earned_lot, "lots": lots, **({"coupons": coupons} if coupons else {})})
+                    "earned_lot": earned_lot, "lots": lots, "spend": spend,
+                    **({"coupons": coupons} if coupons else {})})
     c.sales[c.record.tx_id] = SaleEffect(acct.account_id, sv, bonus, red, tuple(tuple(x) for x in taken),
                                          earned, earned_lot)
 
@@ -588,8 +645,14 @@ def _return(c: _Apply, b: dict) -> None:
     if (d["stored_value_fen"], d["points_redeemed"], d["points_earned"], d["points"]) != \
             (sv, -red, -earned, red - earned):
         raise _SetAside("inconsistent", "return: deltas do not match totals")
+    unspend = t["cash_fen"] + sv                     # spend given back (tier rules)
     if not (sv or red or earned):
-        return  # paid back in cash only
+        # Paid back in cash only: no balance moves; a zero entry takes the spend back.
+        sale = c.state.sales.get(b["sale_id"]) if b["sale_id"] else None
+        if unspend and sale is not None:
+            c.entry(sale.account_id, "return", card_no=(b["member"] or {}).get("card_no"), ref_tx_id=b["sale_id"],
+                    detail={"spend": -unspend})
+        return
     sale = c.state.sales.get(b["sale_id"]) if b["sale_id"] else None
     if sale is None:
         raise _SetAside("sale_not_applied", f"return of sale {b['sale_id']} (seq {b['sale_seq']}), "
@@ -629,7 +692,7 @@ def _return(c: _Apply, b: dict) -> None:
     c.entry(acct.account_id, "return", d_paid_fen=paid, d_bonus_fen=bonus, d_points=red - earned,
             card_no=(b["member"] or {}).get("card_no"), ref_tx_id=b["sale_id"],
             detail={"sv": sv, "paid": paid, "bonus": bonus, "redeemed": red, "restored": restored_now,
-                    "earned": earned, "taken": taken, "lots": lots})
+                    "earned": earned, "taken": taken, "lots": lots, "spend": -unspend})
     c.sales[b["sale_id"]] = replace(sale, returned_sv=sale.returned_sv + sv,
                                     returned_bonus=sale.returned_bonus + bonus,
                                     returned_redeemed=sale.returned_redeemed + red,
@@ -670,6 +733,9 @@ def _card_op(c: _Apply, b: dict) -> None:
     card = c.card(card_no)
     detail = {"op": op, "fee_fen": b["fee_fen"], **({"reason": b["reason"]} if b["reason"] else {})}
     now_ms = _ms(c.now)
+    if op == "issue_subsidiary":
+        _issue_subsidiary(c, b, detail, now_ms)
+        return
     if op == "issue":
         if card is not None:
             raise _SetAside("card_exists", f"issue: card {_mask(card_no)} exists at HQ")
@@ -699,12 +765,20 @@ def _card_op(c: _Apply, b: dict) -> None:
         after = _OP_STATUS[op] if before in ("active", "lost", "frozen") else before
     elif op == "unfreeze":
         after = "active" if before in ("lost", "frozen") else before
+        if b.get("status_before"):
+            detail["status_before_at_store"] = b["status_before"]
     elif op == "annual_fee":
         after = "active" if before == "expired" else before
         start = max(c.at.date().isoformat(), card.expires or "")
         card = replace(card, expires=add_months(date.fromisoformat(start), c.policy.annual_fee_months).isoformat())
         detail["expires"] = card.expires
-    else:  # replace
+    elif op == "extend":  # 延期: the store worked out the new expiry from the card it saw
+        after = "active" if before == "expired" else before
+        card = replace(card, expires=b["expires"])
+        detail.update(expires=b["expires"], months=b["months"])
+    elif op != "replace":
+        raise _SetAside("unknown_op", f"HQ does not apply card operation {op!r}")
+    else:
         new_no = b["new_card_no"]
         if not new_no or new_no == card_no:
             raise _SetAside("schema", "replace: needs new_card_no, another card")
@@ -717,10 +791,51 @@ def _card_op(c: _Apply, b: dict) -> None:
                                   nfc_uid=None)
         card = replace(card, replaced_by=new_no)
         detail["new_card_no"] = new_no
-    if after == before and op not in ("annual_fee",):
+    if after == before and op not in ("annual_fee", "extend"):
         c.note("card_status_unchanged", f"{op}: card {_mask(card_no)} is {before}")
     c.cards[card_no] = replace(card, status=after)
     c.entry(card.account_id, "card_op", card_no=card_no, detail={**detail, "status": [before, after]})
+
+
+def _issue_subsidiary(c: _Apply, b: dict, detail: dict, now_ms: int) -> None:
+    """附属卡: a new card paying from and earning to its primary's account."""
+    card_no, primary_no = b["card_no"], b.get("primary_card_no")
+    primary = c.card(primary_no)
+    if primary is None:
+        raise _SetAside("unknown_card", f"issue_subsidiary: primary card {_mask(primary_no)} is not known at HQ")
+    if c.card(card_no) is not None:
+        raise _SetAside("card_exists", f"issue_subsidiary: card {_mask(card_no)} exists at HQ")
+    expires = add_months(c.at.date(), c.policy.card_valid_months).isoformat() if c.policy.card_valid_months else None
+    c.cards[card_no] = Card(card_no, primary.account_id, primary.member_id, "subsidiary", "active",
+                            issued_at=now_ms, expires=expires)
+    c.entry(primary.account_id, "card_op", card_no=card_no,
+            detail={**detail, "primary_card_no": primary_no, "status": [None, "active"]})
+
+
+def withdrawal_forfeit(bonus_fen: int, paid_out_fen: int, paid_fen: int, rule: str) -> int:
+    """The bonus part given up when ``paid_out_fen`` of a paid part of
+    ``paid_fen`` is paid out (取款): all of it, a proportional share, or none."""
+    if rule == "forfeit_all":
+        return max(bonus_fen, 0)
+    if rule == "forfeit_proportional" and paid_fen > 0:
+        return max(bonus_fen, 0) * min(paid_out_fen, paid_fen) // paid_fen
+    return 0
+
+
+def _withdrawal(c: _Apply, b: dict) -> None:
+    """取款 at a counter: the paid part leaves the account; the bonus part is
+    forfeited as the chain's rule says. Paying out more than HQ's paid part
+    (offline, against an older view) is applied and reported."""
+    acct = c.resolve(b["card_no"], b["account_id"])
+    out = b["paid_fen"]
+    if out > acct.paid_fen:
+        c.note("withdrawal_overdraft", f"account {acct.account_id}: {out} fen paid out, "
+                                       f"{acct.paid_fen} fen paid part at HQ")
+    forfeit = withdrawal_forfeit(acct.bonus_fen, out, acct.paid_fen, c.policy.withdrawal_bonus)
+    c.accounts[acct.account_id] = replace(acct, paid_fen=acct.paid_fen - out, bonus_fen=acct.bonus_fen - forfeit)
+    c.entry(acct.account_id, "withdrawal", d_paid_fen=-out, d_bonus_fen=-forfeit, card_no=b["card_no"],
+            detail={"paid_out_fen": out, "bonus_forfeited_fen": forfeit, "payout": b["payout"]["method"],
+                    "paid_known_fen": b["paid_known_fen"]})
 
 
 def _registration(c: _Apply, b: dict) -> None:
@@ -746,7 +861,7 @@ def _registration(c: _Apply, b: dict) -> None:
 
 
 _HANDLERS = {"sale": _sale, "return": _return, "topup": _topup, "package_use": _package_use,
-             "card_op": _card_op, "registration": _registration}
+             "card_op": _card_op, "registration": _registration, "withdrawal": _withdrawal}
 
 
 # ================================================================ imperative shell
@@ -763,6 +878,8 @@ class BatchResult:
     # store must know at once goes out as a deny delta (hq_bridge/rules.py card_entries).
     cards_changed: list[tuple[str, str | None, str, str | None]] = field(default_factory=list)
     accounts_changed: set[str] = field(default_factory=set)   # for live look-ups / caches
+    tier_moves: list = field(default_factory=list)            # hq_bridge/policy.py tier_hook
+    overdrafts: list = field(default_factory=list)            # hq_bridge/reconcile.py reconcile_hook
 
 
 _CHUNK = 2000   # records loaded and written together
@@ -784,10 +901,15 @@ class AccountStore:
     transaction (``with engine.begin() as conn: ...``), so the ledger insert
     and the account changes commit together."""
 
-    def __init__(self, engine: Engine | None = None, policy: AccountPolicy | None = None, clock=time.time):
+    def __init__(self, engine: Engine | None = None, policy: AccountPolicy | None = None, clock=time.time,
+                 hooks: Iterable[Any] = ()):
         self.engine = engine
         self.policy = policy or AccountPolicy()
         self.clock = clock
+        # Called as hook(conn, store, result) at the end of apply_batch, in its transaction, when
+        # accounts changed (hq_bridge/policy.py on_ingest: tier upgrades; hq_bridge/reconcile.py
+        # on_ingest: overdrafts settled). A hook may add to result.cards_changed.
+        self.hooks: list = list(hooks)
 
     # -- ingest
     def apply_batch(self, conn: Connection, store: str, records: Iterable[Any]) -> BatchResult:
@@ -832,6 +954,9 @@ class AccountStore:
             db.upsert(conn, w, [{"store": store, "seq": done, "held_above": held_above, "updated_at": _ms(now)}],
                       ["store"])
         out.watermark = done
+        if out.accounts_changed:
+            for hook in self.hooks:
+                hook(conn, store, out)
         return out
 
     def _from_ledger(self, conn: Connection, store: str, first: int, last: int) -> list[StoreRecord]:
@@ -879,6 +1004,7 @@ class AccountStore:
             if old is not card and (old is None or (old.status, old.replaced_by) != (card.status, card.replaced_by)):
                 out.cards_changed.append((no, old.status if old else None, card.status, card.replaced_by))
         out.accounts_changed.update(a for a, acct in work.accounts.items() if old_accounts.get(a) is not acct)
+        out.accounts_changed.update(e.account_id for e in entries)   # zero entries too (spend for tier rules)
         return run[-1].seq if run else done
 
     # -- loading: one query per table for the whole chunk
@@ -1109,6 +1235,13 @@ def snapshot_rows(conn: Connection, store: str, *, as_of: int | None = None) -> 
     return MemberSnapshot(store, mark, int(time.time()) if as_of is None else as_of, _snapshot_iter(conn))
 
 
+def limited_accounts(conn: Connection) -> set[str]:
+    """Accounts with an open overdraft under the ``limit`` policy: nothing to spend offline."""
+    o = overdrafts
+    return set(conn.execute(select(o.c.account_id).where(o.c.state == "open", o.c.action == "limit")
+                            .distinct()).scalars())
+
+
 def _snapshot_iter(conn: Connection) -> Iterator[dict]:
     a, c, m = db.accounts, db.cards, db.members
     holder = m.alias("holder")
@@ -1128,6 +1261,7 @@ def _snapshot_iter(conn: Connection) -> Iterator[dict]:
                       for x, cols in ((q, (a.c.account_id, c.c.card_no)),
                                       (pkg, (db.packages.c.account_id, db.packages.c.package_id)),
                                       (cp, (db.coupons.c.account_id, db.coupons.c.code))))
+    limited = limited_accounts(conn)
     streamed = conn.execution_options(yield_per=_FETCH)
     packages = _grouped(streamed.execute(pkg))
     coupons = _grouped(streamed.execute(cp))
@@ -1135,11 +1269,11 @@ def _snapshot_iter(conn: Connection) -> Iterator[dict]:
     group: list = []
     for r in rows:
         if group and r[0] != group[0][0]:
-            yield from _account_rows(group, packages, coupons)
+            yield from _account_rows(group, packages, coupons, limited)
             group = []
         group.append(r)
     if group:
-        yield from _account_rows(group, packages, coupons)
+        yield from _account_rows(group, packages, coupons, limited)
 
 
 class _grouped:
@@ -1158,12 +1292,14 @@ class _grouped:
         return out
 
 
-def _account_rows(group: list, packages: _grouped, coupons: _grouped) -> Iterator[dict]:
+def _account_rows(group: list, packages: _grouped, coupons: _grouped, limited: set = frozenset()) -> Iterator[dict]:
     aid, tier, a_status, a_type, paid, bonus, points = group[0][:7]
     primaries = [r for r in group if r[9] == "primary"]
     main = next((r for r in primaries if r[10] == "active"), primaries[-1] if primaries else group[0])
     pk = {p: max(0, min(n, 100_000)) for _a, p, n in packages.take(aid)}
     codes = [code for _a, code in coupons.take(aid)]
+    if aid in limited:   # reconciliation's "limit": offline allowances 0 until settled
+        paid, bonus, points, pk, codes = 0, 0, 0, {p: 0 for p in pk}, []
     deny = _DENYING_ACCOUNT.get(a_status)
     balance = max(0, paid + bonus)
     for r in group:

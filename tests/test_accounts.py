@@ -75,7 +75,7 @@ def test_migrations_make_the_metadata_on_both_engines(hq_db_url):
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-            assert ctx.get_current_revision() == "0001"
+            assert ctx.get_current_revision() == "0002"
             assert compare_metadata(ctx, db.metadata) == []
     finally:
         engine.dispose()

@@ -130,12 +130,30 @@ CARD_TYPE = _obj({
     "discount_percent": {**_PERCENT, "default": 0},
 }, required=["name", "kind"])
 
+_WINDOW_DAYS = {"type": "integer", "minimum": 1, "maximum": 3660, "default": 365}
+TIER_UPGRADE = _obj({
+    "spend_fen": {**_FEN, "minimum": 1, "description": "net spend (sales less returns) in the window"},
+    "points_earned": {**_POINTS, "minimum": 1, "description": "points earned (less taken back) in the window"},
+    "window_days": _WINDOW_DAYS,
+}, description="HQ moves an account up to this tier (on ingest and nightly) when, over the last window_days, "
+               "it meets any threshold named (accounts/policy at HQ, hq_bridge/policy.py)")
+TIER_DOWNGRADE = _obj({
+    "spend_fen": {**_FEN, "minimum": 1, "description": "keep the tier with at least this spend in the window"},
+    "points_earned": {**_POINTS, "minimum": 1},
+    "window_days": _WINDOW_DAYS,
+    "to": {"type": "string", "description": "the tier it drops to (default: the best lower tier it qualifies "
+                                            "for, else default_tier)"},
+}, description="nightly at HQ: an account that has held this tier for window_days and meets none of the "
+               "thresholds named over the last window_days moves down")
+
 TIER = _obj({
     "name": _TEXT,
     "rank": {"type": "integer", "minimum": 0, "maximum": 1000},
     "discount_percent": {**_PERCENT, "default": 0},
     "points_multiplier_percent": {**_MULTIPLIER, "default": 100},
     "benefits": {"type": "array", "items": _TEXT, "default": []},
+    "upgrade": TIER_UPGRADE,
+    "downgrade": TIER_DOWNGRADE,
 }, required=["name", "rank"])
 
 MEMBER_DAY = _obj({
@@ -251,6 +269,37 @@ SALE_LIMITS = _obj({
                             "description": "most points one sale may earn"},
 }, default={})
 
+ACCOUNTS = _obj({
+    "spend_order": {"enum": ["proportional", "bonus_first", "paid_first"], "default": "proportional",
+                    "description": "how a stored-value payment splits between the paid and the bonus part"},
+    "points_expiry_months": {"type": "integer", "minimum": 1, "maximum": 120,
+                             "description": "rolling: a lot expires at the end of the month N months after "
+                                            "the month earned"},
+    "points_expiry_date": {"type": "string", "pattern": r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$",
+                           "description": "fixed: points earned in year Y expire on this MM-DD of year "
+                                          "Y + points_expiry_years"},
+    "points_expiry_years": {"type": "integer", "minimum": 0, "maximum": 10, "default": 1},
+    "annual_fee_months": {"type": "integer", "minimum": 1, "maximum": 120, "default": 12},
+    "card_valid_months": {"type": "integer", "minimum": 1, "maximum": 1200},
+    "withdrawal": {"enum": ["none", "paid_part"], "default": "none",
+                   "description": "取款: none, or the paid part of stored value may be paid out at HQ"},
+    "withdrawal_bonus": {"enum": ["forfeit_proportional", "forfeit_all", "keep"],
+                         "default": "forfeit_proportional",
+                         "description": "what a withdrawal does to the bonus part"},
+    "topup_refund_bonus": {"enum": ["take_back_first"], "default": "take_back_first",
+                           "description": "a refunded top-up takes its bonus back first"},
+    "subsidiary_fee_fen": {**_FEN, "default": 0, "description": "fee for issuing a 附属卡 at HQ"},
+}, default={}, description="accounts of record at HQ (hq_bridge/accounts.py, hq_bridge/policy.py)")
+
+RECONCILIATION = _obj({
+    "overdraft_policy": {"enum": ["carry", "limit", "block"], "default": "carry",
+                         "description": "carry: the negative balance is carried; limit: the account's offline "
+                                        "balances are 0 in every snapshot until settled; block: its cards are "
+                                        "denied (frozen) at every store until settled"},
+    "tolerance_fen": {**_FEN, "default": 0, "description": "stored-value overdrafts up to this are carried"},
+    "tolerance_points": {**_POINTS, "default": 0, "description": "points overdrafts up to this are carried"},
+}, default={})
+
 FEES = _obj({
     "issue_fen": {**_FEN, "default": 0},
     "replace_fen": {**_FEN, "default": 0},
@@ -300,7 +349,8 @@ _INLINE_DENY = _obj({k: v for k, v in _DENY_PROPS.items() if k != "card_no"}, re
 # Sections by merge behaviour.
 KEYED_TABLES = ["card_programs", "card_types", "tiers", "promotions", "coupons", "packages", "members", "deny"]
 NESTED_KEYED = {"stored_value": ["topup_packages"], "keys": ["sun"]}
-SETTINGS = ["earning", "redemption", "stored_value", "fees", "member_qr", "keys", "sale_limits"]
+SETTINGS = ["earning", "redemption", "stored_value", "fees", "member_qr", "keys", "sale_limits", "accounts",
+            "reconciliation"]
 CAPS = ["stored_value.offline_max_per_tx_fen", "stored_value.offline_max_per_day_fen",
         "stored_value.max_sync_age_s", "redemption.offline_max_points_per_tx",
         "redemption.offline_max_points_per_day", "sale_limits.max_line_fen", "sale_limits.max_sale_fen",
@@ -329,6 +379,8 @@ _SECTIONS = {
     "coupons": _table(COUPON, default={}),
     "fees": FEES,
     "sale_limits": SALE_LIMITS,
+    "accounts": ACCOUNTS,
+    "reconciliation": RECONCILIATION,
     "members": {"type": "object", "propertyNames": _CARD_NO, "additionalProperties": _INLINE_MEMBER, "default": {},
                 "description": "inline member snapshot: small stores and tests; large snapshots go as parts"},
     "deny": {"type": "object", "propertyNames": _CARD_NO, "additionalProperties": _INLINE_DENY, "default": {},
@@ -641,6 +693,20 @@ def _reference_problems(rules: dict) -> list[str]:
         if tier["rank"] in ranks:
             p.append(f"tiers.{code}.rank: {tier['rank']} is also the rank of tier {ranks[tier['rank']]!r}")
         ranks.setdefault(tier["rank"], code)
+        for rule in ("upgrade", "downgrade"):
+            r = tier.get(rule)
+            if r is not None and "spend_fen" not in r and "points_earned" not in r:
+                p.append(f"tiers.{code}.{rule}: names neither spend_fen nor points_earned")
+        down = tier.get("downgrade") or {}
+        if "to" in down:
+            if down["to"] not in tiers:
+                p.append(f"tiers.{code}.downgrade.to: unknown tier {down['to']!r}")
+            elif tiers[down["to"]]["rank"] >= tier["rank"]:
+                p.append(f"tiers.{code}.downgrade.to: tier {down['to']!r} is not below {code!r}")
+    acc = rules.get("accounts", {})
+    if "points_expiry_months" in acc and "points_expiry_date" in acc:
+        p.append("accounts.points_expiry_date: set either points_expiry_months (rolling) or "
+                 "points_expiry_date (fixed), not both")
 
     seen_programs: dict[tuple, str] = {}
     for pid, prog in rules["card_programs"].items():
