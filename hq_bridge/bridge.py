@@ -1,7 +1,10 @@
 """The HQ bridge: store transactions in, ledger commit, acks out; resyncs.
 
 An ack is published only after the batch is committed in the ledger, so the
-gateway frees exactly what HQ holds. Duplicates are acked again.
+gateway frees exactly what HQ holds. Duplicates are acked again. The ledger
+applies the new records to HQ's accounts in the same transaction
+(hq_bridge/ledger.py); records the accounts set aside are counted and logged
+(they stay in ``set_aside`` for ops), and acked like any record.
 
 A store that saw a gap in the deny deltas (or a part that never came)
 publishes on ``{prefix}/stores/{store}/resync``; the bridge answers by
@@ -39,6 +42,26 @@ COUNTER_CARD_ACTIONS = {"report_lost": ("deny", "lost"), "freeze": ("freeze", No
 log = logging.getLogger("storegate.hq")
 
 
+_DENY_AFTER = {"lost", "frozen", "cancelled", "expired", "replaced"}
+
+
+def deny_entries_for(cards_changed, *, skip=frozenset(), today: str | None = None) -> list[dict]:
+    """Deny-delta entries of the cards the accounts moved to a denying status
+    (``BatchResult.cards_changed``: (card_no, before, after, replaced_by)),
+    but those in ``skip`` (already broadcast for their counter service). A
+    card made active is never among them: lifting is HQ's decision."""
+    since = today or time.strftime("%Y-%m-%d")
+    out = []
+    for card_no, before, after, replaced_by in cards_changed:
+        if card_no in skip or after not in _DENY_AFTER or before == after:
+            continue
+        e = {"card_no": card_no, "status": after, "since": since}
+        if after == "replaced" and replaced_by:
+            e["replaced_by"] = replaced_by
+        out.append(e)
+    return out
+
+
 class Bridge:
     def __init__(self, mqtt_settings: dict, ledger: Ledger, *, client_id: str = "storegate-hq",
                  publisher=None, resync_min_interval_s: float = 5.0) -> None:
@@ -51,7 +74,8 @@ class Bridge:
         self.topics = Topics(mqtt_settings.get("prefix", "sg/v1"))
         self.connected = asyncio.Event()
         self.stats = {"batches": 0, "applied": 0, "duplicates": 0, "conflicts": 0, "rejected": 0, "resyncs": 0,
-                      "card_broadcasts": 0, "card_reviews": 0, "unsendable": 0, "bad_messages": 0, "errors": 0}
+                      "card_broadcasts": 0, "card_reviews": 0, "unsendable": 0, "bad_messages": 0, "errors": 0,
+                      "set_aside": 0}
 
     async def run(self) -> None:
         backoff = mqtt.Backoff()
@@ -137,17 +161,29 @@ class Bridge:
                       "in the ledger's unsendable table, the original stays at the store", store, seq, original, error)
         for ack in Ack.for_seqs(store, committed.seqs):
             await client.publish(self.topics.ack(store), ack.encode(), qos=1)
+        if committed.accounts is not None and committed.accounts.set_aside:
+            self.stats["set_aside"] += len(committed.accounts.set_aside)
+            for seq, why in committed.accounts.set_aside:
+                log.warning("store %s: record seq %d not applied to the accounts (%s); kept in set_aside", store,
+                            seq, why)
         if committed.new_ids:
-            await self._counter_card_services(client, store, batch, committed.new_ids)
+            await self._counter_card_services(client, store, batch, committed.new_ids,
+                                              committed.accounts.cards_changed if committed.accounts else [])
 
     async def _counter_card_services(self, client: aiomqtt.Client, store: str, batch: TxBatch,
-                                     new_ids: frozenset) -> None:
+                                     new_ids: frozenset, cards_changed=()) -> None:
         """A card reported lost, frozen or replaced at one store's counter is
         refused there at once; HQ takes it to every other store as a signed
         deny delta. An unfreeze at a counter is recorded, not broadcast: who
         may lift a freeze is HQ's decision (``storegate-hq card unfreeze``);
         so is lifting a deny of the new card of a replace. Every counter
-        card service is recorded in the ledger with what HQ did."""
+        card service is recorded in the ledger with what HQ did.
+
+        Cards the accounts moved to a denying status by other records of the
+        batch (``cards_changed`` of the account application: cancelled,
+        expired, lost, frozen, replaced) go out as a deny delta too; a card
+        the accounts made active is never broadcast as active from a store."""
+        broadcast: set[str] = set()
         for r in batch.records:
             if r.type != "card_op" or r.id not in new_ids:
                 continue
@@ -159,8 +195,19 @@ class Bridge:
                 log.error("store %s: could not broadcast card service seq %d: %s", store, r.seq, exc)
             if review:
                 self.stats["card_reviews"] += 1
+            if isinstance(card, str):
+                broadcast.update((card, new_card) if isinstance(new_card, str) else (card,))
             await asyncio.to_thread(self.ledger.record_card_service, store, r.seq, r.id, op, card, new_card,
                                     outcome, review)
+        entries = deny_entries_for(cards_changed, skip=broadcast)
+        if entries and self.publisher is not None:
+            try:
+                delta = await self.publisher.deny_entries(entries, f"store {store} records (accounts)", client=client)
+                self.stats["card_broadcasts"] += 1
+                log.info("store %s: %d card(s) denied by the accounts, broadcast as deny delta v%d", store,
+                         len(entries), delta.version)
+            except Exception as exc:
+                log.error("store %s: could not broadcast card changes of the accounts: %s", store, exc)
 
     async def _counter_card_service(self, client: aiomqtt.Client, store: str, seq: int, op, card,
                                     new_card) -> tuple[str, bool]:
@@ -185,7 +232,7 @@ class Bridge:
                 log.warning("store %s: counter replace of card %s (seq %d): %s", store, masked, seq, review)
         delta = await self.publisher.card_action(action[0], card, f"store {store} counter (seq {seq})",
                                                  status=action[1], new_card=new_card, activate_new=False,
-                                                 client=client)
+                                                 client=client, hq_own=False)
         self.stats["card_broadcasts"] += 1
         outcome = f"broadcast as deny delta v{delta.version}"
         return (f"{outcome}; {review}", True) if review else (outcome, False)

@@ -7,6 +7,16 @@
     storegate-hq card deny|freeze|unfreeze|replace CARD --reason TEXT [--status lost] [--new-card N] --config hq.toml
     storegate-hq fleet --config hq.toml [--wait 2] [--json]
     storegate-hq keys generate|rotate [--promote]|show --config hq.toml
+
+Every command that opens HQ's database (hq.database: an SQLite path or a
+postgresql+psycopg:// URL) brings it to the newest schema first (Alembic,
+hq_bridge/migrations; an SQLite ledger from before migrations is adopted).
+
+More subcommands plug in before ``main`` runs: ``register_command(name,
+register_fn, run_fn)`` (a module's ``register(subparsers)`` and ``run(args,
+engine, *, publish)``), or ``register(add)`` where ``add(subparsers)`` adds a
+parser with ``set_defaults(handler=fn)`` and ``fn(args, cfg) -> int`` runs with
+the loaded config (``open_hq(cfg)`` opens the database).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import sys
 import time
 
 import aiomqtt
+from sqlalchemy.exc import SQLAlchemyError
 
 from common import eventloop, mqtt
 from common.configfile import ConfigError
@@ -34,17 +45,63 @@ from wire.ruleset import RulesetError
 from wire.topics import Topics
 
 
+_EXTRA: list = []
+_RUNNERS: dict = {}
+
+
+def register(add) -> None:
+    """Add a subcommand: ``add(subparsers)`` is called when the parser is
+    built; its parser sets ``handler=fn(args, cfg) -> exit code``."""
+    _EXTRA.append(add)
+
+
+def register_command(name: str, register_fn, run_fn) -> None:
+    """A module's subcommand ``name``: ``register_fn(subparsers)`` adds its
+    parser (with ``--config``); ``run_fn(args, engine, *, publish)`` runs it
+    on HQ's database (migrated) and returns the exit code; ``publish(entries,
+    reason)`` sends deny-delta entries to every store (None without
+    hq.signing_key)."""
+    _EXTRA.append(register_fn)
+    _RUNNERS[name] = run_fn
+
+
+def _run_registered(run_fn, args, cfg: dict) -> int:
+    ledger = open_hq(cfg)
+    try:
+        publish = None
+        if cfg["hq"].get("signing_key"):
+            publisher = make_publisher(cfg, ledger)
+
+            def publish(entries: list[dict], reason: str = f"storegate-hq {args.command}"):
+                if not entries:
+                    return None
+
+                async def go():
+                    async with mqtt.client(cfg["mqtt"], identifier=f"storegate-hq-{args.command}-{os.getpid()}") as c:
+                        return await publisher.deny_entries(entries, reason, client=c)
+                return asyncio.run(go())
+        return run_fn(args, ledger.engine, publish=publish)
+    finally:
+        ledger.close()
+
+
+def open_hq(cfg: dict) -> Ledger:
+    """HQ's database (migrated to the newest schema) as a Ledger; its
+    ``engine`` and ``accounts`` serve any other HQ command."""
+    return Ledger(hq_config.database_url(cfg))
+
+
 def make_publisher(cfg: dict, ledger: Ledger) -> Publisher:
     key = cfg["hq"].get("signing_key")
     if not key:
         raise hq_keys.KeyFileError("hq.signing_key: required to sign rule sets (create one with "
                                    "`storegate-hq keys generate`)")
-    catalog = Catalog(cfg["hq"]["database"], cfg["hq"].get("parts_dir"))
+    catalog = Catalog(parts_dir=cfg["hq"].get("parts_dir"), engine=ledger.engine)
     return Publisher(cfg["mqtt"], ledger, catalog, key, cfg["stores"])
 
 
 async def _run(cfg: dict) -> None:
-    ledger = Ledger(cfg["hq"]["database"])
+    ledger = open_hq(cfg)
     publisher = make_publisher(cfg, ledger) if cfg["hq"].get("signing_key") else None
     if publisher is None:
         logging.getLogger("storegate.hq").warning("no hq.signing_key: resync requests from stores go unanswered")
@@ -121,10 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     pub = rules_sub.add_parser("publish", help="store an authored layer and publish to every affected store")
     pub.add_argument("file")
     _scope_args(pub)
-    for p in (pub, snap := rules_sub.add_parser("snapshot", help="publish a member snapshot and/or deny list")):
-        p.add_argument("--members", help="member snapshot: NDJSON (one member per line), JSON or TOML")
+    for p in (pub, snap := rules_sub.add_parser(
+            "snapshot", help="publish the member snapshot from HQ's accounts now (and/or a new deny list)")):
+        p.add_argument("--members", help="import members into HQ's accounts first (NDJSON, one member per line, "
+                                         "JSON or TOML; cards HQ holds are kept as they are)")
         p.add_argument("--deny", help="the whole deny list (chain-wide, with --all)")
-        p.add_argument("--as-of", type=int, help="epoch seconds the snapshot's balances are as of (default: now)")
+        p.add_argument("--as-of", type=int, help="epoch seconds the snapshot says it is as of (default: now, "
+                                                 "when it is read from the accounts)")
         p.add_argument("--config", required=True)
     _scope_args(snap)
     rep = rules_sub.add_parser("republish", help="sign and publish the current layers again (new version)")
@@ -148,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     keys.add_argument("keys_command", choices=["generate", "rotate", "show"])
     keys.add_argument("--promote", action="store_true", help="rotate: make the announced next key current")
     keys.add_argument("--config", required=True)
+    for add in _EXTRA:
+        add(sub)
     args = parser.parse_args(argv)
 
     try:
@@ -157,10 +219,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=cfg["logging"]["level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "run":
+        try:
+            open_hq(cfg).close()          # migrate (and fail) before going to the broker
+        except SQLAlchemyError as exc:
+            print(f"database error: {exc}", file=sys.stderr)
+            return 2
         eventloop.run(_run(cfg))
         return 0
     try:
-        return _command(args, cfg)
+        if args.command in _RUNNERS:
+            return _run_registered(_RUNNERS[args.command], args, cfg)
+        handler = getattr(args, "handler", None)
+        return handler(args, cfg) if handler else _command(args, cfg)
     except (RulesetError, PublishError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
@@ -170,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     except aiomqtt.MqttError as exc:
         print(f"broker unreachable: {exc}", file=sys.stderr)
         return 3
+    except SQLAlchemyError as exc:
+        print(f"database error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _command(args, cfg: dict) -> int:
@@ -194,8 +267,8 @@ def _command(args, cfg: dict) -> int:
         return 0
     if args.command == "fleet":
         statuses = asyncio.run(fleet_status(cfg["mqtt"], args.wait))
-        ledger = Ledger(cfg["hq"]["database"])
-        expected = {s: m.version for s, m in Catalog(cfg["hq"]["database"], cfg["hq"].get("parts_dir"))
+        ledger = open_hq(cfg)
+        expected = {s: m.version for s, m in Catalog(parts_dir=cfg["hq"].get("parts_dir"), engine=ledger.engine)
                     .manifests().items()}
         for s in cfg["stores"]:
             expected.setdefault(s, None)
@@ -205,7 +278,7 @@ def _command(args, cfg: dict) -> int:
         else:
             print(render_fleet(statuses, expected, time.time()))
         return 0
-    ledger = Ledger(cfg["hq"]["database"])
+    ledger = open_hq(cfg)
     publisher = make_publisher(cfg, ledger)
     scope = {"store": getattr(args, "store", None), "region": getattr(args, "region", None),
              "all_": getattr(args, "all", False)}
@@ -219,8 +292,6 @@ def _command(args, cfg: dict) -> int:
             manifests = asyncio.run(publisher.publish_layer(args.file, members_file=args.members,
                                                             deny_file=args.deny, as_of=args.as_of, **scope))
         elif args.rules_command == "snapshot":
-            if not args.members and not args.deny:
-                raise PublishError("snapshot needs --members and/or --deny")
             manifests = asyncio.run(publisher.snapshot(members_file=args.members, deny_file=args.deny,
                                                        as_of=args.as_of, **scope))
         else:
@@ -235,7 +306,7 @@ def _command(args, cfg: dict) -> int:
 def _republish_all(args, cfg: dict) -> None:
     if not cfg["stores"]:
         return
-    ledger = Ledger(cfg["hq"]["database"])
+    ledger = open_hq(cfg)
     try:
         publisher = make_publisher(cfg, ledger)
         have = set(publisher.catalog.manifests())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common import configfile
+from common.configfile import ConfigError
 from common.mqtt import MQTT_CONFIG_SCHEMA
 
 HQ_CONFIG_SCHEMA = {
@@ -17,7 +18,9 @@ HQ_CONFIG_SCHEMA = {
             "additionalProperties": False,
             "required": ["database"],
             "properties": {
-                "database": {"type": "string", "description": "path of the SQLite ledger"},
+                "database": {"type": "string", "minLength": 1,
+                             "description": "HQ's database: a path (SQLite, the embedded default) or a URL, "
+                                            "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"},
                 "parts_dir": {"type": "string",
                               "description": "rule-set part payloads by sha256 (default: parts/ next to the database)"},
                 "signing_key": {"type": "string",
@@ -44,8 +47,31 @@ HQ_CONFIG_SCHEMA = {
 
 
 def check(config: dict, source: str = "config") -> dict:
-    return configfile.validate(config, HQ_CONFIG_SCHEMA, source)
+    config = configfile.validate(config, HQ_CONFIG_SCHEMA, source)
+    _check_database(config["hq"], source)
+    return config
 
 
 def load(path: str | Path) -> dict:
-    return configfile.load(path, HQ_CONFIG_SCHEMA)
+    config = configfile.load(path, HQ_CONFIG_SCHEMA)
+    _check_database(config["hq"], str(path))
+    return config
+
+
+def database_url(config: dict) -> str:
+    """hq.database as an SQLAlchemy URL (a path is an SQLite file)."""
+    from hq_bridge.db import database_url as url
+    return url(config["hq"]["database"])
+
+
+def _check_database(hq: dict, source: str) -> None:
+    text = hq["database"]
+    if "://" not in text:
+        return
+    scheme = text.split("://", 1)[0]
+    if scheme not in ("sqlite", "postgresql", "postgresql+psycopg"):
+        raise ConfigError(f"{source}: hq.database: {scheme}:// is not supported "
+                          "(a path, sqlite:///PATH or postgresql+psycopg://USER@HOST/DB)")
+    if scheme.startswith("postgresql") and not hq.get("parts_dir"):
+        raise ConfigError(f"{source}: hq.parts_dir: required with a PostgreSQL hq.database "
+                          "(where rule-set part payloads are kept)")

@@ -10,7 +10,8 @@ The ledger's and the rule publisher's tables, exactly as hq_bridge/ledger.py
 and hq_bridge/rules.py create them today (so both can move onto this metadata
 without touching their data):
 
-- ``transactions``, ``conflicts``, ``stores``, ``rule_versions`` (ledger.py)
+- ``transactions``, ``conflicts``, ``unsendable``, ``card_services``, ``stores``,
+  ``rule_versions`` (ledger.py)
 - ``rule_layers``, ``rule_snapshots``, ``rule_manifests``, ``deny_list``,
   ``deny_log``, ``retained_parts`` (rules.py)
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import orjson
@@ -93,6 +95,32 @@ stores = Table(
     Column("store", Text, primary_key=True),
     Column("status", Text),
     Column("updated_at", Int64),
+)
+
+unsendable = Table(
+    "unsendable", metadata,
+    Column("store", Text, nullable=False),
+    Column("seq", Int64, nullable=False),
+    Column("tx_id", Text, nullable=False),
+    Column("original_type", Text),
+    Column("ts", Int64, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("received_at", Int64, nullable=False),
+    PrimaryKeyConstraint("store", "seq"),
+)
+
+card_services = Table(
+    "card_services", metadata,
+    Column("store", Text, nullable=False),
+    Column("seq", Int64, nullable=False),
+    Column("tx_id", Text, nullable=False),
+    Column("op", Text),
+    Column("card_no", Text),
+    Column("new_card_no", Text),
+    Column("outcome", Text, nullable=False),
+    Column("review", Integer, nullable=False, server_default="0"),
+    Column("recorded_at", Int64, nullable=False),
+    PrimaryKeyConstraint("store", "seq"),
 )
 
 rule_versions = Table(
@@ -154,7 +182,7 @@ retained_parts = Table(
     Column("published_at", Int64, nullable=False),
 )
 
-LEDGER_TABLES = ("transactions", "conflicts", "stores", "rule_versions")
+LEDGER_TABLES = ("transactions", "conflicts", "unsendable", "card_services", "stores", "rule_versions")
 RULES_TABLES = ("rule_layers", "rule_snapshots", "rule_manifests", "deny_list", "deny_log", "retained_parts")
 
 # ---------------------------------------------------------------- accounts of record
@@ -307,6 +335,8 @@ def open_engine(url: str, **kw) -> Engine:
     """An engine for ``sqlite:///path`` or ``postgresql+psycopg://user@host/db``."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
+        if u.database not in (None, "", ":memory:"):
+            kw.setdefault("connect_args", {"check_same_thread": False})
         engine = create_engine(u, **kw)
 
         @event.listens_for(engine, "connect")
@@ -323,7 +353,9 @@ def open_engine(url: str, **kw) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A read (``execution_options(readonly=True)``) begins deferred: under WAL it
+            # reads one consistent snapshot without holding the write lock.
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("readonly") else "BEGIN IMMEDIATE")
 
         return engine
     if u.get_backend_name() == "postgresql":
@@ -331,6 +363,71 @@ def open_engine(url: str, **kw) -> Engine:
             u = u.set(drivername="postgresql+psycopg")
         return create_engine(u, **{"pool_pre_ping": True, **kw})
     raise ValueError(f"database url: {url!r} is neither sqlite:/// nor postgresql+psycopg://")
+
+
+def database_url(database: str | Path) -> str:
+    """hq.database as written in hq.toml: a path (SQLite, as before) or a URL
+    (``sqlite:///...``, ``postgresql+psycopg://user:pass@host/db``)."""
+    text = str(database)
+    if "://" in text:
+        return text
+    path = Path(text).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL (None: another engine or in memory)."""
+    u = make_url(url)
+    return Path(u.database) if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:") \
+        else None
+
+
+_RETRY_SQLSTATES = {"40001", "40P01"}   # serialization failure, deadlock detected
+
+
+def retryable(exc: BaseException) -> bool:
+    """A transaction that failed only because another ran at the same time:
+    run it again (PostgreSQL serialization failure or deadlock, a unique key
+    another worker took first; SQLite busy)."""
+    orig = getattr(exc, "orig", None) or exc    # a raw driver error too (COPY goes to psycopg directly)
+    state = getattr(orig, "sqlstate", None)
+    if state in _RETRY_SQLSTATES:
+        return True
+    if state == "23505":      # unique violation: a concurrent worker committed the same records first
+        return True
+    text = str(orig).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def run_in_transaction(engine: Engine, fn, *, attempts: int = 8, isolation_level: str | None = None):
+    """``fn(conn)`` in one transaction, committed; run again from the start on a
+    retryable failure (``retryable``), at most ``attempts`` times."""
+    delay = 0.01
+    for attempt in range(attempts):
+        try:
+            with engine.connect() as conn:
+                if isolation_level and is_postgres(conn):
+                    conn = conn.execution_options(isolation_level=isolation_level)
+                with conn.begin():
+                    return fn(conn)
+        except Exception as exc:
+            if attempt == attempts - 1 or not retryable(exc):
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+_migrated: set[str] = set()
+
+
+def migrate_once(engine: Engine) -> None:
+    """``migrate`` the first time this process opens the database at the engine's URL."""
+    key = engine.url.render_as_string(hide_password=False)
+    path = sqlite_path(key)
+    if key not in _migrated or (path is not None and not path.exists()):
+        migrate(engine)
+        _migrated.add(key)
 
 
 def is_postgres(conn: Connection | Engine) -> bool:
@@ -453,7 +550,28 @@ def ledger_insert(conn: Connection, store: str, records: list, received_at: int 
 
 # ---------------------------------------------------------------- migrations
 
+_MIGRATION_LOCK = 7391000
+
+
 def migrate(url: str | Engine) -> None:
-    """Bring the database at ``url`` to the newest schema (alembic upgrade head)."""
+    """Bring the database at ``url`` to the newest schema (alembic upgrade head).
+    On PostgreSQL one process at a time (a session advisory lock): the
+    bridge starting and a ``storegate-hq rules publish`` may both find a new
+    database; the second waits and finds it migrated. (SQLite's migration
+    transaction begins IMMEDIATE: the same, by its write lock.)"""
     from hq_bridge.migrations import upgrade
-    upgrade(url)
+    engine = url if isinstance(url, Engine) else open_engine(url)
+    try:
+        if not is_postgres(engine):
+            upgrade(engine)
+            return
+        with engine.connect() as lock:
+            lock.exec_driver_sql(f"SELECT pg_advisory_lock({_MIGRATION_LOCK})")
+            try:
+                upgrade(engine)
+            finally:
+                lock.exec_driver_sql(f"SELECT pg_advisory_unlock({_MIGRATION_LOCK})")
+                lock.commit()
+    finally:
+        if engine is not url:
+            engine.dispose()

@@ -1,11 +1,25 @@
-"""HQ's ledger (SQLite by default): every store transaction exactly once.
+"""HQ's ledger: every store transaction exactly once, and the accounts with it.
+
+The database is SQLite (a path, or ``sqlite:///...``: the embedded default)
+or PostgreSQL (``postgresql+psycopg://...``), on the SQLAlchemy metadata of
+hq_bridge/db.py; opening the ledger runs the migrations (an SQLite ledger
+made before them is adopted as it is).
 
 A record is keyed by (store, seq) and by its globally unique id. A batch is
-committed in one transaction; records already there are duplicates (a
-resend) and are acked again without being applied twice. A record whose
-(store, seq) is already taken by a *different* id means the store's journal
-was reset: it is kept in ``conflicts`` for ops to resolve, and acked, so the
-store does not resend it forever and nothing is lost.
+committed in one transaction, and HQ's accounts of record
+(hq_bridge/accounts.py ``AccountStore.apply_batch``) are applied in that
+same transaction: a crash keeps the records and their effect on the
+balances, or neither, so exactly-once covers the balances too. Records
+already there are duplicates (a resend) and are acked again without being
+applied twice. A record whose (store, seq) is already taken by a
+*different* id means the store's journal was reset: it is kept in
+``conflicts`` for ops to resolve, and acked, so the store does not resend it
+forever and nothing is lost.
+
+On PostgreSQL several ingest workers may commit at once: a transaction that
+fails on a serialization failure, a deadlock or a unique key another worker
+took first is run again from the start (``db.run_in_transaction``); nothing
+is acked until its transaction has committed.
 
 A placeholder for a record the store could not send (type ``unsendable``,
 wire.messages.unsendable_record; the store keeps the original aside) is
@@ -20,86 +34,16 @@ marked ``review``.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
+from sqlalchemy import Engine, func, select
 
+from hq_bridge import db
+from hq_bridge.accounts import AccountStore, BatchResult
 from wire.messages import UNSENDABLE, TxBatch
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS transactions (
-    store TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    tx_id TEXT NOT NULL UNIQUE,
-    type TEXT NOT NULL,
-    ts INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    received_at INTEGER NOT NULL,
-    PRIMARY KEY (store, seq)
-);
-CREATE TABLE IF NOT EXISTS conflicts (
-    store TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    tx_id TEXT NOT NULL,
-    type TEXT NOT NULL,
-    ts INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    received_at INTEGER NOT NULL,
-    PRIMARY KEY (tx_id)
-);
-CREATE TABLE IF NOT EXISTS unsendable (
-    store TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    tx_id TEXT NOT NULL,
-    original_type TEXT,
-    ts INTEGER NOT NULL,
-    error TEXT NOT NULL,
-    received_at INTEGER NOT NULL,
-    PRIMARY KEY (store, seq)
-);
-CREATE TABLE IF NOT EXISTS card_services (
-    store TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    tx_id TEXT NOT NULL,
-    op TEXT,
-    card_no TEXT,
-    new_card_no TEXT,
-    outcome TEXT NOT NULL,
-    review INTEGER NOT NULL DEFAULT 0,
-    recorded_at INTEGER NOT NULL,
-    PRIMARY KEY (store, seq)
-);
-CREATE TABLE IF NOT EXISTS stores (
-    store TEXT PRIMARY KEY,
-    status TEXT,
-    updated_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS rule_versions (
-    scope TEXT PRIMARY KEY,
-    version INTEGER NOT NULL,
-    published_at INTEGER NOT NULL
-);
-"""
-
-
-def open_schema(conn: sqlite3.Connection, schema: str) -> None:
-    """WAL mode and the tables. The bridge and `storegate-hq rules publish`
-    may open the HQ database at the same moment; switching to WAL takes a lock
-    the busy timeout does not cover, so retry while it is locked."""
-    for attempt in range(100):
-        try:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(schema)
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or attempt == 99:
-                raise
-            time.sleep(0.1)
 
 
 @dataclass(frozen=True)
@@ -110,104 +54,143 @@ class Committed:
     conflicts: int       # seq reused with another id: kept aside
     new_ids: frozenset = frozenset()  # tx ids applied by this commit (not duplicates)
     unsendable: tuple = ()  # (seq, original type, error) of placeholders new in this commit
+    # What the accounts made of the new records (set aside, cards changed, ...); None: nothing new.
+    accounts: BatchResult | None = field(default=None, compare=False)
+
+
+class _Rows:
+    def __init__(self, rows: list[tuple]) -> None:
+        self._rows = rows
+
+    def fetchone(self):
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[tuple]:
+        return list(self._rows)
+
+
+class _SQL:
+    """A read-only ``execute(sql, params)`` in the driver's own SQL (``?`` on
+    SQLite, ``%s`` on PostgreSQL), for ops scripts and tests."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def execute(self, sql: str, params=()) -> _Rows:
+        with self._engine.connect() as conn:
+            return _Rows([tuple(r) for r in conn.execution_options(readonly=True).exec_driver_sql(sql, params)])
 
 
 class Ledger:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
-        open_schema(self._conn, SCHEMA)
-        self._conn.execute("PRAGMA synchronous=FULL")
+    """``database``: a path (SQLite) or a database URL; ``engine``: an engine
+    opened already (shared with the Catalog)."""
+
+    def __init__(self, database: str | Path | None = None, *, engine: Engine | None = None,
+                 accounts: AccountStore | None = None, migrate: bool = True) -> None:
+        if engine is None:
+            if database is None:
+                raise ValueError("Ledger: give a database path or URL, or an engine")
+            engine = db.open_engine(db.database_url(database))
+            self._own_engine = True
+        else:
+            self._own_engine = False
+        self.engine = engine
+        self.url = engine.url.render_as_string(hide_password=False)
+        self.path = db.sqlite_path(self.url)   # None on PostgreSQL
+        if migrate:
+            db.migrate_once(engine)
+        self.accounts = accounts or AccountStore(engine)
+        self._conn = _SQL(engine)
+        # SQLite has one writer at a time anyway: waiting here is cheaper than on its lock.
+        self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        if self._own_engine:
+            self.engine.dispose()
+
+    def _write(self, fn):
+        if self._write_lock is None:
+            return db.run_in_transaction(self.engine, fn)
+        with self._write_lock:
+            return db.run_in_transaction(self.engine, fn)
+
+    def _read(self, fn):
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(readonly=True)
+            with conn.begin():
+                return fn(conn)
 
     def commit(self, batch: TxBatch) -> Committed:
+        """Insert the batch's records exactly once and apply the new ones to
+        the accounts, in one transaction, durable before this returns (ack then)."""
         now = int(time.time() * 1000)
-        applied = duplicates = conflicts = 0
-        new_ids, unsendable = [], []
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for r in batch.records:
-                    body = orjson.dumps(r.body).decode()
-                    cur = conn.execute(
-                        "INSERT OR IGNORE INTO transactions(store, seq, tx_id, type, ts, body, received_at)"
-                        " VALUES (?,?,?,?,?,?,?)", (batch.store, r.seq, r.id, r.type, r.ts, body, now))
-                    if cur.rowcount == 1:
-                        applied += 1
-                        new_ids.append(r.id)
-                        if r.type == UNSENDABLE:
-                            original = r.body.get("type") if isinstance(r.body.get("type"), str) else None
-                            error = str(r.body.get("error"))
-                            conn.execute("INSERT OR IGNORE INTO unsendable(store, seq, tx_id, original_type, ts, error,"
-                                         " received_at) VALUES (?,?,?,?,?,?,?)",
-                                         (batch.store, r.seq, r.id, original, r.ts, error, now))
-                            unsendable.append((r.seq, original, error))
-                        continue
-                    row = conn.execute("SELECT store, seq FROM transactions WHERE tx_id=?", (r.id,)).fetchone()
-                    if row == (batch.store, r.seq):
-                        duplicates += 1
-                    else:
-                        conn.execute("INSERT OR IGNORE INTO conflicts(store, seq, tx_id, type, ts, body, received_at)"
-                                     " VALUES (?,?,?,?,?,?,?)", (batch.store, r.seq, r.id, r.type, r.ts, body, now))
-                        conflicts += 1
-                conn.execute("COMMIT")  # durable before the ack goes out
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        return Committed([r.seq for r in batch.records], applied, duplicates, conflicts, frozenset(new_ids),
-                         tuple(unsendable))
+
+        def work(conn):
+            ins = db.ledger_insert(conn, batch.store, batch.records, now)
+            res = self.accounts.apply_batch(conn, batch.store, ins.new)
+            held = []
+            for r in ins.new:
+                if r.type == UNSENDABLE:
+                    original = r.body.get("type") if isinstance(r.body.get("type"), str) else None
+                    held.append({"store": batch.store, "seq": r.seq, "tx_id": r.id, "original_type": original,
+                                 "ts": r.ts, "error": str(r.body.get("error")), "received_at": now})
+            if held:
+                db.insert_rows(conn, db.unsendable, held, keys=())
+            return ins, res, held
+
+        ins, res, held = self._write(work)
+        return Committed([r.seq for r in batch.records], len(ins.new), ins.duplicates, ins.conflicts,
+                         frozenset(r.id for r in ins.new),
+                         tuple((h["seq"], h["original_type"], h["error"]) for h in held),
+                         res if ins.new else None)
 
     def unsendable(self, store: str | None = None) -> list[tuple]:
         """(store, seq, tx_id, original type, ts, error) of every placeholder held."""
-        sql = "SELECT store, seq, tx_id, original_type, ts, error FROM unsendable"
-        with self._lock:
-            if store is None:
-                return self._conn.execute(sql + " ORDER BY store, seq").fetchall()
-            return self._conn.execute(sql + " WHERE store=? ORDER BY seq", (store,)).fetchall()
+        u = db.unsendable
+        q = select(u.c.store, u.c.seq, u.c.tx_id, u.c.original_type, u.c.ts, u.c.error)
+        q = q.order_by(u.c.store, u.c.seq) if store is None else q.where(u.c.store == store).order_by(u.c.seq)
+        return self._read(lambda c: [tuple(r) for r in c.execute(q)])
 
     def record_card_service(self, store: str, seq: int, tx_id: str, op, card_no, new_card_no, outcome: str,
                             review: bool = False) -> None:
-        with self._lock:
-            self._conn.execute(
-                "INSERT OR REPLACE INTO card_services(store, seq, tx_id, op, card_no, new_card_no, outcome, review, "
-                "recorded_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (store, seq, tx_id, str(op), card_no if isinstance(card_no, str) else None,
-                 new_card_no if isinstance(new_card_no, str) else None, outcome, int(review), int(time.time())))
+        row = {"store": store, "seq": seq, "tx_id": tx_id, "op": str(op),
+               "card_no": card_no if isinstance(card_no, str) else None,
+               "new_card_no": new_card_no if isinstance(new_card_no, str) else None,
+               "outcome": outcome, "review": int(review), "recorded_at": int(time.time())}
+        self._write(lambda c: db.upsert(c, db.card_services, [row], ["store", "seq"]))
 
     def card_services(self, *, review_only: bool = False) -> list[tuple]:
         """(store, seq, op, card_no, new_card_no, outcome, review) of counter card services."""
-        sql = "SELECT store, seq, op, card_no, new_card_no, outcome, review FROM card_services"
-        with self._lock:
-            return self._conn.execute(sql + (" WHERE review=1" if review_only else "") + " ORDER BY store, seq"
-                                      ).fetchall()
+        t = db.card_services
+        q = select(t.c.store, t.c.seq, t.c.op, t.c.card_no, t.c.new_card_no, t.c.outcome, t.c.review)
+        if review_only:
+            q = q.where(t.c.review == 1)
+        return self._read(lambda c: [tuple(r) for r in c.execute(q.order_by(t.c.store, t.c.seq))])
 
     def record_status(self, store: str, status_json: str) -> None:
-        with self._lock:
-            self._conn.execute("INSERT INTO stores(store, status, updated_at) VALUES (?,?,?) "
-                               "ON CONFLICT(store) DO UPDATE SET status=excluded.status, updated_at=excluded.updated_at",
-                               (store, status_json, int(time.time())))
+        row = {"store": store, "status": status_json, "updated_at": int(time.time())}
+        self._write(lambda c: db.upsert(c, db.stores, [row], ["store"]))
+
+    def store_status(self, store: str) -> str | None:
+        """The store's last status message as HQ keeps it (JSON), or None."""
+        s = db.stores
+        return self._read(lambda c: c.execute(select(s.c.status).where(s.c.store == store)).scalar())
 
     def next_rules_version(self, scope: str) -> int:
         """Reserve the next rule-set version for a scope (monotonic, durable)."""
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            row = conn.execute("SELECT version FROM rule_versions WHERE scope=?", (scope,)).fetchone()
-            version = (row[0] if row else 0) + 1
-            conn.execute("INSERT INTO rule_versions(scope, version, published_at) VALUES (?,?,?) "
-                         "ON CONFLICT(scope) DO UPDATE SET version=excluded.version, published_at=excluded.published_at",
-                         (scope, version, int(time.time())))
-            conn.execute("COMMIT")
+        v = db.rule_versions
+
+        def work(conn):
+            q = select(v.c.version).where(v.c.scope == scope)
+            if db.is_postgres(conn):
+                q = q.with_for_update()
+            version = (conn.execute(q).scalar() or 0) + 1
+            db.upsert(conn, v, [{"scope": scope, "version": version, "published_at": int(time.time())}], ["scope"])
             return version
+        return self._write(work)
 
     def counts(self) -> dict:
-        with self._lock:
-            n = self._conn.execute("SELECT COUNT(*) FROM transactions").fetchone()[0]
-            c = self._conn.execute("SELECT COUNT(*) FROM conflicts").fetchone()[0]
-        return {"transactions": n, "conflicts": c}
+        def work(conn):
+            return {"transactions": conn.execute(select(func.count()).select_from(db.transactions)).scalar(),
+                    "conflicts": conn.execute(select(func.count()).select_from(db.conflicts)).scalar()}
+        return self._read(work)

@@ -1,16 +1,26 @@
-"""HQ's rule sets: authored layers and snapshots in the HQ database, merged
-per store, signed, published as content-addressed parts plus a manifest.
+"""HQ's rule sets: authored layers in the HQ database, merged per store,
+signed, published as content-addressed parts plus a manifest; the member
+parts built from HQ's accounts of record.
 
-Data (same SQLite file as the ledger, own tables):
+Data (HQ's database, SQLite or PostgreSQL, the tables of hq_bridge/db.py):
 
 - ``rule_layers``      the current authored layer per scope: ``chain``, ``region:<id>``, ``store:<id>``
-- ``rule_snapshots``   member snapshot parts per scope (``all``, ``region:<id>``, ``store:<id>``)
+- ``rule_snapshots``   the member parts last built (scope ``accounts``), for ops
 - ``rule_manifests``   the manifest each store was last sent (resync, fleet)
 - ``deny_list``        the chain-wide deny list now; ``deny_log`` one row per deny version
 - ``retained_parts``   part topics holding a retained payload on the broker (cleared when unused)
 
 Part payloads are kept in ``hq.parts_dir`` by sha256, so HQ can publish them
 again (resync, a broker that lost its retained messages).
+
+Member snapshots: every publish (``rules publish``, ``rules snapshot``,
+``rules republish``, a resync, a key rotation) builds the member parts from
+HQ's accounts (``Publisher.member_snapshot``) with each store's watermark
+read in the same transaction, so a store's ``store_seq`` means exactly "this
+snapshot includes my records up to seq N". A members file (``--members``,
+an inline ``[members]`` table) is an import into the accounts
+(accounts.import_members: cards HQ holds already are never overwritten),
+not the snapshot itself.
 
 Which stores exist and their region: the ``[stores]`` table in hq.toml.
 """
@@ -21,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
 import tomllib
@@ -31,10 +40,13 @@ from typing import Iterable, Iterator
 
 import aiomqtt
 import orjson
+from sqlalchemy import Engine, func, select
 
 from common import mqtt
 from hq_bridge import keys as hq_keys
-from hq_bridge.ledger import Ledger, open_schema
+from hq_bridge import accounts as hq_accounts
+from hq_bridge import db
+from hq_bridge.ledger import Ledger
 from wire import ruleset as _rs
 from wire.distribution import check_layer_header, effective_rules, layer_part_name
 from wire.messages import (DENY_STATUSES, DenyDelta, Manifest, Part, WireError, encode_layer, encode_table,
@@ -48,18 +60,6 @@ log = logging.getLogger("storegate.hq.rules")
 MEMBERS_PER_PART = 100_000   # ~6 MB compressed: a gateway holds at most two in memory while fetching
 TABLE_KEYS = ("members", "deny")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS rule_layers (scope TEXT PRIMARY KEY, doc TEXT NOT NULL, updated_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS rule_snapshots (scope TEXT PRIMARY KEY, parts TEXT NOT NULL, as_of INTEGER NOT NULL,
-    rows INTEGER NOT NULL, updated_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS rule_manifests (store TEXT PRIMARY KEY, version INTEGER NOT NULL, doc TEXT NOT NULL,
-    published_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS deny_list (card_no TEXT PRIMARY KEY, status TEXT NOT NULL, since TEXT, replaced_by TEXT,
-    version INTEGER NOT NULL, reason TEXT, updated_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS deny_log (version INTEGER PRIMARY KEY, issued_at INTEGER NOT NULL, doc TEXT NOT NULL,
-    reason TEXT);
-CREATE TABLE IF NOT EXISTS retained_parts (topic TEXT PRIMARY KEY, sha256 TEXT NOT NULL, published_at INTEGER NOT NULL);
-"""
 
 
 class PublishError(ValueError):
@@ -164,40 +164,56 @@ def check_deny_row(row: dict, where: str) -> dict:
 # -- the HQ rule database ---------------------------------------------------------
 
 class Catalog:
-    def __init__(self, database: str | Path, parts_dir: str | Path | None = None) -> None:
-        self.path = Path(database)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.parts_dir = Path(parts_dir) if parts_dir else self.path.parent / "parts"
+    """The rule publisher's tables (hq_bridge/db.py) on HQ's database: a path
+    (SQLite), a database URL, or ``engine`` (the ledger's, shared). Part
+    payloads are files in ``parts_dir`` (required with a database URL that is
+    not SQLite; default ``parts/`` next to an SQLite file)."""
+
+    def __init__(self, database: str | Path | None = None, parts_dir: str | Path | None = None, *,
+                 engine: Engine | None = None, migrate: bool = True) -> None:
+        if engine is None:
+            if database is None:
+                raise ValueError("Catalog: give a database path or URL, or an engine")
+            engine = db.open_engine(db.database_url(database))
+            self._own_engine = True
+        else:
+            self._own_engine = False
+        self.engine = engine
+        self.path = db.sqlite_path(engine.url.render_as_string(hide_password=False))
+        if parts_dir:
+            self.parts_dir = Path(parts_dir)
+        elif self.path is not None:
+            self.parts_dir = self.path.parent / "parts"
+        else:
+            raise ValueError("hq.parts_dir: required when hq.database is not an SQLite file")
         self.parts_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        open_schema(self._conn, SCHEMA)
+        if migrate:
+            db.migrate_once(engine)
+        self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
+        self._deny_cache: tuple[int, str, int] | None = None
 
     def close(self) -> None:
-        self._conn.close()
+        if self._own_engine:
+            self.engine.dispose()
 
-    def _tx(self):
-        conn = self._conn
+    def _write(self, fn):
+        if self._write_lock is None:
+            return db.run_in_transaction(self.engine, fn)
+        with self._write_lock:
+            return db.run_in_transaction(self.engine, fn)
 
-        class _T:
-            def __enter__(s):
-                self._lock.acquire()
-                conn.execute("BEGIN IMMEDIATE")
-                return conn
-
-            def __exit__(s, et, ev, tb):
-                try:
-                    conn.execute("ROLLBACK" if et else "COMMIT")
-                finally:
-                    self._lock.release()
-        return _T()
+    def _read(self, fn):
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(readonly=True)
+            with conn.begin():
+                return fn(conn)
 
     # parts: content-addressed files
     def put_part(self, payload: bytes) -> tuple[str, int]:
         sha = hashlib.sha256(payload).hexdigest()
         dest = self.parts_dir / sha
         if not dest.exists():
-            tmp = dest.with_name(sha + ".tmp")
+            tmp = dest.with_name(f"{sha}.tmp-{os.getpid()}-{threading.get_ident()}")
             tmp.write_bytes(payload)
             os.replace(tmp, dest)
         return sha, len(payload)
@@ -207,105 +223,138 @@ class Catalog:
 
     # layers
     def set_layer(self, scope: str, doc: dict) -> None:
-        with self._tx() as c:
-            c.execute("INSERT INTO rule_layers(scope, doc, updated_at) VALUES (?,?,?) ON CONFLICT(scope) DO UPDATE "
-                      "SET doc=excluded.doc, updated_at=excluded.updated_at", (scope, json.dumps(doc), int(time.time())))
+        row = {"scope": scope, "doc": json.dumps(doc), "updated_at": int(time.time())}
+        self._write(lambda c: db.upsert(c, db.rule_layers, [row], ["scope"]))
+
+    def delete_layer(self, scope: str) -> None:
+        t = db.rule_layers
+        self._write(lambda c: c.execute(t.delete().where(t.c.scope == scope)))
 
     def layer(self, scope: str) -> dict | None:
-        with self._lock:
-            row = self._conn.execute("SELECT doc FROM rule_layers WHERE scope=?", (scope,)).fetchone()
-        return json.loads(row[0]) if row else None
+        t = db.rule_layers
+        doc = self._read(lambda c: c.execute(select(t.c.doc).where(t.c.scope == scope)).scalar())
+        return json.loads(doc) if doc is not None else None
 
-    # member snapshots
-    def set_snapshot(self, scope: str, rows: Iterable[dict], as_of: int) -> int:
-        """Encode members into parts (MEMBERS_PER_PART rows each), keep them for ``scope``."""
+    # member snapshots: parts built from HQ's accounts (Publisher.member_snapshot)
+    def encode_members(self, rows: Iterable[dict]) -> tuple[list, int]:
+        """Member rows into content-addressed parts (MEMBERS_PER_PART rows
+        each): ([(sha256, size), ...], rows)."""
         parts, batch, n = [], [], 0
         for row in rows:
             n += 1
-            batch.append(check_member_row(row, f"members row {n}"))
+            batch.append(row)
             if len(batch) >= MEMBERS_PER_PART:
                 parts.append(self.put_part(encode_table(batch)))
                 batch = []
         if batch or not parts:
             parts.append(self.put_part(encode_table(batch)))
-        with self._tx() as c:
-            c.execute("INSERT INTO rule_snapshots(scope, parts, as_of, rows, updated_at) VALUES (?,?,?,?,?) "
-                      "ON CONFLICT(scope) DO UPDATE SET parts=excluded.parts, as_of=excluded.as_of, "
-                      "rows=excluded.rows, updated_at=excluded.updated_at",
-                      (scope, json.dumps(parts), as_of, n, int(time.time())))
-        return n
+        return parts, n
+
+    def set_snapshot(self, scope: str, parts: list, as_of: int, rows: int) -> None:
+        """Keep the parts last built for ``scope`` (``accounts``: from HQ's accounts)."""
+        row = {"scope": scope, "parts": json.dumps(parts), "as_of": as_of, "rows": rows,
+               "updated_at": int(time.time())}
+        self._write(lambda c: db.upsert(c, db.rule_snapshots, [row], ["scope"]))
 
     def snapshot(self, scope: str) -> tuple[list, int] | None:
-        with self._lock:
-            row = self._conn.execute("SELECT parts, as_of FROM rule_snapshots WHERE scope=?", (scope,)).fetchone()
+        t = db.rule_snapshots
+        row = self._read(lambda c: c.execute(select(t.c.parts, t.c.as_of).where(t.c.scope == scope)).first())
         return (json.loads(row[0]), row[1]) if row else None
 
+    def snapshot_scopes(self) -> list[str]:
+        t = db.rule_snapshots
+        return self._read(lambda c: list(c.execute(select(t.c.scope).order_by(t.c.scope)).scalars()))
+
     # deny list
+    @staticmethod
+    def _deny_version(conn) -> int:
+        return conn.execute(select(func.coalesce(func.max(db.deny_log.c.version), 0))).scalar()
+
     def deny_version(self) -> int:
-        with self._lock:
-            return self._conn.execute("SELECT COALESCE(MAX(version), 0) FROM deny_log").fetchone()[0]
+        return self._read(self._deny_version)
+
+    def _lock_deny(self, conn) -> None:
+        """One deny version at a time (PostgreSQL: a transaction-scoped advisory lock)."""
+        if db.is_postgres(conn):
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7391001)")
+
+    def deny_entries(self) -> dict[str, str]:
+        """{card_no: status} of the deny list now."""
+        t = db.deny_list
+        return self._read(lambda c: dict(c.execute(select(t.c.card_no, t.c.status)).all()))
 
     def replace_deny(self, rows: Iterable[dict], reason: str) -> int:
         checked = [check_deny_row(r, f"deny row {i}") for i, r in enumerate(rows, 1)]
         now = int(time.time())
-        with self._tx() as c:
+        t = db.deny_list
+
+        def work(c):
+            self._lock_deny(c)
             have = {r[0]: {k: v for k, v in zip(("card_no", "status", "since", "replaced_by"), r) if v is not None}
-                    for r in c.execute("SELECT card_no, status, since, replaced_by FROM deny_list")}
-            version = c.execute("SELECT COALESCE(MAX(version), 0) FROM deny_log").fetchone()[0]
+                    for r in c.execute(select(t.c.card_no, t.c.status, t.c.since, t.c.replaced_by))}
+            version = self._deny_version(c)
             if have == {r["card_no"]: r for r in checked} and version:
                 return version  # the same list again: no new deny version
             version += 1
-            c.execute("DELETE FROM deny_list")
-            c.executemany("INSERT INTO deny_list(card_no, status, since, replaced_by, version, reason, updated_at) "
-                          "VALUES (?,?,?,?,?,?,?)",
-                          [(r["card_no"], r["status"], r.get("since"), r.get("replaced_by"), version, reason, now)
-                           for r in checked])
-            c.execute("INSERT INTO deny_log(version, issued_at, doc, reason) VALUES (?,?,?,?)",
-                      (version, now, json.dumps({"snapshot": len(checked)}), reason))
-        return version
+            c.execute(t.delete())
+            db.insert_rows(c, t, [{"card_no": r["card_no"], "status": r["status"], "since": r.get("since"),
+                                   "replaced_by": r.get("replaced_by"), "version": version, "reason": reason,
+                                   "updated_at": now} for r in checked])
+            c.execute(db.deny_log.insert().values(version=version, issued_at=now,
+                                                  doc=json.dumps({"snapshot": len(checked)}), reason=reason))
+            return version
+        return self._write(work)
 
     def deny_status(self, card_no: str) -> str | None:
         """The card's status on HQ's deny list now (None: not on it)."""
-        with self._lock:
-            row = self._conn.execute("SELECT status FROM deny_list WHERE card_no=?", (card_no,)).fetchone()
-        return row[0] if row else None
+        t = db.deny_list
+        return self._read(lambda c: c.execute(select(t.c.status).where(t.c.card_no == card_no)).scalar())
 
     def record_delta(self, entries: list[dict], reason: str, sign_fn) -> DenyDelta:
         """Take the next deny version, apply ``entries`` to the deny list and
         keep the signed delta, all in one transaction."""
         now = int(time.time())
-        with self._tx() as c:
-            version = c.execute("SELECT COALESCE(MAX(version), 0) FROM deny_log").fetchone()[0] + 1
+        t = db.deny_list
+
+        def work(c):
+            self._lock_deny(c)
+            version = self._deny_version(c) + 1
             delta = DenyDelta(sign_fn({"version": version, "issued_at": now, "entries": entries}))
             for e in entries:
                 if e["status"] == "active":
-                    c.execute("DELETE FROM deny_list WHERE card_no=?", (e["card_no"],))
+                    c.execute(t.delete().where(t.c.card_no == e["card_no"]))
                 else:
-                    c.execute("INSERT INTO deny_list(card_no, status, since, replaced_by, version, reason, updated_at) "
-                              "VALUES (?,?,?,?,?,?,?) ON CONFLICT(card_no) DO UPDATE SET status=excluded.status, "
-                              "since=excluded.since, replaced_by=excluded.replaced_by, version=excluded.version, "
-                              "reason=excluded.reason, updated_at=excluded.updated_at",
-                              (e["card_no"], e["status"], e.get("since"), e.get("replaced_by"), version, reason, now))
-            c.execute("INSERT INTO deny_log(version, issued_at, doc, reason) VALUES (?,?,?,?)",
-                      (version, now, delta.encode().decode(), reason))
-        return delta
+                    db.upsert(c, t, [{"card_no": e["card_no"], "status": e["status"], "since": e.get("since"),
+                                      "replaced_by": e.get("replaced_by"), "version": version, "reason": reason,
+                                      "updated_at": now}], ["card_no"])
+            c.execute(db.deny_log.insert().values(version=version, issued_at=now, doc=delta.encode().decode(),
+                                                  reason=reason))
+            return delta
+        return self._write(work)
 
     def latest_delta(self) -> DenyDelta | None:
-        with self._lock:
-            row = self._conn.execute("SELECT doc FROM deny_log WHERE doc NOT LIKE '{\"snapshot\"%' "
-                                     "ORDER BY version DESC LIMIT 1").fetchone()
-        return DenyDelta.decode(row[0].encode()) if row else None
+        t = db.deny_log
+        doc = self._read(lambda c: c.execute(select(t.c.doc).where(t.c.doc.not_like('{"snapshot"%'))
+                                             .order_by(t.c.version.desc()).limit(1)).scalar())
+        return DenyDelta.decode(doc.encode()) if doc is not None else None
 
     def deny_part(self) -> tuple[int, str, int]:
         """(deny version, sha256, size) of the deny list now, as a table part
         (encoded once per deny version, however many stores are published)."""
-        with self._lock:
-            version = self._conn.execute("SELECT COALESCE(MAX(version), 0) FROM deny_log").fetchone()[0]
-            cached = getattr(self, "_deny_cache", None)
+        t = db.deny_list
+
+        def work(c):
+            version = self._deny_version(c)
+            cached = self._deny_cache
             if cached and cached[0] == version and (self.parts_dir / cached[1]).exists():
-                return cached
-            rows = self._conn.execute("SELECT card_no, status, since, replaced_by FROM deny_list ORDER BY card_no"
-                                      ).fetchall()
+                return version, None
+            return version, c.execute(select(t.c.card_no, t.c.status, t.c.since, t.c.replaced_by)
+                                      .order_by(t.c.card_no)).all()
+        version, rows = self._read(work)
+        if rows is None:
+            return self._deny_cache
+        if db.is_postgres(self.engine):
+            rows.sort(key=lambda r: r[0])    # as Python orders them, whatever the collation
         table = ({k: v for k, v in zip(("card_no", "status", "since", "replaced_by"), r) if v is not None}
                  for r in rows)
         sha, size = self.put_part(encode_table(table))
@@ -314,36 +363,43 @@ class Catalog:
 
     # manifests and retained parts
     def record_manifest(self, manifest: Manifest) -> None:
-        with self._tx() as c:
-            c.execute("INSERT INTO rule_manifests(store, version, doc, published_at) VALUES (?,?,?,?) "
-                      "ON CONFLICT(store) DO UPDATE SET version=excluded.version, doc=excluded.doc, "
-                      "published_at=excluded.published_at",
-                      (manifest.store, manifest.version, manifest.encode().decode(), int(time.time())))
+        row = {"store": manifest.store, "version": manifest.version, "doc": manifest.encode().decode(),
+               "published_at": int(time.time())}
+        self._write(lambda c: db.upsert(c, db.rule_manifests, [row], ["store"]))
 
     def manifest(self, store: str) -> Manifest | None:
-        with self._lock:
-            row = self._conn.execute("SELECT doc FROM rule_manifests WHERE store=?", (store,)).fetchone()
-        return Manifest(json.loads(row[0])) if row else None
+        t = db.rule_manifests
+        doc = self._read(lambda c: c.execute(select(t.c.doc).where(t.c.store == store)).scalar())
+        return Manifest(json.loads(doc)) if doc is not None else None
 
     def manifests(self) -> dict[str, Manifest]:
-        with self._lock:
-            rows = self._conn.execute("SELECT store, doc FROM rule_manifests").fetchall()
+        t = db.rule_manifests
+        rows = self._read(lambda c: c.execute(select(t.c.store, t.c.doc)).all())
         return {s: Manifest(json.loads(d)) for s, d in rows}
 
     def retained(self) -> dict[str, str]:
-        with self._lock:
-            return dict(self._conn.execute("SELECT topic, sha256 FROM retained_parts").fetchall())
+        t = db.retained_parts
+        return self._read(lambda c: dict(c.execute(select(t.c.topic, t.c.sha256)).all()))
 
     def mark_retained(self, topic: str, sha: str, present: bool) -> None:
-        with self._tx() as c:
-            if present:
-                c.execute("INSERT OR REPLACE INTO retained_parts(topic, sha256, published_at) VALUES (?,?,?)",
-                          (topic, sha, int(time.time())))
-            else:
-                c.execute("DELETE FROM retained_parts WHERE topic=?", (topic,))
+        t = db.retained_parts
+        if present:
+            row = {"topic": topic, "sha256": sha, "published_at": int(time.time())}
+            self._write(lambda c: db.upsert(c, t, [row], ["topic"]))
+        else:
+            self._write(lambda c: c.execute(t.delete().where(t.c.topic == topic)))
 
 
 # -- merging, signing, publishing ------------------------------------------------
+
+@dataclass
+class MemberParts:
+    """Member parts built from HQ's accounts in one read transaction."""
+    parts: list            # [(sha256, size), ...]: chain-wide rows, shared by every store
+    watermarks: dict       # store -> seq: the snapshot includes that store's records up to it
+    as_of: int             # epoch s
+    rows: int
+
 
 @dataclass
 class Built:
@@ -411,7 +467,57 @@ class Publisher:
             raise PublishError(f"store {store}: no layer published yet (publish a chain layer with --all)")
         return out
 
-    def build(self, store: str, *, version: int | None = None, now: float | None = None) -> Built:
+    # member snapshots from HQ's accounts
+    def member_snapshot(self, stores: list[str], *, as_of: int | None = None) -> "MemberParts | None":
+        """The member part(s) for ``stores``, built from HQ's accounts of record
+        (hq_bridge/accounts.py ``snapshot_rows``) with each store's watermark
+        read in the same transaction (REPEATABLE READ on PostgreSQL; one read
+        transaction on SQLite under WAL): the snapshot includes exactly that
+        store's records up to that seq, so the store keeps what it journaled
+        after it and nothing is handed back. The rows are chain-wide and the
+        parts content-addressed: every store shares them; only the watermark,
+        in each store's manifest, differs. None: HQ holds no card yet (no
+        members part is sent; a store keeps what it has)."""
+        engine = self.ledger.engine
+        as_of = int(time.time()) if as_of is None else int(as_of)
+
+        def read(conn):
+            if conn.execute(select(db.cards.c.card_no).limit(1)).first() is None:
+                return None
+            marks = {s: hq_accounts.snapshot_rows(conn, s, as_of=as_of).watermark for s in stores}
+            rows = hq_accounts.snapshot_rows(conn, stores[0] if stores else "", as_of=as_of)
+            parts, n = self.catalog.encode_members(rows)
+            return MemberParts(parts, marks, as_of, n)
+
+        with engine.connect() as conn:
+            if db.is_postgres(conn):
+                conn = conn.execution_options(isolation_level="REPEATABLE READ", readonly=True)
+            else:
+                conn = conn.execution_options(readonly=True)
+            with conn.begin():
+                snap = read(conn)
+        if snap is not None:
+            self.catalog.set_snapshot("accounts", snap.parts, as_of, snap.rows)
+        return snap
+
+    def import_members(self, rows: Iterable[dict], source: str) -> "hq_accounts.ImportResult":
+        """An external member base into HQ's accounts (an import, never the
+        source of truth: cards HQ has already are skipped, not overwritten).
+        A bad row refuses the whole file, naming the row."""
+        engine = self.ledger.engine
+        policy = getattr(self.ledger.accounts, "policy", None)
+
+        def work(conn):
+            return hq_accounts.import_members(conn, rows, policy=policy, source=source)
+        try:
+            return db.run_in_transaction(engine, work, attempts=3)
+        except (hq_accounts.ImportError_, RulesetError) as exc:
+            raise PublishError(f"{source}: {exc}") from None
+
+    def build(self, store: str, *, version: int | None = None, now: float | None = None,
+              members: "MemberParts | None | bool" = True) -> Built:
+        """``members``: the member parts to send (``member_snapshot``), None
+        for none, True (default) to build them from the accounts now."""
         region = self.region_of(store)
         layers = self.layers_for(store)
         try:
@@ -430,14 +536,12 @@ class Publisher:
             sha, size = self.catalog.put_part(encode_layer(doc))
             add(name, sha, size, name.startswith("layer:store:"), "json")
         members_meta = None
-        for scope in (f"store:{store}", f"region:{region}" if region else None, "all"):
-            snap = scope and self.catalog.snapshot(scope)
-            if snap:
-                shards, as_of = snap
-                for sha, size in shards:
-                    add("members", sha, size, scope.startswith("store:"), "ndjson+zlib")
-                members_meta = {"as_of": as_of, "store_seq": self._store_seq(store)}
-                break
+        if members is True:
+            members = self.member_snapshot([store])
+        if members is not None:
+            for sha, size in members.parts:
+                add("members", sha, size, False, "ndjson+zlib")
+            members_meta = {"as_of": members.as_of, "store_seq": members.watermarks[store]}
         deny_version, sha, size = self.catalog.deny_part()
         add("deny", sha, size, False, "ndjson+zlib")
         nxt = hq_keys.load_next(self.key_path)
@@ -447,12 +551,6 @@ class Publisher:
             region=region, parts=parts, members=members_meta, deny_version=deny_version,
             next_key=public_key_b64(nxt) if nxt else None)
         return Built(Manifest(self.sign(doc)), payloads)
-
-    def _store_seq(self, store: str) -> int:
-        with self.ledger._lock:
-            row = self.ledger._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM transactions WHERE store=?",
-                                            (store,)).fetchone()
-        return row[0]
 
     # publishing
     async def publish_built(self, client: aiomqtt.Client, built: Built, *, force_parts: bool = False) -> None:
@@ -478,8 +576,9 @@ class Publisher:
         return cleared
 
     async def publish_stores(self, stores: list[str], client: aiomqtt.Client | None = None,
-                             force_parts: bool = False) -> list[Manifest]:
-        builts = [self.build(s) for s in stores]  # everything checked before anything goes out
+                             force_parts: bool = False, as_of: int | None = None) -> list[Manifest]:
+        members = self.member_snapshot(stores, as_of=as_of)   # once for all: the parts are shared
+        builts = [self.build(s, members=members) for s in stores]  # everything checked before anything goes out
         if client is None:
             async with mqtt.client(self.mqtt_settings, identifier=f"storegate-hq-publish-{os.getpid()}") as c:
                 return await self._publish_all(c, builts, force_parts)
@@ -527,8 +626,7 @@ class Publisher:
                     raise RulesetError(f"store {s}: {exc}") from None
         except (RulesetError, PublishError):
             if previous is None:
-                with self.catalog._tx() as c:
-                    c.execute("DELETE FROM rule_layers WHERE scope=?", (scope,))
+                    self.catalog.delete_layer(scope)
             else:
                 self.catalog.set_layer(scope, previous)
             raise
@@ -536,24 +634,30 @@ class Publisher:
                           members=read_table_file(members_file) if members_file else
                           (member_rows(inline_members) if inline_members is not None else None),
                           deny=read_table_file(deny_file) if deny_file else
-                          (deny_rows(inline_deny) if inline_deny is not None else None), as_of=as_of)
-        return await self.publish_stores(stores)
+                          (deny_rows(inline_deny) if inline_deny is not None else None),
+                          source=str(members_file) if members_file else f"{file} [members]")
+        return await self.publish_stores(stores, as_of=as_of)
 
-    def _take_tables(self, *, store, region, all_, members, deny, as_of) -> None:
-        snap_scope = f"store:{store}" if store else f"region:{region}" if region else "all"
-        if members is not None:
-            self.catalog.set_snapshot(snap_scope, members, int(as_of if as_of is not None else time.time()))
+    def _take_tables(self, *, store, region, all_, members, deny, source: str = "members") -> None:
+        """Deny first (checked before anything is imported), then members into the accounts."""
         if deny is not None:
+            deny = list(deny)
             if not all_:  # an inline [deny] table in a region/store layer: only if it changes nothing
                 if not self._deny_is_current(deny):
                     raise PublishError("the deny list is chain-wide: replace it with --all")
             else:
-                self.catalog.replace_deny(deny, "snapshot")
+                for i, r in enumerate(deny, 1):
+                    check_deny_row(r, f"deny row {i}")
+        if members is not None:
+            res = self.import_members(members, f"import:{Path(source).name}"[:80])
+            log.info("members imported into HQ's accounts from %s: %d account(s), %d card(s); %d card(s) HQ "
+                     "holds already kept as they are", source, res.accounts, res.cards, len(res.skipped))
+        if deny is not None and all_:
+            self.catalog.replace_deny(deny, "snapshot")
 
     def _deny_is_current(self, deny) -> bool:
         """An inline deny table under --store/--region: accepted if it adds nothing new."""
-        with self.catalog._lock:
-            have = dict(self.catalog._conn.execute("SELECT card_no, status FROM deny_list").fetchall())
+        have = self.catalog.deny_entries()
         return all(have.get(r["card_no"]) == r["status"] for r in deny)
 
     async def snapshot(self, *, store=None, region=None, all_=False, members_file=None, deny_file=None,
@@ -563,13 +667,34 @@ class Publisher:
             raise PublishError("the deny list is chain-wide: replace it with --all")
         self._take_tables(store=store, region=region, all_=all_,
                           members=read_table_file(members_file) if members_file else None,
-                          deny=read_table_file(deny_file) if deny_file else None, as_of=as_of)
-        return await self.publish_stores(stores)
+                          deny=read_table_file(deny_file) if deny_file else None,
+                          source=str(members_file or "members"))
+        return await self.publish_stores(stores, as_of=as_of)
+
+    async def deny_entries(self, entries: list[dict], reason: str, client: aiomqtt.Client) -> DenyDelta:
+        """A signed deny delta of ready entries (checked against the schema) to every store."""
+        try:
+            _check("deny_delta.json", {"version": 1, "issued_at": 0, "entries": entries, "key_id": "0" * 16,
+                                       "sig": "x" * 8}, "deny entries")
+        except WireError as exc:
+            raise PublishError(str(exc)) from None
+        delta = self.catalog.record_delta(entries, reason, self.sign)
+        await client.publish(self.topics.deny(), delta.encode(), qos=1, retain=True)
+        return delta
 
     async def card_action(self, action: str, card_no: str, reason: str, *, status: str | None = None,
                           new_card: str | None = None, activate_new: bool = True,
-                          client: aiomqtt.Client | None = None) -> DenyDelta:
+                          client: aiomqtt.Client | None = None, hq_own: bool = True) -> DenyDelta:
+        """A signed deny delta to every store. ``hq_own``: HQ's own command
+        (``storegate-hq card``), which also sets the card's status in HQ's
+        accounts; False for a broadcast of what a counter did (the accounts
+        applied that record already)."""
         entries = card_entries(action, card_no, status=status, new_card=new_card, activate_new=activate_new)
+        if hq_own:
+            # HQ's own card service moves HQ's card of record too, so the next member
+            # snapshot agrees with the deny list (a lift reaches the stores' member record).
+            db.run_in_transaction(self.ledger.engine,
+                                  lambda conn: hq_card_service(conn, entries, action, reason))
         delta = self.catalog.record_delta(entries, reason, self.sign)
         if client is None:
             async with mqtt.client(self.mqtt_settings, identifier=f"storegate-hq-card-{os.getpid()}") as c:
@@ -578,6 +703,42 @@ class Publisher:
             await client.publish(self.topics.deny(), delta.encode(), qos=1, retain=True)
         log.info("deny delta v%d: %s card ****%s", delta.version, action, card_no[-4:])
         return delta
+
+
+def hq_card_service(conn, entries: list[dict], action: str, reason: str, now_ms: int | None = None) -> list[str]:
+    """HQ's own card service on its cards of record, in the caller's
+    transaction: each entry's status (``active``: lifted) on the card if HQ
+    holds it; the new card of a replace is opened on the old card's account
+    (same holder, role, type and expiry) when HQ does not hold it yet. An
+    ``account_history`` entry per card (no balance moves) names the service.
+    Returns the cards changed."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    c, h = db.cards, db.account_history
+    changed = []
+    old_card = None
+    for e in entries:
+        row = conn.execute(select(c).where(c.c.card_no == e["card_no"])).mappings().first()
+        if row is None:
+            if e["status"] == "active" and old_card is not None and action == "replace":
+                conn.execute(c.insert().values(
+                    card_no=e["card_no"], account_id=old_card["account_id"], member_id=old_card["member_id"],
+                    role=old_card["role"], status="active", replaced_by=None, card_type=old_card["card_type"],
+                    nfc_uid=None, issued_at=now_ms, expires=old_card["expires"], updated_at=now_ms))
+                row = {"account_id": old_card["account_id"]}
+            else:
+                continue
+        else:
+            if action == "replace" and e.get("replaced_by"):
+                old_card = row
+            conn.execute(c.update().where(c.c.card_no == e["card_no"]).values(
+                status=e["status"], replaced_by=e.get("replaced_by"), updated_at=now_ms))
+        conn.execute(h.insert().values(
+            account_id=row["account_id"], kind="card_op", card_no=e["card_no"], operator="hq",
+            at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), recorded_at=now_ms,
+            detail=json.dumps({"op": f"hq_{action}", "status": e["status"], "reason": reason,
+                               **({"replaced_by": e["replaced_by"]} if e.get("replaced_by") else {})})))
+        changed.append(e["card_no"])
+    return changed
 
 
 def card_entries(action: str, card_no: str, *, status: str | None = None, new_card: str | None = None,

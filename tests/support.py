@@ -82,12 +82,17 @@ def hq_public_key(tmp: Path) -> str | None:
 
 
 class HQ(Service):
-    """The HQ bridge process, with a throwaway signing key and a [stores] table."""
+    """The HQ bridge process, with a throwaway signing key and a [stores] table.
+    ``database``: a database URL (PostgreSQL: tests/pg.py) instead of the
+    SQLite file ``db``; ``url`` is the one in use."""
 
-    def __init__(self, tmp: Path, broker_port: int, stores: dict[str, str | None] | None = None) -> None:
+    def __init__(self, tmp: Path, broker_port: int, stores: dict[str, str | None] | None = None,
+                 database: str | None = None) -> None:
         from hq_bridge import keys
 
         self.db = tmp / "hq" / "ledger.sqlite3"
+        self.db.parent.mkdir(parents=True, exist_ok=True)   # tests may look for the database before HQ is up
+        self.url = database or f"sqlite:///{self.db}"
         self.key = hq_key_path(tmp)
         if not self.key.exists():
             keys.generate(self.key)
@@ -95,7 +100,8 @@ class HQ(Service):
         stores_toml = "".join(f'[stores.{s}]\n' + (f'region = "{r}"\n' if r else "") for s, r in stores.items())
         self.config = write_toml(tmp / "hq.toml", f"""
 [hq]
-database = "{self.db}"
+database = "{database or self.db}"
+parts_dir = "{tmp / 'hq' / 'parts'}"
 signing_key = "{self.key}"
 resync_min_interval_s = 1
 [mqtt]
@@ -116,6 +122,20 @@ keepalive = 5
         return self.cli("rules", "publish", str(rules_file), *scope)
 
     def rows(self, store: str = "S001") -> list[tuple]:
+        if not self.url.startswith("sqlite"):
+            import sqlalchemy as sa
+
+            from hq_bridge import db
+            engine = db.open_engine(self.url)
+            try:
+                with engine.connect() as conn:
+                    t = db.transactions
+                    return [tuple(r) for r in conn.execute(sa.select(t.c.seq, t.c.tx_id, t.c.type, t.c.body)
+                                                           .where(t.c.store == store).order_by(t.c.seq))]
+            except sa.exc.SQLAlchemyError:
+                return []
+            finally:
+                engine.dispose()
         if not self.db.exists():
             return []
         conn = sqlite3.connect(self.db)

@@ -49,6 +49,28 @@ def upgrade() -> None:
             sa.Column("body", sa.Text(), nullable=False),
             sa.Column("received_at", Int64, nullable=False),
             sa.PrimaryKeyConstraint("tx_id", name=op.f("pk_conflicts")))
+    # unsendable and card_services: added to this revision before its first release
+    # (an HQ database from before migrations may have them from ledger.py already).
+    _create("unsendable",
+            sa.Column("store", sa.Text(), nullable=False),
+            sa.Column("seq", Int64, nullable=False),
+            sa.Column("tx_id", sa.Text(), nullable=False),
+            sa.Column("original_type", sa.Text(), nullable=True),
+            sa.Column("ts", Int64, nullable=False),
+            sa.Column("error", sa.Text(), nullable=False),
+            sa.Column("received_at", Int64, nullable=False),
+            sa.PrimaryKeyConstraint("store", "seq", name=op.f("pk_unsendable")))
+    _create("card_services",
+            sa.Column("store", sa.Text(), nullable=False),
+            sa.Column("seq", Int64, nullable=False),
+            sa.Column("tx_id", sa.Text(), nullable=False),
+            sa.Column("op", sa.Text(), nullable=True),
+            sa.Column("card_no", sa.Text(), nullable=True),
+            sa.Column("new_card_no", sa.Text(), nullable=True),
+            sa.Column("outcome", sa.Text(), nullable=False),
+            sa.Column("review", sa.Integer(), server_default="0", nullable=False),
+            sa.Column("recorded_at", Int64, nullable=False),
+            sa.PrimaryKeyConstraint("store", "seq", name=op.f("pk_card_services")))
     _create("stores",
             sa.Column("store", sa.Text(), nullable=False),
             sa.Column("status", sa.Text(), nullable=True),
