@@ -28,6 +28,7 @@ from gateway.testbed import (EmbeddedBroker, LinkProxy, MosquittoBroker, free_po
                              provision_terminals)
 from hq_bridge.bridge import Bridge
 from hq_bridge.ledger import Ledger
+from hq_bridge.lookup import LookupService
 from hq_bridge import keys as hq_keys
 from hq_bridge.rules import Catalog, Publisher
 
@@ -98,6 +99,10 @@ async def run_demo(keep: bool = False) -> int:
                               workdir / "hq" / "keys" / "hq.key", {STORE: {"region": "east"}})
         bridge = Bridge(hq_mqtt, ledger, publisher=publisher)
         tasks.append(asyncio.create_task(bridge.run()))
+        # HQ answers the store's live account look-ups (amqtt: no shared subscriptions).
+        embedded = broker_name.startswith("amqtt")
+        tasks.append(asyncio.create_task(LookupService(hq_mqtt, ledger.engine,
+                                                       share_group=None if embedded else "hq").run()))
         await asyncio.wait_for(bridge.connected.wait(), 10)
         msg = (await publisher.publish_layer(RULES_FILE, all_=True))[0]
         print(f"HQ: bridge up, signed and published rules v{msg.version} to store {STORE}")

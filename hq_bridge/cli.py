@@ -7,6 +7,10 @@
     storegate-hq card deny|freeze|unfreeze|replace CARD --reason TEXT [--status lost] [--new-card N] --config hq.toml
     storegate-hq fleet --config hq.toml [--wait 2] [--json]
     storegate-hq keys generate|rotate [--promote]|show --config hq.toml
+    storegate-hq members add|import FILE|show CARD [--json]|card OP CARD --config hq.toml
+    storegate-hq reconcile [--json] [--settle ACCOUNT ...] --config hq.toml
+    storegate-hq nightly [--json] --config hq.toml     # tiers up and down, points expiry
+    storegate-hq topup-refund TX_ID --config hq.toml
 
 Every command that opens HQ's database (hq.database: an SQLite path or a
 postgresql+psycopg:// URL) brings it to the newest schema first (Alembic,
@@ -37,7 +41,9 @@ from common import eventloop, mqtt
 from common.configfile import ConfigError
 from hq_bridge import config as hq_config
 from hq_bridge import keys as hq_keys
+from hq_bridge import members, policy, reconcile
 from hq_bridge.bridge import Bridge
+from hq_bridge.lookup import LookupService
 from hq_bridge.ledger import Ledger
 from hq_bridge.rules import Catalog, PublishError, Publisher
 from wire.messages import Status, WireError
@@ -45,8 +51,13 @@ from wire.ruleset import RulesetError
 from wire.topics import Topics
 
 
-_EXTRA: list = []
-_RUNNERS: dict = {}
+_EXTRA: list = [members.register, reconcile.register, policy.register]
+_RUNNERS: dict = {
+    "members": members.run,
+    "reconcile": reconcile.run,
+    "nightly": lambda args, engine, publish: policy.run(args, engine),
+    "topup-refund": lambda args, engine, publish: policy.run(args, engine),
+}
 
 
 def register(add) -> None:
@@ -108,6 +119,10 @@ async def _run(cfg: dict) -> None:
     bridge = Bridge(cfg["mqtt"], ledger, publisher=publisher,
                     resync_min_interval_s=cfg["hq"]["resync_min_interval_s"])
     task = asyncio.create_task(bridge.run())
+    # Live account look-ups for the stores' taps, on a client of its own
+    # (a shared subscription: several HQ workers may answer).
+    lookup = asyncio.create_task(LookupService(cfg["mqtt"], ledger.engine).run(), name="hq-lookup")
+    task.add_done_callback(lambda _t: lookup.cancel())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
@@ -116,6 +131,7 @@ async def _run(cfg: dict) -> None:
     except asyncio.CancelledError:
         pass
     finally:
+        await asyncio.gather(lookup, return_exceptions=True)
         ledger.close()
 
 
