@@ -365,13 +365,16 @@ def _summary(record: dict, account: dict | None, card_no: str, primary_card: str
     if account is None:
         return out
     day = now.date().isoformat()
-    totals = rules.members.local_totals(account["member_id"], day)
+    # HQ's account (live answer or snapshot row) + what this store journaled
+    # after the watermark HQ's numbers include: balances and the day's use alike.
     if live_seq is not None:
-        # Balances: HQ's live account + what this store journaled after the answer's
-        # watermark. The day's offline use: everything since the snapshot, as offline.
-        today = totals["today"]
         totals = rules.members.local_totals(account["member_id"], day, after=live_seq)
-        totals["today"] = today
+    else:
+        totals = rules.members.local_totals(account["member_id"], day)
+    hq_today = account.get("today") or {}
+    if hq_today.get("day") == day:  # every store's use today, as far as HQ has it
+        totals["today"]["stored_value_paid_fen"] += hq_today.get("stored_value_paid_fen", 0)
+        totals["today"]["points_redeemed"] += hq_today.get("points_redeemed", 0)
     points = max(0, account["points"] + totals["points"])
     balance = max(0, account["balance_fen"] + totals["stored_value_fen"])
     out["points"], out["balance_fen"] = points, balance

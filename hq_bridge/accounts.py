@@ -1242,16 +1242,22 @@ def limited_accounts(conn: Connection) -> set[str]:
                             .distinct()).scalars())
 
 
-def _snapshot_iter(conn: Connection) -> Iterator[dict]:
+def member_rows_query():
+    """What account_rows reads: one row per card with its account and holder
+    (the snapshot and the live look-up narrow it with a where clause)."""
     a, c, m = db.accounts, db.cards, db.members
     holder = m.alias("holder")
-    q = (select(a.c.account_id, a.c.tier, a.c.status.label("a_status"), a.c.card_type.label("a_type"),
-                a.c.paid_fen, a.c.bonus_fen, a.c.points, c.c.card_no, c.c.member_id, c.c.role, c.c.status,
-                c.c.card_type, c.c.nfc_uid, c.c.expires, holder.c.name_masked, holder.c.birthday,
-                holder.c.birthday_calendar)
-         .select_from(a.join(c, c.c.account_id == a.c.account_id)
-                      .join(holder, holder.c.member_id == c.c.member_id))
-         .order_by(a.c.account_id, c.c.card_no))
+    return (select(a.c.account_id, a.c.tier, a.c.status.label("a_status"), a.c.card_type.label("a_type"),
+                   a.c.paid_fen, a.c.bonus_fen, a.c.points, c.c.card_no, c.c.member_id, c.c.role, c.c.status,
+                   c.c.card_type, c.c.nfc_uid, c.c.expires, holder.c.name_masked, holder.c.birthday,
+                   holder.c.birthday_calendar, a.c.day, a.c.day_stored_value_paid_fen, a.c.day_points_redeemed)
+            .select_from(a.join(c, c.c.account_id == a.c.account_id)
+                         .join(holder, holder.c.member_id == c.c.member_id)))
+
+
+def _snapshot_iter(conn: Connection) -> Iterator[dict]:
+    a, c = db.accounts, db.cards
+    q = member_rows_query().order_by(a.c.account_id, c.c.card_no)
     pkg = select(db.packages.c.account_id, db.packages.c.package_id, db.packages.c.uses_left) \
         .order_by(db.packages.c.account_id, db.packages.c.package_id)
     cp = select(db.coupons.c.account_id, db.coupons.c.code).where(db.coupons.c.state == "issued") \
@@ -1263,20 +1269,20 @@ def _snapshot_iter(conn: Connection) -> Iterator[dict]:
                                       (cp, (db.coupons.c.account_id, db.coupons.c.code))))
     limited = limited_accounts(conn)
     streamed = conn.execution_options(yield_per=_FETCH)
-    packages = _grouped(streamed.execute(pkg))
-    coupons = _grouped(streamed.execute(cp))
+    packages = Grouped(streamed.execute(pkg))
+    coupons = Grouped(streamed.execute(cp))
     rows = streamed.execute(q)
     group: list = []
     for r in rows:
         if group and r[0] != group[0][0]:
-            yield from _account_rows(group, packages, coupons, limited)
+            yield from account_rows(group, packages, coupons, limited)
             group = []
         group.append(r)
     if group:
-        yield from _account_rows(group, packages, coupons, limited)
+        yield from account_rows(group, packages, coupons, limited)
 
 
-class _grouped:
+class Grouped:
     """Rows (account_id, key, value...) ordered by account, taken one account at a time."""
 
     def __init__(self, result) -> None:
@@ -1292,7 +1298,7 @@ class _grouped:
         return out
 
 
-def _account_rows(group: list, packages: _grouped, coupons: _grouped, limited: set = frozenset()) -> Iterator[dict]:
+def account_rows(group: list, packages: _grouped, coupons: _grouped, limited: set = frozenset()) -> Iterator[dict]:
     aid, tier, a_status, a_type, paid, bonus, points = group[0][:7]
     primaries = [r for r in group if r[9] == "primary"]
     main = next((r for r in primaries if r[10] == "active"), primaries[-1] if primaries else group[0])
@@ -1304,7 +1310,7 @@ def _account_rows(group: list, packages: _grouped, coupons: _grouped, limited: s
     balance = max(0, paid + bonus)
     for r in group:
         (_aid, _t, _s, _ct, _p, _b, _pts, card_no, member_id, role, status, card_type, nfc_uid, expires, name,
-         birthday, calendar_) = r
+         birthday, calendar_, day, day_sv, day_points) = r
         row = {"card_no": card_no, "member_id": member_id, "tier": tier,
                "status": deny if (deny and status == "active") else status}
         if name:
@@ -1323,6 +1329,11 @@ def _account_rows(group: list, packages: _grouped, coupons: _grouped, limited: s
             row["member_id"] = aid
             row["points"] = max(0, points)
             row["balance_fen"] = balance
+            if day and (day_sv or day_points):
+                # What the account used of the day's offline allowances, at every store:
+                # a store counts it with its own records after the snapshot's watermark.
+                row["today"] = {"day": day, "stored_value_paid_fen": max(0, day_sv),
+                                "points_redeemed": max(0, day_points)}
             if pk:
                 row["packages"] = pk
             if codes:

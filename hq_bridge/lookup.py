@@ -12,7 +12,7 @@ several HQ workers, each running one, split the queries between them.
 Every answer is read in one read-only transaction: the card's row (and, for
 a subsidiary or linked card, its primary card's row, which carries the
 account's balances) built by the same code as the member snapshot
-(hq_bridge/accounts.py ``_account_rows``: the same format, field by field),
+(hq_bridge/accounts.py ``account_rows``: the same format, field by field),
 and the asking store's watermark. ``store_seq`` in the reply means exactly:
 this answer includes that store's records up to that seq, so the store adds
 its own records after it, once.
@@ -46,7 +46,7 @@ from sqlalchemy.engine import Engine
 
 from common import mqtt
 from hq_bridge import db
-from hq_bridge.accounts import _account_rows, _grouped
+from hq_bridge.accounts import Grouped, account_rows, limited_accounts, member_rows_query
 from wire.messages import AccountQuery, AccountReply, WireError
 from wire.topics import Topics
 
@@ -82,25 +82,17 @@ def lookup_account(conn, store: str, card_no: str) -> tuple[dict | None, dict | 
     a card HQ does not know."""
     w = db.account_watermarks
     mark = conn.execute(select(w.c.seq).where(w.c.store == store)).scalar() or 0
-    a, c, m = db.accounts, db.cards, db.members
+    a, c = db.accounts, db.cards
     aid = conn.execute(select(c.c.account_id).where(c.c.card_no == card_no)).scalar()
     if aid is None:
         return None, None, mark
-    # The cards _account_rows needs to pick the account's main card as the snapshot does:
+    # The cards account_rows needs to pick the account's main card as the snapshot does:
     # the one asked for, the primaries, and the account's first card.
     wanted = {card_no, *conn.execute(select(c.c.card_no).where(c.c.account_id == aid, c.c.role == "primary")
                                      .order_by(c.c.card_no).limit(MAX_PRIMARIES)).scalars(),
               *conn.execute(select(c.c.card_no).where(c.c.account_id == aid).order_by(c.c.card_no).limit(1))
               .scalars()}
-    holder = m.alias("holder")
-    q = (select(a.c.account_id, a.c.tier, a.c.status.label("a_status"), a.c.card_type.label("a_type"),
-                a.c.paid_fen, a.c.bonus_fen, a.c.points, c.c.card_no, c.c.member_id, c.c.role, c.c.status,
-                c.c.card_type, c.c.nfc_uid, c.c.expires, holder.c.name_masked, holder.c.birthday,
-                holder.c.birthday_calendar)
-         .select_from(a.join(c, c.c.account_id == a.c.account_id)
-                      .join(holder, holder.c.member_id == c.c.member_id))
-         .where(a.c.account_id == aid, c.c.card_no.in_(sorted(wanted)))
-         .order_by(c.c.card_no))
+    q = member_rows_query().where(a.c.account_id == aid, c.c.card_no.in_(sorted(wanted))).order_by(c.c.card_no)
     group = list(conn.execute(q))
     if not group:
         return None, None, mark
@@ -109,7 +101,8 @@ def lookup_account(conn, store: str, card_no: str) -> tuple[dict | None, dict | 
     cp = conn.execute(select(db.coupons.c.account_id, db.coupons.c.code)
                       .where(db.coupons.c.account_id == aid, db.coupons.c.state == "issued")
                       .order_by(db.coupons.c.code)).all()
-    rows = {r["card_no"]: r for r in _account_rows(group, _grouped(pkg), _grouped(cp))}
+    limited = limited_accounts(conn) & {aid}   # reconciliation's "limit" holds online too
+    rows = {r["card_no"]: r for r in account_rows(group, Grouped(pkg), Grouped(cp), limited)}
     row = rows.get(card_no)
     if row is None:
         return None, None, mark

@@ -456,6 +456,8 @@ async def test_counter_replace_onto_a_denied_card_does_not_lift_the_deny(tmp_pat
             assert hq.catalog.deny_status(LOST_CARD) == "lost"
             assert [e["card_no"] for e in hq.catalog.latest_delta().entries] == [SILVER_CARD]
             assert bridge.stats["card_reviews"] == 1
+            # the review is recorded right after the delta goes out: wait for it
+            await until(lambda: hq.ledger.card_services(review_only=True), timeout=15, what="the review recorded")
             (row,) = hq.ledger.card_services(review_only=True)
             assert row[:5] == ("S001", row[1], "replace", SILVER_CARD, LOST_CARD) and "stays denied" in row[5]
             # an ordinary counter report is recorded too, with what HQ did

@@ -131,9 +131,6 @@ def test_a_promotion_publish_after_an_acked_stored_value_sale_hands_nothing_back
 
 
 @pytest.mark.parametrize("shop", ["sqlite"], indirect=True)
-@pytest.mark.xfail(strict=True, reason="the member snapshot carries no day's offline use: the gateway counts "
-                                       "'paid today' from its own records after the watermark only (needs a "
-                                       "member-row field from HQ's accounts.day_* and the gateway adding it)")
 def test_a_promotion_publish_keeps_the_days_offline_allowance_used(shop, tmp_path):
     hq, gw, sale, want = money_after_sale(shop)
     assert seen(gw)[2] == 12000

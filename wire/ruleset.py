@@ -325,6 +325,9 @@ _MEMBER_PROPS = {
     "primary_card": {**_CARD_NO, "description": "a subsidiary card's primary card"},
     "group_id": {"type": "string", "maxLength": 64},
     "coupons": {"type": "array", "items": _KEY, "uniqueItems": True, "default": []},
+    "today": _obj({"day": _DATE, "stored_value_paid_fen": _FEN, "points_redeemed": _POINTS}, required=["day"],
+                  description="the account's use of the day's offline allowances at every store, as HQ "
+                              "has it (a store adds its own records after the snapshot's watermark)"),
 }
 MEMBER_SCHEMA = {
     "$id": SCHEMA_BASE + "member.json",
@@ -910,6 +913,9 @@ _FIELD_OK = {
     "group_id": lambda v: _str(v, 0, 64),
     "coupons": lambda v: type(v) is list and all(type(c) is str and _RX_KEY.fullmatch(c) for c in v)
     and len(set(v)) == len(v),
+    "today": lambda v: type(v) is dict and set(v) <= {"day", "stored_value_paid_fen", "points_redeemed"}
+    and type(v.get("day")) is str and _RX_DATE.fullmatch(v["day"]) is not None
+    and _is_int(v.get("stored_value_paid_fen", 0), MAX_FEN) and _is_int(v.get("points_redeemed", 0), MAX_POINTS),
 }
 
 
