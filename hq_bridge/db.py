@@ -40,6 +40,7 @@ each other instead of failing on upgrade) or ``postgresql+psycopg://...``
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,6 +399,28 @@ def retryable(exc: BaseException) -> bool:
         return True
     text = str(orig).lower()
     return "database is locked" in text or "database table is locked" in text
+
+
+def writer_lock(engine: Engine) -> threading.Lock | None:
+    """SQLite has one writer at a time anyway: waiting on a lock in this
+    process is cheaper than on SQLite's (None: PostgreSQL, no need)."""
+    return threading.Lock() if engine.dialect.name == "sqlite" else None
+
+
+def write(engine: Engine, fn, lock: threading.Lock | None = None):
+    """``fn(conn)`` in one write transaction (retried: run_in_transaction)."""
+    if lock is None:
+        return run_in_transaction(engine, fn)
+    with lock:
+        return run_in_transaction(engine, fn)
+
+
+def read(engine: Engine, fn):
+    """``fn(conn)`` in one read-only transaction (SQLite: no write lock taken)."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(readonly=True)
+        with conn.begin():
+            return fn(conn)
 
 
 def run_in_transaction(engine: Engine, fn, *, attempts: int = 8, isolation_level: str | None = None):

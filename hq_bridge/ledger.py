@@ -34,7 +34,6 @@ marked ``review``.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,24 +100,17 @@ class Ledger:
             db.migrate_once(engine)
         self.accounts = accounts or AccountStore(engine)
         self._conn = _SQL(engine)
-        # SQLite has one writer at a time anyway: waiting here is cheaper than on its lock.
-        self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
+        self._write_lock = db.writer_lock(engine)
 
     def close(self) -> None:
         if self._own_engine:
             self.engine.dispose()
 
     def _write(self, fn):
-        if self._write_lock is None:
-            return db.run_in_transaction(self.engine, fn)
-        with self._write_lock:
-            return db.run_in_transaction(self.engine, fn)
+        return db.write(self.engine, fn, self._write_lock)
 
     def _read(self, fn):
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(readonly=True)
-            with conn.begin():
-                return fn(conn)
+        return db.read(self.engine, fn)
 
     def commit(self, batch: TxBatch) -> Committed:
         """Insert the batch's records exactly once and apply the new ones to

@@ -189,7 +189,7 @@ class Catalog:
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         if migrate:
             db.migrate_once(engine)
-        self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
+        self._write_lock = db.writer_lock(engine)
         self._deny_cache: tuple[int, str, int] | None = None
 
     def close(self) -> None:
@@ -197,16 +197,10 @@ class Catalog:
             self.engine.dispose()
 
     def _write(self, fn):
-        if self._write_lock is None:
-            return db.run_in_transaction(self.engine, fn)
-        with self._write_lock:
-            return db.run_in_transaction(self.engine, fn)
+        return db.write(self.engine, fn, self._write_lock)
 
     def _read(self, fn):
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(readonly=True)
-            with conn.begin():
-                return fn(conn)
+        return db.read(self.engine, fn)
 
     # parts: content-addressed files
     def put_part(self, payload: bytes) -> tuple[str, int]:

@@ -152,3 +152,14 @@ def hq_db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'hq.db'}"
     return request.getfixturevalue("pg_server").create_database()
+
+
+@pytest.fixture
+def hq_engine(hq_db_url):
+    """HQ's database on each engine, migrated to the newest schema."""
+    from hq_bridge import db
+
+    db.migrate(hq_db_url)
+    engine = db.open_engine(hq_db_url)
+    yield engine
+    engine.dispose()

@@ -24,7 +24,7 @@ from hq_bridge import db
 from hq_bridge.accounts import (OWED, Account, AccountPolicy, AccountStore, Book, Card, ImportError_, Lot, StoreRecord,
                                 apply_record, audit, import_members, snapshot_rows)
 from hq_bridge.rules import read_table_file
-from tests.pg import hq_db_url, pg_server  # noqa: F401  (fixtures)
+from tests.pg import hq_db_url, hq_engine, pg_server  # noqa: F401  (fixtures)
 from tests.test_counter import DIAMOND, EXAMPLES, GOLD
 from tests.test_records import NEW_CARD, REPLACEMENT, journal_records
 from wire import records as rec
@@ -34,11 +34,8 @@ NOW = datetime(2026, 11, 25, 7, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def engine(hq_db_url):
-    db.migrate(hq_db_url)
-    engine = db.open_engine(hq_db_url)
-    yield engine
-    engine.dispose()
+def engine(hq_engine):
+    return hq_engine
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from hq_bridge import db, members
 from hq_bridge.accounts import AccountStore, audit
 from hq_bridge.members import MemberError, MemberImportError, account_view, add_member, card_op, deny_entries, import_file
 from tests.hq_support import NOW, RULES, commit, topup_body, tx
-from tests.pg import hq_db_url, pg_server  # noqa: F401  (fixtures)
+from tests.pg import hq_db_url, hq_engine, pg_server  # noqa: F401  (fixtures)
 
 HEADER = "card_no,member_id,name,tier,consent,birthday,points,balance_fen\n"
 GOOD = [
@@ -29,11 +29,8 @@ GOOD = [
 
 
 @pytest.fixture
-def engine(hq_db_url):
-    db.migrate(hq_db_url)
-    engine = db.open_engine(hq_db_url)
-    yield engine
-    engine.dispose()
+def engine(hq_engine):
+    return hq_engine
 
 
 def clock():

@@ -18,18 +18,15 @@ from hq_bridge.members import account_view
 from hq_bridge.policy import (PolicyError, decide_tier, expire_points, nightly, tier_hook,
                               topup_refund, withdraw)
 from tests.hq_support import NOW, RULES, commit, sale_body, topup_body, tx
-from tests.pg import hq_db_url, pg_server  # noqa: F401  (fixtures)
+from tests.pg import hq_db_url, hq_engine, pg_server  # noqa: F401  (fixtures)
 from wire.ruleset import RulesetError, effective_ruleset
 
 CARD = "880000000017"
 
 
 @pytest.fixture
-def engine(hq_db_url):
-    db.migrate(hq_db_url)
-    engine = db.open_engine(hq_db_url)
-    yield engine
-    engine.dispose()
+def engine(hq_engine):
+    return hq_engine
 
 
 def at(days: float):

@@ -17,17 +17,14 @@ from hq_bridge.accounts import AccountStore, audit, import_members, snapshot_row
 from hq_bridge.members import deny_entries
 from hq_bridge.reconcile import reconcile, reconcile_hook, settle
 from tests.hq_support import NOW, RULES, commit, sale_body, topup_body, tx
-from tests.pg import hq_db_url, pg_server  # noqa: F401  (fixtures)
+from tests.pg import hq_db_url, hq_engine, pg_server  # noqa: F401  (fixtures)
 
 CARD, SUB = "880000000500", "880000000518"
 
 
 @pytest.fixture
-def engine(hq_db_url):
-    db.migrate(hq_db_url)
-    engine = db.open_engine(hq_db_url)
-    yield engine
-    engine.dispose()
+def engine(hq_engine):
+    return hq_engine
 
 
 def clock():
