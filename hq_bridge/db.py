@@ -40,6 +40,7 @@ each other instead of failing on upgrade) or ``postgresql+psycopg://...``
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -332,6 +333,21 @@ ACCOUNT_TABLES = ("members", "accounts", "cards", "points_lots", "packages", "co
 
 # ---------------------------------------------------------------- engines
 
+def _sqlite_wal(cur) -> None:
+    """WAL mode. The bridge starting and a `storegate-hq rules publish` may
+    open a new database at the same moment; switching to WAL takes a lock
+    the busy timeout does not cover, so retry while it is locked."""
+    for attempt in range(100):
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 99:
+                raise
+            time.sleep(0.1)
+
+
 def open_engine(url: str, **kw) -> Engine:
     """An engine for ``sqlite:///path`` or ``postgresql+psycopg://user@host/db``."""
     u = make_url(url)
@@ -346,8 +362,8 @@ def open_engine(url: str, **kw) -> Engine:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA busy_timeout=10000")
-            if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal" and u.database not in (None, "", ":memory:"):
-                cur.execute("PRAGMA journal_mode=WAL")
+            if u.database not in (None, "", ":memory:"):
+                _sqlite_wal(cur)
             cur.execute("PRAGMA synchronous=FULL")   # durable before the ack goes out
             cur.execute("PRAGMA foreign_keys=ON")     # as PostgreSQL enforces them
             cur.close()
@@ -586,8 +602,14 @@ def migrate(url: str | Engine) -> None:
     engine = url if isinstance(url, Engine) else open_engine(url)
     try:
         if not is_postgres(engine):
-            upgrade(engine)
-            return
+            for attempt in range(50):  # another process is migrating or writing: wait for it
+                try:
+                    upgrade(engine)
+                    return
+                except OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == 49:
+                        raise
+                    time.sleep(0.2)
         with engine.connect() as lock:
             lock.exec_driver_sql(f"SELECT pg_advisory_lock({_MIGRATION_LOCK})")
             try:
