@@ -34,15 +34,18 @@ marked ``review``.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine, func, select
 
-from hq_bridge import db
-from hq_bridge.accounts import AccountStore, BatchResult
+from hq_bridge import db, policy, reconcile
+from hq_bridge.accounts import AccountStore, BatchResult, policy_from_rules
 from wire.messages import UNSENDABLE, TxBatch
+
+log = logging.getLogger("storegate.hq")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,34 @@ class _SQL:
             return _Rows([tuple(r) for r in conn.execution_options(readonly=True).exec_driver_sql(sql, params)])
 
 
+class ChainRules:
+    """The chain layer's rules as HQ's accounts use them (tiers, expiry,
+    spending order, reconciliation policy), read from the database at most
+    once every ``every_s`` so a published change applies within that."""
+
+    def __init__(self, engine, every_s: float = 60.0, clock=time.monotonic) -> None:
+        self.engine, self.every_s, self.clock = engine, every_s, clock
+        self._rules: dict = {}
+        self._policy = policy_from_rules({})
+        self._read_at = -1e18
+
+    def get(self) -> dict:
+        if self.clock() - self._read_at >= self.every_s:
+            self._read_at = self.clock()
+            rules = db.read(self.engine, policy.chain_rules)
+            try:
+                self._policy = policy_from_rules(rules)
+            except (TypeError, ValueError) as exc:  # the ingest goes on with the last good policy
+                log.error("chain rules: accounts policy refused (%s); keeping the previous one", exc)
+                return self._rules
+            self._rules = rules
+        return self._rules
+
+    def policy(self):
+        self.get()
+        return self._policy
+
+
 class Ledger:
     """``database``: a path (SQLite) or a database URL; ``engine``: an engine
     opened already (shared with the Catalog)."""
@@ -98,7 +129,11 @@ class Ledger:
         self.path = db.sqlite_path(self.url)   # None on PostgreSQL
         if migrate:
             db.migrate_once(engine)
-        self.accounts = accounts or AccountStore(engine)
+        self.chain = ChainRules(engine)
+        # On ingest, in the batch's transaction: tiers move up, overdrafts are
+        # found and settled (hq_bridge/policy.py, hq_bridge/reconcile.py).
+        self.accounts = accounts or AccountStore(
+            engine, hooks=[policy.tier_hook(self.chain.get), reconcile.reconcile_hook(self.chain.get)])
         self._conn = _SQL(engine)
         self._write_lock = db.writer_lock(engine)
 
@@ -115,6 +150,7 @@ class Ledger:
     def commit(self, batch: TxBatch) -> Committed:
         """Insert the batch's records exactly once and apply the new ones to
         the accounts, in one transaction, durable before this returns (ack then)."""
+        self.accounts.policy = self.chain.policy()
         now = int(time.time() * 1000)
 
         def work(conn):

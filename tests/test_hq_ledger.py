@@ -274,3 +274,29 @@ def test_the_database_setting_takes_a_path_or_a_url(tmp_path):
         hq_config.check({"hq": {"database": "postgresql+psycopg://hq@db/hq"}, **base})
     with pytest.raises(hq_config.ConfigError, match="mysql"):
         hq_config.check({"hq": {"database": "mysql://hq@db/hq"}, **base})
+
+
+def test_tiers_move_and_overdrafts_block_on_ingest_with_the_chains_rules(tmp_path):
+    """The ledger's commit evaluates the chain's policy in the batch's
+    transaction: a member's spend moves the tier up; two stores spending the
+    same stored value offline block the account under the 'block' policy."""
+    import orjson
+
+    from tests.hq_support import RULES, sale_body, tx
+    from wire.messages import TxBatch, TxRecord
+
+    ledger = Ledger(tmp_path / "hq.sqlite3")
+    chain = {**RULES, "reconciliation": {"overdraft_policy": "block"}}
+    with ledger.engine.begin() as conn:
+        conn.execute(db.rule_layers.insert().values(scope="chain", doc=orjson.dumps(chain).decode(), updated_at=0))
+        import_members(conn, [{"card_no": "880000000017", "member_id": "M1", "tier": "normal", "balance_fen": 10000}])
+
+    def batch(store, records):
+        return TxBatch(store, [TxRecord(r.seq, r.id, r.type, r.ts, r.body) for r in records])
+
+    spent = ledger.commit(batch("S001", [tx(1, sale_body("880000000017", "M1", sv=8000, net=150000, key="a"))]))
+    assert [(m.before, m.after) for m in spent.accounts.tier_moves] == [("normal", "silver")]
+    over = ledger.commit(batch("S002", [tx(1, sale_body("880000000017", "M1", sv=7000, key="b"))]))
+    assert [(o.kind, o.amount, o.action) for o in over.accounts.overdrafts] == [("stored_value", 5000, "block")]
+    assert [c[:3] for c in over.accounts.cards_changed] == [("880000000017", "active", "frozen")]  # -> a deny delta
+    ledger.close()
