@@ -263,16 +263,19 @@ class SecureNfc:
 
     @staticmethod
     def _authenticate(compiled: _Compiled, url: str) -> tuple[str, SunMessage]:
-        """(key_id, message) of the first key set the message verifies under."""
-        worst = None
+        """(key_id, message) of the first key set the message verifies under.
+        Refused under all: bad_format only if every key set said so (a URL
+        that is not a SUN message); a PICC record that decrypts to garbage
+        under one key set says nothing about the others."""
+        refusals: list[SunError] = []
         for key_id, verifier in compiled.verifiers.items():
             try:
                 return key_id, verifier.authenticate(url)
             except SunError as refused:
-                if refused.reason == "bad_format":
-                    raise  # the same under every key set
-                worst = refused
-        raise worst or SunError("bad_mac", "no key set")
+                refusals.append(refused)
+        if not refusals:
+            raise SunError("bad_mac", "no key set")
+        raise next((r for r in refusals if r.reason != "bad_format"), refusals[0])
 
     @staticmethod
     def _programme_for(compiled: _Compiled, card_no: str) -> _Programme | None:

@@ -354,3 +354,25 @@ async def test_gateway_pcsc_lane_refuses_clones_of_secure_cards(pcscd, cards, tm
         assert gw.stats["denied"] == 2
     for secret in (SECURE_UID, secure_card, META.hex(), MASTER.hex()):
         assert secret.lower() not in caplog.text.lower()
+
+
+async def test_a_message_that_decrypts_to_garbage_under_one_key_set_is_tried_under_the_others(secure, tmp_path):
+    """Decrypted under the wrong programme's keys, a PICC record is random;
+    about one in eighty of them looks like a card that mirrors no counter
+    ("bad_format"). That must not end the search: the message is genuine
+    under its own key set (the test above failed this way now and then)."""
+    from hardware.ntag424 import SdmKeys, SunError, SunVerifier
+
+    genuine = card(meta=OTHER_META, master=OTHER_MASTER, diversify=False)
+    wrong = SunVerifier(SdmKeys(META, lambda uid: diversify_key(MASTER, uid)), tmp_path / "counters.sqlite")
+    for counter in range(1, 3000):
+        url = genuine.sun_url(counter)
+        try:
+            wrong.authenticate(url)
+        except SunError as refused:
+            if refused.reason == "bad_format":
+                break
+    else:
+        pytest.fail("no message among 3000 counters decrypts to a non-mirroring record under the wrong keys")
+    _, refused = await secure.check(nfc(SECURE_UID, url), rules())
+    assert refused.reason == "sun_key_mismatch"
