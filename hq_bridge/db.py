@@ -417,6 +417,16 @@ def retryable(exc: BaseException) -> bool:
     return "database is locked" in text or "database table is locked" in text
 
 
+def engine_for(database, engine: Engine | None, who: str) -> tuple[Engine, bool]:
+    """``engine`` if given (shared, not ours to dispose), else one opened on
+    ``database`` (a path or URL; ours): (engine, owned)."""
+    if engine is not None:
+        return engine, False
+    if database is None:
+        raise ValueError(f"{who}: give a database path or URL, or an engine")
+    return open_engine(database_url(database)), True
+
+
 def writer_lock(engine: Engine) -> threading.Lock | None:
     """SQLite has one writer at a time anyway: waiting on a lock in this
     process is cheaper than on SQLite's (None: PostgreSQL, no need)."""

@@ -117,13 +117,7 @@ class Ledger:
 
     def __init__(self, database: str | Path | None = None, *, engine: Engine | None = None,
                  accounts: AccountStore | None = None, migrate: bool = True) -> None:
-        if engine is None:
-            if database is None:
-                raise ValueError("Ledger: give a database path or URL, or an engine")
-            engine = db.open_engine(db.database_url(database))
-            self._own_engine = True
-        else:
-            self._own_engine = False
+        engine, self._own_engine = db.engine_for(database, engine, "Ledger")
         self.engine = engine
         self.url = engine.url.render_as_string(hide_password=False)
         self.path = db.sqlite_path(self.url)   # None on PostgreSQL

@@ -171,13 +171,7 @@ class Catalog:
 
     def __init__(self, database: str | Path | None = None, parts_dir: str | Path | None = None, *,
                  engine: Engine | None = None, migrate: bool = True) -> None:
-        if engine is None:
-            if database is None:
-                raise ValueError("Catalog: give a database path or URL, or an engine")
-            engine = db.open_engine(db.database_url(database))
-            self._own_engine = True
-        else:
-            self._own_engine = False
+        engine, self._own_engine = db.engine_for(database, engine, "Catalog")
         self.engine = engine
         self.path = db.sqlite_path(engine.url.render_as_string(hide_password=False))
         if parts_dir:

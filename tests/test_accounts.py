@@ -24,6 +24,7 @@ from hq_bridge import db
 from hq_bridge.accounts import (OWED, Account, AccountPolicy, AccountStore, Book, Card, ImportError_, Lot, StoreRecord,
                                 apply_record, audit, import_members, snapshot_rows)
 from hq_bridge.rules import read_table_file
+from tests.hq_support import sale_body
 from tests.pg import hq_db_url, hq_engine, pg_server  # noqa: F401  (fixtures)
 from tests.test_counter import DIAMOND, EXAMPLES, GOLD
 from tests.test_records import NEW_CARD, REPLACEMENT, journal_records
@@ -295,25 +296,6 @@ def test_import_starts_the_accounts_after_the_ledger(engine, store):
 
 
 # ---------------------------------------------------------------- the pure core: properties
-
-def sale_body(card: str, account: str | None, *, sv: int = 0, red: int = 0, earned: int = 0,
-              coupons: tuple = (), day: str = "2026-11-25", net: int | None = None) -> dict:
-    net = net if net is not None else sv + red + 1000
-    line = rec.SaleLine(sku="SKU-1", name="item", category="general", qty=1, unit_price=net, amount=net,
-                        discounts=[], net=net, points_redeemed=red, redeemed_fen=red, stored_value_fen=sv,
-                        cash_fen=net - sv - red, points_earned=earned)
-    return rec.to_body(rec.Sale(
-        at=f"{day}T15:00:00+08:00", store="S001", region="east", rules_version=1,
-        member=rec.MemberRef(member_id=account, card_no=card, tier="normal"), redemption_points_per_yuan=100,
-        lines=[line], totals=rec.SaleTotals(subtotal=net, discount=0, total=net, points_redeemed=red,
-                                            redeemed_fen=red, stored_value_fen=sv, cash_fen=net - sv - red,
-                                            points_earned=earned),
-        coupons=list(coupons), promotions=[],
-        deltas=rec.SaleDeltas(points=earned - red, points_earned=earned, points_redeemed=red,
-                              stored_value_fen=-sv, promotion_uses={}, coupons_used=list(coupons)),
-        lane="1", idempotency_key=f"pos/{card}-{sv}-{red}-{earned}", account_id=account, day=day,
-        terminal="pos-1"))
-
 
 def return_body(sale: dict, sale_id: str, sale_seq: int, *, sv: int, red: int, earned: int) -> dict:
     return rec.to_body(rec.Return(

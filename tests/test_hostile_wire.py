@@ -284,7 +284,7 @@ async def test_uplink_sets_aside_what_cannot_be_sent(tmp_path):
         seg = directory / "00000001.log"
         data = bytearray(seg.read_bytes())
         at = data.index(b"rec-00000004")
-        data[at:at + 3] = b"XXX"
+        data[at:at + 3] = b"\xff\xfe\xfd"  # no longer the bytes the checksum covers
         seg.write_bytes(bytes(data))
         records = await j.pending(0, 100)
         assert isinstance(records[3], UnreadableRecord) and "unreadable" in records[3].error
