@@ -75,7 +75,7 @@ Decisions
 - ``AccountStore(hooks=[...])``: called as ``hook(conn, store, result)`` at
   the end of ``apply_batch`` in its transaction when accounts changed
   (policy.tier_hook: upgrades; reconcile.reconcile_hook: overdrafts found and
-  settled at once, block/lift cards added to ``result.cards_changed``).
+  settled at once, block/lift cards added to ``result.hq_cards_changed``).
 - ``overdrafts`` (defined here on db.metadata, migration 0002): what
   reconciliation found; an account with an open overdraft under the
   ``limit`` policy shows nothing to spend in snapshots (``limited_accounts``).
@@ -874,9 +874,12 @@ class BatchResult:
     held: int = 0                                             # past a gap, waiting in the ledger
     problems: list[tuple[int, Problem]] = field(default_factory=list)  # applied, for reconciliation
     watermark: int = 0
-    # Cards whose status changed, (card_no, before or None, after, replaced_by): what every
-    # store must know at once goes out as a deny delta (hq_bridge/rules.py card_entries).
+    # Cards whose status the batch's records changed, (card_no, before or None, after,
+    # replaced_by): what every store must know at once goes out as a deny delta.
     cards_changed: list[tuple[str, str | None, str, str | None]] = field(default_factory=list)
+    # Cards HQ's own policy moved on ingest (reconcile_hook: block, and the lift once settled):
+    # HQ's decisions, so a lift goes out too, which a store's record never makes.
+    hq_cards_changed: list[tuple[str, str | None, str, str | None]] = field(default_factory=list)
     accounts_changed: set[str] = field(default_factory=set)   # for live look-ups / caches
     tier_moves: list = field(default_factory=list)            # hq_bridge/policy.py tier_hook
     overdrafts: list = field(default_factory=list)            # hq_bridge/reconcile.py reconcile_hook
@@ -908,7 +911,7 @@ class AccountStore:
         self.clock = clock
         # Called as hook(conn, store, result) at the end of apply_batch, in its transaction, when
         # accounts changed (hq_bridge/policy.py on_ingest: tier upgrades; hq_bridge/reconcile.py
-        # on_ingest: overdrafts settled). A hook may add to result.cards_changed.
+        # on_ingest: overdrafts settled). A hook may add to result.hq_cards_changed.
         self.hooks: list = list(hooks)
 
     # -- ingest

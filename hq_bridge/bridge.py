@@ -33,6 +33,7 @@ import aiomqtt
 
 from common import mqtt
 from hq_bridge.ledger import Ledger
+from hq_bridge.members import deny_entries
 from wire.messages import Ack, ResyncRequest, Status, TxBatch, WireError
 from wire.topics import Topics
 
@@ -40,26 +41,6 @@ from wire.topics import Topics
 COUNTER_CARD_ACTIONS = {"report_lost": ("deny", "lost"), "freeze": ("freeze", None), "replace": ("replace", None)}
 
 log = logging.getLogger("storegate.hq")
-
-
-_DENY_AFTER = {"lost", "frozen", "cancelled", "expired", "replaced"}
-
-
-def deny_entries_for(cards_changed, *, skip=frozenset(), today: str | None = None) -> list[dict]:
-    """Deny-delta entries of the cards the accounts moved to a denying status
-    (``BatchResult.cards_changed``: (card_no, before, after, replaced_by)),
-    but those in ``skip`` (already broadcast for their counter service). A
-    card made active is never among them: lifting is HQ's decision."""
-    since = today or time.strftime("%Y-%m-%d")
-    out = []
-    for card_no, before, after, replaced_by in cards_changed:
-        if card_no in skip or after not in _DENY_AFTER or before == after:
-            continue
-        e = {"card_no": card_no, "status": after, "since": since}
-        if after == "replaced" and replaced_by:
-            e["replaced_by"] = replaced_by
-        out.append(e)
-    return out
 
 
 class Bridge:
@@ -167,11 +148,10 @@ class Bridge:
                 log.warning("store %s: record seq %d not applied to the accounts (%s); kept in set_aside", store,
                             seq, why)
         if committed.new_ids:
-            await self._counter_card_services(client, store, batch, committed.new_ids,
-                                              committed.accounts.cards_changed if committed.accounts else [])
+            await self._counter_card_services(client, store, batch, committed.new_ids, committed.accounts)
 
     async def _counter_card_services(self, client: aiomqtt.Client, store: str, batch: TxBatch,
-                                     new_ids: frozenset, cards_changed=()) -> None:
+                                     new_ids: frozenset, accounts=None) -> None:
         """A card reported lost, frozen or replaced at one store's counter is
         refused there at once; HQ takes it to every other store as a signed
         deny delta. An unfreeze at a counter is recorded, not broadcast: who
@@ -182,7 +162,9 @@ class Bridge:
         Cards the accounts moved to a denying status by other records of the
         batch (``cards_changed`` of the account application: cancelled,
         expired, lost, frozen, replaced) go out as a deny delta too; a card
-        the accounts made active is never broadcast as active from a store."""
+        the accounts made active is never broadcast as active from a store.
+        What HQ's own policy decided on ingest (``hq_cards_changed``: an
+        overdraft's block, and its lift once settled) goes out as it is."""
         broadcast: set[str] = set()
         for r in batch.records:
             if r.type != "card_op" or r.id not in new_ids:
@@ -199,12 +181,13 @@ class Bridge:
                 broadcast.update((card, new_card) if isinstance(new_card, str) else (card,))
             await asyncio.to_thread(self.ledger.record_card_service, store, r.seq, r.id, op, card, new_card,
                                     outcome, review)
-        entries = deny_entries_for(cards_changed, skip=broadcast)
+        entries = [] if accounts is None else (deny_entries(accounts.cards_changed, lifts=False, skip=broadcast)
+                                               + deny_entries(accounts.hq_cards_changed))
         if entries and self.publisher is not None:
             try:
                 delta = await self.publisher.deny_entries(entries, f"store {store} records (accounts)", client=client)
                 self.stats["card_broadcasts"] += 1
-                log.info("store %s: %d card(s) denied by the accounts, broadcast as deny delta v%d", store,
+                log.info("store %s: %d card(s) moved by the accounts, broadcast as deny delta v%d", store,
                          len(entries), delta.version)
             except Exception as exc:
                 log.error("store %s: could not broadcast card changes of the accounts: %s", store, exc)

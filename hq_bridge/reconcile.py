@@ -348,7 +348,7 @@ def settle(conn: Connection, account_id: str, kind: str, ref: str = "", *, user:
 def reconcile_hook(rules, clock=time.time):
     """A hook for AccountStore(hooks=[...]): reconciles the accounts a batch
     changed that are overdrawn or have open overdrafts (found and settled on
-    ingest); adds block/lift cards to the batch's ``cards_changed``."""
+    ingest); adds block/lift cards to the batch's ``hq_cards_changed``."""
     def hook(conn: Connection, store: str, result) -> None:
         ids = sorted(result.accounts_changed)
         if not ids:
@@ -364,7 +364,7 @@ def reconcile_hook(rules, clock=time.time):
             return
         r = rules() if callable(rules) else rules
         res = reconcile(conn, r, account_ids=hot, clock=clock, since_ms=int(clock() * 1000) - 2 * DAY_MS)
-        result.cards_changed += res.cards_changed
+        result.hq_cards_changed += res.cards_changed
         result.overdrafts = res.overdrafts
     return hook
 

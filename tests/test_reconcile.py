@@ -158,11 +158,12 @@ def test_on_ingest_hook_blocks_and_lifts_at_once(engine):
     store = AccountStore(engine, clock=clock, hooks=[reconcile_hook(rules("block"), clock=clock)])
     setup(engine)
     a, b = two_stores_spend(engine, store)
-    assert a.cards_changed == []
-    assert sorted(b.cards_changed) == [(CARD, "active", "frozen", None), (SUB, "active", "frozen", None)]
+    assert a.hq_cards_changed == [] and b.cards_changed == []      # HQ's decision, not the store's records
+    assert sorted(b.hq_cards_changed) == [(CARD, "active", "frozen", None), (SUB, "active", "frozen", None)]
     assert [(o.kind, o.amount) for o in b.overdrafts] == [("stored_value", 5000)]
     res = commit(engine, store, "S001", [tx(2, topup_body(CARD, "M500", 5000, key="t"))])
-    assert sorted(res.cards_changed) == [(CARD, "frozen", "active", None), (SUB, "frozen", "active", None)]
+    assert sorted(res.hq_cards_changed) == [(CARD, "frozen", "active", None), (SUB, "frozen", "active", None)]
+    assert [e["status"] for e in deny_entries(res.hq_cards_changed)] == ["active", "active"]   # lifts go out
     with engine.begin() as conn:
         assert audit(conn) == []
 
