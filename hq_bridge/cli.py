@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     card.add_argument("--reason", required=True, help="kept at HQ; not sent to the stores")
     card.add_argument("--status", default=None, help="for deny: lost (default), cancelled, expired, not_activated")
     card.add_argument("--new-card", help="for replace: the new card number")
+    card.add_argument("--user", default=os.environ.get("USER", "admin"), help="the operator (history: hq:<user>)")
     card.add_argument("--config", required=True)
 
     fleet = sub.add_parser("fleet", help="every store's rules and deny versions, state, backlog")
@@ -302,7 +303,7 @@ def _command(args, cfg: dict) -> int:
     try:
         if args.command == "card":
             delta = asyncio.run(publisher.card_action(args.action, args.card_no, args.reason, status=args.status,
-                                                      new_card=args.new_card))
+                                                      new_card=args.new_card, user=args.user))
             print(f"deny delta v{delta.version} sent to every store: {args.action} card ****{args.card_no[-4:]}")
             return 0
         if args.rules_command == "publish":

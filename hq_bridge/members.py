@@ -572,7 +572,7 @@ class CardResult:
     detail: dict = field(default_factory=dict)
 
 
-CARD_OPS = ("report_lost", "cancel_lost", "freeze", "unfreeze", "replace", "extend", "annual_fee",
+CARD_OPS = ("report_lost", "cancel_lost", "freeze", "unfreeze", "replace", "cancel", "extend", "annual_fee",
             "issue_subsidiary", "withdraw")
 
 
@@ -623,6 +623,10 @@ def card_op(conn: Connection, op: str, card_no: str, *, user: str = "admin", new
         if before not in ("frozen", "lost"):
             raise MemberError(f"unfreeze: card {card_no} is {before}, not frozen or lost")
         after = "active"
+    elif op == "cancel":
+        if before in ("replaced", "cancelled"):
+            raise MemberError(f"cancel: card {card_no} is {before}")
+        after = "cancelled"
     elif op in ("extend", "annual_fee"):
         n = months if op == "extend" else policy.annual_fee_months
         if not n or n < 1:
@@ -682,6 +686,33 @@ def card_op(conn: Connection, op: str, card_no: str, *, user: str = "admin", new
     res.entries.append(e)
     res.detail = detail
     return res
+
+
+# ``storegate-hq card ACTION`` (the deny list's own command) on a card HQ holds
+# is the card service it means, so both commands move HQ's card of record alike.
+DENY_LIST_OPS = {("deny", "lost"): "report_lost", ("deny", "frozen"): "freeze", ("deny", "cancelled"): "cancel",
+                 ("freeze", None): "freeze", ("unfreeze", None): "unfreeze", ("replace", None): "replace"}
+
+
+def deny_list_action(conn: Connection, action: str, card_no: str, *, status: str | None = None,
+                     new_card_no: str | None = None, reason: str | None = None, user: str = "admin",
+                     rules: Mapping | None = None, clock=time.time) -> CardResult | None:
+    """The card service a deny-list action means on HQ's card of record
+    (``deny --status lost`` is report_lost, ...), in the caller's
+    transaction; None when HQ does not hold the card (the deny list alone
+    speaks for it), or when the card already has the status asked for."""
+    if conn.execute(select(db.cards.c.status).where(db.cards.c.card_no == card_no)).scalar() is None:
+        return None
+    key = (action, (status or "lost") if action == "deny" else None)
+    op = DENY_LIST_OPS.get(key)
+    if op is None:
+        raise MemberError(f"card {card_no} is held at HQ: {action} --status {status} is not a card service; "
+                          "use storegate-hq members card")
+    current = _card(conn, card_no)["status"]
+    if (op, current) in (("report_lost", "lost"), ("freeze", "frozen"), ("cancel", "cancelled"),
+                         ("unfreeze", "active")):
+        return None
+    return card_op(conn, op, card_no, user=user, new_card_no=new_card_no, reason=reason, rules=rules, clock=clock)
 
 
 def deny_entries(cards_changed: Iterable[tuple], today: str | None = None, *, lifts: bool = True,

@@ -672,17 +672,25 @@ class Publisher:
 
     async def card_action(self, action: str, card_no: str, reason: str, *, status: str | None = None,
                           new_card: str | None = None, activate_new: bool = True,
-                          client: aiomqtt.Client | None = None, hq_own: bool = True) -> DenyDelta:
+                          client: aiomqtt.Client | None = None, hq_own: bool = True,
+                          user: str = "admin") -> DenyDelta:
         """A signed deny delta to every store. ``hq_own``: HQ's own command
-        (``storegate-hq card``), which also sets the card's status in HQ's
-        accounts; False for a broadcast of what a counter did (the accounts
-        applied that record already)."""
+        (``storegate-hq card``): on a card HQ holds it is the card service it
+        means (hq_bridge/members.py ``deny_list_action``), so the next member
+        snapshot agrees with the deny list; False for a broadcast of what a
+        counter did (the accounts applied that record already)."""
         entries = card_entries(action, card_no, status=status, new_card=new_card, activate_new=activate_new)
         if hq_own:
-            # HQ's own card service moves HQ's card of record too, so the next member
-            # snapshot agrees with the deny list (a lift reaches the stores' member record).
-            db.run_in_transaction(self.ledger.engine,
-                                  lambda conn: hq_card_service(conn, entries, action, reason))
+            from hq_bridge.members import MemberError, deny_entries, deny_list_action
+            from hq_bridge.policy import chain_rules
+            try:
+                done = db.run_in_transaction(self.ledger.engine, lambda conn: deny_list_action(
+                    conn, action, card_no, status=status, new_card_no=new_card, reason=reason, user=user,
+                    rules=chain_rules(conn)))
+            except MemberError as exc:
+                raise PublishError(str(exc)) from None
+            if done is not None:
+                entries = deny_entries(done.cards_changed)
         delta = self.catalog.record_delta(entries, reason, self.sign)
         if client is None:
             async with mqtt.client(self.mqtt_settings, identifier=f"storegate-hq-card-{os.getpid()}") as c:
@@ -691,42 +699,6 @@ class Publisher:
             await client.publish(self.topics.deny(), delta.encode(), qos=1, retain=True)
         log.info("deny delta v%d: %s card ****%s", delta.version, action, card_no[-4:])
         return delta
-
-
-def hq_card_service(conn, entries: list[dict], action: str, reason: str, now_ms: int | None = None) -> list[str]:
-    """HQ's own card service on its cards of record, in the caller's
-    transaction: each entry's status (``active``: lifted) on the card if HQ
-    holds it; the new card of a replace is opened on the old card's account
-    (same holder, role, type and expiry) when HQ does not hold it yet. An
-    ``account_history`` entry per card (no balance moves) names the service.
-    Returns the cards changed."""
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    c, h = db.cards, db.account_history
-    changed = []
-    old_card = None
-    for e in entries:
-        row = conn.execute(select(c).where(c.c.card_no == e["card_no"])).mappings().first()
-        if row is None:
-            if e["status"] == "active" and old_card is not None and action == "replace":
-                conn.execute(c.insert().values(
-                    card_no=e["card_no"], account_id=old_card["account_id"], member_id=old_card["member_id"],
-                    role=old_card["role"], status="active", replaced_by=None, card_type=old_card["card_type"],
-                    nfc_uid=None, issued_at=now_ms, expires=old_card["expires"], updated_at=now_ms))
-                row = {"account_id": old_card["account_id"]}
-            else:
-                continue
-        else:
-            if action == "replace" and e.get("replaced_by"):
-                old_card = row
-            conn.execute(c.update().where(c.c.card_no == e["card_no"]).values(
-                status=e["status"], replaced_by=e.get("replaced_by"), updated_at=now_ms))
-        conn.execute(h.insert().values(
-            account_id=row["account_id"], kind="card_op", card_no=e["card_no"], operator="hq",
-            at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), recorded_at=now_ms,
-            detail=json.dumps({"op": f"hq_{action}", "status": e["status"], "reason": reason,
-                               **({"replaced_by": e["replaced_by"]} if e.get("replaced_by") else {})})))
-        changed.append(e["card_no"])
-    return changed
 
 
 def card_entries(action: str, card_no: str, *, status: str | None = None, new_card: str | None = None,

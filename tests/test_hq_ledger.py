@@ -18,9 +18,10 @@ import pytest
 
 from hq_bridge import config as hq_config
 from hq_bridge import db
-from hq_bridge.accounts import audit, import_members, snapshot_rows
+from hq_bridge.accounts import AccountStore, audit, import_members, snapshot_rows
 from hq_bridge.ledger import Ledger
-from hq_bridge.rules import Catalog, Publisher, card_entries, hq_card_service, read_table_file
+from hq_bridge.members import MemberError, deny_list_action
+from hq_bridge.rules import Catalog, Publisher, card_entries, read_table_file
 from tests.hq_support import sale_body, tx
 from tests.pg import hq_db_url, pg_server  # noqa: F401  (fixtures)
 from tests.support import ROOT
@@ -200,20 +201,33 @@ def test_member_parts_come_from_the_accounts_with_each_stores_watermark(ledger, 
     assert pub.member_snapshot(["S001"]).parts == snap.parts               # the same rows: the same parts
 
 
-def test_hq_card_services_move_the_card_of_record(ledger):
+def test_the_deny_lists_card_command_is_the_card_service_on_a_card_hq_holds(ledger):
+    """``storegate-hq card deny|freeze|unfreeze|replace`` and ``members card``
+    are one card service on HQ's card of record; a card HQ does not hold is
+    left to the deny list."""
     imported(ledger)
     with ledger.engine.begin() as conn:
-        hq_card_service(conn, card_entries("deny", GOLD, status="lost"), "deny", "phone")
+        lost = deny_list_action(conn, "deny", GOLD, status="lost", reason="phone")
+        assert lost.cards_changed == [(GOLD, "active", "lost", None)]
+        assert deny_list_action(conn, "deny", GOLD, status="lost", reason="again") is None   # already lost
+        assert deny_list_action(conn, "deny", "880000000999", reason="not ours") is None
+        with pytest.raises(MemberError, match="members card"):
+            deny_list_action(conn, "deny", GOLD, status="expired", reason="by hand")
     with ledger.engine.connect() as conn:
         assert conn.execute(db.cards.select().where(db.cards.c.card_no == GOLD)).mappings().one()["status"] == "lost"
+    with ledger.engine.begin() as conn, pytest.raises(MemberError, match="at HQ already"):
+        deny_list_action(conn, "replace", GOLD, new_card_no="880000000021", reason="onto another member's card")
     with ledger.engine.begin() as conn:
-        hq_card_service(conn, card_entries("unfreeze", GOLD), "unfreeze", "found")
-        hq_card_service(conn, card_entries("replace", GOLD, new_card="880000000997"), "replace", "worn")
+        deny_list_action(conn, "unfreeze", GOLD, reason="found")
+        rep = deny_list_action(conn, "replace", GOLD, new_card_no="880000000997", reason="worn")
+    assert rep.cards_changed == [(GOLD, "active", "replaced", "880000000997"), ("880000000997", None, "active", None)]
     with ledger.engine.connect() as conn:
         new = conn.execute(db.cards.select().where(db.cards.c.card_no == "880000000997")).mappings().one()
         old = conn.execute(db.cards.select().where(db.cards.c.card_no == GOLD)).mappings().one()
+        kinds = [h.detail.get("op") for h in AccountStore().history(conn, old["account_id"]) if h.kind == "card_op"]
     assert (old["status"], old["replaced_by"]) == ("replaced", "880000000997")
     assert (new["status"], new["account_id"]) == ("active", old["account_id"])
+    assert sorted(kinds) == ["replace", "report_lost", "unfreeze"]
     assert account(ledger, "880000000997").stored_value_fen == account(ledger, GOLD).stored_value_fen
     with ledger.engine.connect() as conn:
         assert audit(conn) == []                      # no balance moved; every change has its entry

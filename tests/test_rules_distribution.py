@@ -340,7 +340,7 @@ async def test_deny_delta_end_to_end_under_a_second_in_every_store(tmp_path, bro
         await hq.card_action("unfreeze", GOLD_CARD, "resolved")
         await until(lambda: gw1.rules.deny_version == 4)
         assert (await tap(gw1, GOLD_CARD, "magstripe")).verdict == "accept"
-        await hq.card_action("replace", GOLD_CARD, "worn out", new_card="880000000070")
+        await hq.card_action("replace", GOLD_CARD, "worn out", new_card="880000000997")   # a card HQ has not issued
         await until(lambda: gw3.rules.deny_version == 5)
         assert (await tap(gw3, GOLD_CARD, "magstripe")).reason == "replaced"
 
