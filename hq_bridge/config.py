@@ -27,6 +27,9 @@ HQ_CONFIG_SCHEMA = {
                                 "description": "HQ's Ed25519 private key (PEM, mode 0600); its .pub goes to gateways"},
                 "resync_min_interval_s": {"type": "number", "minimum": 0, "default": 5,
                                           "description": "answer a store's resync requests at most this often"},
+                "timezone": {"type": "string", "default": "Asia/Shanghai",
+                             "description": "the chain's business day: `nightly` runs tiers and points expiry "
+                                            "for the day in this zone"},
             },
         },
         "mqtt": MQTT_CONFIG_SCHEMA,
@@ -48,13 +51,13 @@ HQ_CONFIG_SCHEMA = {
 
 def check(config: dict, source: str = "config") -> dict:
     config = configfile.validate(config, HQ_CONFIG_SCHEMA, source)
-    _check_database(config["hq"], source)
+    _check_hq(config["hq"], source)
     return config
 
 
 def load(path: str | Path) -> dict:
     config = configfile.load(path, HQ_CONFIG_SCHEMA)
-    _check_database(config["hq"], str(path))
+    _check_hq(config["hq"], str(path))
     return config
 
 
@@ -64,7 +67,12 @@ def database_url(config: dict) -> str:
     return url(config["hq"]["database"])
 
 
-def _check_database(hq: dict, source: str) -> None:
+def _check_hq(hq: dict, source: str) -> None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+    try:
+        ZoneInfo(hq["timezone"])
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{source}: hq.timezone: unknown time zone {hq['timezone']!r}") from None
     text = hq["database"]
     if "://" not in text:
         return

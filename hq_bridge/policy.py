@@ -377,9 +377,11 @@ def topup_refund(conn: Connection, tx_id: str, *, user: str = "admin", clock=tim
 # ================================================================ CLI
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("nightly", help="nightly account policy: tier moves, then points expiry")
+    p = subparsers.add_parser("nightly", help="nightly: tier moves, points expiry, then fresh member snapshots "
+                                              "to every store")
     p.add_argument("--config", required=True)
-    p.add_argument("--date", help="the day to run for (YYYY-MM-DD, default: today UTC)")
+    p.add_argument("--date", help="the day to run for (YYYY-MM-DD, default: today in hq.timezone)")
+    p.add_argument("--no-snapshots", action="store_true", help="the account policy only; publish nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(policy_command="nightly")
     r = subparsers.add_parser("topup-refund", help="refund a top-up (its bonus taken back first)")
@@ -390,11 +392,12 @@ def register(subparsers) -> None:
     r.set_defaults(policy_command="topup-refund")
 
 
-def run(args: argparse.Namespace, engine: Engine, *, out=None) -> int:
+def run(args: argparse.Namespace, engine: Engine, *, out=None, today: date | None = None) -> int:
+    """``today``: the chain's business day (hq.timezone), unless ``--date``."""
     out = out or sys.stdout
     try:
         if args.policy_command == "nightly":
-            res = nightly(engine, day=date.fromisoformat(args.date) if args.date else None)
+            res = nightly(engine, day=date.fromisoformat(args.date) if args.date else today)
             if args.json:
                 out.write(orjson.dumps(res.as_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
             else:

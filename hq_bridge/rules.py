@@ -492,10 +492,11 @@ class Publisher:
         """An external member base into HQ's accounts (an import, never the
         source of truth: cards HQ has already are skipped, not overwritten).
         A bad row refuses the whole file, naming the row."""
+        from hq_bridge.policy import chain_rules
         engine = self.ledger.engine
-        policy = getattr(self.ledger.accounts, "policy", None)
 
-        def work(conn):
+        def work(conn):     # the chain's account policy (points expiry, card validity) as stored now
+            policy = hq_accounts.policy_from_rules(chain_rules(conn))
             return hq_accounts.import_members(conn, rows, policy=policy, source=source)
         try:
             return db.run_in_transaction(engine, work, attempts=3)
