@@ -26,6 +26,7 @@ from gateway.uplink import Uplink, UplinkSettings
 from hq_bridge.bridge import Bridge
 from hq_bridge.ledger import Ledger
 from hq_bridge.rules import card_entries
+from tests.pg import hq_db_url, pg_server  # noqa: F401  (fixtures)
 from tests.test_rules_distribution import (GOLD_CARD, LOST_CARD, SILVER_CARD, gw_config_for, hq,  # noqa: F401
                                            publish_all, tap, until)
 from wire.messages import (ENVELOPE, MAX_ACK_RANGES, MAX_BODY_DEPTH, MAX_BYTES, SEQ_MAX, Ack, DenyDelta, Manifest,
@@ -309,7 +310,7 @@ async def test_uplink_sets_aside_what_cannot_be_sent(tmp_path):
         assert any(f.startswith("3 journaled record(s) could not be sent") for f in j.faults)
 
 
-async def test_poison_record_is_set_aside_and_later_records_reach_hq(tmp_path, broker):
+async def test_poison_record_is_set_aside_and_later_records_reach_hq(tmp_path, broker, hq_db_url):
     """The attack: a record nested 252 deep was fsync'd, no batch holding it
     could be encoded, and nothing after it reached HQ, ever, while status said
     online with no fault."""
@@ -317,7 +318,7 @@ async def test_poison_record_is_set_aside_and_later_records_reach_hq(tmp_path, b
     write_journal(Path(cfg["store"]["data_dir"]) / "journal",
                   [record_frame(1, {"ok": 1}), record_frame(2, nested(252)),
                    record_frame(3, {"ok": 3}, type_="Bad Type"), record_frame(4, {"ok": 4})])
-    ledger = Ledger(tmp_path / "hq" / "ledger.sqlite3")
+    ledger = Ledger(hq_db_url)
     bridge = Bridge({"host": "127.0.0.1", "port": broker.port}, ledger)
     task = asyncio.create_task(bridge.run())
     try:
@@ -348,12 +349,12 @@ async def test_poison_record_is_set_aside_and_later_records_reach_hq(tmp_path, b
 
 # -- 4. the HQ bridge: garbage, bombs and forgeries on every topic it reads ----------------
 
-async def test_hq_bridge_survives_garbage_bombs_and_forged_batches(tmp_path, broker, bomb):
+async def test_hq_bridge_survives_garbage_bombs_and_forged_batches(tmp_path, broker, bomb, hq_db_url):
     """The attack: the same 300 KB bomb on a store's tx topic took the bridge
     from 45 MB to 660 MB. Now that and every other bad payload on tx, status
     and resync is refused and counted, and the next good batch is committed
     and acked."""
-    ledger = Ledger(tmp_path / "hq" / "ledger.sqlite3")
+    ledger = Ledger(hq_db_url)
     bridge = Bridge({"host": "127.0.0.1", "port": broker.port}, ledger)
     task = asyncio.create_task(bridge.run())
     tx = TOPICS.tx("S001")
