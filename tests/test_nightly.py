@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import GOLD_UID, HQ, RULES_FILE, GatewayProc, wait_until
+from tests.support import HQ, RULES_FILE, GatewayProc, wait_until
+from tests.test_republish import member_view
 
 GOLD_CARD = "880000000013"
 EXPIRING = """
@@ -32,11 +33,7 @@ def shop(tmp_path, broker):
 
 
 def points_at_store(gw) -> int:
-    status, verdict = gw.call("POST", "/lanes/1/taps", {"source": "nfc", "raw": GOLD_UID})
-    assert status == 200 and verdict["verdict"].startswith("accept"), verdict
-    status, body = gw.call("GET", "/lanes/1/member")
-    assert status == 200, body
-    return body["member"]["member"]["points"]
+    return member_view(gw)["points"]
 
 
 def hq_points(hq: HQ) -> int:
