@@ -11,6 +11,7 @@
     storegate-hq reconcile [--json] [--settle ACCOUNT ...] --config hq.toml
     storegate-hq nightly [--no-snapshots] [--json] --config hq.toml   # tiers, points expiry, fresh snapshots
     storegate-hq topup-refund TX_ID --config hq.toml
+    storegate-hq review [--json] [--store S] | review resolve STORE SEQ --config hq.toml
 
 Every command that opens HQ's database (hq.database: an SQLite path or a
 postgresql+psycopg:// URL) brings it to the newest schema first (Alembic,
@@ -41,7 +42,7 @@ from common import eventloop, mqtt
 from common.configfile import ConfigError
 from hq_bridge import config as hq_config
 from hq_bridge import keys as hq_keys
-from hq_bridge import members, policy, reconcile
+from hq_bridge import members, policy, reconcile, review
 from hq_bridge.bridge import Bridge
 from hq_bridge.lookup import LookupService
 from hq_bridge.ledger import Ledger
@@ -51,10 +52,11 @@ from wire.ruleset import RulesetError
 from wire.topics import Topics
 
 
-_EXTRA: list = [members.register, reconcile.register, policy.register]
+_EXTRA: list = [members.register, reconcile.register, policy.register, review.register]
 _RUNNERS: dict = {
     "members": members.run,
     "reconcile": reconcile.run,
+    "review": review.run,
     "topup-refund": lambda args, engine, publish: policy.run(args, engine),
 }
 
