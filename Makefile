@@ -13,8 +13,9 @@ MPY_DIR = .cache/micropython
 MPY_PKG = @micropython/micropython-webassembly-pyscript@1.27.0
 
 # Debian packages the test suite runs against (real broker, real PC/SC stack,
-# headers to build pyscard, node for the MicroPython interpreter, PostgreSQL for HQ).
-TEST_APT = mosquitto pcscd vsmartcard-vpcd libpcsclite-dev swig python3-venv python3-dev gcc nodejs npm postgresql
+# headers to build pyscard, node for the MicroPython interpreter, PostgreSQL for HQ,
+# libfuse3 and fusermount3 for the power-cut file system of tests/powercut).
+TEST_APT = mosquitto pcscd vsmartcard-vpcd libpcsclite-dev swig python3-venv python3-dev gcc nodejs npm postgresql fuse3
 # The demo needs nothing from apt: it uses mosquitto when installed, else an
 # embedded broker from PyPI.
 

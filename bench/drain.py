@@ -22,8 +22,8 @@ import paho.mqtt.client as paho
 
 from bench.common import args, emit, median, note
 from common import eventloop
-from gateway.journal import Journal
 from gateway.rules_store import RulesStore
+from gateway.store.journal import Journal
 from gateway.testbed import LinkProxy, MosquittoBroker
 from gateway.uplink import Uplink, UplinkSettings
 from hq_bridge.ledger import Ledger

@@ -38,7 +38,7 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from bench.common import emit, note
-from gateway import pricing
+from gateway.core import pricing
 from hq_bridge import db
 from hq_bridge.accounts import AccountStore, audit, import_members, snapshot_rows
 from hq_bridge.rules import MEMBERS_PER_PART, _read_doc

@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from gateway.journal import Appended, IdempotencyConflict, JournalError, request_hash
+from gateway.store.journal import Appended, IdempotencyConflict, JournalError, request_hash
 from wire.messages import TxRecord
 
 log = logging.getLogger("storegate.journal")

@@ -52,9 +52,9 @@ from microdot.sse import sse_response
 from gateway import engine
 from gateway.api_schema import RequestInvalid, openapi_document, parse_body
 from gateway.counter import CounterError
-from gateway.journal import Appended, IdempotencyConflict, JournalError, JournalFull, RecordRefused
-from gateway.pricing import PricingError
+from gateway.core.pricing import PricingError
 from gateway.service import Gateway, NoMember, QuoteChanged
+from gateway.store.journal import Appended, IdempotencyConflict, JournalError, JournalFull, RecordRefused
 from gateway.terminals import FailedLogins, Terminal, Terminals, TerminalsError, default_path
 from hardware.readers import CardRead
 

@@ -68,7 +68,7 @@ from typing import Any
 import fastjsonschema
 import orjson
 
-from gateway import pricing
+from gateway.core import pricing
 from gateway.counter import PAYMENT_METHODS
 from hardware.readers import SOURCES
 from wire.ruleset import MAX_POINTS

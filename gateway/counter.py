@@ -53,8 +53,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway import engine, pricing
-from gateway.journal import Appended, RecordRefused
+from gateway import engine
+from gateway.core import pricing
+from gateway.store.journal import Appended, RecordRefused
 from gateway.texts import reason_text
 from wire import records
 from wire.ruleset import is_card_no
@@ -489,7 +490,7 @@ class Counter:
                     self.archive.relieve()
                     self._apply_local(*self._unapplied[0])
             except (sqlite3.Error, OSError) as exc:
-                from gateway.journal import JournalFull
+                from gateway.store.journal import JournalFull
                 raise JournalFull(f"local state cannot be written ({exc}); "
                                   f"{len(self._unapplied)} record(s) waiting") from None
             self._unapplied.pop(0)

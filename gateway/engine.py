@@ -1,4 +1,5 @@
-"""The pure core: card validation and pricing over plain data.
+"""Card validation over plain data, and the applied rule set (``Rules``).
+Pricing is gateway/core/ (``Rules`` compiles its promotions when built).
 
 No I/O and no clock reads: time is an argument; the member snapshot is
 reached only through ``rules.members`` (get / card_for_uid / denied /
@@ -14,10 +15,6 @@ snapshot plus this store's records after the snapshot's watermark. The daily
 offline allowances (``today``) always count this store's records since the
 snapshot, so a live answer never hands back what the day has used.
 
-Money is integer fen, points are integers. Rounding (DESIGN.md principle 3):
-- tier discount per line = amount * percent / 100, rounded half-up to the fen;
-- points = eligible fen * points_per_yuan * multiplier% / (100 * 100),
-  rounded down once per transaction.
 """
 
 from __future__ import annotations
@@ -27,15 +24,13 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from typing import Any
 
+from gateway.core.promotions import with_catalog
 from gateway.member_store import InMemoryMembers
-from gateway.texts import RECEIPT, reason_text, yuan
+from gateway.texts import reason_text
 from wire.ruleset import validate_ruleset, with_defaults
 
 # Which indicator pattern each verdict shows at the counter.
 PATTERN_FOR_VERDICT = {"accept": "accept", "accept_limited": "accept", "deny": "deny", "retry": "tap_again"}
-MAX_LINES = 500
-MAX_QTY = 9999
-MAX_UNIT_PRICE = 100_000_000  # one million yuan in fen
 
 
 @dataclass(frozen=True)
@@ -55,6 +50,8 @@ class Rules:
     programs: tuple = field(default=(), repr=False, compare=False)  # (prefix, length, id, program), longest prefix first
 
     def __post_init__(self) -> None:
+        # Promotions compiled once, here, where a rule set is applied (the quotes reuse them).
+        self.data["promotions"] = with_catalog(self.data)["promotions"]
         progs = sorted(((p["prefix"], p["length"], pid, p) for pid, p in self.data["card_programs"].items()),
                        key=lambda t: -len(t[0]))
         object.__setattr__(self, "programs", tuple(progs))
@@ -422,93 +419,3 @@ def member_context(verdict: Verdict | None) -> dict | None:
         "today": dict(m.get("today") or {}),
         "limited": limited,
     }
-
-
-def check_basket(lines: Any) -> list[dict]:
-    """The basket's lines as plain dicts, or BasketError naming the bad field."""
-    if not isinstance(lines, list) or not lines:
-        raise BasketError("lines: must be a non-empty list")
-    if len(lines) > MAX_LINES:
-        raise BasketError(f"lines: at most {MAX_LINES} lines per basket")
-    out = []
-    for i, line in enumerate(lines):
-        where = f"lines[{i}]"
-        if not isinstance(line, dict):
-            raise BasketError(f"{where}: must be an object")
-        unknown = set(line) - {"sku", "name", "category", "qty", "unit_price"}
-        if unknown:
-            raise BasketError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        sku = line.get("sku")
-        if not isinstance(sku, str) or not sku or len(sku) > 64:
-            raise BasketError(f"{where}.sku: required, a string of 1-64 characters")
-        qty = line.get("qty")
-        if type(qty) is not int or not 1 <= qty <= MAX_QTY:
-            raise BasketError(f"{where}.qty: required, a whole number from 1 to {MAX_QTY}")
-        price = line.get("unit_price")
-        if type(price) is not int or not 0 <= price <= MAX_UNIT_PRICE:
-            raise BasketError(f"{where}.unit_price: required, whole fen from 0 to {MAX_UNIT_PRICE}")
-        for key in ("name", "category"):
-            if key in line and not isinstance(line[key], str):
-                raise BasketError(f"{where}.{key}: must be a string")
-        out.append({"sku": sku, "name": line.get("name", sku), "category": line.get("category", ""),
-                    "qty": qty, "unit_price": price})
-    return out
-
-
-def quote(lines: list[dict], member: dict | None, rules: Rules | None, now: datetime) -> dict:
-    """Price a checked basket for a member (or an anonymous customer)."""
-    data = rules.data if rules else {"tiers": {}, "earning": {"points_per_yuan": 0, "excluded_categories": []},
-                                      "discount_excluded_categories": []}
-    tier_code = member["tier"]["code"] if member else None
-    tier = data["tiers"].get(tier_code) if tier_code else None
-    pct = tier["discount_percent"] if tier else 0
-    no_discount = set(data["discount_excluded_categories"])
-    priced = []
-    for line in lines:
-        amount = line["qty"] * line["unit_price"]
-        discount = (amount * pct + 50) // 100 if pct and line["category"] not in no_discount else 0
-        priced.append({**line, "amount": amount, "discount": discount, "net": amount - discount,
-                       "promotion": f"tier:{tier_code}" if discount else None})
-    subtotal = sum(p["amount"] for p in priced)
-    discount_total = sum(p["discount"] for p in priced)
-    total = subtotal - discount_total
-
-    earning = data["earning"]
-    excluded = set(earning["excluded_categories"])
-    eligible = sum(p["net"] for p in priced if p["category"] not in excluded) if member else 0
-    multiplier = tier["points_multiplier_percent"] if tier else 100
-    points = eligible * earning["points_per_yuan"] * multiplier // 10_000
-
-    receipt = _receipt(priced, subtotal, discount_total, total, points, member)
-    return {
-        "rules_version": rules.version if rules else None,
-        "lines": priced,
-        "subtotal": subtotal,
-        "discount": discount_total,
-        "total": total,
-        "points": {"earned": points, "eligible_fen": eligible,
-                   "points_per_yuan": earning["points_per_yuan"], "multiplier_percent": multiplier},
-        "receipt": receipt,
-    }
-
-
-def _receipt(priced, subtotal, discount_total, total, points, member) -> dict[str, list[str]]:
-    out = {}
-    for lang_i, lang in enumerate(("zh-CN", "en")):
-        text = {k: v[lang_i] for k, v in RECEIPT.items()}
-        rows = []
-        if member:
-            rows.append(f"{text['member']}: {member['tier']['name'][lang]}")
-        for p in priced:
-            rows.append(f"{p['name']} x{p['qty']}  {yuan(p['amount'])}")
-            if p["discount"]:
-                tier_name = member["tier"]["name"][lang]
-                rows.append(f"  {text['tier_discount'].format(tier=tier_name)}  -{yuan(p['discount'])}")
-        rows.append(f"{text['subtotal']}  {yuan(subtotal)}")
-        if discount_total:
-            rows.append(f"{text['discount_total']}  -{yuan(discount_total)}")
-        rows.append(f"{text['total']}  {yuan(total)}")
-        if member:
-            rows.append(f"{text['points_earned']}  {points}")
-        out[lang] = rows
-    return out

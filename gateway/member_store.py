@@ -59,6 +59,7 @@ from typing import Any, Iterable, NamedTuple
 
 import orjson
 
+from gateway.store.durable import make_dirs, sync_dir
 from wire.ruleset import check_deny_entry, check_member, member_checker
 
 log = logging.getLogger("storegate.members")
@@ -226,7 +227,7 @@ class InMemoryMembers:
         uids = {normalise_uid(r["nfc_uid"]): no for no, r in by_card.items() if r.get("nfc_uid")}
         for v in sorted(self._deny_log):  # deny deltas newer than the snapshot's deny list
             if v > deny_version:
-                self._apply_deny(deny_map, self._deny_log[v])
+                self._apply_deny(deny_map, self._deny_log[v], by_card)
         with self._lock:
             self._members, self._deny, self._uids = by_card, deny_map, uids
             self.version, self.as_of, self.store_seq = version, as_of, store_seq
@@ -251,10 +252,15 @@ class InMemoryMembers:
         self._load(members, deny, version, as_of, store_seq, deny_version)
 
     @staticmethod
-    def _apply_deny(deny_map: dict, entries: dict) -> None:
+    def _apply_deny(deny_map: dict, entries: dict, members: dict | None = None) -> None:
+        """A delta on the deny list; a lift also lifts the member row's status
+        (``members``, changed in place): see ``lifted_row``."""
         for card_no, entry in entries.items():
             if entry is None:
                 deny_map.pop(card_no, None)
+                row = members.get(card_no) if members is not None else None
+                if row is not None and lifted_row(row) is not row:
+                    members[card_no] = lifted_row(row)
             else:
                 deny_map[card_no] = check_deny_entry({"card_no": card_no, **entry})
 
@@ -267,8 +273,11 @@ class InMemoryMembers:
             if version != self.deny_version + 1:
                 raise DenyDeltaGap(self.deny_version, version)
             deny_map = dict(self._deny)
-            self._apply_deny(deny_map, entries)
-            self._deny, self.deny_version = deny_map, version
+            lifts = any(e is None and self._members.get(no, {}).get("status", "active") != "active"
+                        for no, e in entries.items())
+            members = dict(self._members) if lifts else self._members   # copied only when a row changes
+            self._apply_deny(deny_map, entries, members)
+            self._deny, self._members, self.deny_version = deny_map, members, version
             self._deny_log[version] = entries
             return True
 
@@ -310,14 +319,6 @@ CREATE TABLE IF NOT EXISTS deny_log (version INTEGER PRIMARY KEY, entries BLOB N
 _BATCH = 2_000  # rows per executemany: 2,000 keeps a 1M-member load near 90 MB peak RSS (20,000: ~160 MB), same speed
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class MemberStore:
     """Member snapshot and deny list in SQLite; see the module docstring.
 
@@ -329,7 +330,7 @@ class MemberStore:
 
     def __init__(self, data_dir: str | Path, *, durable: bool = True) -> None:
         self.dir = Path(data_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
         self.path = self.dir / "members.db"
         self._write_lock = threading.Lock()       # deny deltas vs the snapshot switch
         self._load_lock = threading.Lock()        # one snapshot load at a time
@@ -481,7 +482,7 @@ class MemberStore:
                         os.close(fd)
                     old = self._conn
                     os.replace(tmp, self.path)           # the switch on disk
-                    _fsync_dir(self.dir)
+                    sync_dir(self.dir)
                     self._conn = self._open(self.path)   # the switch for readers: one assignment
                     self._read_meta()
                     # A reader on the event loop may be mid-query on the old connection:
@@ -634,10 +635,31 @@ def _insert_batched(conn: sqlite3.Connection, sql: str, rows: Iterable[tuple]) -
         conn.executemany(sql, batch)
 
 
+def lifted_row(row: dict) -> dict:
+    """A member row as a lift in a deny delta leaves it: ``active``.
+
+    HQ lifts a card (a deny delta entry ``active``: an overdraft's block
+    settled, ``card unfreeze``, ``cancel_lost``) only when the card is active
+    at HQ, and a delta applied on a snapshot is newer than it (a snapshot
+    re-applies only the deltas after its deny list's version). A snapshot
+    built while the card was blocked or frozen says so in the row's
+    ``status`` too: without this, the lift took the card off the deny list
+    but the row kept refusing it offline until HQ's next snapshot."""
+    if row.get("status", "active") == "active":
+        return row
+    return {**row, "status": "active"}
+
+
 def _deny_apply_sql(conn: sqlite3.Connection, entries: dict) -> None:
     for card_no, entry in entries.items():
         if entry is None:
             conn.execute("DELETE FROM deny WHERE card_no=?", (card_no,))
+            got = conn.execute(_SELECT_MEMBER, (card_no,)).fetchone()
+            if got is not None:
+                row = orjson.loads(got[0])
+                if lifted_row(row) is not row:
+                    conn.execute("UPDATE members SET rec=? WHERE card_no=?",
+                                 (orjson.dumps(lifted_row(row)), card_no))
         else:
             rec = {k: v for k, v in entry.items() if k != "card_no"}
             conn.execute("INSERT OR REPLACE INTO deny VALUES (?, ?)", (card_no, orjson.dumps(rec)))

@@ -50,6 +50,7 @@ import orjson
 from gateway import runtime
 from gateway.engine import Rules, mask_card
 from gateway.member_store import DenyDeltaGap, MemberStore
+from gateway.store.durable import make_dirs, sync_dir
 from wire.distribution import check_layer_header, effective_rules, parse_layer_name
 from wire.messages import DenyDelta, Manifest, Part, WireError, decode_layer, iter_table
 from wire.ruleset import RulesetError
@@ -92,7 +93,7 @@ class DenyGap(RulesRejected):
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """tmp, fsync, rename, fsync the directory. Mode 0600: layers carry keys (SUN, QR)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dirs(path.parent, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -100,11 +101,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_dir(path.parent)
 
 
 class RulesStore:
@@ -112,7 +109,7 @@ class RulesStore:
                  public_keys: list[str] | None = None, members=None, clock=time.time) -> None:
         self.dir = Path(directory)
         self.parts_dir = self.dir / "parts"
-        self.parts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(self.parts_dir, mode=0o700)
         os.chmod(self.dir, 0o700)
         self.manifest_path = self.dir / "manifest.json"
         self.path = self.manifest_path  # the persisted rule set (gateway.secure_nfc checks its mode)

@@ -14,10 +14,10 @@ from zoneinfo import ZoneInfo
 
 from gateway import engine, lane_faults, runtime
 from gateway.counter import Counter
-from gateway.journal import Appended, Journal
 from gateway.qr_replay import MemberQrCheck, ReplayStore
 from gateway.rules_store import RulesStore
 from gateway.secure_nfc import SecureNfc
+from gateway.store.journal import Appended, Journal
 from gateway.uplink import Uplink, UplinkSettings
 from hardware.indicators import GpioIndicator, Indicator, SimulatedIndicator
 from hardware.readers import CardRead, CardReader, SimulatedReader

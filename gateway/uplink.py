@@ -33,10 +33,10 @@ from typing import Awaitable, Callable
 import aiomqtt
 
 from common import mqtt
-from gateway.journal import Journal, JournalError, UnreadableRecord
 from gateway.live_accounts import LiveAccounts
 from gateway.rules_store import RulesStore
 from gateway.rules_sync import RulesSync
+from gateway.store.journal import Journal, JournalError, UnreadableRecord
 from wire.messages import (MAX_BATCH_RECORDS, MAX_BYTES, Ack, Status, TxBatch, TxRecord, WireError,
                            intersect_ranges, normal_ranges, ranges_text, seqs_to_ranges, subtract_ranges,
                            unsendable_record)

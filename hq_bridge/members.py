@@ -525,7 +525,7 @@ def account_view(conn: Connection, card_no: str, *, history: int = 20) -> dict:
         "cards": [{"card_no": c["card_no"], "role": c["role"], "status": c["status"], "member_id": c["member_id"],
                    "replaced_by": c["replaced_by"], "expires": c["expires"], "card_type": c["card_type"]}
                   for c in cards],
-        "overdrafts": [dict(r) for r in open_ods],
+        "overdrafts": [{str(k): v for k, v in r.items()} for r in open_ods],   # plain str keys for JSON
         "history": [{"kind": h.kind, "d_paid_fen": h.d_paid_fen, "d_bonus_fen": h.d_bonus_fen,
                      "d_points": h.d_points, "package_id": h.package_id, "d_uses": h.d_uses, "card_no": h.card_no,
                      "store": h.store, "seq": h.seq, "tx_id": h.tx_id, "ref_tx_id": h.ref_tx_id,

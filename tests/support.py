@@ -199,7 +199,7 @@ terminals_file = "{self.terminals_file}"
 
     def journal_seqs(self) -> list[int]:
         """Sequence numbers still pending in the journal on disk."""
-        from gateway.journal import read_index
+        from gateway.store.journal import read_index
 
         return sorted(read_index(self.data_dir / "journal").pending)
 
@@ -390,3 +390,62 @@ def install_rules(target, rules_file: Path = RULES_FILE, *, version: int = 1, no
         rules.keyring.add(test_hq_public_key())
     payload, parts = signed_rules(rules_file, store=rules.store, version=version, now=now, **kw)
     return rules.install(payload, parts)
+
+
+class DarkProxyThread(ProxyThread):
+    """A ProxyThread whose ``cut()`` makes the link go dark the way a dead
+    uplink does: open connections are dropped (the client notices at once),
+    and new connection attempts get no answer (they are held, as packets to
+    a dead route are, instead of being refused at once, so the client's
+    reconnect backoff does not climb for as long as the link is down).
+    ``restore()`` lets the attempts held go through to the broker: a client
+    in the middle of one is connected at once, as when a link comes back
+    within the connect timeout."""
+
+    def __init__(self, target_port: int, latency_s: float = 0.0) -> None:
+        import asyncio
+        import threading
+
+        from gateway.testbed import LinkProxy
+
+        class DarkLinkProxy(LinkProxy):
+            def __init__(self, *args, **kw) -> None:
+                super().__init__(*args, **kw)
+                self.back = asyncio.Event()
+                self.back.set()
+                self.held: set = set()
+                self.closed = False
+
+            def cut(self) -> None:
+                self.back.clear()
+                super().cut()
+
+            def restore(self) -> None:
+                super().restore()
+                self.back.set()
+
+            async def stop(self) -> None:
+                await super().stop()
+                self.closed = True
+                for w in list(self.held):
+                    w.transport.abort()
+                self.back.set()
+                await asyncio.sleep(0)
+
+            async def _accept(self, client_r, client_w) -> None:
+                self.held.add(client_w)
+                try:
+                    await self.back.wait()     # held, unanswered, while the link is dark
+                finally:
+                    self.held.discard(client_w)
+                if self.closed:
+                    client_w.transport.abort()
+                    return
+                await super()._accept(client_r, client_w)
+
+        self.loop = asyncio.new_event_loop()
+        self.proxy = DarkLinkProxy(target_port, latency_s=latency_s)
+        self.port = self.proxy.port
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self._call(self.proxy.start())

@@ -273,7 +273,7 @@ def test_defaults_are_documented_not_filled_in():
 
 def test_an_accepted_body_can_be_hashed_and_journaled():
     """What used to 500: the journal's request hash (orjson) on a >64-bit integer."""
-    from gateway.journal import request_hash
+    from gateway.store.journal import request_hash
 
     for body in VALID.values():
         request_hash(body)

@@ -19,7 +19,7 @@ import pytest
 
 from gateway import config as gw_config
 from gateway.counter import CounterError
-from gateway.pricing import PricingError
+from gateway.core.pricing import PricingError
 from gateway.service import Gateway
 from gateway.testbed import free_port
 from hardware.readers import CardRead
@@ -261,7 +261,7 @@ async def test_a_local_state_failure_never_fails_a_durable_sale(gw, monkeypatch)
     sale = await gw.counter.sale("1", {"idempotency_key": "held-0001", "lines": basket(60000),
                                        "tender": {"stored_value_fen": 10000}})
     assert not sale.duplicate and gw.counter.faults                 # the POS got its OK; the fault shows
-    from gateway.journal import JournalFull
+    from gateway.store.journal import JournalFull
     await tap(gw, DIAMOND)
     with pytest.raises(JournalFull):                                  # second failure: refused, nothing written
         await gw.counter.sale("1", {"idempotency_key": "held-0002", "lines": basket(1000)})

@@ -1,4 +1,5 @@
-"""The pure core: validation and pricing, with expected numbers written by hand."""
+"""Card validation, and pricing through the counter's path (verdict -> member context -> quote),
+with expected numbers written by hand."""
 
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -7,6 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from gateway import engine
+from gateway.core import pricing
 from hq_bridge.rules import _read_doc
 from wire.ruleset import effective_ruleset
 from tests.support import RULES_FILE
@@ -58,39 +60,44 @@ def test_expiry_is_inclusive_of_the_last_day():
 
 
 def _member(raw="04A1B2C3D4E5F6", source="nfc"):
-    return engine.validate(source, raw, RULES, NOW).member
+    """The pricing core's member, from the tap's verdict, as the counter builds it."""
+    return engine.member_context(engine.validate(source, raw, RULES, NOW))
+
+
+def _quote(lines, member):
+    return pricing.quote(lines, member, RULES.data, NOW, store="S001", region="east")
 
 
 def test_gold_quote_worked_case():
-    lines = engine.check_basket([
+    q = _quote([
         {"sku": "6901234567892", "name": "大米 5kg", "category": "staples", "qty": 1, "unit_price": 4990},
         {"sku": "6920202888883", "name": "酸奶", "category": "dairy", "qty": 4, "unit_price": 650},
         {"sku": "6901028075831", "name": "香烟", "category": "tobacco", "qty": 1, "unit_price": 2500},
-    ])
-    q = engine.quote(lines, _member(), RULES, NOW)
+    ], _member())
     # Worked by hand: gold 5% off eligible lines, half-up per line:
     #   rice 4990 * 5% = 249.5 -> 250; yogurt 2600 * 5% = 130; tobacco excluded from discounts.
     assert [l["discount"] for l in q["lines"]] == [250, 130, 0]
     assert (q["subtotal"], q["discount"], q["total"]) == (10090, 380, 9710)
     # Points: tobacco excluded; (4740 + 2470) fen = 72.10 yuan * 1 pt * 150% = 108.15 -> 108
     assert q["points"]["earned"] == 108
-    assert q["receipt"]["zh-CN"] == [
+    assert q["receipt"]["zh-CN"][:11] == [
         "会员: 金卡会员",
         "大米 5kg x1  49.90",
-        "  金卡会员折扣  -2.50",
+        "  金卡会员折扣5%  -2.50",
         "酸奶 x4  26.00",
-        "  金卡会员折扣  -1.30",
+        "  金卡会员折扣5%  -1.30",
         "香烟 x1  25.00",
         "商品合计  100.90",
         "优惠合计  -3.80",
+        "  金卡会员折扣5%  -3.80",
         "应付金额  97.10",
         "本次积分  108",
     ]
-    assert q["receipt"]["en"][-3:] == ["Discounts  -3.80", "Total  97.10", "Points earned  108"]
+    assert q["receipt"]["en"][-6:-3] == ["  Gold discount 5%  -3.80", "Total  97.10", "Points earned  108"]
 
 
 def test_anonymous_quote_has_no_discount_or_points():
-    q = engine.quote(engine.check_basket([{"sku": "a", "qty": 3, "unit_price": 333}]), None, RULES, NOW)
+    q = _quote([{"sku": "a", "qty": 3, "unit_price": 333}], None)
     assert (q["total"], q["discount"], q["points"]["earned"]) == (999, 0, 0)
     assert q["receipt"]["en"] == ["a x3  9.99", "Subtotal  9.99", "Total  9.99"]
 
@@ -105,9 +112,8 @@ line_st = st.fixed_dictionaries({
 @given(st.lists(line_st, min_size=1, max_size=30), st.sampled_from([None, "04A1B2C3D4E5F6", "04112233445566"]))
 def test_quote_properties(lines, uid):
     member = _member(uid) if uid else None
-    basket = engine.check_basket(lines)
-    q = engine.quote(basket, member, RULES, NOW)
-    assert q == engine.quote(basket, member, RULES, NOW)                 # deterministic
+    q = _quote(lines, member)
+    assert q == _quote(lines, member)                                   # deterministic
     assert q["total"] >= 0 and q["points"]["earned"] >= 0
     assert all(0 <= l["discount"] <= l["amount"] and l["net"] >= 0 for l in q["lines"])
     assert q["total"] == sum(l["net"] for l in q["lines"]) == q["subtotal"] - q["discount"]

@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from gateway.journal import (IdempotencyConflict, Journal, JournalFull, JournalIndex, encode_frame,
-                             read_index, scan_frames)
+from gateway.store.journal import (IdempotencyConflict, Journal, JournalFull, JournalIndex, encode_frame,
+                                   read_index, scan_frames)
 
 
 async def test_append_pending_ack_cycle(tmp_path):
@@ -166,7 +166,7 @@ async def test_compaction_carries_idempotency_keys_forward(tmp_path):
         record_segments = {loc[0] for loc in j.index.pending.values()}
         await j.mark_acked(list(range(1, 31)))
         left = {int(p.stem) for p in path.glob("*.log")}
-        assert not (record_segments - {j._segment}) & left  # acked segments are gone...
+        assert not (record_segments - {j._files.active}) & left  # acked segments are gone...
         assert (await j.lookup("key-0003", {"i": 3})).response["total"] == 3   # ...their keys are not
     async with Journal(path, segment_bytes=1024) as j:
         again = await j.append("sale", {}, idempotency_key="key-0005", request={"i": 5})
@@ -195,13 +195,13 @@ async def test_sector_writes_keep_every_frame_intact(tmp_path, monkeypatch, dire
     zeroed-ahead horizon: with O_DIRECT the partial last sector is rewritten
     on each group, zeros go ahead of the frames; nothing already written may
     change, and everything reads back after a restart."""
-    import gateway.journal as journal_module
+    import gateway.store.journal.segments as journal_module
 
     monkeypatch.setattr(journal_module, "ZERO_AHEAD", zero_ahead)
     path = tmp_path / "j"
     bodies = []
     async with Journal(path, direct=direct) as j:
-        if direct and j._direct_fd is None:
+        if direct and not j.direct_io:
             pytest.skip("this file system refuses O_DIRECT")
         n = 0
         for group in (1, 3, 1, 8, 2, 17, 1, 5):
@@ -224,10 +224,10 @@ async def test_sector_writes_keep_every_frame_intact(tmp_path, monkeypatch, dire
 async def test_a_refused_direct_write_falls_back_to_buffered_writes(tmp_path, monkeypatch):
     """Some file systems accept O_DIRECT at open and refuse the write (EINVAL):
     the record still goes to disk, buffered, and nothing is lost or torn."""
-    import gateway.journal as journal_module
+    import gateway.store.journal.segments as journal_module
 
     async with Journal(tmp_path / "j", direct=True) as j:
-        if j._direct_fd is None:
+        if not j.direct_io:
             pytest.skip("this file system refuses O_DIRECT at open already")
         first = await j.append("sale", {"i": 0})
 
@@ -235,7 +235,7 @@ async def test_a_refused_direct_write_falls_back_to_buffered_writes(tmp_path, mo
             raise OSError(22, "Invalid argument")
         monkeypatch.setattr(journal_module.os, "pwritev", refuse)
         rest = await asyncio.gather(*(j.append("sale", {"i": i}) for i in range(1, 4)))
-        assert j._direct_fd is None
+        assert not j.direct_io
         last = await j.append("sale", {"i": 4})
     monkeypatch.undo()
     async with Journal(tmp_path / "j") as j:
@@ -292,7 +292,7 @@ async def test_direct_appends_sync_in_the_write_or_fall_back_to_fdatasync(tmp_pa
     separate fdatasync; a kernel that refuses the flag gets the fdatasync."""
     import os
 
-    import gateway.journal as journal_module
+    import gateway.store.journal.segments as journal_module
 
     if not journal_module.RWF_DSYNC:
         pytest.skip("no RWF_DSYNC on this platform")
@@ -308,7 +308,7 @@ async def test_direct_appends_sync_in_the_write_or_fall_back_to_fdatasync(tmp_pa
         return real_pwritev(fd, buffers, offset, *flags)
 
     async with Journal(tmp_path / "j") as j:
-        if j._direct_fd is None:
+        if not j.direct_io:
             pytest.skip("this file system refuses O_DIRECT")
         monkeypatch.setattr(journal_module.os, "fdatasync", counting_fdatasync)
         monkeypatch.setattr(journal_module.os, "pwritev", recording_pwritev)
@@ -321,9 +321,27 @@ async def test_direct_appends_sync_in_the_write_or_fall_back_to_fdatasync(tmp_pa
             return real_pwritev(fd, buffers, offset)
         monkeypatch.setattr(journal_module.os, "pwritev", refusing_pwritev)
         await j.append("sale", {"i": 5})
-        assert len(syncs) == 1 and not j._rwf_dsync
+        assert len(syncs) == 1 and not j._files.rwf_dsync
         await j.append("sale", {"i": 6})
         assert len(syncs) == 2
     monkeypatch.undo()
     async with Journal(tmp_path / "j") as j:
         assert [r.body["i"] for r in await j.pending()] == list(range(7))
+
+
+async def test_a_new_journal_directory_is_made_durable_in_its_parent(tmp_path, monkeypatch):
+    """A power cut right after the first sale must not lose the directory
+    entry of a journal that made its directory itself (tests/test_power_cut.py
+    cuts the power to show it; here, which directories get synced)."""
+    import gateway.store.durable as durable
+    import gateway.store.journal.segments as segments
+
+    synced = []
+    real = durable.sync_dir
+    for module in (durable, segments):
+        monkeypatch.setattr(module, "sync_dir", lambda d: synced.append(d) or real(d))
+    async with Journal(tmp_path / "data" / "journal") as j:
+        await j.append("sale", {})
+        await j.set_aside(1, "a test")
+    assert tmp_path in synced and tmp_path / "data" in synced          # each new directory's entry
+    assert tmp_path / "data" / "journal" in synced                     # the unsendable/ entry, the segment's

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.journal import Journal, read_index
+from gateway.store.journal import Journal, read_index
 
 LANES = 8
 PER_LANE = 300
@@ -53,7 +53,7 @@ async def append_lanes(j: Journal, committed: Committed, on_commit=None) -> None
 
 
 def direct_or_skip(j: Journal) -> None:
-    if j._direct_fd is None:
+    if not j.direct_io:
         pytest.skip("this file system refuses O_DIRECT: reads and writes are both buffered")
 
 
@@ -88,7 +88,7 @@ async def test_pending_reads_back_every_committed_record_during_direct_appends(t
 
 CHILD = textwrap.dedent("""
     import json, mmap, struct, sys
-    from gateway.journal import decode_frame, read_index, read_segment
+    from gateway.store.journal import decode_frame, read_index, read_segment
 
     directory, shared = sys.argv[1], sys.argv[2]
     mark = struct.Struct("<qq")
@@ -147,7 +147,7 @@ async def test_read_index_from_another_process_sees_every_committed_record(tmp_p
 async def test_a_backlog_is_read_in_few_large_reads(tmp_path, monkeypatch):
     """The drain asks for up to 500 records at a time: consecutive frames come
     in with one read, not one per record."""
-    import gateway.journal as journal_module
+    import gateway.store.journal.segments as journal_module
 
     async with Journal(tmp_path / "j") as j:
         await asyncio.gather(*(j.append("sale", body(0, k)) for k in range(500)))
@@ -167,7 +167,7 @@ async def test_reads_fall_back_when_o_direct_is_refused(tmp_path, monkeypatch, r
     """A device with 4 KiB logical sectors refuses 512-byte O_DIRECT reads,
     some file systems refuse O_DIRECT reads altogether (EINVAL): reads then
     use 4 KiB alignment, or go buffered, and still return every record."""
-    import gateway.journal as journal_module
+    import gateway.store.journal.segments as journal_module
 
     path = tmp_path / "j"
     async with Journal(path) as j:
@@ -183,7 +183,7 @@ async def test_reads_fall_back_when_o_direct_is_refused(tmp_path, monkeypatch, r
         monkeypatch.setattr(journal_module.os, "preadv", preadv)
         for after in (0, 3, 17, 39):
             assert [r.body for r in await j.pending(after, 100)] == expected[after:]
-        assert {f.align for f in j._readers.values()} == {0 if refuse == "always" else 4096}
+        assert {f.align for f in j._files.reader.files.values()} == {0 if refuse == "always" else 4096}
         assert sorted(read_index(path).pending) == list(range(1, 41))
     async with Journal(path) as j:  # recovery reads the same way
         assert [r.body for r in await j.pending(0, 100)] == expected

@@ -11,8 +11,8 @@ import pytest
 from gpiozero.pins.mock import MockFactory
 
 from gateway import config as gw_config
-from gateway.journal import Journal
 from gateway.service import Gateway
+from gateway.store.journal import Journal
 from tests import pcsc_env
 from tests.test_nfc import READER, until
 

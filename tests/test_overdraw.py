@@ -22,8 +22,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gateway import config as gw_config
-from gateway import pricing
-from gateway.pricing import TenderError
+from gateway.core import pricing
+from gateway.core.pricing import TenderError
 from gateway.service import Gateway
 from gateway.testbed import free_port
 from hardware.readers import CardRead

@@ -10,8 +10,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway import pricing
-from gateway.pricing import PricingError, ReturnError, TenderError
+from gateway.core import pricing
+from gateway.core.pricing import PricingError, ReturnError, TenderError
 
 TZ = ZoneInfo("Asia/Shanghai")
 WED = datetime(2026, 11, 25, 10, 30, tzinfo=TZ)   # a Wednesday: member day

@@ -5,9 +5,10 @@ from zoneinfo import ZoneInfo
 
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from gateway import pricing
-from gateway.pricing import TenderError
-from gateway.promotions import Pricer
+from gateway.core import pricing
+from gateway.core.pricing import TenderError
+from gateway.core import exclusive
+from gateway.core.promotions import Pricer
 
 TZ = ZoneInfo("Asia/Shanghai")
 SKUS = {"A": "fresh", "B": "dairy", "C": "snacks", "D": "tobacco", "E": "dairy", "F": "household"}
@@ -272,7 +273,7 @@ def test_best_for_customer_among_exclusive_promotions(pol, lines, member, now):
     checked = pricing.check_lines(lines)
     pr = Pricer(checked, member, pol, store="S001", region="east", now_min=now.strftime("%Y-%m-%dT%H:%M"),
                 weekday=now.isoweekday())
-    pr.price()
+    chosen = exclusive.choose(pr)
     groups = {}
     for p in pr.promos:
         if p.group:
@@ -280,13 +281,14 @@ def test_best_for_customer_among_exclusive_promotions(pol, lines, member, now):
     assume(groups)
     plain = [p for p in pr.promos if not p.group]
     for k, g in enumerate(sorted(groups)):
-        base = plain + pr.chosen[:k]
-        scores = {c.id: pr.full_saving(base + [c]) for c in groups[g]}
+        base = plain + chosen[:k]
+        scores = {c.id: pr.saving(base + [c]) for c in groups[g]}
         best = max(scores.values())
-        assert scores[pr.chosen[k].id] == best
-        assert pr.chosen[k].id == min(cid for cid, s in scores.items() if s == best)
+        assert scores[chosen[k].id] == best
+        assert chosen[k].id == min(cid for cid, s in scores.items() if s == best)
+    assert chosen == exclusive.choose_reference(pr)
     # and the quote's own total is that of a full run with the picks
-    saving, _ = pr.full_saving(plain + pr.chosen)
+    saving, _ = pr.saving(plain + chosen)
     q = pricing.quote(lines, member, pol, now, store="S001", region="east")
     assert sum(pr.start) - saving == q["total"]
 
@@ -294,7 +296,7 @@ def test_best_for_customer_among_exclusive_promotions(pol, lines, member, now):
 @SETTINGS
 @given(st.lists(st.integers(0, 10**7), min_size=1, max_size=20), st.integers(0, 10**8))
 def test_allocation_sums_exactly_and_never_exceeds_a_line(weights, total):
-    from gateway.allocation import allocate
+    from gateway.core.money import allocate
     shares = allocate(total, weights)
     assert sum(shares) == min(total, sum(weights))
     assert all(0 <= s <= w for s, w in zip(shares, weights))
@@ -315,40 +317,37 @@ def test_bench_workload_is_priced_consistently():
                               rules_age_s=600)
     pr = Pricer(pricing.check_lines(basket), MEMBER, pol, store="S001", region="east",
                 now_min=NOW.strftime("%Y-%m-%dT%H:%M"), weekday=NOW.isoweekday())
-    pr.price()
+    chosen = exclusive.choose(pr)
+    assert chosen == exclusive.choose_reference(pr)
     plain = [p for p in pr.promos if not p.group]
     groups = sorted({p.group for p in pr.promos if p.group})
     assert len(groups) == 5
     for k, g in enumerate(groups):
-        scores = {c.id: pr.full_saving(plain + pr.chosen[:k] + [c]) for c in pr.promos if c.group == g}
-        assert scores[pr.chosen[k].id] == max(scores.values())
+        scores = {c.id: pr.saving(plain + chosen[:k] + [c]) for c in pr.promos if c.group == g}
+        assert scores[chosen[k].id] == max(scores.values())
 
 
 def _candidate_matches_full_runs(pr: Pricer) -> int:
-    """Every candidate's incremental (saving, bonus), and the rebased base it
-    hands to the next group, equal those of full runs. -> candidates checked."""
+    """Every candidate's incremental (saving, bonus), and the base it builds
+    for the next group, equal those of full runs (the reference's).
+    -> candidates checked."""
     plain = [p for p in pr.promos if not p.group]
-    picked = sorted({p.group for p in pr.promos if p.group})
     active = sorted(plain, key=lambda p: p.key)
-    snaps: list = []
-    final, bonus = pr._run_fast(active, snaps)
     checked = 0
-    for g in picked:
-        keys = [p.key for p in active]
-        saving = sum(pr.start) - sum(final)
+    for g in sorted({p.group for p in pr.promos if p.group}):
+        base = exclusive.Base(pr, active)
         for c in (p for p in pr.promos if p.group == g):
-            assert pr._candidate(c, active, keys, snaps, final, saving, bonus) == pr.full_saving(active + [c])
-            (s, b), new_active, new_snaps, new_final = pr._candidate(c, active, keys, snaps, final, saving, bonus,
-                                                                     rebase=True)
-            assert (s, b) == pr.full_saving(active + [c])
-            fresh: list = []
-            assert (new_final, b) == pr._run_fast(new_active, fresh)
-            assert new_snaps == fresh
+            assert base.score(c) == pr.saving(active + [c])
+            with_c = base.plus(c)
+            fresh = exclusive.Base(pr, sorted(active + [c], key=lambda p: p.key))
+            assert (with_c.active, with_c.snaps, with_c.final, with_c.bonus) == \
+                (fresh.active, fresh.snaps, fresh.final, fresh.bonus)
+            _, final, snaps_from_c = base.with_candidate(c, keep=True)
+            before_c = len(base.active) + 1 - len(snaps_from_c)
+            assert (final, base.snaps[:before_c] + snaps_from_c) == (fresh.final, fresh.snaps)
             checked += 1
-        best = max((p for p in pr.promos if p.group == g), key=lambda p: pr.full_saving(active + [p]))
+        best = max((p for p in pr.promos if p.group == g), key=lambda p: pr.saving(active + [p]))
         active = sorted(active + [best], key=lambda p: p.key)
-        snaps = []
-        final, bonus = pr._run_fast(active, snaps)
     return checked
 
 

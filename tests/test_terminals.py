@@ -283,7 +283,7 @@ async def test_a_sale_of_billions_is_refused_by_the_rules_caps(gw):
 async def test_only_what_the_record_schema_allows_is_journaled(gw):
     """An in-process caller (no API door) with a line name HQ could not
     apply: refused before the fsync, no sequence number used."""
-    from gateway.journal import RecordRefused
+    from gateway.store.journal import RecordRefused
 
     depth, last = await journal_depth(gw), (await gw.journal.backlog())["last_seq"]
     line = {"sku": "A1", "name": "x" * 5000, "category": "household", "qty": 1, "unit_price": 100}

@@ -26,7 +26,7 @@ from datetime import date
 
 from lunardate import LunarDate
 
-from gateway.promotions import card_type_of
+from gateway.core.promotions import card_type_of
 
 UNITS_PER_POINT = 10_000
 

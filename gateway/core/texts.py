@@ -8,6 +8,8 @@ yuan strings already formatted by ``texts.yuan``.
 
 from __future__ import annotations
 
+from gateway.texts import yuan
+
 PRICING_REASONS: dict[str, tuple[str, str]] = {
     "basket_invalid": ("商品明细有误：{detail}", "The basket is not valid: {detail}"),
     "tender_invalid": ("支付方式有误：{detail}", "The tender is not valid: {detail}"),
@@ -97,3 +99,36 @@ PRICING_RECEIPT: dict[str, tuple[str, str]] = {
     "withdrawal": ("储值取款（本金）", "Stored value paid out (paid part)"),
     "registration": ("会员办卡", "Member registered"),
 }
+
+LANGS = ("zh-CN", "en")
+
+
+class YuanTexts(dict):
+    """fen -> ``yuan(fen)``, made on first use: a rule set's receipts show the
+    same amounts (prices, discounts) quote after quote. Kept by the rule
+    set's compiled promotions (promotions.Catalog); bounded."""
+
+    LIMIT = 8192
+
+    def __missing__(self, fen: int) -> str:
+        if len(self) >= self.LIMIT:
+            self.clear()
+        text = self[fen] = yuan(fen)
+        return text
+
+
+def label(key: str, lang: str, /, **kw) -> str:
+    return PRICING_RECEIPT[key][0 if lang == "zh-CN" else 1].format(**kw)
+
+
+def name_of(obj: dict | None, fallback: str) -> dict:
+    """A rule's ``name`` ({lang: text}), or the fallback in every language."""
+    return (obj or {}).get("name") or {"zh-CN": fallback, "en": fallback}
+
+
+def saving_labels(title: dict) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The receipt row prefixes of a saving titled ``title`` ({lang: text}):
+    (zh, en) of an item row "  <title>  -", and of an allocated share
+    "  <title> (share)  -"."""
+    return (tuple(f"  {title[lang]}  -" for lang in LANGS),
+            tuple("  " + label("allocated", lang, name=title[lang]) + "  -" for lang in LANGS))

@@ -161,32 +161,17 @@ import calendar
 from datetime import date, datetime
 from typing import Any
 
-from gateway import points as pts
-from gateway.allocation import allocate, half_up, prorate
-from gateway.pricing_texts import PRICING_RECEIPT, PRICING_REASONS
-from gateway.promotions import Pricer, card_type_of
-from gateway.texts import yuan as _yuan
+from gateway.core import exclusive, points as pts
+from gateway.core.money import allocate, percent_of, prorate
+from gateway.core.promotions import Pricer, card_type_of
+from gateway.core.texts import LANGS, PRICING_REASONS, label as _label, name_of as _name, saving_labels
+from gateway.texts import yuan
 from wire.ruleset import is_card_no
-
-
-class _YuanTexts(dict):
-    """fen -> its yuan text, made on first use: receipts format the same few
-    amounts many times, and a dict hit is cheaper than an lru_cache call."""
-
-    def __missing__(self, fen: int) -> str:
-        if len(self) >= 8192:
-            self.clear()
-        text = self[fen] = _yuan(fen)
-        return text
-
-
-yuan = _YuanTexts().__getitem__
 
 MAX_LINES = 500
 MAX_QTY = 9999
 MAX_UNIT_PRICE = 100_000_000
 MAX_TOPUP_FEN = 10_000_000  # 100,000 yuan: a sanity bound, HQ's policy may be lower
-LANGS = ("zh-CN", "en")
 
 
 class PricingError(ValueError):
@@ -210,14 +195,6 @@ class TenderError(PricingError):
 
 class ReturnError(PricingError):
     """A return that does not match the original sale."""
-
-
-def _name(obj: dict | None, fallback: str) -> dict:
-    return (obj or {}).get("name") or {"zh-CN": fallback, "en": fallback}
-
-
-def _label(label: str, lang: str, **kw) -> str:
-    return PRICING_RECEIPT[label][0 if lang == "zh-CN" else 1].format(**kw)
 
 
 # ---------------------------------------------------------------- input checks
@@ -476,7 +453,7 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
     today_iso = today.isoformat()
     pricer = Pricer(lines, member, policy, store=store, region=region,
                     now_min=now.strftime("%Y-%m-%dT%H:%M"), weekday=today.isoweekday())
-    nets, adj, applied = pricer.price()
+    nets, adj, applied, _ = pricer.price(exclusive.choose(pricer))
 
     # Coupons: order-level, after promotions, in the order given.
     coupons_used = []
@@ -500,7 +477,7 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         if base < need or base <= 0:
             raise TenderError("coupon_min_spend", field, code=code, limit=need, asked=base,
                               _fen=("limit", "asked"))
-        off = coupon["value_fen"] if "value_fen" in coupon else half_up(base * coupon.get("percent", 0), 100)
+        off = coupon["value_fen"] if "value_fen" in coupon else percent_of(base, coupon.get("percent", 0))
         off = min(off, base)
         for i, d in zip(idx, allocate(off, weights)):
             if d:
@@ -539,23 +516,15 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
     if pricer.base_src:
         savings.append((pricer.base_src, sum(pricer.base_adj),
                         _saving_info(pricer.base_src, pricer.base_src.split(":")[0], pricer.base_name, pricer)))
-    promo_info = pricer.table.labels
     for p, fen in applied:
-        info = promo_info.get(p.id)
-        if info is None:
-            info = _saving_info(p.id, p.kind, _name(p.src, p.id), pricer)
-            if p.src.get("name"):  # a made-up name is made anew for each quote, as it always was
-                if len(promo_info) >= 4096:
-                    promo_info.clear()
-                promo_info[p.id] = info
-        savings.append((p.id, fen, info))
+        savings.append((p.id, fen, (p.kind, _name(p.rule.src, p.id), p.rule.labels)))
     for code, off in coupons_used:
         savings.append((f"coupon:{code}", off, _saving_info(f"coupon:{code}", "coupon",
                                                             _name(policy["coupons"][code], code), pricer)))
     info_of = {s: info for s, _, info in savings}
 
     # Points on what was paid in money.
-    campaigns = [(p.id, info_of[p.id][1], p.src["multiplier_percent"], p.elig)
+    campaigns = [(p.id, info_of[p.id][1], p.rule.src["multiplier_percent"], p.lines)
                  for p, _ in applied if p.kind == "points_multiplier"]
     earned = pts.earn(lines, [nets[i] - red_fen[i] for i in range(n)], member, policy, today, campaigns,
                       spend=nets)
@@ -569,10 +538,11 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
     zh_add, en_add = zh.append, en.append
 
     out_lines, body_lines = [], []
+    amount_text = pricer.catalog.yuan  # fen -> yuan text, kept with the rule set
     line_points = earned["line_points"]
     for i, l in enumerate(lines):
         amount = l["qty"] * l["unit_price"]
-        item = f"{l['name']} x{l['qty']}  {yuan(amount)}"
+        item = f"{l['name']} x{l['qty']}  {amount_text[amount]}"
         zh_add(item)
         en_add(item)
         disc, shown = [], []
@@ -585,7 +555,7 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
             row["name"] = name
             shown.append(row)
             pz, pe = labels[a]  # an allocated share's labels, or an item row's
-            fen = yuan(d)
+            fen = amount_text[d]
             zh_add(pz + fen)
             en_add(pe + fen)
         row = {"sku": l["sku"], "name": l["name"], "category": l["category"], "qty": l["qty"],
@@ -603,7 +573,7 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
     for s, fen, (kind, name, labels) in savings:
         if fen:
             promotions_out.append({"source": s, "kind": kind, "name": name, "fen": fen})
-            amount = yuan(fen)
+            amount = amount_text[fen]
             saved_rows[0].append(labels[0][0] + amount)
             saved_rows[1].append(labels[0][1] + amount)
     uses = {p.id: 1 for p, _ in applied}
@@ -655,13 +625,9 @@ def _source_label(d: dict, pricer: Pricer, lang: str) -> str:
 
 
 def _saving_info(source: str, kind: str, name: dict, pricer: Pricer) -> tuple:
-    """(kind, name, ((zh, en) item-row prefix, (zh, en) prefix of an allocated
-    share)) of a saving: "  <name>  -" and "  <name> (share)  -". A promotion's
-    is kept with its rule set's table."""
+    """(kind, name, receipt labels) of a saving (texts.saving_labels)."""
     d = {"source": source, "kind": kind, "name": name}
-    base = [_source_label(d, pricer, lang) for lang in LANGS]
-    return kind, name, (tuple(f"  {b}  -" for b in base),
-                        tuple("  " + _label("allocated", lang, name=b) + "  -" for lang, b in zip(LANGS, base)))
+    return kind, name, saving_labels({lang: _source_label(d, pricer, lang) for lang in LANGS})
 
 
 def _sale_receipt_tail(rows: list[str], q: dict, member: dict | None, policy: dict, saved_rows: list[str],

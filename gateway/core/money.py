@@ -1,7 +1,8 @@
-"""Integer money arithmetic shared by pricing and returns (pure, no floats).
+"""Integer money arithmetic (pure, no floats): every rounding and splitting
+rule of pricing and returns, written once (RULESET.md "Rounding").
 
-- ``half_up(n, d)``: n / d rounded half-up, for non-negative n and positive d
-  (line discounts, RULESET.md "Rounding").
+- ``half_up(n, d)``: n / d rounded half-up, for non-negative n and positive d.
+- ``percent_of(amount, percent)``: a line discount, half-up per line.
 - ``allocate(total, weights)``: an order-level amount split over lines pro rata
   by weight (the lines' net), rounded down per line, the remainder to the last
   line with weight; no share ever exceeds its weight, so no line goes below zero.
@@ -16,6 +17,11 @@ from __future__ import annotations
 
 def half_up(n: int, d: int) -> int:
     return (2 * n + d) // (2 * d)
+
+
+def percent_of(amount: int, percent: int) -> int:
+    """``percent``% of ``amount`` fen, half-up."""
+    return half_up(amount * percent, 100)
 
 
 def allocate(total: int, weights: list[int], capped: bool = True) -> list[int]:
@@ -37,8 +43,9 @@ def allocate(total: int, weights: list[int], capped: bool = True) -> list[int]:
     while rest and i >= 0:
         # Remainder to the last line with room; spills backwards only when a
         # tiny last line cannot take it all.
-        take = min(weights[i] - shares[i], rest)
-        if take > 0:
+        room = weights[i] - shares[i]
+        if room > 0:
+            take = room if room < rest else rest
             shares[i] += take
             rest -= take
         i -= 1
