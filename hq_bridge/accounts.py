@@ -1310,7 +1310,7 @@ def account_rows(group: list, packages: _grouped, coupons: _grouped, limited: se
     if aid in limited:   # reconciliation's "limit": offline allowances 0 until settled
         paid, bonus, points, pk, codes = 0, 0, 0, {p: 0 for p in pk}, []
     deny = _DENYING_ACCOUNT.get(a_status)
-    balance = max(0, paid + bonus)
+    balance = paid + bonus          # below zero: what the account owes goes to the stores as it is
     for r in group:
         (_aid, _t, _s, _ct, _p, _b, _pts, card_no, member_id, role, status, card_type, nfc_uid, expires, name,
          birthday, calendar_, day, day_sv, day_points) = r
@@ -1330,7 +1330,7 @@ def account_rows(group: list, packages: _grouped, coupons: _grouped, limited: se
         if role == "primary" or r is main:
             # The account's balances; a primary card's member_id is the account's (the stores' delta key).
             row["member_id"] = aid
-            row["points"] = max(0, points)
+            row["points"] = points
             row["balance_fen"] = balance
             if day and (day_sv or day_points):
                 # What the account used of the day's offline allowances, at every store:

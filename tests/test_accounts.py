@@ -235,7 +235,7 @@ def test_overdrafts_are_applied_and_reported(engine, store):
     with engine.begin() as conn:
         assert audit(conn) == []
         row = {r["card_no"]: r for r in snapshot_rows(conn, "S001")}["880000000500"]
-    assert (row["balance_fen"], row["points"]) == (0, 0)          # nothing to spend offline
+    assert (row["balance_fen"], row["points"]) == (-2000, -150)  # the debt, as it is: nothing to spend offline
 
 
 # ---------------------------------------------------------------- snapshots, import

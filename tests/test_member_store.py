@@ -52,7 +52,7 @@ def test_lookups(store):
 
 def test_bad_records_are_named_and_change_nothing(store):
     store.replace_snapshot(members(5), (), version=1, as_of=0, store_seq=0)
-    bad = [*members(3), {"card_no": "880000000099", "member_id": "M99", "tier": "gold", "points": -5}]
+    bad = [*members(3), {"card_no": "880000000099", "member_id": "M99", "tier": "gold", "points": 1.5}]
     with pytest.raises(RulesetError, match=r"members\.880000000099\.points"):
         store.replace_snapshot(iter(bad), (), version=2, as_of=0, store_seq=0)
     assert store.count() == (5, 0) and store.version == 1

@@ -75,7 +75,7 @@ def test_two_stores_spend_the_same_stored_value_block_until_settled(engine):
     assert sorted(res.cards_changed) == [(CARD, "active", "frozen", None), (SUB, "active", "frozen", None)]
     assert {e["status"] for e in deny_entries(res.cards_changed)} == {"frozen"}
     snap = snapshot(engine)
-    assert snap[CARD]["status"] == snap[SUB]["status"] == "frozen" and snap[CARD]["balance_fen"] == 0
+    assert snap[CARD]["status"] == snap[SUB]["status"] == "frozen" and snap[CARD]["balance_fen"] == -5000   # owed
     assert snap["880000000609"]["status"] == "active"
     with engine.begin() as conn:    # reconciling again finds nothing new and changes nothing
         again = reconcile(conn, rules("block"), clock=clock)

@@ -302,7 +302,8 @@ def test_member_and_deny_records():
     rec = check_member({"card_no": "880000000013", "member_id": "M1", "tier": "gold"}, rules)
     assert rec["status"] == "active" and rec["points"] == 0 and rec["balance_fen"] == 0 and rec["coupons"] == []
     for record, message in [
-        ({"card_no": "880000000013", "member_id": "M1", "tier": "gold", "points": -1}, "members.880000000013.points"),
+        ({"card_no": "880000000013", "member_id": "M1", "tier": "gold", "points": -10**10 - 1},
+         "members.880000000013.points"),
         ({"card_no": "880000000013", "member_id": "M1"}, "members.880000000013"),
         ({"card_no": "88", "member_id": "M1", "tier": "gold"}, "members.88.card_no"),
         ({"card_no": "880000000013", "member_id": "M1", "tier": "gold", "birthday": "13-01"},
@@ -319,6 +320,9 @@ def test_member_and_deny_records():
     ]:
         with pytest.raises(RulesetError, match=re.escape(message)):
             check_member(record, rules)
+    owed = check_member({"card_no": "880000000013", "member_id": "M1", "tier": "gold", "points": -40,
+                         "balance_fen": -2000}, rules)                  # an account that owes: carried as it is
+    assert (owed["points"], owed["balance_fen"]) == (-40, -2000)
     assert check_deny_entry({"card_no": "880000000054", "status": "lost"})["status"] == "lost"
     with pytest.raises(RulesetError, match=r"deny\.880000000054\.status"):
         check_deny_entry({"card_no": "880000000054", "status": "gone"})

@@ -318,8 +318,10 @@ _MEMBER_PROPS = {
     "birthday": {"type": "string", "pattern": r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$"},
     "birthday_calendar": {"enum": ["solar", "lunar"], "default": "solar"},
     "nfc_uid": _UID,
-    "points": {**_POINTS, "default": 0},
-    "balance_fen": {**_FEN, "default": 0},
+    # Below zero: the account owes (an offline overdraft HQ carries); a store adds its own
+    # records after the watermark to the debt and spends nothing until the sum is above zero.
+    "points": {"type": "integer", "minimum": -MAX_POINTS, "maximum": MAX_POINTS, "default": 0},
+    "balance_fen": {"type": "integer", "minimum": -MAX_FEN, "maximum": MAX_FEN, "default": 0},
     "packages": {"type": "object", "propertyNames": _KEY,
                  "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 100_000}, "default": {}},
     "primary_card": {**_CARD_NO, "description": "a subsidiary card's primary card"},
@@ -944,10 +946,10 @@ def _fast_member_problem(rec: Any) -> str | None:
     if type(name) is not str or len(name) > 64:
         return "name: a string of at most 64 characters"
     points, balance = rec.get("points", 0), rec.get("balance_fen", 0)
-    if type(points) is not int or not 0 <= points <= MAX_POINTS:
-        return f"points: {points!r} is not whole points >= 0"
-    if type(balance) is not int or not 0 <= balance <= MAX_FEN:
-        return f"balance_fen: {balance!r} is not whole fen >= 0"
+    if type(points) is not int or not -MAX_POINTS <= points <= MAX_POINTS:
+        return f"points: {points!r} is not whole points"
+    if type(balance) is not int or not -MAX_FEN <= balance <= MAX_FEN:
+        return f"balance_fen: {balance!r} is not whole fen"
     for k in rec.keys() - _INLINE:
         if not _FIELD_OK[k](rec[k]):
             return f"{k}: {rec[k]!r} is not valid"
