@@ -79,18 +79,30 @@ Decisions
 - ``overdrafts`` (defined here on db.metadata, migration 0002): what
   reconciliation found; an account with an open overdraft under the
   ``limit`` policy shows nothing to spend in snapshots (``limited_accounts``).
+- Several ingest workers (PostgreSQL): a store's watermark row, locked FOR
+  UPDATE for the transaction (and made first for a store's first batch),
+  keeps each store to one worker at a time, so invariants 2 and 3 hold
+  whichever worker gets which batch. The accounts a chunk reads are locked
+  in account order, and the cards too when card operations may change them
+  (in card order, before the accounts): workers wait for each other, and
+  never deadlock on them.
 
-Functional core (pure, no I/O, no clock): ``apply_record``, ``keys_of``,
-``sale_effect``. Imperative shell: ``AccountStore`` (SQLAlchemy Core on the
-metadata of hq_bridge/db.py), ``snapshot_rows``, ``import_members``.
+Functional core (pure, no I/O, no clock): ``apply_record`` (a new book)
+and ``record_change`` (only what a record changed, which the shell takes
+into its working book), ``checked`` (a body's schema, checked once),
+``keys_of``, ``sale_effect``. Imperative shell: ``AccountStore``
+(SQLAlchemy Core on the metadata of hq_bridge/db.py), ``snapshot_rows``,
+``import_members``.
 """
 
 from __future__ import annotations
 
 import calendar
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from datetime import date, datetime, timezone
+from functools import lru_cache
+from types import MappingProxyType
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import orjson
@@ -125,10 +137,12 @@ overdrafts = Table(
     Index(None, "state"),
 )
 OWED = "owed"      # the pseudo-lot of points spent beyond the lots
+EMPTY: Mapping = MappingProxyType({})   # no packages, coupons, ...: shared, read-only
 SPEND_ORDERS = ("proportional", "bonus_first", "paid_first")
 
 
 # ================================================================ plain data
+# Values (named tuples: a record's change makes new ones with ``_replace``), and the book of them.
 
 @dataclass(frozen=True)
 class AccountPolicy:
@@ -167,16 +181,14 @@ def policy_from_rules(rules: Mapping | None, **overrides) -> AccountPolicy:
     return AccountPolicy(**section)
 
 
-@dataclass(frozen=True)
-class Lot:
+class Lot(NamedTuple):
     expires: str          # YYYY-MM-DD, NEVER for points that do not expire
     earned_at: int        # epoch ms of the first points in it
     points: int           # earned into it in all
     remaining: int
 
 
-@dataclass(frozen=True)
-class Account:
+class Account(NamedTuple):
     account_id: str
     owner_member_id: str
     tier: str
@@ -185,13 +197,14 @@ class Account:
     paid_fen: int = 0
     bonus_fen: int = 0
     points_owed: int = 0
-    lots: tuple[Lot, ...] = ()                         # by expiry
-    packages: Mapping[str, int] = field(default_factory=dict)
-    coupons: Mapping[str, str] = field(default_factory=dict)   # code -> issued | used
     day: str | None = None
     day_stored_value_paid_fen: int = 0
     day_points_redeemed: int = 0
     created_at: int = 0
+    # what it holds in tables of their own
+    lots: tuple[Lot, ...] = ()                         # by expiry
+    packages: Mapping[str, int] = EMPTY
+    coupons: Mapping[str, str] = EMPTY                 # code -> issued | used
 
     @property
     def points(self) -> int:
@@ -202,8 +215,7 @@ class Account:
         return self.paid_fen + self.bonus_fen
 
 
-@dataclass(frozen=True)
-class Card:
+class Card(NamedTuple):
     card_no: str
     account_id: str
     member_id: str
@@ -216,8 +228,7 @@ class Card:
     expires: str | None = None
 
 
-@dataclass(frozen=True)
-class Member:
+class Member(NamedTuple):
     member_id: str
     name_masked: str | None = None
     phone_hash: str | None = None
@@ -228,8 +239,7 @@ class Member:
     created_at: int = 0
 
 
-@dataclass(frozen=True)
-class SaleEffect:
+class SaleEffect(NamedTuple):
     """What a sale did to its account, and what its returns gave back so far."""
     account_id: str
     sv: int = 0                  # stored value taken
@@ -242,7 +252,7 @@ class SaleEffect:
     returned_bonus: int = 0
     returned_redeemed: int = 0
     returned_earned: int = 0
-    restored: Mapping[str, int] = field(default_factory=dict)   # lot -> points given back
+    restored: Mapping[str, int] = EMPTY               # lot -> points given back
 
 
 @dataclass(frozen=True)
@@ -254,29 +264,32 @@ class Book:
     watermarks: Mapping[str, int] = field(default_factory=dict)   # store -> highest seq done
     sales: Mapping[str, SaleEffect] = field(default_factory=dict)  # sale tx id -> its effect
 
-    def view(self, keys: "Keys", store: str) -> "Book":
-        """The part of this book a record with ``keys`` reads (its cards, their
-        accounts, its sale, its members, the store's watermark)."""
-        cards = {c: self.cards[c] for c in keys.cards if c in self.cards}
-        sales = {s: self.sales[s] for s in keys.sales if s in self.sales}
-        ids = set(keys.accounts) | {c.account_id for c in cards.values()} | {e.account_id for e in sales.values()}
-        return Book({a: self.accounts[a] for a in ids if a in self.accounts}, cards,
-                    {m: self.members[m] for m in keys.members if m in self.members},
-                    {store: self.watermarks.get(store, 0)}, sales)
+    def changed(self, change: "Change") -> "Book":
+        """This book with a record's change (a new book; this one as it was)."""
+        if change.done is None:
+            return self
+        store, seq = change.done
+        return Book({**self.accounts, **change.accounts} if change.accounts else self.accounts,
+                    {**self.cards, **change.cards} if change.cards else self.cards,
+                    {**self.members, **change.members} if change.members else self.members,
+                    {**self.watermarks, store: seq},
+                    {**self.sales, **change.sales} if change.sales else self.sales)
 
 
 class StoreRecord(NamedTuple):
-    """A record as the ledger holds it: (store, seq) and the tx id identify it."""
+    """A record as the ledger holds it: (store, seq) and the tx id identify it.
+    ``valid``: its body passed its type's schema already (``checked``), and
+    is not checked again."""
     store: str
     seq: int
     tx_id: str
     type: str
     body: Any
     ts: int = 0
+    valid: bool = False
 
 
-@dataclass(frozen=True)
-class HistoryEntry:
+class HistoryEntry(NamedTuple):
     account_id: str
     kind: str
     d_paid_fen: int = 0
@@ -306,6 +319,22 @@ class Problem:
     applied: bool = False
 
 
+@dataclass(frozen=True)
+class Change:
+    """What one record does to a book: the new value of everything it
+    changed (accounts, cards, members, sale effects), the history entries
+    that explain every balance it moved, and its problems. ``done``: the
+    (store, seq) it moves the watermark to; None when it is refused (a
+    duplicate, or past a gap), which changes nothing."""
+    done: tuple[str, int] | None
+    accounts: Mapping[str, Account] = field(default_factory=dict)
+    cards: Mapping[str, Card] = field(default_factory=dict)
+    members: Mapping[str, Member] = field(default_factory=dict)
+    sales: Mapping[str, SaleEffect] = field(default_factory=dict)
+    entries: list[HistoryEntry] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
 class Keys(NamedTuple):
     cards: frozenset
     accounts: frozenset
@@ -318,26 +347,33 @@ class Keys(NamedTuple):
 def keys_of(record: StoreRecord) -> Keys:
     """What a record reads: card numbers, account ids, its sale, member ids
     (from the body as sent, before validation)."""
-    b = record.body if isinstance(record.body, dict) else {}
+    return keys_of_all([record])
+
+
+def keys_of_all(records: Iterable[StoreRecord]) -> Keys:
+    """What the records read, all of them together (``keys_of``)."""
     cards, accounts, sales, members = set(), set(), set(), set()
-
-    def s(v):
-        return v if isinstance(v, str) else None
-
-    member = b.get("member") if isinstance(b.get("member"), dict) else {}
-    for v in (member.get("card_no"), b.get("card_no"), b.get("new_card_no"), b.get("primary_card_no")):
-        if s(v):
-            cards.add(v)
-    if s(b.get("account_id")):
-        accounts.add(b["account_id"])
-    if record.type == "return" and s(b.get("sale_id")):
-        sales.add(b["sale_id"])
-    if record.type in ("card_op", "registration") and s(b.get("member_id")):
-        members.add(b["member_id"])
-        accounts.add(b["member_id"])
-    if record.type == "card_op" and s(b.get("card_no")):
-        accounts.add(f"card-{b['card_no']}")
+    for record in records:
+        b = record.body if isinstance(record.body, dict) else {}
+        member = b.get("member")
+        for v in (member.get("card_no") if isinstance(member, dict) else None, b.get("card_no"),
+                  b.get("new_card_no"), b.get("primary_card_no")):
+            if _text(v):
+                cards.add(v)
+        if _text(b.get("account_id")):
+            accounts.add(b["account_id"])
+        if record.type == "return" and _text(b.get("sale_id")):
+            sales.add(b["sale_id"])
+        if record.type in ("card_op", "registration") and _text(b.get("member_id")):
+            members.add(b["member_id"])
+            accounts.add(b["member_id"])
+        if record.type == "card_op" and _text(b.get("card_no")):
+            accounts.add(f"card-{b['card_no']}")
     return Keys(frozenset(cards), frozenset(accounts), frozenset(sales), frozenset(members))
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
 
 
 class _SetAside(Exception):
@@ -349,32 +385,53 @@ class _SetAside(Exception):
 def apply_record(state: Book, record: StoreRecord, policy: AccountPolicy,
                  now: datetime) -> tuple[Book, list[HistoryEntry], list[Problem]]:
     """Apply one store record to ``state``: the new state, the history
-    entries that explain every balance it moved, and its problems.
+    entries that explain every balance it moved, and its problems
+    (``record_change`` says what they are; ``state`` itself when refused)."""
+    change = record_change(state, record, policy, now)
+    return state.changed(change), change.entries, change.problems
 
-    Refused (state unchanged, no entries): a seq at or below the store's
+
+def record_change(state: Book, record: StoreRecord, policy: AccountPolicy, now: datetime) -> Change:
+    """What one store record does to ``state``.
+
+    Refused (nothing changes, no entries): a seq at or below the store's
     watermark (``duplicate``) or past the next one (``gap``). Set aside (only
     the watermark moves): a record that cannot be applied. ``now``: HQ's
     clock, an aware datetime (issue times of new cards)."""
     store, seq = record.store, record.seq
     done = state.watermarks.get(store, 0)
     if seq <= done:
-        return state, [], [Problem("duplicate", f"store {store} seq {seq}: applied already (watermark {done})")]
+        return Change(None, problems=[Problem("duplicate", f"store {store} seq {seq}: applied already "
+                                                           f"(watermark {done})")])
     if seq != done + 1:
-        return state, [], [Problem("gap", f"store {store} seq {seq}: seq {done + 1} is not applied yet")]
-    advanced = replace(state, watermarks={**state.watermarks, store: seq})
+        return Change(None, problems=[Problem("gap", f"store {store} seq {seq}: seq {done + 1} is not applied yet")])
     handler = _HANDLERS.get(record.type)
     try:
         if handler is None:
             raise _SetAside("unknown_type", f"HQ does not apply records of type {str(record.type)[:64]!r}")
-        try:
-            body = validate_body(record.type, record.body)
-        except RecordError as exc:
-            raise _SetAside("schema", str(exc)) from None
-        ctx = _Apply(advanced, record, body, policy, now)
+        if not record.valid:
+            try:
+                validate_body(record.type, record.body)
+            except RecordError as exc:
+                raise _SetAside("schema", str(exc)) from None
+        body = record.body
+        ctx = _Apply(state, record, body, policy, now)
         handler(ctx, body)
     except _SetAside as exc:
-        return advanced, [], [Problem(exc.code, exc.message, set_aside=True)]
-    return ctx.result(), ctx.entries, ctx.problems
+        return Change((store, seq), problems=[Problem(exc.code, exc.message, set_aside=True)])
+    return Change((store, seq), ctx.accounts, ctx.cards, ctx.members, ctx.sales, ctx.entries, ctx.problems)
+
+
+def checked(record: StoreRecord) -> StoreRecord:
+    """The record marked ``valid`` if its body passes its type's schema (as it
+    is otherwise: ``record_change`` sets it aside, saying why)."""
+    if record.valid or record.type not in _HANDLERS:
+        return record
+    try:
+        validate_body(record.type, record.body)
+    except RecordError:
+        return record
+    return record._replace(valid=True)
 
 
 def sale_effect(account_id: str, entries: Iterable[HistoryEntry]) -> SaleEffect:
@@ -384,20 +441,21 @@ def sale_effect(account_id: str, entries: Iterable[HistoryEntry]) -> SaleEffect:
     for h in entries:
         d = h.detail or {}
         if h.kind == "sale":
-            e = replace(e, account_id=h.account_id, sv=d.get("sv", 0), bonus=d.get("bonus", 0),
-                        redeemed=d.get("redeemed", 0), taken=tuple(tuple(t) for t in d.get("taken", ())),
-                        earned=d.get("earned", 0), earned_lot=d.get("earned_lot"))
+            e = e._replace(account_id=h.account_id, sv=d.get("sv", 0), bonus=d.get("bonus", 0),
+                           redeemed=d.get("redeemed", 0), taken=tuple(tuple(t) for t in d.get("taken", ())),
+                           earned=d.get("earned", 0), earned_lot=d.get("earned_lot"))
         elif h.kind == "return":
             restored = dict(e.restored)
             for lot, n in d.get("restored", ()):
                 restored[lot] = restored.get(lot, 0) + n
-            e = replace(e, returned_sv=e.returned_sv + d.get("sv", 0),
-                        returned_bonus=e.returned_bonus + d.get("bonus", 0),
-                        returned_redeemed=e.returned_redeemed + d.get("redeemed", 0),
-                        returned_earned=e.returned_earned + d.get("earned", 0), restored=restored)
+            e = e._replace(returned_sv=e.returned_sv + d.get("sv", 0),
+                           returned_bonus=e.returned_bonus + d.get("bonus", 0),
+                           returned_redeemed=e.returned_redeemed + d.get("redeemed", 0),
+                           returned_earned=e.returned_earned + d.get("earned", 0), restored=restored)
     return e
 
 
+@lru_cache(maxsize=4096)
 def lot_expiry(earned_on: date, policy: AccountPolicy) -> str:
     """The lot points earned on ``earned_on`` go to."""
     if policy.points_expiry_date:
@@ -448,14 +506,6 @@ class _Apply:
     def member(self, member_id: str | None) -> Member | None:
         return (self.members.get(member_id) or self.state.members.get(member_id)) if member_id else None
 
-    def result(self) -> Book:
-        s = self.state
-        return Book({**s.accounts, **self.accounts} if self.accounts else s.accounts,
-                    {**s.cards, **self.cards} if self.cards else s.cards,
-                    {**s.members, **self.members} if self.members else s.members,
-                    s.watermarks,
-                    {**s.sales, **self.sales} if self.sales else s.sales)
-
     def note(self, code: str, message: str) -> None:
         self.problems.append(Problem(code, message, applied=True))
 
@@ -496,7 +546,7 @@ class _Apply:
         else:
             bonus = amount * avail_b // (avail_p + avail_b)
         paid = amount - bonus
-        return replace(acct, paid_fen=acct.paid_fen - paid, bonus_fen=acct.bonus_fen - bonus), paid, bonus
+        return acct._replace(paid_fen=acct.paid_fen - paid, bonus_fen=acct.bonus_fen - bonus), paid, bonus
 
     # -- points
     def take_points(self, acct: Account, n: int, first: str | None = None
@@ -512,7 +562,7 @@ class _Apply:
                 break
             k = min(left, lots[e].remaining)
             if k:
-                lots[e] = replace(lots[e], remaining=lots[e].remaining - k)
+                lots[e] = lots[e]._replace(remaining=lots[e].remaining - k)
                 taken.append([e, k])
                 deltas[e] = -k
                 left -= k
@@ -522,7 +572,7 @@ class _Apply:
             deltas[OWED] = left
             owed += left
             self.note("points_overdraft", f"account {acct.account_id}: {n} points taken, {n - left} held")
-        return replace(acct, lots=_sorted(lots), points_owed=owed), taken, deltas
+        return acct._replace(lots=_sorted(lots), points_owed=owed), taken, deltas
 
     def earn_points(self, acct: Account, n: int, expires: str) -> tuple[Account, dict[str, int]]:
         """Add ``n`` points to the lot ``expires``, paying points owed first."""
@@ -538,14 +588,14 @@ class _Apply:
             lots[expires] = Lot(expires, min(old.earned_at, at) if old else at, (old.points if old else 0) + add,
                                 (old.remaining if old else 0) + add)
             deltas[expires] = add
-        return replace(acct, lots=_sorted(lots), points_owed=acct.points_owed - pay), deltas
+        return acct._replace(lots=_sorted(lots), points_owed=acct.points_owed - pay), deltas
 
     def give_back_points(self, acct: Account, lot: str, n: int) -> tuple[Account, dict[str, int]]:
         """Give ``n`` points back to where they were taken from (a lot, or
         points owed: what is no longer owed goes to a lot of today's expiry)."""
         if lot == OWED:
             pay = min(acct.points_owed, n)
-            acct = replace(acct, points_owed=acct.points_owed - pay)
+            acct = acct._replace(points_owed=acct.points_owed - pay)
             deltas = {OWED: -pay} if pay else {}
             if n - pay:
                 acct, more = self.earn_points(acct, n - pay, lot_expiry(self.at.date(), self.policy))
@@ -553,8 +603,8 @@ class _Apply:
             return acct, deltas
         lots = {l.expires: l for l in acct.lots}
         old = lots.get(lot)
-        lots[lot] = replace(old, remaining=old.remaining + n) if old else Lot(lot, _ms(self.at), n, n)
-        return replace(acct, lots=_sorted(lots)), {lot: n}
+        lots[lot] = old._replace(remaining=old.remaining + n) if old else Lot(lot, _ms(self.at), n, n)
+        return acct._replace(lots=_sorted(lots)), {lot: n}
 
     def count_today(self, acct: Account, sv: int, points: int) -> Account:
         """The offline allowances counted for the store-local day of the record."""
@@ -562,9 +612,9 @@ class _Apply:
         if not day or (acct.day and day < acct.day) or not (sv or points):
             return acct
         if day != acct.day:
-            return replace(acct, day=day, day_stored_value_paid_fen=sv, day_points_redeemed=points)
-        return replace(acct, day_stored_value_paid_fen=acct.day_stored_value_paid_fen + sv,
-                       day_points_redeemed=acct.day_points_redeemed + points)
+            return acct._replace(day=day, day_stored_value_paid_fen=sv, day_points_redeemed=points)
+        return acct._replace(day_stored_value_paid_fen=acct.day_stored_value_paid_fen + sv,
+                             day_points_redeemed=acct.day_points_redeemed + points)
 
 
 def _sorted(lots: dict[str, Lot]) -> tuple[Lot, ...]:
@@ -628,7 +678,7 @@ def _sale(c: _Apply, b: dict) -> None:
                 c.note("coupon_not_held", f"account {acct.account_id}: coupon {code} "
                                           f"{'used already' if held.get(code) else 'not held'}")
             held[code] = "used"
-        acct = replace(acct, coupons=held)
+        acct = acct._replace(coupons=held)
     acct = c.count_today(acct, sv, red)
     c.accounts[acct.account_id] = acct
     c.entry(acct.account_id, "sale", d_paid_fen=-paid, d_bonus_fen=-bonus, d_points=earned - red, card_no=card_no,
@@ -669,7 +719,7 @@ def _return(c: _Apply, b: dict) -> None:
         r0, r1 = sale.returned_sv, sale.returned_sv + sv
         bonus = sale.bonus * r1 // sale.sv - sale.bonus * r0 // sale.sv
     paid = sv - bonus
-    acct = replace(acct, paid_fen=acct.paid_fen + paid, bonus_fen=acct.bonus_fen + bonus)
+    acct = acct._replace(paid_fen=acct.paid_fen + paid, bonus_fen=acct.bonus_fen + bonus)
     lots: dict[str, int] = {}
     restored_now: list = []
     restored = dict(sale.restored)
@@ -693,10 +743,10 @@ def _return(c: _Apply, b: dict) -> None:
             card_no=(b["member"] or {}).get("card_no"), ref_tx_id=b["sale_id"],
             detail={"sv": sv, "paid": paid, "bonus": bonus, "redeemed": red, "restored": restored_now,
                     "earned": earned, "taken": taken, "lots": lots, "spend": -unspend})
-    c.sales[b["sale_id"]] = replace(sale, returned_sv=sale.returned_sv + sv,
-                                    returned_bonus=sale.returned_bonus + bonus,
-                                    returned_redeemed=sale.returned_redeemed + red,
-                                    returned_earned=sale.returned_earned + earned, restored=restored)
+    c.sales[b["sale_id"]] = sale._replace(returned_sv=sale.returned_sv + sv,
+                                          returned_bonus=sale.returned_bonus + bonus,
+                                          returned_redeemed=sale.returned_redeemed + red,
+                                          returned_earned=sale.returned_earned + earned, restored=restored)
 
 
 def _topup(c: _Apply, b: dict) -> None:
@@ -704,7 +754,7 @@ def _topup(c: _Apply, b: dict) -> None:
     if b["credit_fen"] != pay + bonus or b["deltas"]["stored_value_fen"] != pay + bonus:
         raise _SetAside("inconsistent", "topup: credit_fen is not pay_fen + bonus_fen")
     acct = c.resolve(b["card_no"], b["account_id"])
-    acct = replace(acct, paid_fen=acct.paid_fen + pay, bonus_fen=acct.bonus_fen + bonus)
+    acct = acct._replace(paid_fen=acct.paid_fen + pay, bonus_fen=acct.bonus_fen + bonus)
     c.accounts[acct.account_id] = acct
     c.entry(acct.account_id, "topup", d_paid_fen=pay, d_bonus_fen=bonus, card_no=b["card_no"],
             detail={"package_id": b["package_id"], "payment": b["payment"]["method"]})
@@ -720,7 +770,7 @@ def _package_use(c: _Apply, b: dict) -> None:
         raise _SetAside("package_unknown", f"account {acct.account_id} holds no package {pid} at HQ")
     if uses > left:
         c.note("package_overdraft", f"account {acct.account_id}: {uses} uses of {pid}, {left} left")
-    acct = replace(acct, packages={**acct.packages, pid: left - uses})
+    acct = acct._replace(packages={**acct.packages, pid: left - uses})
     c.accounts[acct.account_id] = acct
     c.entry(acct.account_id, "package_use", package_id=pid, d_uses=-uses, card_no=b["card_no"])
 
@@ -770,11 +820,11 @@ def _card_op(c: _Apply, b: dict) -> None:
     elif op == "annual_fee":
         after = "active" if before == "expired" else before
         start = max(c.at.date().isoformat(), card.expires or "")
-        card = replace(card, expires=add_months(date.fromisoformat(start), c.policy.annual_fee_months).isoformat())
+        card = card._replace(expires=add_months(date.fromisoformat(start), c.policy.annual_fee_months).isoformat())
         detail["expires"] = card.expires
     elif op == "extend":  # 延期: the store worked out the new expiry from the card it saw
         after = "active" if before == "expired" else before
-        card = replace(card, expires=b["expires"])
+        card = card._replace(expires=b["expires"])
         detail.update(expires=b["expires"], months=b["months"])
     elif op != "replace":
         raise _SetAside("unknown_op", f"HQ does not apply card operation {op!r}")
@@ -787,13 +837,13 @@ def _card_op(c: _Apply, b: dict) -> None:
         if before in ("replaced", "cancelled"):
             raise _SetAside("card_not_replaceable", f"replace: card {_mask(card_no)} is {before}")
         after = "replaced"
-        c.cards[new_no] = replace(card, card_no=new_no, status="active", replaced_by=None, issued_at=now_ms,
-                                  nfc_uid=None)
-        card = replace(card, replaced_by=new_no)
+        c.cards[new_no] = card._replace(card_no=new_no, status="active", replaced_by=None, issued_at=now_ms,
+                                        nfc_uid=None)
+        card = card._replace(replaced_by=new_no)
         detail["new_card_no"] = new_no
     if after == before and op not in ("annual_fee", "extend"):
         c.note("card_status_unchanged", f"{op}: card {_mask(card_no)} is {before}")
-    c.cards[card_no] = replace(card, status=after)
+    c.cards[card_no] = card._replace(status=after)
     c.entry(card.account_id, "card_op", card_no=card_no, detail={**detail, "status": [before, after]})
 
 
@@ -832,7 +882,7 @@ def _withdrawal(c: _Apply, b: dict) -> None:
         c.note("withdrawal_overdraft", f"account {acct.account_id}: {out} fen paid out, "
                                        f"{acct.paid_fen} fen paid part at HQ")
     forfeit = withdrawal_forfeit(acct.bonus_fen, out, acct.paid_fen, c.policy.withdrawal_bonus)
-    c.accounts[acct.account_id] = replace(acct, paid_fen=acct.paid_fen - out, bonus_fen=acct.bonus_fen - forfeit)
+    c.accounts[acct.account_id] = acct._replace(paid_fen=acct.paid_fen - out, bonus_fen=acct.bonus_fen - forfeit)
     c.entry(acct.account_id, "withdrawal", d_paid_fen=-out, d_bonus_fen=-forfeit, card_no=b["card_no"],
             detail={"paid_out_fen": out, "bonus_forfeited_fen": forfeit, "payout": b["payout"]["method"],
                     "paid_known_fen": b["paid_known_fen"]})
@@ -926,7 +976,15 @@ class AccountStore:
         q = select(w.c.seq, w.c.held_above).where(w.c.store == store)
         if db.is_postgres(conn):
             q = q.with_for_update()      # one worker at a time per store
-        row = conn.execute(q).first()
+            row = conn.execute(q).first()
+            if row is None:
+                # A store's first batch: its row first, so that a worker holding another batch of
+                # the store waits for this one instead of writing a watermark over it.
+                db.insert_rows(conn, w, [{"store": store, "seq": 0, "held_above": 0, "updated_at": _ms(now)}],
+                               keys=())
+                row = conn.execute(q).first()
+        else:                            # SQLite: one writer at a time anyway
+            row = conn.execute(q).first()
         done, held_above = (row[0], row[1]) if row else (0, 0)
         pending: dict[int, StoreRecord] = {}
         for r in records:
@@ -975,15 +1033,15 @@ class AccountStore:
 
     def _apply_chunk(self, conn: Connection, store: str, run: list[StoreRecord], done: int, now: datetime,
                      out: BatchResult) -> int:
-        keys = [keys_of(r) for r in run]
-        book, loaded = self._load(conn, keys)
-        accounts, cards, members, sales = dict(book.accounts), dict(book.cards), dict(book.members), dict(book.sales)
-        work = Book(accounts, cards, members, {store: done}, sales)
+        run = [checked(r) for r in run]    # before the accounts are locked: a lock is held for less
+        book, loaded = self._load(conn, keys_of_all(run), lock_cards=any(r.type == "card_op" for r in run))
+        # The chunk's working book: every record reads it and its change goes into it, in seq order.
+        work = Book(book.accounts, book.cards, book.members, {store: done}, book.sales)
         entries: list[HistoryEntry] = []
         aside = []
-        for r, k in zip(run, keys):
-            new, hist, problems = apply_record(work.view(k, store), r, self.policy, now)
-            for p in problems:
+        for r in run:
+            change = record_change(work, r, self.policy, now)
+            for p in change.problems:
                 if p.set_aside:
                     aside.append({"store": store, "seq": r.seq, "tx_id": r.tx_id, "type": str(r.type)[:64],
                                   "body": _json(r.body), "error": f"{p.code}: {p.message}", "at": _ms(now)})
@@ -992,14 +1050,14 @@ class AccountStore:
                     out.problems.append((r.seq, p))
                 else:   # duplicate or gap: cannot happen in a contiguous run
                     raise RuntimeError(f"store {store} seq {r.seq}: {p.message}")
-            if not any(p.set_aside for p in problems):
+            if not any(p.set_aside for p in change.problems):
                 out.applied.append(r.seq)
-            accounts.update(new.accounts)
-            cards.update(new.cards)
-            members.update(new.members)
-            sales.update(new.sales)
-            entries.extend(hist)
-            work.watermarks[store] = r.seq  # type: ignore[index]
+            work.accounts.update(change.accounts)
+            work.cards.update(change.cards)
+            work.members.update(change.members)
+            work.sales.update(change.sales)
+            work.watermarks[store] = r.seq
+            entries.extend(change.entries)
         self._write(conn, loaded, work, entries, aside, _ms(now))
         old_cards, old_accounts = loaded["cards"], loaded["accounts"]
         for no, card in work.cards.items():
@@ -1011,27 +1069,32 @@ class AccountStore:
         return run[-1].seq if run else done
 
     # -- loading: one query per table for the whole chunk
-    def _load(self, conn: Connection, keys: list[Keys]) -> tuple[Book, dict]:
-        card_nos = set().union(*(k.cards for k in keys))
-        account_ids = set().union(*(k.accounts for k in keys))
-        sale_ids = set().union(*(k.sales for k in keys))
-        member_ids = set().union(*(k.members for k in keys))
+    def _load(self, conn: Connection, keys: Keys, lock_cards: bool) -> tuple[Book, dict]:
+        """The chunk's part of the accounts, locked for the transaction on
+        PostgreSQL: the accounts always, the cards when ``lock_cards`` (card
+        operations change them; other records only read a card's account)."""
+        card_nos, account_ids, sale_ids, member_ids = keys
         pg = db.is_postgres(conn)
         cards: dict[str, Card] = {}
         if card_nos:
-            q = select(db.cards).where(db.in_(conn, db.cards.c.card_no, card_nos))
-            for r in conn.execute(q.with_for_update() if pg else q).mappings():
-                cards[r["card_no"]] = _card_of(r)
+            q = select(*_columns(db.cards, Card)).where(db.in_(conn, db.cards.c.card_no, card_nos))
+            if pg and lock_cards:
+                # In card order, then the accounts in account order: two workers never deadlock on them.
+                q = q.order_by(db.cards.c.card_no).with_for_update()
+            for r in conn.execute(q).all():
+                cards[r.card_no] = Card._make(r)
         sales: dict[str, SaleEffect] = {}
         if sale_ids:
             h = db.account_history
+            cols = _columns(h, HistoryEntry)
             by_sale: dict[str, list] = {}
-            rows = conn.execute(select(h).where(h.c.kind == "sale", db.in_(conn, h.c.tx_id, sale_ids))
-                                .union_all(select(h).where(h.c.kind == "return", db.in_(conn, h.c.ref_tx_id, sale_ids)))
-                                .order_by("id")).mappings()
-            for r in rows:
-                sid = r["tx_id"] if r["kind"] == "sale" else r["ref_tx_id"]
-                by_sale.setdefault(sid, []).append(_entry_of(r))
+            rows = conn.execute(select(h.c.id, *cols).where(h.c.kind == "sale", db.in_(conn, h.c.tx_id, sale_ids))
+                                .union_all(select(h.c.id, *cols).where(h.c.kind == "return",
+                                                                       db.in_(conn, h.c.ref_tx_id, sale_ids)))
+                                .order_by("id")).all()
+            for _id, *r in rows:
+                e = _entry_of(r)
+                by_sale.setdefault(e.tx_id if e.kind == "sale" else e.ref_tx_id, []).append(e)
             for sid, hs in by_sale.items():
                 if hs[0].kind == "sale":
                     sales[sid] = sale_effect(hs[0].account_id, hs)
@@ -1039,9 +1102,10 @@ class AccountStore:
         accounts = self.load_accounts(conn, ids, lock=True)
         members: dict[str, Member] = {}
         if member_ids:
-            for r in conn.execute(select(db.members).where(db.in_(conn, db.members.c.member_id, member_ids))).mappings():
-                members[r["member_id"]] = _member_of(r)
-        book = Book(accounts, cards, members, {}, sales)
+            q = select(*_columns(db.members, Member)).where(db.in_(conn, db.members.c.member_id, member_ids))
+            for r in conn.execute(q).all():
+                members[r.member_id] = Member._make(r)
+        book = Book(accounts, cards, members, {}, sales)   # fresh dicts: the caller's working book
         return book, {"accounts": dict(accounts), "cards": dict(cards), "members": dict(members)}
 
     def load_accounts(self, conn: Connection, ids: Iterable[str], lock: bool = False) -> dict[str, Account]:
@@ -1050,29 +1114,29 @@ class AccountStore:
         ids = sorted(set(ids))
         if not ids:
             return {}
-        a = db.accounts
-        q = select(a).where(db.in_(conn, a.c.account_id, ids)).order_by(a.c.account_id)
+        a, l, p, c = db.accounts, db.points_lots, db.packages, db.coupons
+        q = select(*_columns(a, Account)).where(db.in_(conn, a.c.account_id, ids)).order_by(a.c.account_id)
         if lock and db.is_postgres(conn):
             q = q.with_for_update()
-        rows = {r["account_id"]: r for r in conn.execute(q).mappings()}
+        rows = conn.execute(q).all()        # the account's own columns, in field order
         if not rows:
             return {}
-        found = list(rows)
+        found = [r.account_id for r in rows]
         lots: dict[str, list[Lot]] = {}
-        for r in conn.execute(select(db.points_lots).where(db.in_(conn, db.points_lots.c.account_id, found))
-                              .order_by(db.points_lots.c.account_id, db.points_lots.c.expires)).mappings():
-            lots.setdefault(r["account_id"], []).append(Lot(r["expires"], r["earned_at"], r["points"], r["remaining"]))
+        for aid, *lot in conn.execute(select(l.c.account_id, *_columns(l, Lot)).where(
+                db.in_(conn, l.c.account_id, found)).order_by(l.c.account_id, l.c.expires)).all():
+            lots.setdefault(aid, []).append(Lot(*lot))
         pkgs: dict[str, dict] = {}
-        for r in conn.execute(select(db.packages).where(db.in_(conn, db.packages.c.account_id, found))).mappings():
-            pkgs.setdefault(r["account_id"], {})[r["package_id"]] = r["uses_left"]
+        for aid, pid, left in conn.execute(select(p.c.account_id, p.c.package_id, p.c.uses_left).where(
+                db.in_(conn, p.c.account_id, found))).all():
+            pkgs.setdefault(aid, {})[pid] = left
         cps: dict[str, dict] = {}
-        for r in conn.execute(select(db.coupons).where(db.in_(conn, db.coupons.c.account_id, found))).mappings():
-            cps.setdefault(r["account_id"], {})[r["code"]] = r["state"]
-        return {aid: Account(aid, r["owner_member_id"], r["tier"], r["status"], r["card_type"], r["paid_fen"],
-                             r["bonus_fen"], r["points_owed"], tuple(lots.get(aid, ())), pkgs.get(aid, {}),
-                             cps.get(aid, {}), r["day"], r["day_stored_value_paid_fen"], r["day_points_redeemed"],
-                             r["created_at"])
-                for aid, r in rows.items()}
+        for aid, code, state in conn.execute(select(c.c.account_id, c.c.code, c.c.state).where(
+                db.in_(conn, c.c.account_id, found))).all():
+            cps.setdefault(aid, {})[code] = state
+        return {r.account_id: Account(*r, tuple(lots.get(r.account_id, ())), pkgs.get(r.account_id, EMPTY),
+                                      cps.get(r.account_id, EMPTY))
+                for r in rows}
 
     # -- writing: one statement per table for the whole chunk
     def _write(self, conn: Connection, loaded: dict, work: Book, entries: list[HistoryEntry], aside: list[dict],
@@ -1136,8 +1200,9 @@ class AccountStore:
 
     def history(self, conn: Connection, account_id: str, limit: int = 50) -> list[HistoryEntry]:
         h = db.account_history
-        rows = conn.execute(select(h).where(h.c.account_id == account_id).order_by(h.c.id.desc()).limit(limit))
-        return [_entry_of(r) for r in rows.mappings()]
+        rows = conn.execute(select(*_columns(h, HistoryEntry)).where(h.c.account_id == account_id)
+                            .order_by(h.c.id.desc()).limit(limit))
+        return [_entry_of(r) for r in rows]
 
     def snapshot_rows(self, conn: Connection, store: str) -> "MemberSnapshot":
         return snapshot_rows(conn, store)
@@ -1155,21 +1220,16 @@ def _json(obj: Any) -> str:
         return orjson.dumps(repr(obj)).decode()
 
 
-def _card_of(r) -> Card:
-    return Card(r["card_no"], r["account_id"], r["member_id"], r["role"], r["status"], r["replaced_by"],
-                r["card_type"], r["nfc_uid"], r["issued_at"], r["expires"])
+def _columns(table: Table, kind) -> list:
+    """The table's columns for the fields of ``kind`` (a named tuple) that it
+    has, in field order (Card, Member, Lot, HistoryEntry: all of them)."""
+    return [table.c[f] for f in kind._fields if f in table.c]
 
 
-def _member_of(r) -> Member:
-    return Member(r["member_id"], r["name_masked"], r["phone_hash"], bool(r["consent"]), r["birthday"],
-                  r["birthday_calendar"], r["source"], r["created_at"])
-
-
-def _entry_of(r) -> HistoryEntry:
-    return HistoryEntry(r["account_id"], r["kind"], r["d_paid_fen"], r["d_bonus_fen"], r["d_points"],
-                        r["package_id"], r["d_uses"], r["card_no"], r["store"], r["seq"], r["tx_id"],
-                        r["ref_tx_id"], r["terminal"], r["operator"], r["at"],
-                        orjson.loads(r["detail"]) if r["detail"] else None)
+def _entry_of(row) -> HistoryEntry:
+    """A history entry from its ``_columns`` (detail as stored: JSON)."""
+    e = HistoryEntry._make(row)
+    return e._replace(detail=orjson.loads(e.detail)) if e.detail else e
 
 
 def _account_row(a: Account, now_ms: int) -> dict:

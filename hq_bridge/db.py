@@ -50,9 +50,10 @@ from typing import Iterable
 import orjson
 
 from sqlalchemy import (BigInteger, Boolean, CheckConstraint, Column, Engine, ForeignKey, Index, Integer,
-                        MetaData, PrimaryKeyConstraint, String, Table, Text, UniqueConstraint, create_engine,
-                        any_, bindparam, event, false, select)
+                        MetaData, PrimaryKeyConstraint, String, Table, Text, UniqueConstraint, and_, any_,
+                        bindparam, create_engine, event, false, or_, select)
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import OperationalError
 
 # 64-bit everywhere; plain INTEGER on SQLite, where it is 64-bit already and
 # where the existing tables were created with it.
@@ -378,7 +379,17 @@ def open_engine(url: str, **kw) -> Engine:
     if u.get_backend_name() == "postgresql":
         if u.drivername == "postgresql":
             u = u.set(drivername="postgresql+psycopg")
-        return create_engine(u, **{"pool_pre_ping": True, **kw})
+        engine = create_engine(u, **{"pool_pre_ping": True, **kw})
+
+        @event.listens_for(engine, "connect")
+        def _pg_connect(dbapi_conn, _record):
+            # List parameters (``= ANY(:array)``, ``unnest`` in insert_rows) go in
+            # PostgreSQL's binary array format, which psycopg dumps without running
+            # every item through the quoting regex of the text format.
+            from psycopg.types.array import ListBinaryDumper
+            dbapi_conn.adapters.register_dumper(list, ListBinaryDumper)
+
+        return engine
     raise ValueError(f"database url: {url!r} is neither sqlite:/// nor postgresql+psycopg://")
 
 
@@ -575,10 +586,12 @@ def ledger_insert(conn: Connection, store: str, records: list, received_at: int 
     if not records:
         return LedgerInsert([], 0, 0)
     t = transactions
-    by_seq = dict(conn.execute(select(t.c.seq, t.c.tx_id).where(
-        t.c.store == store, in_(conn, t.c.seq, {r.seq for r in records}))).all())
-    by_id = {i: (s, q) for i, s, q in conn.execute(select(t.c.tx_id, t.c.store, t.c.seq).where(
-        in_(conn, t.c.tx_id, {r.id for r in records})))}
+    # What the ledger holds already at the batch's seqs or under its ids: one query.
+    held = conn.execute(select(t.c.store, t.c.seq, t.c.tx_id).where(or_(
+        and_(t.c.store == store, in_(conn, t.c.seq, {r.seq for r in records})),
+        in_(conn, t.c.tx_id, {r.id for r in records})))).all()
+    by_seq = {q: i for s, q, i in held if s == store}
+    by_id = {i: (s, q) for s, q, i in held}
     new, rows, clash, dup = [], [], [], 0
     for r in records:
         if r.seq not in by_seq and r.id not in by_id:
