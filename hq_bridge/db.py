@@ -630,7 +630,9 @@ def migrate(url: str | Engine) -> None:
                     upgrade(engine)
                     return
                 except OperationalError as exc:
-                    if "locked" not in str(exc) or attempt == 49:
+                    # "locked": another process holds the write lock; "already exists": it migrated
+                    # between our reading the version and our step: read the version again
+                    if not ("locked" in str(exc) or "already exists" in str(exc)) or attempt == 49:
                         raise
                     time.sleep(0.2)
         with engine.connect() as lock:
