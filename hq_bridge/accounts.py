@@ -1252,12 +1252,23 @@ def _member_row(m: Member, now_ms: int) -> dict:
             "source": m.source[:80], "created_at": m.created_at or now_ms, "updated_at": now_ms}
 
 
+def tier_counts(kind: str, detail: Mapping | None) -> tuple[int, int]:
+    """(spend, points earned) an entry counts in the tier windows: a sale's,
+    and a return's taken back (negative); nothing for other entries."""
+    if not detail or kind not in ("sale", "return"):
+        return 0, 0
+    earned = detail.get("earned", 0)
+    return detail.get("spend", 0), earned if kind == "sale" else -earned
+
+
 def _entry_row(e: HistoryEntry, now_ms: int) -> dict:
+    spend, earned = tier_counts(e.kind, e.detail)
     return {"account_id": e.account_id, "kind": e.kind, "d_paid_fen": e.d_paid_fen, "d_bonus_fen": e.d_bonus_fen,
             "d_points": e.d_points, "package_id": e.package_id, "d_uses": e.d_uses, "card_no": e.card_no,
             "store": e.store, "seq": e.seq, "tx_id": e.tx_id, "ref_tx_id": e.ref_tx_id, "terminal": e.terminal,
             "operator": e.operator, "at": e.at, "recorded_at": now_ms,
-            "detail": orjson.dumps(e.detail).decode() if e.detail else None}
+            "detail": orjson.dumps(e.detail).decode() if e.detail else None,
+            "d_spend_fen": spend, "d_earned": earned}
 
 
 # ================================================================ member snapshot

@@ -301,6 +301,10 @@ account_history = Table(
     Column("at", String(40)),                           # when it happened (the record's store time)
     Column("recorded_at", Int64, nullable=False),       # when HQ applied it (epoch ms)
     Column("detail", Text),                             # JSON: lots, coupons, fee, status change
+    # What a sale or return counts in the tier windows (a return's are negative), summed by SQL
+    # (hq_bridge/policy.py window_totals); taken from the detail when the entry is written.
+    Column("d_spend_fen", Int64, nullable=False, server_default="0"),
+    Column("d_earned", Int64, nullable=False, server_default="0"),
     Index(None, "account_id", "id"),
     Index(None, "tx_id"),
     Index(None, "ref_tx_id"),

@@ -111,18 +111,14 @@ def _windows(tiers: dict) -> set[int]:
 def window_totals(conn: Connection, account_ids: Iterable[str], since_ms: int) -> dict[str, tuple[int, int]]:
     """{account: (spend_fen, points_earned)} over sales and returns HQ applied since ``since_ms``."""
     h = db.account_history
-    out: dict[str, list[int]] = {}
+    out: dict[str, tuple[int, int]] = {}
     ids = sorted(set(account_ids))
     for i in range(0, len(ids), 5000):
-        rows = conn.execute(select(h.c.account_id, h.c.kind, h.c.detail).where(
-            db.in_(conn, h.c.account_id, ids[i:i + 5000]), h.c.kind.in_(("sale", "return")),
-            h.c.recorded_at >= since_ms))
-        for aid, kind, detail in rows:
-            d = orjson.loads(detail) if detail else {}
-            t = out.setdefault(aid, [0, 0])
-            t[0] += d.get("spend", 0)
-            t[1] += d.get("earned", 0) * (1 if kind == "sale" else -1)
-    return {a: (s, e) for a, (s, e) in out.items()}
+        out.update((aid, (int(spend), int(earned))) for aid, spend, earned in conn.execute(
+            select(h.c.account_id, func.sum(h.c.d_spend_fen), func.sum(h.c.d_earned)).where(
+                db.in_(conn, h.c.account_id, ids[i:i + 5000]), h.c.kind.in_(("sale", "return")),
+                h.c.recorded_at >= since_ms).group_by(h.c.account_id)))
+    return out
 
 
 def _meets(rule: Mapping | None, spend: int, earned: int) -> bool:

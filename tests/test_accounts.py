@@ -13,6 +13,7 @@ import os
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -20,7 +21,7 @@ from alembic.runtime.migration import MigrationContext
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hq_bridge import db
+from hq_bridge import db, policy
 from hq_bridge.accounts import (OWED, Account, AccountPolicy, AccountStore, Book, Card, ImportError_, Lot, StoreRecord,
                                 apply_record, audit, import_members, snapshot_rows)
 from hq_bridge.rules import read_table_file
@@ -73,8 +74,35 @@ def test_migrations_make_the_metadata_on_both_engines(hq_db_url):
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-            assert ctx.get_current_revision() == "0002"
+            assert ctx.get_current_revision() == "0003"
             assert compare_metadata(ctx, db.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_the_tier_counts_of_entries_before_0003_are_filled_in_from_their_detail(hq_db_url):
+    from hq_bridge.migrations import upgrade
+    upgrade(hq_db_url, "0002")
+    engine = db.open_engine(hq_db_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO members (member_id, source, created_at, updated_at) "
+                                 "VALUES ('A1', 'import', 0, 0)")
+            conn.exec_driver_sql("INSERT INTO accounts (account_id, owner_member_id, tier, created_at, updated_at) "
+                                 "VALUES ('A1', 'A1', 'normal', 0, 0)")
+            for kind, detail in (("sale", {"spend": 5990, "earned": 59}), ("return", {"spend": -2995, "earned": 29}),
+                                 ("topup", {"fee": 1}), ("sale", None)):
+                conn.exec_driver_sql(
+                    "INSERT INTO account_history (account_id, kind, d_paid_fen, d_bonus_fen, d_points, d_uses, "
+                    "recorded_at, detail) VALUES ('A1', '%s', 0, 0, 0, 0, 1, %s)"
+                    % (kind, "'" + orjson.dumps(detail).decode() + "'" if detail else "NULL"))
+        upgrade(hq_db_url)
+        with engine.connect() as conn:
+            h = db.account_history
+            got = conn.execute(sa.select(h.c.kind, h.c.d_spend_fen, h.c.d_earned).order_by(h.c.id)).all()
+            assert [tuple(r) for r in got] == [("sale", 5990, 59), ("return", -2995, -29), ("topup", 0, 0),
+                                               ("sale", 0, 0)]
+            assert policy.window_totals(conn, ["A1"], 0) == {"A1": (2995, 30)}
     finally:
         engine.dispose()
 
