@@ -9,11 +9,11 @@ call that takes the next deny version, signs the delta and publishes it.
 The gateways: ``--gateways`` instances spread over ``--procs`` processes.
 Each instance is the gateway's rules side, not a whole gateway: its own MQTT
 client and session loop (the uplink's: subscribe to the manifest and deny
-topics, hand messages to gateway.rules_sync.RulesSync), its own RulesStore
+topics, hand messages to gateway.shell.rules_sync.RulesSync), its own RulesStore
 with a SQLite MemberStore in its own directory. It fetches its signed rule
 set over MQTT first (real manifest and parts), then, for every deny delta,
 runs the real path (signature check, MemberStore.apply_deny_delta) and
-immediately asks gateway.engine.validate about the card: the time the card
+immediately asks gateway.core.validate.validate about the card: the time the card
 is first refused is the sample.
 
 Baseline in the same run: a plain QoS 1 message published to one topic that
@@ -48,9 +48,9 @@ async def instance(store: str, workdir: Path, port: int, public_key: str, cards:
                    refused: dict, pings: dict, ready: asyncio.Event) -> None:
     import aiomqtt
 
-    from gateway import engine
-    from gateway.rules_store import RulesStore
-    from gateway.rules_sync import RulesSync
+    from gateway.core import validate as engine
+    from gateway.store.rules import RulesStore
+    from gateway.shell.rules_sync import RulesSync
     from wire.topics import Topics
 
     tz = ZoneInfo("Asia/Shanghai")
@@ -118,7 +118,7 @@ async def run(n_gateways: int, n_procs: int, rounds: int, workdir: Path) -> None
     import aiomqtt
 
     from common import mqtt
-    from gateway.testbed import MosquittoBroker
+    from demo.testbed import MosquittoBroker
     from hq_bridge import keys as hq_keys
     from hq_bridge.ledger import Ledger
     from hq_bridge.rules import Catalog, Publisher

@@ -22,10 +22,10 @@ import paho.mqtt.client as paho
 
 from bench.common import args, emit, median, note
 from common import eventloop
-from gateway.rules_store import RulesStore
+from gateway.store.rules import RulesStore
 from gateway.store.journal import Journal
-from gateway.testbed import LinkProxy, MosquittoBroker
-from gateway.uplink import Uplink, UplinkSettings
+from demo.testbed import LinkProxy, MosquittoBroker
+from gateway.shell.uplink import Uplink, UplinkSettings
 from hq_bridge.ledger import Ledger
 from wire.messages import Status
 

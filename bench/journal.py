@@ -93,7 +93,7 @@ import orjson
 from bench.common import args, bytes_written, emit, median, note, rss_mb
 from bench.sqlite_journal import Journal as SqliteJournal
 from common import eventloop
-from gateway import runtime
+from common import runtime
 from gateway.store.journal import RWF_DSYNC, SEGMENT_BYTES, Journal
 
 BODY = {"lane": "1", "member_id": "M1001", "card_no": "880000000013", "tier": "gold", "rules_version": 7,
@@ -299,7 +299,7 @@ def paired(values, baselines) -> float:
 
 async def main() -> None:
     opts = args(__doc__)
-    runtime.tune_gc()  # the collector set up as the gateway's process has it (gateway/runtime.py)
+    runtime.tune_gc()  # the collector set up as the gateway's process has it (common/runtime.py)
     secs = 1.0 if opts.quick else 2.0
     waiting = 50_000
     rounds = 3 if opts.quick else 7

@@ -2,8 +2,8 @@
 
     python -m bench.pos_api [--quick] [--dir DIR]
 
-A gateway in this process (gateway.service.Gateway, the API of gateway/api.py
-served by gateway/http_server.py with the config's default limits, on the
+A gateway in this process (gateway.shell.service.Gateway, the API of gateway/shell/api.py
+served by gateway/shell/http_server.py with the config's default limits, on the
 gateway's own event loop, common/eventloop.py) with authentication on: every
 call carries a terminal's bearer token (``credentials()``). Eight POS
 terminals run in another process, one per lane. A round is one customer: a
@@ -72,7 +72,7 @@ MAX_WAIT_S = 0.4
 def credentials(terminals_file: Path) -> dict[str, str]:
     """role -> the ``Authorization`` header value of a terminal with that role
     on every lane, written to the gateway's terminals file."""
-    from gateway.testbed import provision_terminals
+    from demo.testbed import provision_terminals
 
     return {role: f"Bearer {token}" for role, token in provision_terminals(terminals_file).items()}
 
@@ -229,11 +229,11 @@ async def over_http(server, auth: dict, basket: list[dict], rounds: int, first_r
 async def workload(base: Path, name: str, stress: bool, basket: list[dict], rounds: int,
                    saturated: bool) -> dict:
     from bench.quote_workload import NOW
-    from gateway import config as gw_config
-    from gateway.api import create_app
-    from gateway.http_server import PosServer
-    from gateway.service import Gateway
-    from gateway.testbed import free_port
+    from gateway.shell import config as gw_config
+    from gateway.shell.api import create_app
+    from gateway.shell.http_server import PosServer
+    from gateway.shell.service import Gateway
+    from demo.testbed import free_port
     from tests.support import install_rules, test_hq_public_key
 
     data_dir = base / name

@@ -13,7 +13,7 @@ quote with no promotions (the fixed cost of lines, points, tender, receipts).
 Also printed: the same promotions with the SKU-scoped ones spread over a
 2,000-SKU catalogue (``quote_catalog2000_p99_ms``), closer to a real store.
 
-The process's GC is set up as the gateway's is (``gateway.runtime.tune_gc``
+The process's GC is set up as the gateway's is (``common.runtime.tune_gc``
 after the rules load): without it a full collection every ~70 quotes adds
 ~3 ms to those quotes, which is the p99.
 
@@ -27,7 +27,7 @@ import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from gateway import runtime
+from common import runtime
 from gateway.core import pricing
 from gateway.core.promotions import with_catalog
 

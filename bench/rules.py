@@ -41,7 +41,7 @@ import tomllib
 from pathlib import Path
 
 from bench.common import args, emit, median, note, rss_mb
-from gateway.engine import luhn_check_digit
+from gateway.core.validate import luhn_check_digit
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "deploy" / "examples"
@@ -104,15 +104,15 @@ CHILD = r"""
 import json, random, sys, time
 sys.path.insert(0, sys.argv[1])
 try:
-    import gateway.service  # noqa: F401  (what the gateway process has loaded anyway)
+    import gateway.shell.service  # noqa: F401  (what the gateway process has loaded anyway)
 except Exception as exc:
-    print(f"gateway.service not importable ({exc}); measuring without it", file=sys.stderr)
+    print(f"gateway.shell.service not importable ({exc}); measuring without it", file=sys.stderr)
 from datetime import datetime
 from zoneinfo import ZoneInfo
 from bench.rules import card, uid, effective_rules
 from bench.common import rss_mb
-from gateway import engine
-from gateway.member_store import MemberStore
+from gateway.core import validate as engine
+from gateway.store.members import MemberStore
 
 data_dir, members, deny, samples = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 now = datetime(2026, 11, 24, 10, 30, tzinfo=ZoneInfo("Asia/Shanghai"))
@@ -186,7 +186,7 @@ def compare_stores(base: Path, n: int, lookups: int) -> dict:
     from tinydb.middlewares import CachingMiddleware
     from tinydb.storages import JSONStorage
 
-    from gateway.member_store import MemberStore
+    from gateway.store.members import MemberStore
 
     rng = random.Random(n)
     probes = [card(rng.randrange(n)) for _ in range(lookups)]
@@ -241,7 +241,7 @@ def main() -> None:
     scale = f"{members:,} members, {deny:,} deny entries" + (" (--quick)" if quick else "")
     base = Path(tempfile.mkdtemp(prefix="sg-bench-rules-", dir=a.dir))
     try:
-        from gateway.member_store import MemberStore, load_part_files
+        from gateway.store.members import MemberStore, load_part_files
 
         rules = effective_rules()
         from wire.ruleset import with_defaults

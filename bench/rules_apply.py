@@ -3,7 +3,7 @@
     python -m bench.rules_apply [--quick]
 
 Real parts: mosquitto, HQ's Publisher (catalog, parts, signature) in this
-process, and a gateway (gateway.service.Gateway, one lane) in a child
+process, and a gateway (gateway.shell.service.Gateway, one lane) in a child
 process so its memory is its own. The gateway first runs a small rule set
 (v1: 1,000 members); HQ then publishes v2 with 1,000,000 members and 100,000
 deny entries (--quick: 100,000 / 10,000). Measured in the gateway:
@@ -37,7 +37,7 @@ import orjson
 
 from bench.common import args as bench_args, emit, median, note
 from common import eventloop
-from gateway.engine import luhn_check_digit
+from gateway.core.validate import luhn_check_digit
 
 EX = Path(__file__).resolve().parent.parent / "deploy" / "examples"
 TAP_EVERY_S = 0.005  # 200 taps/s on one gateway: some 100x a busy store's counters
@@ -69,8 +69,8 @@ def deny(n: int, members_n: int):
 async def child(cfg_path: str, tap_cards: list[str]) -> None:
     import logging
 
-    from gateway import config as gw_config
-    from gateway.service import Gateway
+    from gateway.shell import config as gw_config
+    from gateway.shell.service import Gateway
     from hardware.readers import CardRead
 
     logging.basicConfig(level=logging.WARNING)
@@ -156,7 +156,7 @@ def raw_sqlite_baseline(path: Path, n_members: int, n_deny: int) -> float:
 
 
 async def run(quick: bool, workdir: Path) -> dict:
-    from gateway.testbed import MosquittoBroker
+    from demo.testbed import MosquittoBroker
     from hq_bridge import keys as hq_keys
     from hq_bridge.ledger import Ledger
     from hq_bridge.rules import Catalog, Publisher

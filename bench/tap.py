@@ -3,7 +3,7 @@ indicator call, per source, p50 and p99.
 
     python -m bench.tap [--quick]
 
-One gateway (gateway.service.Gateway, with its real read loops) and one
+One gateway (gateway.shell.service.Gateway, with its real read loops) and one
 lane per source. The end of every measurement is the lane indicator's
 show() call with the verdict's pattern. Where each one starts:
 
@@ -50,11 +50,11 @@ from pathlib import Path
 
 from bench.common import args, emit, note
 from common import eventloop
-from gateway import config as gw_config
-from gateway import engine
-from gateway.service import Gateway
+from gateway.shell import config as gw_config
+from gateway.core import validate as engine
+from gateway.shell.service import Gateway
 from hardware.hid import DeviceGone, SimulatedInputDevice, key_events
-from hardware.member_qr import Issuer, MemberApp
+from cards.member_qr import Issuer, MemberApp
 from hardware.readers import CardRead
 from tests.support import install_rules, test_hq_public_key
 

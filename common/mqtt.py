@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import aiomqtt
 
+from common.configfile import ConfigError
+
 MQTT_CONFIG_SCHEMA = {
     "type": "object",
     "additionalProperties": False,
@@ -51,14 +53,38 @@ class Backoff:
         self.attempt = 0
 
 
+def make_tls_context(settings: dict, section: str = "mqtt") -> ssl.SSLContext | None:
+    """The client's TLS context from ``[mqtt.tls]``, or None without TLS. A file
+    that cannot be used raises ConfigError naming its key (``mqtt.tls.cert_file:
+    cannot read /etc/...: No such file or directory``): the services check this
+    once at start-up and exit with the config-error code instead of failing on
+    every reconnect."""
+    tls = settings.get("tls")
+    if not tls:
+        return None
+    for name in ("ca_file", "cert_file", "key_file"):
+        if tls.get(name):
+            try:
+                open(tls[name], "rb").close()
+            except OSError as exc:
+                raise ConfigError(f"{section}.tls.{name}: cannot read {tls[name]}: {exc.strerror or exc}") from None
+    try:
+        context = ssl.create_default_context(cafile=tls["ca_file"])
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{section}.tls.ca_file: {tls['ca_file']} holds no usable CA certificate ({exc})") from None
+    if tls.get("cert_file"):
+        try:
+            context.load_cert_chain(tls["cert_file"], tls.get("key_file"))
+        except ssl.SSLError as exc:
+            raise ConfigError(f"{section}.tls.cert_file/key_file: {tls['cert_file']} and "
+                              f"{tls.get('key_file') or '(key in the same file)'} are not a certificate and "
+                              f"its private key ({exc})") from None
+    return context
+
+
 def client(settings: dict, *, identifier: str, will: aiomqtt.Will | None = None,
            clean_session: bool = True) -> aiomqtt.Client:
-    tls_context = None
-    tls = settings.get("tls")
-    if tls:
-        tls_context = ssl.create_default_context(cafile=tls["ca_file"])
-        if tls.get("cert_file"):
-            tls_context.load_cert_chain(tls["cert_file"], tls.get("key_file"))
+    tls_context = make_tls_context(settings)
     return aiomqtt.Client(
         settings["host"],
         settings.get("port", 1883),

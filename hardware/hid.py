@@ -5,7 +5,7 @@ Used like the other readers::
 
     async with HidReader("1", HidSelector(usb="0c2e:0b61"), "scanner") as reader:
         async for event in reader.reads():
-            if isinstance(event, SwipeAgain):
+            if isinstance(event, ReadAgain):
                 indicator.show(event.pattern)   # "tap_again": a bad swipe
             else:
                 verdict = validate(event)       # a CardRead
@@ -24,7 +24,7 @@ Two layers
   a key outside the keymap, or longer than MAX_FRAME, is marked garbled.
   `interpret()` turns a frame into what the lane gets: for a magstripe
   reader, CardRead(source="magstripe", raw=<card number>) from
-  hardware.magstripe.parse (the track's end sentinel "?" is how a complete
+  cards.magstripe.parse (the track's end sentinel "?" is how a complete
   track is recognised; a frame that stops without one is a broken swipe),
   or SwipeAgain(reason) for a bad swipe; for a scanner,
   CardRead(source="qr", raw=<payload>). An empty frame (a lone Enter) is
@@ -54,13 +54,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, ClassVar, Iterable
+from typing import AsyncIterator, Callable, Iterable
 
 from evdev import InputEvent, ecodes as e
 
-from hardware import magstripe
-from hardware.indicators import Pattern
-from hardware.readers import CardRead, CardReader
+from cards import magstripe
+from hardware.readers import CardRead, CardReader, ReadAgain
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +109,11 @@ class Frame:
 
 
 @dataclass(frozen=True)
-class SwipeAgain:
-    """A bad swipe: the gateway shows `pattern` and the member swipes again."""
+class SwipeAgain(ReadAgain):
+    """A bad swipe or scan: the one ReadAgain, with the magstripe source by default."""
 
-    lane: str
-    at: float
-    reason: str                     # a hardware.magstripe reason code
+    reason: str                     # a cards.magstripe reason code, or "unreadable_code" for a scanner
     source: str = "magstripe"
-
-    pattern: ClassVar[Pattern] = Pattern.TAP_AGAIN
 
 
 class WedgeDecoder:

@@ -27,11 +27,22 @@ active buzzer draws more than a GPIO pin may give (~16 mA): drive it through
 an NPN transistor (2N2222, 1 kΩ base resistor from the GPIO pin, buzzer
 between 5 V and the collector, emitter to GND, flyback diode across the
 buzzer). See deploy/HARDWARE.md.
+
+Pin backend: lgpio on every Pi (``pin_backend``). It drives the header
+through the kernel's GPIO character device (/dev/gpiochip*), the one
+interface every current Pi has (the Pi 5's BCM2712 puts the header on the
+RP1 chip, which RPi.GPIO and gpiozero's register-level native driver do not
+know) and the only one the systemd unit lets the gateway open
+(``DeviceAllow=char-gpiochip``). gpiozero tries lgpio first anyway; what
+this module adds is a clear error instead of a silent fall-back to a driver
+that cannot work when lgpio is missing. ``GPIOZERO_PIN_FACTORY`` in the
+environment still chooses another backend; tests pass a MockFactory.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import threading
 
 
@@ -108,11 +119,43 @@ class SimulatedIndicator(Indicator):
     """The simulated twin: no GPIO, only the history."""
 
 
+class GpioUnavailable(RuntimeError):
+    """The GPIO pins cannot be driven on this box; says what to install."""
+
+
+def pin_backend():
+    """The pin factory for real pins: None when one is chosen already
+    (``Device.pin_factory`` set, or ``GPIOZERO_PIN_FACTORY`` in the
+    environment: gpiozero's own choice), otherwise lgpio's, made the
+    default for every device of this process."""
+    from gpiozero import Device
+
+    if Device.pin_factory is not None or os.environ.get("GPIOZERO_PIN_FACTORY"):
+        return None
+    try:
+        from gpiozero.pins.lgpio import LGPIOFactory
+        import lgpio  # noqa: F401  (gpiozero imports it lazily; a missing one should say so here)
+    except ImportError:
+        raise GpioUnavailable(
+            "indicator = \"gpio\" needs the lgpio library (the pin backend for every Pi, and the only one "
+            "for a Raspberry Pi 5): in the venv `pip install lgpio` (wheels for aarch64 and x86_64, the "
+            "storegate[gpio] extra), or on Raspberry Pi OS `apt-get install python3-lgpio` (the gateway's venv "
+            "sees system packages). deploy/HARDWARE.md, \"Which Pi\".") from None
+    try:
+        Device.pin_factory = LGPIOFactory()
+    except Exception as exc:  # lgpio.error, OSError: no gpiochip, or not allowed to open it
+        raise GpioUnavailable(f"cannot open the GPIO chip with lgpio ({exc}): is this a Raspberry Pi, and is the "
+                              f"user in the group that owns /dev/gpiochip* (gpio on Raspberry Pi OS)?") from None
+    return None
+
+
 class GpioIndicator(Indicator):
     def __init__(self, *, green, red, buzzer=None, status=None, pin_factory=None, active_high: bool = True) -> None:
         from gpiozero import LED, Buzzer  # imported here: the simulated twin needs no gpiozero
 
         super().__init__()
+        if pin_factory is None:
+            pin_factory = pin_backend()   # lgpio, once per process (None: gpiozero's default device factory)
         kw = {"pin_factory": pin_factory, "active_high": active_high}
         self.green = LED(green, **kw)
         self.red = LED(red, **kw)

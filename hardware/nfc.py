@@ -4,15 +4,16 @@ Used like the other readers::
 
     async with PcscReader("1", "ACR122U", read_pages=(4, 15)) as reader:
         async for event in reader.reads():
-            if isinstance(event, TapAgain):
+            if isinstance(event, ReadAgain):
                 indicator.show(event.pattern)      # "tap_again": the read failed
             else:
                 verdict = validate(event)          # an NfcRead, a CardRead
 
 reads() yields NfcRead (a CardRead: source "nfc", raw = the UID as uppercase
 hex, plus the pages read and the SUN check) for a completed read, and
-TapAgain when the card left the field, or would not answer, before the read
-was complete. The gateway shows the "tap_again" pattern for TapAgain.
+TapAgain (the one hardware.readers.ReadAgain of every reader, source "nfc")
+when the card left the field, or would not answer, before the read was
+complete. The gateway shows the "tap_again" pattern for it.
 
 What counts as a tap
 --------------------
@@ -54,7 +55,7 @@ Reading a card
   four pages at a time; NfcRead.data holds exactly the pages asked for.
   A card that refuses a page (another card type, a smaller NTAG) is read
   with data None; the gateway decides what a card without data means.
-- With `sun_verifier` (hardware.ntag424.SunVerifier): the NDEF file of an
+- With `sun_verifier` (cards.ntag424.SunVerifier): the NDEF file of an
   NTAG 424 DNA is read with ISO 7816-4 commands (select application
   D2760000850101, select file E104, read binary) and its SUN URL verified.
   NfcRead.sun is "ok" (raw is then the UID authenticated by the message,
@@ -63,7 +64,7 @@ Reading a card
   has no NDEF file; the gateway must refuse anything but "ok" on such lanes.
 - With `read_ndef` (and no sun_verifier) the NDEF URL is read the same way
   but not verified: NfcRead.sun_url carries it to the gateway, which picks
-  the keys by the card's programme (gateway/secure_nfc.py).
+  the keys by the card's programme (gateway/shell/secure_nfc.py).
 - Transport failure, an empty answer or SW 63 00 (the reader's "card did
   not answer") at any step means the card left the field: TapAgain
   ("removed"). A card that answers but will not give its UID, or will not
@@ -81,10 +82,9 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, ClassVar
+from typing import AsyncIterator
 
-from hardware.indicators import Pattern
-from hardware.readers import CardRead, CardReader
+from hardware.readers import CardRead, CardReader, ReadAgain
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +111,16 @@ class NfcRead(CardRead):
     sun: str | None = None        # None: not checked; "ok", "missing" or a SunError reason
     counter: int | None = None    # SDMReadCtr of a SUN message that checked out
     # With read_ndef: the NDEF URL as read, unverified (None: the card has none);
-    # the gateway verifies it with the keys of the card's programme (gateway/secure_nfc.py).
+    # the gateway verifies it with the keys of the card's programme (gateway/shell/secure_nfc.py).
     sun_url: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
-class TapAgain:
-    """A read that failed: the gateway shows `pattern` and the member taps again."""
+class TapAgain(ReadAgain):
+    """A read that failed: the one ReadAgain, with the NFC source."""
 
-    lane: str
-    at: float                     # wall-clock seconds (time.time())
     reason: str = "removed"       # removed | unreadable
-
-    pattern: ClassVar[Pattern] = Pattern.TAP_AGAIN
+    source: str = "nfc"
 
 
 class _ReaderLost(Exception):
@@ -357,7 +354,7 @@ class PcscReader(CardReader):
         data = self._read_pages(card, protocol) if self.read_pages is not None else None
         sun = counter = None
         if self.sun_verifier is not None:
-            from hardware.ntag424 import SunError
+            from cards.ntag424 import SunError
 
             url = self._read_ndef_url(card, protocol)
             if url is None:

@@ -6,6 +6,10 @@ A reader is used like an aiomqtt client::
         async for read in reader.reads():
             ...
 
+A read that failed (the card left the field, a bad swipe, an unreadable
+code) is a ``ReadAgain`` from every reader: the gateway shows the "tap again"
+pattern and the member presents the card again.
+
 The raw identifier (NFC UID, track data, QR payload) is personal data: it is
 kept out of repr() and must never be logged.
 """
@@ -16,9 +20,13 @@ import abc
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, ClassVar
+
+from hardware.indicators import Pattern
 
 SOURCES = ("nfc", "magstripe", "qr")
+# The verdict reason of a failed read, by source (texts in gateway/core/reasons.py).
+AGAIN_REASONS = {"nfc": "tap_again", "magstripe": "swipe_again", "qr": "scan_again"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,24 @@ class CardRead:
             raise ValueError(f"unknown card source {self.source!r}; expected one of {SOURCES}")
         if not isinstance(self.raw, str) or not self.raw:
             raise ValueError("card read has an empty raw identifier")
+
+
+@dataclass(frozen=True)
+class ReadAgain:
+    """A read that failed, from any reader: the gateway shows ``pattern`` and
+    the member presents the card again. ``reason``: what went wrong (an NFC
+    "removed" / "unreadable", a cards.magstripe reason, "unreadable_code")."""
+
+    lane: str
+    at: float                       # wall-clock seconds (time.time()), or the frame's kernel timestamp
+    reason: str
+    source: str                     # one of SOURCES
+
+    pattern: ClassVar[Pattern] = Pattern.TAP_AGAIN
+
+    @property
+    def verdict_reason(self) -> str:
+        return AGAIN_REASONS[self.source]
 
 
 class CardReader(abc.ABC):
@@ -60,8 +86,8 @@ class CardReader(abc.ABC):
         self.state = "closed"
 
     @abc.abstractmethod
-    def reads(self) -> AsyncIterator[CardRead]:
-        """Yield one CardRead per tap, for as long as the reader is open."""
+    def reads(self) -> AsyncIterator[CardRead | ReadAgain]:
+        """Yield one CardRead per tap (a ReadAgain per failed one), for as long as the reader is open."""
 
 
 class QueueReader(CardReader):

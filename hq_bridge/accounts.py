@@ -67,6 +67,13 @@ Decisions
   for the card (``card-<card_no>``). Fees are paid at the counter, not from
   stored value: recorded in the entry's detail, no balance moves.
 - Registration opens member, account (base tier) and primary card.
+- A count package sold at a counter (``package_sale``) adds its uses to the
+  account's package (a new one when it held none), taking the price from
+  stored value (paid and bonus parts, as a sale) when it was paid so; the
+  validity the store worked out is in the entry's detail (``expires``). Points
+  for a gift (``gift_redemption``) are taken as a sale's redemption takes
+  them (``take_points``: earliest-expiring lot first, the rest owed). Neither
+  earns points nor counts as spend for the tier rules.
 - Spend for the tier rules (hq_bridge/policy.py): a sale entry's detail has
   ``spend`` (``total - redeemed_fen``: paid in cash and stored value), a
   return's ``spend`` is minus what it gave back in cash and stored value. A
@@ -775,6 +782,41 @@ def _package_use(c: _Apply, b: dict) -> None:
     c.entry(acct.account_id, "package_use", package_id=pid, d_uses=-uses, card_no=b["card_no"])
 
 
+def _package_sale(c: _Apply, b: dict) -> None:
+    """A count package sold or renewed at a counter: its uses added to what the
+    account holds (a new package row when it held none), the price taken from
+    stored value when it was paid so (as a sale's stored value is). The
+    validity the store worked out (``expires``) is kept in the entry."""
+    pid, uses, price, sv = b["package_id"], b["uses"], b["price_fen"], b["stored_value_fen"]
+    by_sv = b["payment"]["method"] == "stored_value"
+    if b["deltas"] != {"packages": {pid: uses}, "stored_value_fen": -sv} or sv != (price if by_sv else 0):
+        raise _SetAside("inconsistent", "package_sale: deltas do not match uses and payment")
+    acct = c.resolve(b["card_no"], b["account_id"])
+    acct, paid, bonus = c.spend(acct, sv) if sv else (acct, 0, 0)
+    left = acct.packages.get(pid, 0)
+    acct = c.count_today(acct._replace(packages={**acct.packages, pid: left + uses}), sv, 0)
+    c.accounts[acct.account_id] = acct
+    c.entry(acct.account_id, "package_sale", d_paid_fen=-paid, d_bonus_fen=-bonus, package_id=pid, d_uses=uses,
+            card_no=b["card_no"],
+            detail={"price_fen": price, "payment": b["payment"]["method"], "sv": sv, "paid": paid, "bonus": bonus,
+                    "renewal": left > 0, "uses_before": left, "expires": b["expires"]})
+
+
+def _gift_redemption(c: _Apply, b: dict) -> None:
+    """Points for a gift: taken from the lots oldest-expiring first, the rest
+    owed (an offline overdraft), as a sale's redemption takes them; they count
+    against the day's offline redemption allowance."""
+    n, gid, qty = b["points"], b["gift_id"], b["qty"]
+    if n != b["points_each"] * qty or b["deltas"] != {"points": -n, "points_redeemed": n, "gifts": {gid: qty}}:
+        raise _SetAside("inconsistent", "gift_redemption: points or deltas do not match the gifts")
+    acct = c.resolve(b["card_no"], b["account_id"])
+    acct, taken, lots = c.take_points(acct, n)
+    acct = c.count_today(acct, 0, n)
+    c.accounts[acct.account_id] = acct
+    c.entry(acct.account_id, "gift_redemption", d_points=-n, card_no=b["card_no"],
+            detail={"gift_id": gid, "qty": qty, "points": n, "taken": taken, "lots": lots})
+
+
 _OP_STATUS = {"report_lost": "lost", "freeze": "frozen"}
 
 
@@ -911,7 +953,8 @@ def _registration(c: _Apply, b: dict) -> None:
 
 
 _HANDLERS = {"sale": _sale, "return": _return, "topup": _topup, "package_use": _package_use,
-             "card_op": _card_op, "registration": _registration, "withdrawal": _withdrawal}
+             "card_op": _card_op, "registration": _registration, "withdrawal": _withdrawal,
+             "package_sale": _package_sale, "gift_redemption": _gift_redemption}
 
 
 # ================================================================ imperative shell

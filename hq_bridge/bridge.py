@@ -18,6 +18,10 @@ counted, and no message, however bad, ends the bridge's loop. A batch that
 is refused is not acked (nothing was committed); a store's placeholder for a
 record it could not send is kept in the ledger and acked.
 
+What a command stored at HQ while the broker was down (a rule set, a deny
+delta: hq_bridge/rules.py's outbox) is sent on connecting and every
+``outbox_interval_s``.
+
 Counter card services are recorded in the ledger. A counter's replace never
 lifts a deny: the new card's number is not broadcast as active, and if HQ
 lists it as denied the service is marked for review.
@@ -45,11 +49,12 @@ log = logging.getLogger("storegate.hq")
 
 class Bridge:
     def __init__(self, mqtt_settings: dict, ledger: Ledger, *, client_id: str = "storegate-hq",
-                 publisher=None, resync_min_interval_s: float = 5.0) -> None:
+                 publisher=None, resync_min_interval_s: float = 5.0, outbox_interval_s: float = 60.0) -> None:
         self.mqtt_settings = mqtt_settings
         self.ledger = ledger
         self.publisher = publisher  # hq_bridge.rules.Publisher, to answer resync requests
         self.resync_min_interval_s = resync_min_interval_s
+        self.outbox_interval_s = outbox_interval_s
         self._last_resync: dict[str, float] = {}
         self.client_id = client_id
         self.topics = Topics(mqtt_settings.get("prefix", "sg/v1"))
@@ -70,14 +75,31 @@ class Bridge:
                     await client.subscribe(self.topics.all_resync(), qos=1)
                     self.connected.set()
                     log.info("HQ bridge connected")
+                    outbox = asyncio.create_task(self._send_outbox(client)) if self.publisher else None
                     try:
                         async for message in client.messages:
                             await self._handle_safely(client, message)
                     finally:
                         self.connected.clear()
+                        if outbox is not None:
+                            outbox.cancel()
             except aiomqtt.MqttError as exc:
                 log.warning("HQ bridge disconnected: %s", exc)
             await asyncio.sleep(backoff.next_delay())
+
+    async def _send_outbox(self, client: aiomqtt.Client) -> None:
+        """What commands stored while the broker was down goes out on
+        connecting, and anything queued since every ``outbox_interval_s``."""
+        while True:
+            try:
+                sent = await self.publisher.send_queued(client)
+                if sent:
+                    log.info("outbox: sent %s", ", ".join(sent))
+            except aiomqtt.MqttError:
+                return          # the connection is gone: the next one sends it
+            except Exception:   # a database fault: try again at the next round
+                log.exception("outbox not sent")
+            await asyncio.sleep(self.outbox_interval_s)
 
     async def _handle_safely(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         try:

@@ -38,15 +38,16 @@ import time
 import aiomqtt
 from sqlalchemy.exc import SQLAlchemyError
 
-from common import eventloop, mqtt
+from common import eventloop, journald, mqtt, sdnotify
 from common.configfile import ConfigError
+from common.version import package_version
 from hq_bridge import config as hq_config
 from hq_bridge import keys as hq_keys
 from hq_bridge import members, policy, reconcile, review
 from hq_bridge.bridge import Bridge
 from hq_bridge.lookup import LookupService
 from hq_bridge.ledger import Ledger
-from hq_bridge.rules import Catalog, PublishError, Publisher
+from hq_bridge.rules import DENY_ITEM, Catalog, PublishError, Publisher
 from wire.messages import Status, WireError
 from wire.ruleset import RulesetError
 from wire.topics import Topics
@@ -127,11 +128,16 @@ async def _run(cfg: dict) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
+    # systemd (Type=notify): ready once the database is open; watchdog pings from this loop.
+    watchdog = sdnotify.ready("ingesting")
     try:
         await task
     except asyncio.CancelledError:
         pass
     finally:
+        sdnotify.stopping()
+        if watchdog:
+            watchdog.cancel()
         await asyncio.gather(lookup, return_exceptions=True)
         ledger.close()
 
@@ -155,8 +161,32 @@ async def fleet_status(mqtt_settings: dict, wait_s: float = 2.0) -> dict[str, di
     return out
 
 
-def render_fleet(statuses: dict[str, dict], expected: dict[str, int | None], now: float) -> str:
-    head = f"{'store':<10} {'state':<8} {'rules':>6} {'sent':>6} {'deny':>6} {'backlog':>8} {'oldest':>8}  problem"
+READER_OK = ("ready", "terminal")
+SILENT_AFTER_S = 120     # a store's gateway publishes its status at least every minute
+
+
+def store_problems(s: dict, sent: int | None, hq_deny: int | None) -> list[str]:
+    """Everything wrong a store's status shows, one line each: the rules it
+    refused, every fault it reports, readers not ready, versions behind."""
+    out = []
+    if s.get("rules_rejection"):
+        out.append(f"rules refused: {s['rules_rejection']}")
+    out += [str(f) for f in s.get("faults") or ()]
+    out += [f"reader {name}: {state}" for name, state in sorted((s.get("readers") or {}).items())
+            if state not in READER_OK]
+    applied = s.get("rules_version")
+    if sent and applied != sent:
+        out.append(f"rules behind: runs v{applied or '-'}, sent v{sent}")
+    deny = s.get("deny_version")
+    if hq_deny and (deny or 0) < hq_deny:
+        out.append(f"deny list behind: runs v{deny if deny is not None else '-'}, HQ at v{hq_deny}")
+    return out
+
+
+def render_fleet(statuses: dict[str, dict], expected: dict[str, int | None], now: float,
+                 hq_deny: int | None = None) -> str:
+    head = (f"{'store':<10} {'state':<8} {'rules':>6} {'sent':>6} {'deny':>6} {'backlog':>8} {'oldest':>8} "
+            f"{'seen':>8}  problems")
     lines = [head]
     for store in sorted(set(statuses) | set(expected)):
         s = statuses.get(store) or {}
@@ -164,17 +194,26 @@ def render_fleet(statuses: dict[str, dict], expected: dict[str, int | None], now
             lines.append(f"{store:<10} bad status: {s['error']}")
             continue
         state = s.get("state", "never")
-        if state == "online" and now - s.get("ts", 0) > 120:
+        seen = now - s["ts"] if s.get("ts") else None
+        if state == "online" and seen is not None and seen > SILENT_AFTER_S:
             state = "silent"
-        applied, sent = s.get("rules_version"), expected.get(store)
         oldest = s.get("oldest_unsent_age_s")
-        problem = s.get("rules_rejection") or ""
-        if sent and applied != sent and not problem:
-            problem = f"behind: runs v{applied}, sent v{sent}"
-        lines.append(f"{store:<10} {state:<8} {str(applied or '-'):>6} {str(sent or '-'):>6} "
+        problems = store_problems(s, expected.get(store), hq_deny) if s else []
+        lines.append(f"{store:<10} {state:<8} {str(s.get('rules_version') or '-'):>6} "
+                     f"{str(expected.get(store) or '-'):>6} "
                      f"{str(s.get('deny_version') if s.get('deny_version') is not None else '-'):>6} "
-                     f"{s.get('backlog', '-'):>8} {(f'{oldest:.0f}s' if oldest else '-'):>8}  {problem}")
+                     f"{s.get('backlog', '-'):>8} {(_age(oldest) if oldest else '-'):>8} "
+                     f"{(_age(seen) + ' ago' if seen is not None else '-'):>8}  {problems[0] if problems else ''}")
+        lines += [f"{'':>70}{p}" for p in problems[1:]]
     return "\n".join(lines)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{seconds // n}{unit}"
+    return f"{seconds}s"
 
 
 def _scope_args(p: argparse.ArgumentParser) -> None:
@@ -186,6 +225,7 @@ def _scope_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="storegate-hq", description="storegate HQ bridge")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="ingest store transactions into the ledger and ack them; answer resyncs")
     run.add_argument("--config", required=True)
@@ -235,11 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    logging.basicConfig(level=cfg["logging"]["level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    journald.configure(cfg["logging"]["level"])  # <N> priorities when stderr is the journal
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin set-up lines say nothing to an operator
     if args.command == "run":
         try:
+            mqtt.make_tls_context(cfg["mqtt"])  # a missing TLS file stops start-up here, naming its key
             open_hq(cfg).close()          # migrate (and fail) before going to the broker
+        except ConfigError as exc:
+            print(f"config error in {args.config}: {exc}", file=sys.stderr)
+            return 2
         except SQLAlchemyError as exc:
             print(f"database error: {exc}", file=sys.stderr)
             return 2
@@ -259,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"key error: {exc}", file=sys.stderr)
         return 2
     except aiomqtt.MqttError as exc:
-        print(f"broker unreachable: {exc}", file=sys.stderr)
-        return 3
+        return _broker_down(args, cfg, exc)
     except SQLAlchemyError as exc:
         print(f"database error: {exc}", file=sys.stderr)
         return 2
@@ -287,18 +330,7 @@ def _command(args, cfg: dict) -> int:
             _republish_all(args, cfg)
         return 0
     if args.command == "fleet":
-        statuses = asyncio.run(fleet_status(cfg["mqtt"], args.wait))
-        ledger = open_hq(cfg)
-        expected = {s: m.version for s, m in Catalog(parts_dir=cfg["hq"].get("parts_dir"), engine=ledger.engine)
-                    .manifests().items()}
-        for s in cfg["stores"]:
-            expected.setdefault(s, None)
-        ledger.close()
-        if args.json:
-            print(json.dumps({"statuses": statuses, "sent": expected}, indent=2, ensure_ascii=False))
-        else:
-            print(render_fleet(statuses, expected, time.time()))
-        return 0
+        return _fleet(args, cfg)
     ledger = open_hq(cfg)
     publisher = make_publisher(cfg, ledger)
     scope = {"store": getattr(args, "store", None), "region": getattr(args, "region", None),
@@ -346,16 +378,81 @@ def _nightly(args, cfg: dict) -> int:
         have = set(publisher.catalog.manifests())       # stores that have had rules
         try:
             manifests = asyncio.run(publisher.publish_stores([s for s in publisher.affected(all_=True) if s in have]))
-        except (aiomqtt.MqttError, OSError) as exc:
-            print(f"nightly: the account policy is committed; member snapshots NOT published "
-                  f"(broker unreachable: {exc}); run `storegate-hq rules snapshot --all` later", file=sys.stderr)
-            return 1
+        except aiomqtt.MqttError as exc:
+            print("nightly: the account policy is committed", file=sys.stderr)
+            return _broker_down(args, cfg, exc)
         out = sys.stderr if args.json else sys.stdout
         for m in manifests:
             print(f"published member snapshot in rules v{m.version} to store {m.store}", file=out)
         return 0
     finally:
         ledger.close()
+
+
+def _fleet(args, cfg: dict) -> int:
+    """Every store: the status it publishes (retained at the broker) or,
+    where the broker has none or is down, the last one HQ's bridge received."""
+    ledger = open_hq(cfg)
+    try:
+        catalog = Catalog(parts_dir=cfg["hq"].get("parts_dir"), engine=ledger.engine)
+        expected = {s: m.version for s, m in catalog.manifests().items()}
+        hq_deny = catalog.deny_version() or None
+        kept = {}
+        for store, doc in ledger.store_statuses().items():
+            try:
+                kept[store] = Status.decode(doc.encode()).__dict__
+            except WireError:
+                continue
+    finally:
+        ledger.close()
+    for s in cfg["stores"]:
+        expected.setdefault(s, None)
+    try:
+        live = asyncio.run(fleet_status(cfg["mqtt"], args.wait))
+        note = None
+    except aiomqtt.MqttError as exc:
+        live, note = {}, f"broker unreachable ({exc}): what HQ last received from each store"
+    statuses = dict(kept)
+    for store, st in live.items():
+        if "error" in st or st.get("ts", 0) >= statuses.get(store, {}).get("ts", 0):
+            statuses[store] = st
+    if args.json:
+        print(json.dumps({"statuses": statuses, "sent": expected, "deny_version": hq_deny,
+                          "problems": {s: store_problems(st, expected.get(s), hq_deny)
+                                       for s, st in statuses.items() if "error" not in st},
+                          **({"note": note} if note else {})}, indent=2, ensure_ascii=False))
+    else:
+        if note:
+            print(note, file=sys.stderr)
+        print(render_fleet(statuses, expected, time.time(), hq_deny))
+    return 0
+
+
+EX_TEMPFAIL = 75   # stored at HQ, sent later (sysexits.h: "try again later")
+
+
+def _broker_down(args, cfg: dict, exc: Exception) -> int:
+    """The broker could not be reached: say what HQ stored and has not sent.
+    It waits in the outbox, and the bridge (``storegate-hq run``) sends it
+    as soon as the broker is back: exit 75. Nothing waiting: exit 3."""
+    print(f"broker unreachable: {exc}", file=sys.stderr)
+    if args.command in ("fleet", "run"):
+        return 3
+    ledger = open_hq(cfg)
+    try:
+        queued = Catalog(parts_dir=cfg["hq"].get("parts_dir"), engine=ledger.engine).queued()
+    finally:
+        ledger.close()
+    if not queued:
+        print("nothing is waiting to be sent", file=sys.stderr)
+        return 3
+    print("stored at HQ and queued, not sent yet:", file=sys.stderr)
+    for item, reason, at in queued:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at / 1000))
+        what = "the deny list's latest change" if item == DENY_ITEM else f"the rule set of store {item[6:]}"
+        print(f"  {what} (queued {when}: {reason})", file=sys.stderr)
+    print("`storegate-hq run` sends them as soon as the broker is back.", file=sys.stderr)
+    return EX_TEMPFAIL
 
 
 def _republish_all(args, cfg: dict) -> None:

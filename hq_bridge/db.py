@@ -13,7 +13,7 @@ without touching their data):
 - ``transactions``, ``conflicts``, ``unsendable``, ``card_services``, ``stores``,
   ``rule_versions`` (ledger.py)
 - ``rule_layers``, ``rule_snapshots``, ``rule_manifests``, ``deny_list``,
-  ``deny_log``, ``retained_parts`` (rules.py)
+  ``deny_log``, ``retained_parts``, ``outbox`` (rules.py: what is stored but not sent yet)
 
 HQ's accounts of record (hq_bridge/accounts.py applies records to them):
 
@@ -183,6 +183,16 @@ retained_parts = Table(
     Column("topic", Text, primary_key=True),
     Column("sha256", Text, nullable=False),
     Column("published_at", Int64, nullable=False),
+)
+
+# What HQ stored but could not send yet (the broker was down): sent by the bridge
+# (hq_bridge/bridge.py) on connecting and every minute, or by the next command that
+# publishes. An item leaves once something built after it was queued has gone out.
+outbox = Table(
+    "outbox", metadata,
+    Column("item", String(80), primary_key=True),     # "store:S001": its rule set; "deny": the latest deny delta
+    Column("reason", String(200), nullable=False),    # the command that queued it
+    Column("queued_at", Int64, nullable=False),       # epoch ms
 )
 
 LEDGER_TABLES = ("transactions", "conflicts", "unsendable", "card_services", "stores", "rule_versions")

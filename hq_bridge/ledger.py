@@ -198,6 +198,12 @@ class Ledger:
         s = db.stores
         return self._read(lambda c: c.execute(select(s.c.status).where(s.c.store == store)).scalar())
 
+    def store_statuses(self) -> dict[str, str]:
+        """Every store's last status message as HQ keeps it (JSON)."""
+        s = db.stores
+        return self._read(lambda c: dict(c.execute(select(s.c.store, s.c.status).where(s.c.status.is_not(None)))
+                                         .all()))
+
     def next_rules_version(self, scope: str) -> int:
         """Reserve the next rule-set version for a scope (monotonic, durable)."""
         v = db.rule_versions

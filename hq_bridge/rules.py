@@ -298,10 +298,12 @@ class Catalog:
         t = db.deny_list
         return self._read(lambda c: c.execute(select(t.c.status).where(t.c.card_no == card_no)).scalar())
 
-    def record_delta(self, entries: list[dict], reason: str, sign_fn) -> DenyDelta:
-        """Take the next deny version, apply ``entries`` to the deny list and
-        keep the signed delta, all in one transaction."""
+    def record_delta(self, entries: list[dict], reason: str, sign_fn, queued_at: int | None = None) -> DenyDelta:
+        """Take the next deny version, apply ``entries`` to the deny list,
+        keep the signed delta and put it in the outbox (``queued_at``, epoch
+        ms), all in one transaction: it leaves the outbox once it is sent."""
         now = int(time.time())
+        queued_at = now_ms() if queued_at is None else queued_at
         t = db.deny_list
 
         def work(c):
@@ -317,6 +319,7 @@ class Catalog:
                                       "updated_at": now}], ["card_no"])
             c.execute(db.deny_log.insert().values(version=version, issued_at=now, doc=delta.encode().decode(),
                                                   reason=reason))
+            self._queue(c, [DENY_ITEM], reason, queued_at)
             return delta
         return self._write(work)
 
@@ -378,6 +381,41 @@ class Catalog:
             self._write(lambda c: c.execute(t.delete().where(t.c.topic == topic)))
 
 
+    # the outbox: stored at HQ, not sent yet (db.outbox)
+    @staticmethod
+    def _queue(conn, items: Iterable[str], reason: str, at_ms: int) -> None:
+        db.upsert(conn, db.outbox, [{"item": i, "reason": reason[:200], "queued_at": at_ms} for i in items],
+                  ["item"])
+
+    def queue(self, items: Iterable[str], reason: str, at_ms: int) -> None:
+        items = list(items)
+        if items:
+            self._write(lambda c: self._queue(c, items, reason, at_ms))
+
+    def queued(self) -> list[tuple[str, str, int]]:
+        """(item, reason, queued_at ms) of everything not sent yet, oldest first."""
+        t = db.outbox
+        return self._read(lambda c: [tuple(r) for r in c.execute(
+            select(t.c.item, t.c.reason, t.c.queued_at).order_by(t.c.queued_at, t.c.item))])
+
+    def sent(self, item: str, built_at_ms: int) -> None:
+        """``item`` has gone out as built at ``built_at_ms``: it leaves the
+        outbox unless it was queued again after that."""
+        t = db.outbox
+        self._write(lambda c: c.execute(t.delete().where(t.c.item == item, t.c.queued_at <= built_at_ms)))
+
+
+DENY_ITEM = "deny"
+
+
+def store_item(store: str) -> str:
+    return f"store:{store}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 # -- merging, signing, publishing ------------------------------------------------
 
 @dataclass
@@ -393,6 +431,7 @@ class MemberParts:
 class Built:
     manifest: Manifest
     payloads: dict[str, str]  # topic -> sha256 (bytes in the catalog's parts dir)
+    built_at: int = 0         # epoch ms when its building began (what HQ held then is in it)
 
 
 class Publisher:
@@ -551,6 +590,8 @@ class Publisher:
         m = built.manifest
         await client.publish(self.topics.rules(m.store), m.encode(), qos=1, retain=True)
         self.catalog.record_manifest(m)
+        if built.built_at:
+            self.catalog.sent(store_item(m.store), built.built_at)
         log.info("published rules v%d to store %s (%d parts)", m.version, m.store, len(built.payloads))
 
     async def collect_garbage(self, client: aiomqtt.Client) -> int:
@@ -566,8 +607,14 @@ class Publisher:
 
     async def publish_stores(self, stores: list[str], client: aiomqtt.Client | None = None,
                              force_parts: bool = False, as_of: int | None = None) -> list[Manifest]:
+        built_at = now_ms()
         members = self.member_snapshot(stores, as_of=as_of)   # once for all: the parts are shared
         builts = [self.build(s, members=members) for s in stores]  # everything checked before anything goes out
+        for b in builts:
+            b.built_at = built_at
+        # Queued before the broker is tried: each store leaves the outbox as its manifest goes out.
+        self.catalog.queue(map(store_item, stores), "rules for " + ", ".join(stores[:5])
+                           + (f" and {len(stores) - 5} more" if len(stores) > 5 else ""), built_at)
         if client is None:
             async with mqtt.client(self.mqtt_settings, identifier=f"storegate-hq-publish-{os.getpid()}") as c:
                 return await self._publish_all(c, builts, force_parts)
@@ -592,6 +639,32 @@ class Publisher:
         built = self.build(store)
         await self.publish_built(client, built, force_parts=True)
         return built.manifest
+
+    async def send_queued(self, client: aiomqtt.Client) -> list[str]:
+        """Send what commands stored while the broker was down: the latest
+        deny delta, and the queued stores' rule sets built now from what HQ
+        holds. Returns the items sent."""
+        items = {item: at for item, _reason, at in self.catalog.queued()}
+        done = []
+        if DENY_ITEM in items:
+            delta = self.catalog.latest_delta()
+            if delta is not None:
+                await client.publish(self.topics.deny(), delta.encode(), qos=1, retain=True)
+            self.catalog.sent(DENY_ITEM, items.pop(DENY_ITEM))
+            done.append(DENY_ITEM)
+        known = set(self.affected(all_=True))
+        stores = []
+        for item, at in items.items():
+            store = item.removeprefix("store:")
+            if store in known:
+                stores.append(store)
+            else:    # taken out of hq.toml since: nothing to send it to
+                log.warning("outbox: %s is no longer in [stores]; dropped", item)
+                self.catalog.sent(item, at)
+        if stores:
+            await self.publish_stores(stores, client)
+            done += map(store_item, stores)
+        return done
 
     # authoring commands
     async def publish_layer(self, file: str | Path, *, store=None, region=None, all_=False,
@@ -667,8 +740,10 @@ class Publisher:
                                        "sig": "x" * 8}, "deny entries")
         except WireError as exc:
             raise PublishError(str(exc)) from None
-        delta = self.catalog.record_delta(entries, reason, self.sign)
+        at = now_ms()
+        delta = self.catalog.record_delta(entries, reason, self.sign, queued_at=at)
         await client.publish(self.topics.deny(), delta.encode(), qos=1, retain=True)
+        self.catalog.sent(DENY_ITEM, at)
         return delta
 
     async def card_action(self, action: str, card_no: str, reason: str, *, status: str | None = None,
@@ -692,12 +767,14 @@ class Publisher:
                 raise PublishError(str(exc)) from None
             if done is not None:
                 entries = deny_entries(done.cards_changed)
-        delta = self.catalog.record_delta(entries, reason, self.sign)
+        at = now_ms()
+        delta = self.catalog.record_delta(entries, reason, self.sign, queued_at=at)
         if client is None:
             async with mqtt.client(self.mqtt_settings, identifier=f"storegate-hq-card-{os.getpid()}") as c:
                 await c.publish(self.topics.deny(), delta.encode(), qos=1, retain=True)
         else:
             await client.publish(self.topics.deny(), delta.encode(), qos=1, retain=True)
+        self.catalog.sent(DENY_ITEM, at)
         log.info("deny delta v%d: %s card ****%s", delta.version, action, card_no[-4:])
         return delta
 

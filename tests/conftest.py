@@ -1,6 +1,6 @@
 import pytest
 
-from gateway.testbed import MosquittoBroker
+from demo.testbed import MosquittoBroker
 
 
 def pytest_addoption(parser):

@@ -1,5 +1,5 @@
 """A real PostgreSQL for the tests (Debian package ``postgresql``), like
-gateway/testbed.py's MosquittoBroker: a throw-away cluster in a temp dir,
+demo/testbed.py's MosquittoBroker: a throw-away cluster in a temp dir,
 listening on a free port on 127.0.0.1 (and a unix socket in the temp dir),
 stopped and removed at teardown.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.testbed import free_port, wait_for_port
+from demo.testbed import free_port, wait_for_port
 
 
 def pg_bin() -> Path | None:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.testbed import free_port, http_json, provision_terminals, role_for, wait_for_port
+from demo.testbed import free_port, http_json, provision_terminals, role_for, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -210,8 +210,8 @@ def api_client(gw):
     (``client.tokens``: role -> token)."""
     from microdot.test_client import TestClient
 
-    from gateway.api import create_app
-    from gateway.terminals import Terminals
+    from gateway.shell.api import create_app
+    from gateway.shell.terminals import Terminals
 
     path = Path(gw.config["store"]["data_dir"]) / "terminals.json"
     tokens = provision_terminals(path)
@@ -246,13 +246,13 @@ __all__ = ["json"]
 
 
 class ProxyThread:
-    """gateway.testbed.LinkProxy on its own event loop in a thread, for sync tests."""
+    """demo.testbed.LinkProxy on its own event loop in a thread, for sync tests."""
 
     def __init__(self, target_port: int, latency_s: float = 0.0) -> None:
         import asyncio
         import threading
 
-        from gateway.testbed import LinkProxy
+        from demo.testbed import LinkProxy
 
         self.loop = asyncio.new_event_loop()
         self.proxy = LinkProxy(target_port, latency_s=latency_s)
@@ -406,7 +406,7 @@ class DarkProxyThread(ProxyThread):
         import asyncio
         import threading
 
-        from gateway.testbed import LinkProxy
+        from demo.testbed import LinkProxy
 
         class DarkLinkProxy(LinkProxy):
             def __init__(self, *args, **kw) -> None:

@@ -7,7 +7,7 @@ from tests.support import GOLD_UID, HQ, GatewayProc, sale_body, wait_until
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    from gateway.testbed import MosquittoBroker
+    from demo.testbed import MosquittoBroker
 
     tmp = tmp_path_factory.mktemp("api")
     broker = MosquittoBroker(tmp / "broker").start()

@@ -1,4 +1,4 @@
-"""The POS API's contract (gateway/api_schema.py): every request is checked
+"""The POS API's contract (gateway/shell/api_schema.py): every request is checked
 at the door, refusals name the field, and the published OpenAPI document is
 built from the same schemas."""
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import api_schema as api
-from gateway.api_schema import RequestInvalid, parse_body
+from gateway.shell import api_schema as api
+from gateway.shell.api_schema import RequestInvalid, parse_body
 
 KEY = "pos1-0001-abcd"
 LINE = {"sku": "6901234567892", "name": "大米 5kg", "category": "staples", "qty": 1, "unit_price": 4990}
@@ -23,6 +23,8 @@ VALID = {
     "sales": {"idempotency_key": KEY, "lines": [LINE], "member": False, "expected_total": 4990},
     "topups": {"idempotency_key": KEY, "amount_fen": 10000, "payment": PAY},
     "package_uses": {"idempotency_key": KEY, "uses": 1},
+    "package_sales": {"idempotency_key": KEY, "package_id": "car_wash10", "payment": {"method": "stored_value"}},
+    "gifts": {"idempotency_key": KEY, "gift_id": "umbrella", "qty": 2},
     "returns": {"idempotency_key": KEY, "sale_seq": 12, "lines": [{"line": 0, "qty": 1}, {"sku": "A1", "qty": 2}]},
     "card_services": {"idempotency_key": KEY, "kind": "replace", "card_no": "880000000013",
                       "new_card_no": "880000000099", "reason": "卡片损坏 damaged"},
@@ -229,7 +231,7 @@ def test_a_500_line_basket_is_accepted_and_fits_the_default_body_limit():
     body = basket(500)
     raw = json.dumps(body, ensure_ascii=False).encode()
     assert parse_body("sales", raw) == body
-    assert len(raw) < 80_000                       # ~70 KB, as gateway/config.py says
+    assert len(raw) < 80_000                       # ~70 KB, as gateway/shell/config.py says
     assert len(raw) < 256 * 1024                    # api.max_body_bytes' default
     # The largest legal line (every text at its cap, 3-byte characters) still fits 500 times in the cap.
     widest = {"sku": "X" * 64, "name": "长" * api.MAX_NAME, "category": "类" * api.MAX_CATEGORY,
@@ -251,6 +253,9 @@ AT_THE_CAPS = [  # every bound is inclusive: the largest (or smallest) legal val
                                                                                 "reference": "R" * 64}}),
     ("topups", {"idempotency_key": KEY, "package_id": "p" * 64, "payment": {"method": "cash"}}),
     ("package_uses", {"idempotency_key": KEY, "uses": api.MAX_QTY}),
+    ("package_sales", {"idempotency_key": KEY, "package_id": "p" * 64, "payment": {"method": "other",
+                                                                               "reference": "R" * 64}}),
+    ("gifts", {"idempotency_key": KEY, "gift_id": "g" * 64, "qty": api.MAX_GIFT_QTY}),
     ("returns", {"idempotency_key": KEY, "sale_id": "f" * 64, "lines": [{"line": 499, "qty": api.MAX_QTY}] * 500}),
     ("returns", {"idempotency_key": KEY, "sale_seq": api.MAX_SEQ, "lines": [{"sku": "S" * 64, "qty": 1}]}),
     ("card_services", {"idempotency_key": KEY, "kind": "issue", "card_no": "1" * 19, "reason": "因" * 200}),
@@ -318,7 +323,7 @@ def test_any_bytes_are_either_accepted_or_refused_cleanly(raw):
 def test_openapi_json_is_generated_from_the_schemas():
     committed = api.OPENAPI_PATH.read_text(encoding="utf-8")
     assert committed == api.openapi_text(), \
-        "gateway/openapi.json is out of date: run `python -m gateway.api_schema` and commit it"
+        "gateway/shell/openapi.json is out of date: run `python -m gateway.shell.api_schema` and commit it"
 
 
 def test_openapi_document_is_built_from_the_same_schema_dicts():
@@ -345,7 +350,8 @@ def test_openapi_paths_are_the_readme_table():
     expected = {("get", "/health"), ("get", "/status"), ("get", "/lanes"), ("get", "/lanes/{lane}/member"),
                 ("get", "/lanes/{lane}/events"), ("post", "/lanes/{lane}/taps"), ("post", "/lanes/{lane}/quote"),
                 ("post", "/lanes/{lane}/sales"), ("post", "/lanes/{lane}/topups"),
-                ("post", "/lanes/{lane}/packages/{package_id}/uses"), ("post", "/returns"),
+                ("post", "/lanes/{lane}/packages/{package_id}/uses"), ("post", "/lanes/{lane}/packages"),
+                ("post", "/lanes/{lane}/gifts"), ("post", "/returns"),
                 ("post", "/cards/services"), ("post", "/members"), ("post", "/withdrawals"),
                 ("get", "/openapi.json")}
     doc = api.openapi_document()
@@ -358,7 +364,8 @@ def test_openapi_document_is_valid_openapi_3_1():
 
 
 def test_patterns_agree_with_the_rest_of_the_code():
-    from gateway import config, counter
+    from gateway.shell import config
+    from gateway.shell import counter
     from wire import ruleset
 
     assert api.CODE == ruleset._KEY["pattern"]            # coupon and package codes are rule-set keys

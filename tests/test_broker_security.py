@@ -17,9 +17,9 @@ import aiomqtt
 import pytest
 
 from common import mqtt
-from gateway import config as gw_config
-from gateway.service import Gateway
-from gateway.testbed import MosquittoBroker, free_port, make_test_pki
+from gateway.shell import config as gw_config
+from gateway.shell.service import Gateway
+from demo.testbed import MosquittoBroker, free_port, make_test_pki
 from hardware.readers import CardRead
 from hq_bridge import keys as hq_keys
 from hq_bridge.bridge import Bridge

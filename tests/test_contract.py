@@ -6,7 +6,7 @@ import json
 import pytest
 
 from common.configfile import ConfigError
-from gateway import config as gw_config
+from gateway.shell import config as gw_config
 from hq_bridge.ledger import Ledger
 from wire.messages import Ack, TxBatch, TxRecord, WireError
 from wire.schema import OUT, render
@@ -106,7 +106,7 @@ def test_ledger_applies_once_and_keeps_conflicts(tmp_path):
 
 
 def test_drain_progress_line():
-    from gateway.cli import progress_line, render_status
+    from gateway.shell.cli import progress_line, render_status
 
     assert progress_line(1000, 250, 100.0, width=10) == "drain [#######...]   75%  250 left  100 rec/s  ~2 s"
     assert progress_line(0, 0, 0.0, width=4) == "drain [####]  100%  0 left  0 rec/s"

@@ -1,4 +1,4 @@
-"""Counter operations through the gateway (gateway/counter.py): stored-value
+"""Counter operations through the gateway (gateway/shell/counter.py): stored-value
 and points tenders with their offline limits, returns that reverse a sale
 exactly, top-ups, count packages, card services, idempotent retries, and the
 local state rebuilt from the journal after a crash.
@@ -17,11 +17,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway import config as gw_config
-from gateway.counter import CounterError
+from gateway.shell import config as gw_config
+from gateway.shell.counter import CounterError
 from gateway.core.pricing import PricingError
-from gateway.service import Gateway
-from gateway.testbed import free_port
+from gateway.shell.service import Gateway
+from demo.testbed import free_port
 from hardware.readers import CardRead
 from hq_bridge.rules import _read_doc, read_table_file
 from tests.support import ROOT, api_client, install_rules

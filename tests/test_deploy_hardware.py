@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gateway.devices import KNOWN_VENDORS
+from gateway.shell.devices import KNOWN_VENDORS
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "udev" / "99-storegate.rules"

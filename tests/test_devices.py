@@ -13,15 +13,15 @@ import tomllib
 import pytest
 from evdev import ecodes as e
 
-from gateway import config as gw_config
-from gateway.devices import describe_input, regex_literal, toml_string
+from gateway.shell import config as gw_config
+from gateway.shell.devices import describe_input, regex_literal, toml_string
 from hardware.nfc import PcscReader
 from tests import pcsc_env
 from tests.test_nfc import pcscd  # noqa: F401 (fixture)
 
 
 def storegate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "devices", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "gateway.shell.cli", "devices", *args], capture_output=True,
                           text=True, timeout=60, env={**os.environ, **(env or {})})
 
 

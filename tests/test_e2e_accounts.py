@@ -44,7 +44,7 @@ import time
 
 import pytest
 
-from gateway.service import NoMember
+from gateway.core.errors import NoMember
 from tests.pg import pg_server  # noqa: F401  (fixture)
 from tests.support import (BIN, HQ, RULES_FILE, DarkProxyThread, GatewayProc, hq_public_key, ledger_by_id,
                            wait_until)
@@ -557,7 +557,7 @@ def test_both_stores_spend_the_same_stored_value_offline_blocked_then_lifted_at_
 # -- the pieces, in-process ------------------------------------------------------------------------------------------
 
 def _demo_rules(members, **kw):
-    from gateway import engine
+    from gateway.core import validate as engine
     from hq_bridge.rules import _read_doc
 
     return engine.Rules.from_rule_set(_read_doc(RULES_FILE), version=2, issued_at=int(time.time()), members=members,
@@ -567,7 +567,7 @@ def _demo_rules(members, **kw):
 def _tap(rules, card: str = RECON):
     from datetime import datetime, timezone
 
-    from gateway import engine
+    from gateway.core import validate as engine
     return engine.validate("magstripe", card, rules, datetime.now(timezone.utc))
 
 
@@ -577,7 +577,8 @@ def test_a_lift_in_a_deny_delta_lifts_a_snapshot_row_that_showed_the_card_blocke
     card's row says ``frozen``, and the deny list too); the deny delta that
     lifts the block must make the card usable offline, not only take it off
     the deny list. Also when a snapshot older than the lift loads after it."""
-    from gateway.member_store import InMemoryMembers, MemberStore
+    from gateway.core.members import InMemoryMembers
+    from gateway.store.members import MemberStore
 
     row = {"card_no": RECON, "member_id": "M2002", "tier": "normal", "status": "frozen", "balance_fen": 0}
     other = {"card_no": GOLD, "member_id": "M1001", "tier": "gold", "status": "lost"}
@@ -641,7 +642,7 @@ def test_members_show_json_with_an_open_overdraft(tmp_path):
 def test_a_snapshot_of_an_overdrawn_account_keeps_the_debt_at_the_store(tmp_path):
     """An overdrawn account goes to the stores with its debt (a negative
     balance_fen): a store adds its later records to the debt, not to 0."""
-    from gateway.member_store import InMemoryMembers
+    from gateway.core.members import InMemoryMembers
     from hq_bridge.accounts import snapshot_rows
     from tests.hq_support import commit, topup_body, tx
 
@@ -669,10 +670,10 @@ def test_a_snapshot_of_an_overdrawn_account_keeps_the_debt_at_the_store(tmp_path
     "a card blocked for an overdraft (reconciliation.overdraft_policy = \"block\") goes out as a plain "
     "\"frozen\" deny entry, so the counter refuses it at the tap and nothing can be journaled for it: the "
     "member cannot top up to settle (only a return of an earlier sale, or HQ by hand, can); needs a block "
-    "the counter can tell from a freeze (HQ's deny entry) and a top-up path for it (gateway/counter.py)"),
+    "the counter can tell from a freeze (HQ's deny entry) and a top-up path for it (gateway/shell/counter.py)"),
     raises=NoMember)
 async def test_a_card_blocked_for_an_overdraft_can_be_topped_up_to_settle(tmp_path):
-    from gateway.service import Gateway
+    from gateway.shell.service import Gateway
     from hardware.readers import CardRead
     from tests.test_live_accounts import gw_config_for, install
 

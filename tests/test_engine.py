@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gateway import engine
+from gateway.core import validate as engine
 from gateway.core import pricing
 from hq_bridge.rules import _read_doc
 from wire.ruleset import effective_ruleset

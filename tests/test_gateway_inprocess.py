@@ -5,8 +5,8 @@ import asyncio
 
 from gpiozero.pins.mock import MockFactory
 
-from gateway import config as gw_config
-from gateway.service import Gateway
+from gateway.shell import config as gw_config
+from gateway.shell.service import Gateway
 from tests.support import GOLD_UID, install_rules
 
 

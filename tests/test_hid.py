@@ -239,8 +239,8 @@ async def test_default_finder_without_input_devices_reports_absent(tmp_path):
 
 # -- a gateway lane fed by HID readers ------------------------------------------------
 async def test_gateway_lane_with_a_magstripe_reader_and_a_scanner(tmp_path, broker, caplog):
-    from gateway import config as gw_config
-    from gateway.service import Gateway
+    from gateway.shell import config as gw_config
+    from gateway.shell.service import Gateway
     from tests.support import install_rules
 
     caplog.set_level(logging.DEBUG)
@@ -322,7 +322,7 @@ async def test_uinput_keyboard_wedge_through_the_kernel():
 ])
 def test_bad_hid_config_names_the_key(hid_cfg, message):
     from common.configfile import ConfigError
-    from gateway import config as gw_config
+    from gateway.shell import config as gw_config
 
     with pytest.raises(ConfigError) as bad:
         gw_config.check({"store": {"id": "S001"}, "mqtt": {"host": "h"},

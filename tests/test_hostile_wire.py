@@ -18,11 +18,11 @@ import aiomqtt
 import orjson
 import pytest
 
-from gateway.rules_store import RulesStore
-from gateway.service import Gateway
+from gateway.store.rules import RulesStore
+from gateway.shell.service import Gateway
 from gateway.store.journal import (UNSENDABLE_DIR, Journal, JournalIndex, RecordRefused, UnreadableRecord,
                                    encode_frame, read_segment, scan_frames)
-from gateway.uplink import Uplink, UplinkSettings
+from gateway.shell.uplink import Uplink, UplinkSettings
 from hq_bridge.bridge import Bridge
 from hq_bridge.ledger import Ledger
 from hq_bridge.rules import card_entries

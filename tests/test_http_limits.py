@@ -1,5 +1,5 @@
 """The POS API's HTTP server under the attacks of the "safe by default" issue
-(gateway/http_server.py), on real sockets on loopback.
+(gateway/shell/http_server.py), on real sockets on loopback.
 
 Two servers: a real ``storegate run`` (rules installed on disk, terminal
 credentials, no broker needed) limited to 1,024 file descriptors as systemd
@@ -27,10 +27,10 @@ import pytest
 from microdot import Microdot
 from microdot.sse import sse_response
 
-from gateway import config as gw_config
-from gateway.http_server import PosServer, ServerLimits, StartError
-from gateway.rules_store import RulesStore
-from gateway.testbed import free_port, provision_terminals, wait_for_port
+from gateway.shell import config as gw_config
+from gateway.shell.http_server import PosServer, ServerLimits, StartError
+from gateway.store.rules import RulesStore
+from demo.testbed import free_port, provision_terminals, wait_for_port
 from tests import support
 
 ATTACKER = "127.0.0.2"

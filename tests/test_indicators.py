@@ -250,3 +250,89 @@ def test_simulated_twin_tracks_fault_and_link():
     ind.clear_fault()
     assert not ind.fault
     assert ind.history == [Pattern.ONLINE, Pattern.FAULT, Pattern.OFFLINE]
+
+
+# -- the pin backend: lgpio on every Pi (hardware/indicators.py ``pin_backend``) --
+
+@pytest.fixture
+def no_backend(monkeypatch):
+    """A process that has chosen no pin factory yet, and no GPIOZERO_PIN_FACTORY."""
+    from gpiozero import Device
+
+    monkeypatch.delenv("GPIOZERO_PIN_FACTORY", raising=False)
+    saved = Device.pin_factory
+    Device.pin_factory = None
+    yield Device
+    if Device.pin_factory is not None and Device.pin_factory is not saved:
+        Device.pin_factory.close()
+    Device.pin_factory = saved
+
+
+def test_without_lgpio_real_pins_say_what_to_install(no_backend, monkeypatch):
+    import sys
+
+    from hardware.indicators import GpioUnavailable
+
+    monkeypatch.setitem(sys.modules, "lgpio", None)      # not installed (as on this CI machine, x86-64)
+    with pytest.raises(GpioUnavailable, match="lgpio") as err:
+        GpioIndicator(green=17, red=27)
+    assert "python3-lgpio" in str(err.value) and "Raspberry Pi 5" in str(err.value)
+    assert no_backend.pin_factory is None                # no silent fall-back to RPi.GPIO or native
+
+
+def test_lgpio_that_cannot_open_the_gpio_chip_names_the_device(no_backend, monkeypatch):
+    import sys
+    import types
+
+    from hardware.indicators import GpioUnavailable
+
+    opened = []
+    fake = types.ModuleType("lgpio")
+    fake.__getattr__ = lambda name: 0                    # the library's constants
+
+    def gpiochip_open(chip):
+        opened.append(chip)
+        raise OSError(13, "Permission denied", f"/dev/gpiochip{chip}")
+
+    fake.gpiochip_open = gpiochip_open
+    monkeypatch.setitem(sys.modules, "lgpio", fake)
+    monkeypatch.delitem(sys.modules, "gpiozero.pins.lgpio", raising=False)
+    from gpiozero.pins.lgpio import LGPIOFactory
+
+    monkeypatch.setattr(LGPIOFactory, "_get_revision", lambda self: 0xC04170)   # a Raspberry Pi 5 4GB
+    with pytest.raises(GpioUnavailable, match="Permission denied.*/dev/gpiochip"):
+        GpioIndicator(green=17, red=27)
+    assert opened == [0]        # this machine has no /dev/gpiochip4: gpiozero opens chip 0 (newer Pi 5 kernels)
+    monkeypatch.delitem(sys.modules, "gpiozero.pins.lgpio")
+
+
+def test_a_factory_chosen_for_the_process_or_in_the_environment_is_kept(no_backend, monkeypatch):
+    no_backend.pin_factory = MockFactory()              # how tests and tools select one once
+    with GpioIndicator(green=17, red=27, buzzer=22) as ind:
+        ind.show("accept")
+        assert ind.green.pin_factory is no_backend.pin_factory
+    no_backend.pin_factory.close()
+    no_backend.pin_factory = None
+    monkeypatch.setenv("GPIOZERO_PIN_FACTORY", "mock")  # an operator's explicit choice: gpiozero's own
+    with GpioIndicator(green=17, red=27) as ind:
+        assert type(ind.green.pin_factory).__name__ == "MockFactory"
+
+
+# The wiring in deploy/HARDWARE.md (BCM -> header pin), checked against gpiozero's board data
+# for a Raspberry Pi 5 (BCM2712) and a Pi 4 B (BCM2711): the same header, the same places.
+HARDWARE_MD_PINS = {17: 11, 27: 13, 22: 15, 23: 16, 5: 29, 6: 31, 13: 33, 19: 35}
+
+
+@pytest.mark.parametrize("revision, soc", [("c04170", "BCM2712"), ("c03111", "BCM2711")])
+def test_the_documented_pin_map_matches_the_header_of_each_pi(revision, soc):
+    factory = MockFactory(revision=revision)
+    try:
+        assert factory.board_info.soc == soc
+        for bcm, header_pin in HARDWARE_MD_PINS.items():
+            [(header, pin)] = factory.board_info.find_pin(f"GPIO{bcm}")
+            assert (header.name, pin.number) == ("J8", header_pin)
+        with GpioIndicator(green=17, red=27, buzzer=22, status=23, pin_factory=factory) as ind:
+            ind.show("online")
+            assert factory.pin(23).state                 # the status LED of this board's pin 16
+    finally:
+        factory.close()

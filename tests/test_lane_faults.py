@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from gateway import config as gw_config
-from gateway.service import Gateway
+from gateway.shell import config as gw_config
+from gateway.shell.service import Gateway
 from gateway.store.journal import Journal
 from tests import pcsc_env
 from tests.test_nfc import READER, until
@@ -102,7 +102,7 @@ async def test_healthy_lane_shows_no_fault(tmp_path, broker):
 
 
 def test_storegate_status_shows_a_reader_that_needs_a_look():
-    from gateway.cli import render_status
+    from gateway.shell.cli import render_status
 
     text = render_status({"store": "S001", "uplink": "online", "last_hq_contact": None, "rules_version": 1,
                           "backlog": 0, "oldest_unsent_age_s": None, "acked_records": 0, "last_seq": 0,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import engine
-from gateway.service import Gateway
+from gateway.core import validate as engine
+from gateway.shell.service import Gateway
 from tests.support import api_client
 from tests.support import test_hq_key as hq_key
 from tests.test_counter import CASH, DIAMOND, GOLD, T0, basket, config, install, journal_depth, tap

@@ -22,10 +22,11 @@ import zlib
 import aiomqtt
 import pytest
 
-from gateway import config as gw_config
-from gateway import engine
-from gateway.member_store import InMemoryMembers, LiveCache, MemberStore
-from gateway.service import Gateway
+from gateway.shell import config as gw_config
+from gateway.core import validate as engine
+from gateway.core.members import InMemoryMembers, LiveCache
+from gateway.store.members import MemberStore
+from gateway.shell.service import Gateway
 from hardware.readers import CardRead
 from hq_bridge import db
 from hq_bridge.accounts import AccountStore, import_members
@@ -214,7 +215,7 @@ async def test_garbage_and_forged_replies_are_ignored(tmp_path, broker, hq):
     every query of S002 with what it likes."""
     await hq.stop()
     async with Gateway(gw_config_for(tmp_path, "S002", broker.port)) as b:
-        b.live.budget_s = 0.5   # uplink.live_lookup_ms = 500 (once gateway/config.py has the key)
+        b.live.budget_s = 0.5   # uplink.live_lookup_ms = 500 (once gateway/shell/config.py has the key)
         install(b)
         await online(b)
         good = {"card_no": GOLD, "member_id": "M1001", "tier": "gold", "balance_fen": 99_999_00}

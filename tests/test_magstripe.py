@@ -1,8 +1,8 @@
-"""ISO/IEC 7813 track parsing (hardware/magstripe.py)."""
+"""ISO/IEC 7813 track parsing (cards/magstripe.py)."""
 
 import pytest
 
-from hardware.magstripe import MAX_SWIPE_CHARS, SwipeError, parse
+from cards.magstripe import MAX_SWIPE_CHARS, SwipeError, parse
 
 PAN = "880000000013"
 T1 = f"%B{PAN}^WANG/XIAOMING^27121010000000000000?"

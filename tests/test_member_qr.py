@@ -1,6 +1,6 @@
 """Dynamic member QR codes: verification with public keys only
-(hardware/member_qr.py), each (member, step) accepted once across restarts
-(gateway/qr_replay.py), and a scanner lane end to end."""
+(cards/member_qr.py), each (member, step) accepted once across restarts
+(gateway/store/qr_replay.py), and a scanner lane end to end."""
 
 import asyncio
 import base64
@@ -12,8 +12,9 @@ import tomllib
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.qr_replay import MemberQrCheck, ReplayStore, policy_of
-from hardware.member_qr import Issuer, MemberApp, QrError, verify
+from gateway.shell.member_qr import MemberQrCheck, policy_of
+from gateway.store.qr_replay import ReplayStore
+from cards.member_qr import Issuer, MemberApp, QrError, verify
 
 NOW = 1_790_000_000          # 2026-09-21
 CARD = "880000000013"        # M1001 in the demo rules, gold
@@ -170,8 +171,8 @@ def test_minting_checks_its_input():
 
 # -- a scanner lane end to end ---------------------------------------------------------
 async def test_gateway_scanner_lane_dynamic_codes_and_replay_across_restart(tmp_path, broker, caplog):
-    from gateway import config as gw_config
-    from gateway.service import Gateway
+    from gateway.shell import config as gw_config
+    from gateway.shell.service import Gateway
     from hardware.hid import DeviceGone, SimulatedInputDevice
     from tests.support import RULES_FILE, install_rules
 

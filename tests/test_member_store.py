@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.member_store import DenyDeltaGap, InMemoryMembers, MemberStore, read_part_lines
+from gateway.core.members import DenyDeltaGap, InMemoryMembers
+from gateway.store.members import MemberStore, read_part_lines
 from wire.ruleset import RulesetError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +104,7 @@ def test_readers_see_the_old_snapshot_until_the_switch(tmp_path):
 
 LOADER = """
 import sys, time
-from gateway.member_store import MemberStore
+from gateway.store.members import MemberStore
 store = MemberStore(sys.argv[1], durable=False)
 def slow():
     for i in range(200000):

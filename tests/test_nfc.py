@@ -13,7 +13,7 @@ import time
 import pytest
 
 from hardware.nfc import NfcRead, PcscReader, TapAgain, ndef_uri
-from hardware.ntag424 import CounterStore, SdmKeys, SunError, SunVerifier
+from cards.ntag424 import CounterStore, SdmKeys, SunError, SunVerifier
 from hardware.readers import CardRead
 from tests import pcsc_env
 from tests.vcard import Ntag215, Ntag424Dna
@@ -341,7 +341,7 @@ def test_an12196_plain_mirror(verifier):
 
 
 def test_an12196_intermediate_values():
-    from hardware.ntag424 import decrypt_picc_data, session_mac_key, sun_mac
+    from cards.ntag424 import decrypt_picc_data, session_mac_key, sun_mac
 
     tag, uid, counter = decrypt_picc_data(ZERO, bytes.fromhex("EF963FF7828658A599F3041510671E88"))
     assert (tag, uid.hex().upper(), counter) == (0xC7, "04DE5F1EACC040", 61)
@@ -452,8 +452,8 @@ def test_ndef_uri_parsing():
 async def test_gateway_lane_on_a_pcsc_reader(pcscd, cards, tmp_path, broker):
     """pyscard -> pcscd -> vpcd -> virtual card, into the gateway: verdict,
     indicator and the lane's POS events; a card pulled away mid-read is "tap again"."""
-    from gateway import config as gw_config
-    from gateway.service import Gateway
+    from gateway.shell import config as gw_config
+    from gateway.shell.service import Gateway
     from tests.support import install_rules
 
     cfg = gw_config.check({

@@ -55,15 +55,21 @@ def test_nightly_expires_points_and_every_store_gets_the_fresh_snapshot(shop):
     assert points_at_store(gw) == 0
 
 
-def test_nightly_with_the_broker_down_commits_the_accounts_and_says_the_snapshots_wait(shop, broker):
+def test_nightly_with_the_broker_down_commits_the_accounts_and_the_bridge_sends_the_snapshots_later(shop, broker):
     hq, gw = shop
     broker.stop()
     out = hq.cli("nightly", "--date", "2030-01-01", timeout=120)
-    assert out.returncode == 1
-    assert "committed" in out.stderr and "NOT published" in out.stderr and "rules snapshot --all" in out.stderr
+    assert out.returncode == 75, out.stderr                     # stored, sent later
+    assert "committed" in out.stderr and "queued, not sent yet" in out.stderr
+    assert "the rule set of store S001" in out.stderr and "as soon as the broker is back" in out.stderr
     assert hq_points(hq) == 0                                   # the account policy is kept
     again = hq.cli("nightly", "--date", "2030-01-01", "--no-snapshots")
     assert again.returncode == 0 and "0 points expired" in again.stdout    # nothing applied twice
+    assert gw.status()["rules_version"] == 1
+    broker.start()                                              # the bridge sends what waits, unasked
+    wait_until(lambda: gw.status()["rules_version"] == 3, timeout=60, what="the queued snapshot at the store (built again)")
+    assert points_at_store(gw) == 0
+    assert "outbox: sent store:S001" in hq.log()
 
 
 def test_a_bad_time_zone_is_named(tmp_path):

@@ -21,11 +21,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway import config as gw_config
+from gateway.shell import config as gw_config
 from gateway.core import pricing
 from gateway.core.pricing import TenderError
-from gateway.service import Gateway
-from gateway.testbed import free_port
+from gateway.shell.service import Gateway
+from demo.testbed import free_port
 from hardware.readers import CardRead
 from hq_bridge.rules import _read_doc, read_table_file
 from tests.support import ROOT, install_rules

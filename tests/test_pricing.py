@@ -300,17 +300,20 @@ def test_silver_birthday_month_with_coupon_points_and_stored_value():
 
 def test_partial_returns_reverse_the_silver_sale_exactly():
     sale = _silver_sale()["record"]
-    # First: one of the two milks. Each recorded per-line value v gives floor(v*1/2):
-    #   discounts 52 -> 26, 548 -> 274, 297 -> 148, 190 -> 95 (543 in all);
-    #   cash 541 -> 270, stored value 571 -> 285, redeemed 381 -> 190 (fen and points), earned 24 -> 12.
+    # First: one of the two milks, half of its 25.80: 12.90, split over the line's parts pro rata,
+    # floored (each is v*1/2 here): redeemed 381 -> 190, stored value 571 -> 285, cash 541 -> 270;
+    # discounts 52 -> 26, 548 -> 274, 297 -> 148, 190 -> 95; 1288 in all, the remainder 2 to the last
+    # part with room, the coupon's share: 97 (545 of discounts reversed). Points: 381 -> 190, earned 24 -> 12.
+    # The receipt's rows add up: 12.90 - 5.45 = 7.45 refunded (until this release it printed the
+    # milk at 12.88 and 5.43 of discounts: the floors of the parts, not half the price).
     r1 = pricing.return_quote(sale, [{"line": 0, "qty": 1}], [], POLICY, THU)
-    assert r1["totals"] == {"refund_fen": 745, "discount": 543, "cash_fen": 270, "stored_value_fen": 285,
+    assert r1["totals"] == {"refund_fen": 745, "discount": 545, "cash_fen": 270, "stored_value_fen": 285,
                             "redeemed_fen": 190, "points_redeemed": 190, "points_earned": 12}
     assert r1["deltas"] == {"points": 178, "points_earned": -12, "points_redeemed": -190, "stored_value_fen": 285}
     assert r1["receipt"]["zh-CN"] == [
         "退货",
-        "牛奶 x1  12.88",
-        "  冲回优惠  -5.43",
+        "牛奶 x1  12.90",
+        "  冲回优惠  -5.45",
         "退款合计  7.45",
         "  退回抵现积分 190分  1.90",
         "  退回储值  2.85",

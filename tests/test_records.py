@@ -15,7 +15,7 @@ import json
 import fastjsonschema
 import pytest
 
-from gateway.service import Gateway
+from gateway.shell.service import Gateway
 from tests.test_counter import CASH, DIAMOND, GOLD, T0, basket, config, install, tap
 from wire import records
 from wire.records import RecordError, from_body, to_body, validate_body

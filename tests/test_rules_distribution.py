@@ -17,10 +17,10 @@ import aiomqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway import config as gw_config
-from gateway import engine
-from gateway.rules_store import RulesRejected, RulesStore
-from gateway.service import Gateway
+from gateway.shell import config as gw_config
+from gateway.core import validate as engine
+from gateway.store.rules import RulesRejected, RulesStore
+from gateway.shell.service import Gateway
 from hardware.readers import CardRead
 from hq_bridge import keys as hq_keys
 from hq_bridge.bridge import Bridge
@@ -445,6 +445,43 @@ def test_hq_cli_publish_card_fleet(tmp_path, broker):
             line = next(l for l in out.stdout.splitlines() if l.startswith("S001"))
             assert line.split()[:5] == ["S001", "online", "1", "1", "2"], out.stdout
             assert any(l.startswith("S002") and "never" in l for l in out.stdout.splitlines())
+        finally:
+            gw.stop()
+    finally:
+        hq.stop()
+
+
+def test_hq_commands_with_the_broker_down_say_what_waits_and_the_bridge_sends_it(tmp_path, broker):
+    from tests.support import HQ, GatewayProc, wait_until
+
+    hq = HQ(tmp_path, broker.port).start()
+    try:
+        assert hq.cli("rules", "publish", str(RULES_FILE), "--all").returncode == 0
+        gw = GatewayProc(tmp_path, broker.port).start()
+        try:
+            wait_until(lambda: gw.status().get("rules_version") == 1, what="rules at the gateway")
+            broker.stop()
+            out = hq.cli("fleet", "--wait", "0.5")                     # what HQ last received, and says so
+            assert out.returncode == 0 and "broker unreachable" in out.stderr, out.stderr
+            assert "what HQ last received" in out.stderr and out.stdout.splitlines()[1].startswith("S001")
+            out = hq.cli("members", "show", SILVER_CARD)                # stores nothing: nothing waits either
+            assert "queued" not in out.stderr
+            out = hq.cli("card", "deny", SILVER_CARD, "--reason", "lost on the bus")
+            assert out.returncode == 75, out.stderr
+            assert "queued, not sent yet" in out.stderr and "deny list's latest change" in out.stderr
+            out = hq.cli("rules", "republish", "--all")
+            assert out.returncode == 75 and "the rule set of store S001" in out.stderr, out.stderr
+            assert gw.call("POST", "/lanes/1/taps", {"source": "qr", "raw": SILVER_CARD})[1].get("reason") != "lost"
+            broker.start()
+            wait_until(lambda: gw.call("POST", "/lanes/1/taps", {"source": "qr", "raw": SILVER_CARD})[1]
+                       .get("reason") == "lost", timeout=60, what="the queued deny at the store")
+            wait_until(lambda: gw.status().get("rules_version") == 3, timeout=60, what="the queued rule set")   # v2 never went out: built again
+            wait_until(lambda: "outbox: sent" in hq.log(), what="the bridge's log")
+            catalog = Catalog(hq.db, tmp_path / "hq" / "parts")
+            try:
+                assert catalog.queued() == []
+            finally:
+                catalog.close()
         finally:
             gw.stop()
     finally:

@@ -1,10 +1,10 @@
-"""Secure NFC cards in the gateway (gateway/secure_nfc.py): NTAG 424 DNA SUN
+"""Secure NFC cards in the gateway (gateway/shell/secure_nfc.py): NTAG 424 DNA SUN
 messages checked with the key set named by the card's programme in the rule
 set, replays refused across restarts, clear reason codes.
 
 The SUN messages come from tests/vcard.py's NTAG 424 DNA (its own AES/CMAC
-code, independent of hardware/ntag424.py); the per-card file read key is
-derived with hardware.ntag424.diversify_key, checked here against NXP
+code, independent of cards/ntag424.py); the per-card file read key is
+derived with cards.ntag424.diversify_key, checked here against NXP
 AN10922's published vector. The PC/SC tests go through pyscard -> pcscd ->
 vpcd -> the virtual card.
 """
@@ -18,10 +18,10 @@ import stat
 
 import pytest
 
-from gateway.secure_nfc import SecureNfc
-from gateway.texts import reason_text
+from gateway.shell.secure_nfc import SecureNfc
+from gateway.core.reasons import reason_text
 from hardware.nfc import NfcRead, PcscReader
-from hardware.ntag424 import diversify_key
+from cards.ntag424 import diversify_key
 from hardware.readers import CardRead
 from tests.test_nfc import EVENT_TIMEOUT, READER, Events, cards, pcscd, until  # noqa: F401 (fixtures)
 from tests.vcard import Ntag215, Ntag424Dna
@@ -294,8 +294,8 @@ async def test_gateway_pcsc_lane_refuses_clones_of_secure_cards(pcscd, cards, tm
     import time
     import tomllib
 
-    from gateway import config as gw_config
-    from gateway.service import Gateway
+    from gateway.shell import config as gw_config
+    from gateway.shell.service import Gateway
     from tests.support import GOLD_UID, RULES_FILE, install_rules
 
     secure_card = "880100000012"  # Luhn-valid, programme "secure"
@@ -361,7 +361,7 @@ async def test_a_message_that_decrypts_to_garbage_under_one_key_set_is_tried_und
     about one in eighty of them looks like a card that mirrors no counter
     ("bad_format"). That must not end the search: the message is genuine
     under its own key set (the test above failed this way now and then)."""
-    from hardware.ntag424 import SdmKeys, SunError, SunVerifier
+    from cards.ntag424 import SdmKeys, SunError, SunVerifier
 
     genuine = card(meta=OTHER_META, master=OTHER_MASTER, diversify=False)
     wrong = SunVerifier(SdmKeys(META, lambda uid: diversify_key(MASTER, uid)), tmp_path / "counters.sqlite")

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.member_store import InMemoryMembers
+from gateway.core.members import InMemoryMembers
 from hq_bridge import db
 from hq_bridge.accounts import AccountStore, StoreRecord, audit, import_members, snapshot_rows
 from tests.hq_support import sale_body

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from microdot.test_client import TestClient
 
-from gateway import terminals
-from gateway.api import create_app
-from gateway.service import Gateway
-from gateway.terminals import Terminals, TerminalsError
+from gateway.shell import terminals
+from gateway.shell.api import create_app
+from gateway.shell.service import Gateway
+from gateway.shell.terminals import Terminals, TerminalsError
 from tests.support import BIN, api_client
 from tests.test_counter import DIAMOND, GOLD, T0, basket, config, install, journal_depth, tap
 
@@ -262,7 +262,7 @@ async def test_sse_resumes_after_the_last_event_id(gw):
 async def test_a_sale_of_billions_is_refused_by_the_rules_caps(gw):
     """A sale of ~950 billion yuan was committed and credited 1.4 trillion
     points; the rules' sale_limits refuse it, naming the field, and write nothing."""
-    from gateway.counter import CounterError
+    from gateway.shell.counter import CounterError
 
     await tap(gw, GOLD)
     depth = await journal_depth(gw)

@@ -12,8 +12,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gateway import engine
-from gateway.member_store import InMemoryMembers, MemberStore, load_part_files
+from gateway.core import validate as engine
+from gateway.core.members import InMemoryMembers
+from gateway.store.members import MemberStore, load_part_files
 from wire.ruleset import effective_ruleset, with_defaults
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "examples"

@@ -179,7 +179,7 @@ class Ntag424Dna(VirtualCard):
     The NDEF file holds one URI record, https://<base>?picc_data=<e>&cmac=<c>,
     with e = AES-CBC(meta_read_key, C7 || UID || SDMReadCtr (LE) || random)
     and c = the odd bytes of CMAC(session MAC key, empty input), computed here
-    independently of hardware/ntag424.py. SDMReadCtr goes up once per
+    independently of cards/ntag424.py. SDMReadCtr goes up once per
     activation, at the first read of the NDEF file, as on the chip.
 
     `replay_url`, when set, is served instead: a clone that recorded one SUN

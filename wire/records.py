@@ -8,7 +8,7 @@ as the ``body`` of a TxRecord (wire/messages.py) whose ``type`` is the body's
 Schema is derived from them (``schema_of``), so the two cannot drift:
 
 ==============  ===============================================================
-``sale``        gateway/pricing.py ``quote()["record"]`` + what the counter adds
+``sale``        gateway/core/pricing.py ``quote()["record"]`` + what the counter adds
 ``return``      ``return_quote()["record"]`` + ``sale_seq``, ``sale_id``
 ``topup``       ``topup()["record"]`` + ``payment`` {method, reference?}
 ``package_use`` ``consume_package()["record"]``
@@ -18,14 +18,20 @@ Schema is derived from them (``schema_of``), so the two cannot drift:
                 phone number), ``Counter.register`` (``POST /members``)
 ``withdrawal``  取款: the paid part of stored value paid out
                 (``Counter.withdraw``, ``POST /withdrawals``)
+``package_sale`` a count package (计次卡) sold or renewed:
+                gateway/core/packages.py ``sell_package()["record"]`` + ``payment``
+                (``Counter.sell_package``, ``POST /lanes/{lane}/packages``)
+``gift_redemption`` points for a gift (礼品兑换):
+                gateway/core/gifts.py ``redeem_gift()["record"]``
+                (``Counter.redeem_gift``, ``POST /lanes/{lane}/gifts``)
 ==============  ===============================================================
 
-What gateway/counter.py adds to every body: ``account_id`` (whose balances,
+What gateway/shell/counter.py adds to every body: ``account_id`` (whose balances,
 None when the member is not in the snapshot; on ``card_op`` None except
 for ``issue_subsidiary``, the primary's account; on ``registration`` the new
 member_id),
 ``day`` (store-local YYYY-MM-DD), ``terminal``, ``idempotency_key``; ``lane``
-on sale, topup and package_use; ``operator`` (the cashier's id, ASCII up to 32
+on sale, topup, package_use, package_sale and gift_redemption; ``operator`` (the cashier's id, ASCII up to 32
 characters) whenever the POS sent one (every POST body takes it).
 
 Bounds: every string has a maxLength, every integer a range (money in integer
@@ -63,17 +69,19 @@ RECORD_VERSION = 1
 
 MAX_FEN = 10_000_000_000          # wire/ruleset.py MAX_FEN
 MAX_POINTS = 10_000_000_000       # wire/ruleset.py MAX_POINTS
-MAX_LINES = 500                   # gateway/pricing.py MAX_LINES
-MAX_QTY = 9999                    # gateway/pricing.py MAX_QTY
-MAX_UNIT_PRICE = 100_000_000      # gateway/pricing.py MAX_UNIT_PRICE
-MAX_TOPUP_FEN = 10_000_000        # gateway/pricing.py MAX_TOPUP_FEN
+MAX_LINES = 500                   # gateway/core/pricing.py MAX_LINES
+MAX_QTY = 9999                    # gateway/core/pricing.py MAX_QTY
+MAX_MEASURED = 9_999_000          # wire/ruleset.py units max: a measured line's qty in steps (9999.000 kg)
+MAX_UNIT_PRICE = 100_000_000      # gateway/core/pricing.py MAX_UNIT_PRICE
+MAX_TOPUP_FEN = 10_000_000        # gateway/core/pricing.py MAX_TOPUP_FEN
 MAX_PACKAGE_USES = 100_000        # wire/ruleset.py member packages
+MAX_GIFT_QTY = 99                 # gateway/core/gifts.py MAX_QTY: gifts of one kind at once
 SEQ_MAX = 2 ** 53 - 1             # wire/messages.py SEQ_MAX
 
 CARD_OPS = ("issue", "report_lost", "freeze", "unfreeze", "replace", "annual_fee", "extend",
-            "issue_subsidiary")                                                       # gateway/pricing.py CARD_OPS
+            "issue_subsidiary")                                                  # gateway/core/pricing.py CARD_OPS
 CARD_STATUSES = ("active", "not_activated", "lost", "frozen", "cancelled", "replaced", "expired")
-PAYMENT_METHODS = ("cash", "bank_card", "wechat", "alipay", "unionpay", "other")     # gateway/counter.py
+PAYMENT_METHODS = ("cash", "bank_card", "wechat", "alipay", "unionpay", "other")     # gateway/shell/counter.py
 
 _KEY = r"^[A-Za-z0-9_.-]{1,64}$"               # ids of packages, coupons, promotions (wire/ruleset.py _KEY)
 _CARD = r"^[0-9]{6,19}$"
@@ -127,7 +135,7 @@ def card() -> Any:
     return f(pattern=_CARD)
 
 
-# The fields gateway/counter.py adds to every journaled body.
+# The fields gateway/shell/counter.py adds to every journaled body.
 def _idem() -> Any:     # "<terminal id>/<the POS's key of 8-128 characters>"
     return text(200, 1)
 
@@ -140,7 +148,7 @@ def _terminal() -> Any:
     return text(64, 1)
 
 
-_OPERATOR = r"^[A-Za-z0-9_.-]{1,32}$"    # the cashier's id, as gateway/api_schema.py OPERATOR takes it
+_OPERATOR = r"^[A-Za-z0-9_.-]{1,32}$"    # the cashier's id, as gateway/shell/api_schema.py OPERATOR takes it
 
 
 def _operator() -> Any:
@@ -151,7 +159,7 @@ def _lane() -> Any:
     return text(32, 1)
 
 
-def _account() -> Any:  # the primary's member_id (gateway/engine.py), None when not in the snapshot
+def _account() -> Any:  # the primary's member_id (gateway/core/validate.py), None when not in the snapshot
     return f(minLength=1, maxLength=64)
 
 
@@ -186,8 +194,10 @@ class SaleLine:
     sku: str = text(64, 1)
     name: str = text(1000)          # the POS's text: check_lines bounds neither name nor category
     category: str = text(256)
-    qty: int = f(minimum=1, maximum=MAX_QTY)
-    unit_price: int = money(0, MAX_UNIT_PRICE)
+    qty: int = f(minimum=1, maximum=MAX_MEASURED)   # units; with unit, steps of 1/scale unit (532 = 0.532 kg)
+    unit: str | None = opt(pattern=_KEY)            # a measured line's unit (rule-set units), else absent
+    scale: int | None = opt(minimum=1, maximum=1000)   # with unit: steps per unit (10^decimals: 1..1000)
+    unit_price: int = money(0, MAX_UNIT_PRICE)      # per (whole) unit
     amount: int = money()
     discounts: list[Discount] = f(maxItems=256)
     net: int = money()
@@ -223,7 +233,7 @@ class SaleDeltas:
 
 @dataclass(frozen=True, kw_only=True)
 class Sale:
-    """A sale (gateway/pricing.py quote()["record"], journaled by Counter.sale)."""
+    """A sale (gateway/core/pricing.py quote()["record"], journaled by Counter.sale)."""
     type: Literal["sale"] = const("sale")
     v: Literal[1] = const(RECORD_VERSION)
     at: str = f(pattern=_AT, maxLength=40)
@@ -252,7 +262,9 @@ class ReturnLine:
     index: int = f(minimum=0, maximum=MAX_LINES - 1)
     sku: str = text(64, 1)
     name: str = text(1000)
-    qty: int = f(minimum=1, maximum=MAX_QTY)
+    qty: int = f(minimum=1, maximum=MAX_MEASURED)   # as the sale line's qty
+    unit: str | None = opt(pattern=_KEY)
+    scale: int | None = opt(minimum=1, maximum=1000)
     cash_fen: int = money()
     stored_value_fen: int = money()
     redeemed_fen: int = money()
@@ -286,7 +298,7 @@ class ReturnDeltas:
 @dataclass(frozen=True, kw_only=True)
 class Return:
     """A full or partial return of one sale, in the sale's tender mix
-    (gateway/pricing.py return_quote()["record"], journaled by Counter.sale_return)."""
+    (gateway/core/pricing.py return_quote()["record"], journaled by Counter.sale_return)."""
     type: Literal["return"] = const("return")
     v: Literal[1] = const(RECORD_VERSION)
     at: str = f(pattern=_AT, maxLength=40)
@@ -476,6 +488,86 @@ class Withdrawal:
     operator: str | None = _operator()
 
 
+# ---------------------------------------------------------------- package sale
+
+@dataclass(frozen=True, kw_only=True)
+class PackagePayment:
+    """How a package was paid: as a top-up is, or from stored value when the
+    package's rule allows it (``stored_value_fen`` is then its price)."""
+    method: Literal["cash", "bank_card", "wechat", "alipay", "unionpay", "other", "stored_value"] = f()
+    reference: str | None = opt(minLength=1, maxLength=64, pattern=r"^[\x20-\x7e]+$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackageSaleDeltas:
+    packages: dict[str, int] = f(minProperties=1, maxProperties=1, keys={"pattern": _KEY},
+                                 values={"minimum": 1, "maximum": MAX_PACKAGE_USES})
+    stored_value_fen: int = money(-MAX_FEN, 0)           # minus what was paid from stored value
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackageSale:
+    """A count package (计次卡) sold to a member, or renewed (``renewal``: the
+    member held uses of it): ``uses`` added for ``price_fen``, valid until
+    ``expires`` (None: the package does not expire). No points are earned."""
+    type: Literal["package_sale"] = const("package_sale")
+    v: Literal[1] = const(RECORD_VERSION)
+    at: str = f(pattern=_AT, maxLength=40)
+    member_id: str | None = f(minLength=1, maxLength=64)
+    card_no: str | None = card()
+    package_id: str = key()
+    uses: int = f(minimum=1, maximum=MAX_QTY)
+    price_fen: int = money()
+    stored_value_fen: int = money()                      # of price_fen: 0, or all of it
+    renewal: bool = f()
+    remaining_before: int = f(minimum=0, maximum=MAX_PACKAGE_USES)   # the store's view, for the receipt
+    remaining_after: int = f(minimum=1, maximum=MAX_PACKAGE_USES)
+    expires: str | None = f(pattern=_DAY)
+    deltas: PackageSaleDeltas = f()
+    payment: PackagePayment = f()
+    lane: str = _lane()
+    idempotency_key: str = _idem()
+    account_id: str | None = _account()
+    day: str = _day()
+    terminal: str = _terminal()
+    operator: str | None = _operator()
+
+
+# ---------------------------------------------------------------- gift redemption
+
+@dataclass(frozen=True, kw_only=True)
+class GiftDeltas:
+    points: int = f(minimum=-MAX_POINTS, maximum=-1)
+    points_redeemed: int = f(minimum=1, maximum=MAX_POINTS)
+    gifts: dict[str, int] = f(minProperties=1, maxProperties=1, keys={"pattern": _KEY},
+                              values={"minimum": 1, "maximum": MAX_GIFT_QTY})
+
+
+@dataclass(frozen=True, kw_only=True)
+class GiftRedemption:
+    """Points redeemed for a gift of the rule set's catalogue (礼品兑换):
+    ``qty`` gifts of ``points_each``, ``points`` in all, within the offline
+    limits of points redemption."""
+    type: Literal["gift_redemption"] = const("gift_redemption")
+    v: Literal[1] = const(RECORD_VERSION)
+    at: str = f(pattern=_AT, maxLength=40)
+    member_id: str | None = f(minLength=1, maxLength=64)
+    card_no: str | None = card()
+    gift_id: str = key()
+    qty: int = f(minimum=1, maximum=MAX_GIFT_QTY)
+    points_each: int = f(minimum=1, maximum=MAX_POINTS)
+    points: int = f(minimum=1, maximum=MAX_POINTS)
+    points_before: int = pts(-MAX_POINTS)                # the store's view, for the receipt
+    points_after: int = pts(-MAX_POINTS)
+    deltas: GiftDeltas = f()
+    lane: str = _lane()
+    idempotency_key: str = _idem()
+    account_id: str | None = _account()
+    day: str = _day()
+    terminal: str = _terminal()
+    operator: str | None = _operator()
+
+
 RECORD_TYPES: dict[str, type] = {
     "sale": Sale,
     "return": Return,
@@ -484,6 +576,8 @@ RECORD_TYPES: dict[str, type] = {
     "card_op": CardOp,
     "registration": Registration,
     "withdrawal": Withdrawal,
+    "package_sale": PackageSale,
+    "gift_redemption": GiftRedemption,
 }
 
 

@@ -1,6 +1,6 @@
 """The rule set HQ authors and the gateway decides by: schemas, layer merge, checks.
 
-The format (v2) is described in wire/RULESET.md; this module is its executable
+The format (v3) is described in wire/RULESET.md; this module is its executable
 form, used by both HQ (before publishing) and the gateway (after receiving):
 
 - ``RULESET_SCHEMA``: the effective rule set (what the gateway decides by),
@@ -9,6 +9,8 @@ form, used by both HQ (before publishing) and the gateway (after receiving):
 - ``LAYER_SCHEMA``: one layer document (chain / region / store), a partial
   rule set with a ``[layer]`` header and, for the chain layer, ``locked``.
 - ``merge_layers(layers)``: pure; chain -> region -> store, later overrides.
+  A v2 layer (no ``format``, or ``format = 2``) is migrated first
+  (``migrate_layer``): v3 only adds rules, and what a v2 set meant stays.
 - ``validate_ruleset(rules)``: schema plus the reference checks a schema
   cannot do; RulesetError names the rule and field
   (``promotions.spend100.steps[1].off_fen: ...``).
@@ -34,11 +36,14 @@ import jsonschema
 from common.configfile import apply_defaults
 
 SCHEMA_BASE = "https://storegate.example/schemas/"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+FORMATS = (2, 3)   # what a layer document may say it is; v2 is migrated (migrate_layer)
 
 CARD_STATUSES = ["active", "not_activated", "lost", "frozen", "cancelled", "replaced", "expired"]
 DENY_STATUSES = [s for s in CARD_STATUSES if s != "active"]
 CARD_KINDS = ["personal", "subsidiary", "group", "stored_value", "points", "discount"]
+# Sources of point multipliers a highest_of group may name (item: a category's or SKU's multiplier).
+MULTIPLIER_SOURCES = ("tier", "item", "member_day", "birthday", "campaign")
 PROMOTION_KINDS = ["threshold", "percent_off", "member_price", "nth_item", "points_multiplier"]
 SOURCES = ["nfc", "magstripe", "qr"]
 LEVELS = ["chain", "region", "store"]
@@ -70,7 +75,8 @@ _FEN = {"type": "integer", "minimum": 0, "maximum": MAX_FEN}
 _POINTS = {"type": "integer", "minimum": 0, "maximum": MAX_POINTS}
 _PERCENT = {"type": "integer", "minimum": 0, "maximum": 100}
 _MULTIPLIER = {"type": "integer", "minimum": 0, "maximum": 10_000, "description": "percent: 150 = 1.5x"}
-_STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True, "default": []}
+_STRINGS_NO_DEFAULT = {"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True}
+_STRINGS = {**_STRINGS_NO_DEFAULT, "default": []}
 _HEX16 = {"type": "string", "pattern": "^[0-9A-Fa-f]{32}$", "description": "AES-128 key, hex"}
 _UID = {"type": "string", "pattern": "^([0-9A-F]{8}|[0-9A-F]{14}|[0-9A-F]{20})$"}
 
@@ -176,6 +182,12 @@ EARNING = _obj({
     "member_days": {"type": "array", "items": MEMBER_DAY, "default": []},
     "birthday": _obj({"period": {"enum": ["day", "month"], "default": "month"},
                       "multiplier_percent": _MULTIPLIER}, required=["multiplier_percent"]),
+    "compose": {"enum": ["add", "multiply"], "default": "add",
+                "description": "how point multipliers compose: add (each adds multiplier - 100 %, v2) or multiply"},
+    "highest_of": {"type": "array", "default": [], "maxItems": 5,
+                   "items": {"type": "array", "items": {"enum": list(MULTIPLIER_SOURCES)}, "minItems": 2,
+                             "uniqueItems": True},
+                   "description": "groups of multiplier sources of which only the highest applies to a line"},
 }, required=["points_per_yuan"])
 
 STEP = _obj({"min_fen": {**_FEN, "minimum": 1}, "off_fen": {**_FEN, "minimum": 1}}, required=["min_fen", "off_fen"])
@@ -201,6 +213,10 @@ PROMOTION = _obj({
     "multiplier_percent": _MULTIPLIER,
     "categories": _STRINGS,
     "skus": _STRINGS,
+    "excluded_categories": {**_STRINGS_NO_DEFAULT,
+                            "description": "v3: lines of these categories never get this promotion (with "
+                                           "excluded_skus, instead of discount_excluded_*)"},
+    "excluded_skus": {**_STRINGS_NO_DEFAULT, "description": "v3: SKUs that never get this promotion"},
     "priority": {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 100,
                  "description": "lower runs first"},
     "exclusive_group": {"type": "string", "default": ""},
@@ -246,9 +262,31 @@ STORED_VALUE = _obj({
 PACKAGE = _obj({
     "name": _TEXT,
     "skus": {**_STRINGS, "minItems": 1},
-    "uses": {"type": "integer", "minimum": 1, "maximum": 1000, "description": "uses when sold at the counter"},
-    "price_fen": {**_FEN, "description": "price when sold at the counter"},
+    "uses": {"type": "integer", "minimum": 1, "maximum": 1000,
+             "description": "uses a sale at the counter adds (with price_fen: the package is sold at the counter)"},
+    "price_fen": {**_FEN, "description": "price when sold at the counter (without it, or without uses, the "
+                                        "package is not sold at the counter: HQ hands it out)"},
+    "validity_months": {"type": "integer", "minimum": 1, "maximum": 120,
+                        "description": "v3: a sale makes the package valid this many months from the later of "
+                                       "the sale day and its expiry so far; absent: no expiry (v2)"},
+    "renewable": {"type": "boolean", "default": True,
+                  "description": "v3: false: not sold to a member who still holds uses of it"},
+    "stored_value": {"type": "boolean", "default": False,
+                     "description": "v3: may be paid from stored value (within the stored-value offline limits)"},
+    "from": {**_DATE, "description": "v3: on sale from (store time)"},
+    "to": {**_DATE, "description": "v3: on sale until (inclusive)"},
 }, required=["name", "skus"])
+
+GIFT = _obj({
+    "name": _TEXT,
+    "points": {**_POINTS, "minimum": 1, "description": "points one gift costs"},
+    "per_member_day_limit": {"type": "integer", "minimum": 1, "maximum": 1000,
+                             "description": "at most this many of this gift per member (account) per store-local "
+                                            "day; absent: no limit but the points"},
+    "sku": {"type": "string", "minLength": 1, "maxLength": 64, "description": "the gift's item code (for stock)"},
+    "from": _DATE,
+    "to": _DATE,
+}, required=["name", "points"], description="v3: a gift points are redeemed for at the counter (礼品兑换)")
 
 COUPON = _obj({
     "name": _TEXT,
@@ -259,6 +297,27 @@ COUPON = _obj({
     "from": _DATE,
     "to": _DATE,
 }, required=["member_id"])
+
+UNIT = _obj({
+    "name": _TEXT,
+    "symbol": {"type": "string", "minLength": 1, "maxLength": 8, "description": "on the receipt: 0.532kg"},
+    "decimals": {"type": "integer", "minimum": 0, "maximum": 3,
+                 "description": "precision of a quantity: 3 = 0.001 (a quantity is carried as a whole number "
+                                "of these steps)"},
+    "max": {"type": "integer", "minimum": 1, "maximum": 9_999_000,
+            "description": "largest quantity of one line, in steps (kg, 3 decimals: 50000 = 50.000 kg); "
+                           "default 9999 units"},
+}, required=["name", "decimals"])
+
+SCALE_BARCODE = _obj({
+    "prefix": {"type": "string", "pattern": "^[0-9]{1,6}$", "description": "the EAN-13's leading digits, e.g. 21"},
+    "item_digits": {"type": "integer", "minimum": 1, "maximum": 10,
+                    "description": "the item code after the prefix; the line's SKU is prefix + item code"},
+    "value": {"enum": ["weight", "price"], "description": "what the value digits carry"},
+    "value_digits": {"type": "integer", "minimum": 1, "maximum": 10,
+                     "description": "a weight in steps of unit, or a price in fen; then the EAN-13 check digit"},
+    "unit": {"type": "string", "description": "weight: key into units"},
+}, required=["prefix", "item_digits", "value", "value_digits"])
 
 SALE_LIMITS = _obj({
     "max_line_fen": {**_FEN, "minimum": 1, "default": 5_000_000,
@@ -352,7 +411,8 @@ DENY_SCHEMA = {
 _INLINE_DENY = _obj({k: v for k, v in _DENY_PROPS.items() if k != "card_no"}, required=["status"])
 
 # Sections by merge behaviour.
-KEYED_TABLES = ["card_programs", "card_types", "tiers", "promotions", "coupons", "packages", "members", "deny"]
+KEYED_TABLES = ["card_programs", "card_types", "tiers", "promotions", "coupons", "packages", "members", "deny",
+                "units", "scale_barcodes", "gifts"]
 NESTED_KEYED = {"stored_value": ["topup_packages"], "keys": ["sun"]}
 SETTINGS = ["earning", "redemption", "stored_value", "fees", "member_qr", "keys", "sale_limits", "accounts",
             "reconciliation"]
@@ -363,7 +423,8 @@ CAPS = ["stored_value.offline_max_per_tx_fen", "stored_value.offline_max_per_day
 
 _SECTIONS = {
     "chain": {"type": "string", "minLength": 1},
-    "format": {"const": FORMAT_VERSION, "default": FORMAT_VERSION},
+    "format": {"const": FORMAT_VERSION, "default": FORMAT_VERSION,
+               "description": "the effective rule set's format; layers of v2 are migrated when merged"},
     "layers": {"type": "array", "description": "the layers this effective rule set was merged from",
                "items": _obj({"level": {"enum": LEVELS}, "id": {"type": "string"}}, required=["level", "id"]),
                "default": []},
@@ -381,9 +442,13 @@ _SECTIONS = {
     "redemption": REDEMPTION,
     "stored_value": STORED_VALUE,
     "packages": _table(PACKAGE, default={}),
+    "gifts": _table(GIFT, default={}, description="v3: the gift catalogue (礼品兑换): points for gifts at the counter"),
     "coupons": _table(COUPON, default={}),
     "fees": FEES,
     "sale_limits": SALE_LIMITS,
+    "units": _table(UNIT, default={}, description="v3: units of weighed and measured goods"),
+    "scale_barcodes": _table(SCALE_BARCODE, default={},
+                             description="v3: EAN-13 scale barcode formats, with embedded weight or price"),
     "accounts": ACCOUNTS,
     "reconciliation": RECONCILIATION,
     "members": {"type": "object", "propertyNames": _CARD_NO, "additionalProperties": _INLINE_MEMBER, "default": {},
@@ -394,7 +459,7 @@ _SECTIONS = {
 
 RULESET_SCHEMA = {
     "$id": SCHEMA_BASE + "ruleset.json",
-    "title": "storegate effective rule set (format v2, see wire/RULESET.md)",
+    "title": "storegate effective rule set (format v3, see wire/RULESET.md)",
     **_obj(_SECTIONS, required=["card_programs", "card_types", "tiers", "earning"]),
 }
 
@@ -418,7 +483,7 @@ _DISABLED = _obj({"disabled": {"const": True}}, required=["disabled"])
 def _layer_schema(with_disabled: bool) -> dict:
     props = {}
     for name, sub in _SECTIONS.items():
-        if name in ("layers", "format"):
+        if name == "layers":
             continue
         sub = _strip(sub, drop_required=name in SETTINGS)
         if name in SETTINGS:
@@ -435,6 +500,7 @@ def _layer_schema(with_disabled: bool) -> dict:
                 t["additionalProperties"] = {"anyOf": [_DISABLED, t["additionalProperties"]]}
     props["layer"] = _obj({"level": {"enum": LEVELS}, "id": {"type": "string", "minLength": 1}},
                           required=["level", "id"])
+    props["format"] = {"enum": list(FORMATS), "description": "the layer's format; absent: 2 (migrated)"}
     props["locked"] = {"type": "array", "items": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
                        "uniqueItems": True, "description": "dotted keys later layers may not set"}
     return {"$id": SCHEMA_BASE + "layer.json",
@@ -583,7 +649,7 @@ def merge_layers(layers: list[dict], store: str | None = None, region: str | Non
         name = _layer_name(raw, i) if isinstance(raw, dict) else f"layer {i}"
         if not isinstance(raw, dict):
             raise RulesetError(f"{name}: must be a table/object")
-        layer, removed = _without_disabled(raw)
+        layer, removed = _without_disabled(migrate_layer(raw))
         _raise(_schema_errors(_LAYER_VALIDATOR, layer) + _float_problems(layer), f"{name}: ")
         head = layer.get("layer") or ({"level": "chain", "id": layer.get("chain", "chain")} if i == 0 else None)
         if head is None:
@@ -623,11 +689,28 @@ def merge_layers(layers: list[dict], store: str | None = None, region: str | Non
         for lock in layer.get("locked", []):
             locks.setdefault(lock, name)
 
+        layer.pop("format", None)
         _merge_into(effective, layer, removed)
         if head["level"] == "chain":
             effective.setdefault("chain", head["id"])
         effective.setdefault("layers", []).append({"level": head["level"], "id": head["id"]})
+    effective["format"] = FORMAT_VERSION
     return effective
+
+
+def migrate_layer(layer: Any) -> Any:
+    """A v2 layer document as v3 (pure; a v3 one as it is). v3 only adds
+    rules, each with a default that is what v2 did: point multipliers
+    compose by ``add`` (``earning.compose``) with no ``highest_of`` groups; a
+    promotion without ``excluded_categories``/``_skus`` keeps the v2
+    eligibility; no ``units`` or ``scale_barcodes`` (count goods only);
+    a package without ``validity_months`` does not expire, is renewable
+    and paid in money only; no ``gifts``. So
+    the migration changes no rule: it says the document is v3. Anything
+    malformed is left for the schema to name."""
+    if not isinstance(layer, dict) or layer.get("format", 2) != 2:
+        return layer
+    return {**layer, "format": FORMAT_VERSION}
 
 
 def _merge_into(effective: dict, layer: dict, removed: list[str]) -> None:
@@ -738,6 +821,27 @@ def _reference_problems(rules: dict) -> list[str]:
             p.append(f"{where}: names no weekdays, month_days or date range")
         _check_range(p, where, day)
 
+    for j, group in enumerate(earning.get("highest_of", [])):
+        for src in group:
+            if any(src in other for other in earning["highest_of"][:j]):
+                p.append(f"earning.highest_of[{j}]: {src} is already in an earlier group")
+
+    units = rules.get("units", {})
+    prefixes: dict[str, str] = {}
+    for fid, fmt in rules.get("scale_barcodes", {}).items():
+        where = f"scale_barcodes.{fid}"
+        length = len(fmt["prefix"]) + fmt["item_digits"] + fmt["value_digits"] + 1
+        if length != 13:
+            p.append(f"{where}: prefix ({len(fmt['prefix'])}) + item_digits ({fmt['item_digits']}) + value_digits "
+                     f"({fmt['value_digits']}) + 1 check digit is {length} digits, not the 13 of an EAN-13")
+        if fmt["value"] == "weight" and fmt.get("unit") not in units:
+            p.append(f"{where}.unit: a weight barcode needs a unit of units, got {fmt.get('unit')!r}")
+        if fmt["value"] == "price" and "unit" in fmt:
+            p.append(f"{where}.unit: a price barcode carries fen, not a quantity")
+        if fmt["prefix"] in prefixes:
+            p.append(f"{where}.prefix: {fmt['prefix']!r} is also the prefix of {prefixes[fmt['prefix']]!r}")
+        prefixes.setdefault(fmt["prefix"], fid)
+
     for pid, promo in rules.get("promotions", {}).items():
         where = f"promotions.{pid}"
         spec = PROMOTION_FIELDS[promo["kind"]]
@@ -765,6 +869,10 @@ def _reference_problems(rules: dict) -> list[str]:
 
     for code, pkg in rules.get("stored_value", {}).get("topup_packages", {}).items():
         _check_range(p, f"stored_value.topup_packages.{code}", pkg)
+    for code, pkg in packages.items():
+        _check_range(p, f"packages.{code}", pkg)
+    for code, gift in rules.get("gifts", {}).items():
+        _check_range(p, f"gifts.{code}", gift)
     sv = rules.get("stored_value", {})
     if sv.get("offline_max_per_tx_fen", 0) > sv.get("offline_max_per_day_fen", 0):
         p.append(f"stored_value.offline_max_per_tx_fen: {sv['offline_max_per_tx_fen']} is above "

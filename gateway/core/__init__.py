@@ -1,7 +1,7 @@
 """The pure core of the store box: pricing, promotions, points and money.
 
 No I/O, no clock reads (time is an argument), deterministic; imports only
-``wire/`` and itself (and ``gateway.texts`` for the shared yuan format).
+``wire/`` and itself (and ``gateway.core.reasons`` for the shared yuan format).
 
 - ``money``: integer fen arithmetic, each rule written once: percent of an
   amount (half-up), allocation of an order-level amount over lines,
@@ -14,5 +14,9 @@ No I/O, no clock reads (time is an argument), deterministic; imports only
 - ``points``: points earned on a sale.
 - ``pricing``: quote (a pipeline of named steps), tenders, returns, top-ups,
   packages, card services.
+- ``packages``: count packages sold and renewed at the counter; ``gifts``:
+  points for gifts (both spend through pricing's tender checks).
+- ``receipts``: sale and return receipts, rendered from the finished record.
+- ``measure``: weighed and measured quantities, EAN-13 scale barcodes.
 - ``texts``: zh-CN / en reasons and receipt labels of the pricing core.
 """

@@ -1,15 +1,29 @@
 """Points earned on a sale (pure): base, tier, category/SKU, member day,
 birthday (solar or lunar) and points-multiplier campaigns.
 
-Every multiplier is percent (150 = 1.5x). Bonuses are additive over the base:
-each source adds ``(multiplier - 100)%`` of the line's base points, so gold
-(150) on a member day (200) earns 100 + 50 + 100 = 250% of base. A SKU
-multiplier replaces its category's multiplier (the more specific rule wins);
-of several matching member days the largest applies. A multiplier under 100
-takes points away from its lines, down to zero for a line, never below.
+Every multiplier is percent (150 = 1.5x). A SKU multiplier replaces its
+category's multiplier (the more specific rule wins); of several matching
+member days the largest applies. How the sources compose is the chain's
+choice (``earning.compose``, wire/RULESET.md "How multipliers compose"):
+
+- ``add`` (v2, the default): each source adds ``(multiplier - 100)%`` of the
+  line's base points: gold (150) on a member day (200) earns
+  100 + 50 + 100 = 250% of base. A multiplier under 100 takes points away
+  from its lines, down to zero for a line, never below.
+- ``multiply``: the multipliers multiply: gold on a member day earns
+  1.5 x 2 = 300% of base; a multiplier under 100 scales down, 0 zeroes.
+- ``highest_of``: groups of sources (``tier``, ``item``, ``member_day``,
+  ``birthday``, ``campaign``) of which only the highest applies to a line:
+  with ``[["member_day", "birthday"]]`` a gold birthday on a member day
+  earns 1.5 x 3 = 450% (multiply), not 1.5 x 2 x 3 = 900%.
+
+The breakdown shows one row per source, in the order base, tier, item,
+member day, birthday, campaigns; a row's points are what it added to the
+running total.
 
 Per-line points are computed in 1/10000 points (net fen x points_per_yuan x
-multiplier%) and floored once per transaction (RULESET.md "Rounding"). The
+multiplier%; with ``multiply``, in 1/(10000 x 100^k) points for k rows after
+the base, so every product is exact) and floored once per transaction (RULESET.md "Rounding"). The
 integer total is split back to lines, and to breakdown rows, by cumulative
 floors: row k shows floor(sum of rows 1..k) - floor(sum of rows 1..k-1), so
 the rows always add up to the total exactly and returns can reverse per line.
@@ -118,14 +132,12 @@ def earn(lines: list[dict], nets: list[int], member: dict | None, policy: dict, 
         result["reason"] = "min_spend"
         return result
 
-    # rows: (source, id, name, multiplier_percent, extra percent, lines); the
-    # base row's extra is its 100%, every other row adds its multiplier - 100.
-    rows: list[tuple[str, str | None, dict | None, int, int, list[int]]] = []
-    rows.append(("base", None, None, 100, 100, eligible))
+    # rows: (source, id, name, multiplier_percent, lines), in the order of the breakdown.
+    rows: list[tuple[str, str | None, dict | None, int, list[int]]] = [("base", None, None, 100, eligible)]
     tier = policy["tiers"].get(member.get("tier") or "")
     if tier and tier.get("points_multiplier_percent", 100) != 100:
         m = tier["points_multiplier_percent"]
-        rows.append(("tier", member["tier"], tier["name"], m, m - 100, eligible))
+        rows.append(("tier", member["tier"], tier["name"], m, eligible))
     cat_m = earning.get("category_multipliers_percent") or {}
     sku_m = earning.get("sku_multipliers_percent") or {}
     by_key: dict[tuple[str, str], list[int]] = {}
@@ -137,63 +149,80 @@ def earn(lines: list[dict], nets: list[int], member: dict | None, policy: dict, 
             by_key.setdefault(("category", cat), []).append(i)
     for (src, key) in sorted(by_key):
         m = (sku_m if src == "sku" else cat_m)[key]
-        rows.append((src, key, None, m, m - 100, by_key[(src, key)]))
+        rows.append((src, key, None, m, by_key[(src, key)]))
     md = member_day_multiplier(earning, today)
     if md != 100:
-        rows.append(("member_day", None, None, md, md - 100, eligible))
+        rows.append(("member_day", None, None, md, eligible))
     bday = earning.get("birthday")
     if bday and is_birthday(member, bday.get("period", "month"), today):
         m = bday["multiplier_percent"]
-        rows.append(("birthday", bday.get("period", "month"), None, m, m - 100, eligible))
+        rows.append(("birthday", bday.get("period", "month"), None, m, eligible))
     elig_set = set(eligible)
     for pid, name, m, idxs in campaigns:
         share = [i for i in idxs if i in elig_set]
         if share:
-            rows.append(("campaign", pid, name, m, m - 100, share))
+            rows.append(("campaign", pid, name, m, share))
 
+    rows = _highest_only(rows, earning.get("highest_of") or ())
+    multiply = earning.get("compose", "add") == "multiply"
+    # A line's weight after each row: add: percent, each row adds its multiplier - 100, never below 0;
+    # multiply: percent x 100^depth, each row multiplies it by multiplier / 100, exactly (each row
+    # divides by 100 once, and there are depth of them). Row points are the weight's growth x net x ppy.
+    depth = len(rows) - 1 if multiply else 0
+    one = 100 * 100 ** depth
+    unit = UNITS_PER_POINT * 100 ** depth
+    weight = [0] * n
     line_units = [0] * n
-    line_pct = [0] * n  # running multiplier per line: a line never earns below zero
-    # Without a multiplier under 100% nothing is capped: a row's units are its
-    # lines' nets x ppy x its extra, and a line's the sum over its rows, so a
-    # row over every eligible line costs nothing per line.
-    capped = any(row[4] < 0 for row in rows)
-    everywhere = 0  # uncapped: the extra percent of the rows over every eligible line
     cum = 0
     prev_pts = 0
-    for src, key, name, m, extra, share in rows:
-        if capped:
-            units = 0
-            for i in share:
-                pct = extra
-                if pct < -line_pct[i]:  # a multiplier under 100% can take a line to zero, not below
-                    pct = -line_pct[i]
-                line_pct[i] += pct
-                u = nets[i] * ppy * pct
-                units += u
-                line_units[i] += u
-        elif share is eligible:
-            everywhere += extra
-            units = eligible_fen * ppy * extra
-        else:
-            units = 0
-            for i in share:
-                line_pct[i] += extra
-                units += nets[i]
-            units *= ppy * extra
+    for src, key, name, m, share in rows:
+        units = 0
+        for i in share:
+            w = weight[i]
+            if src == "base":
+                nw = one
+            elif multiply:
+                nw = w * m // 100
+            else:
+                nw = w + m - 100 if w + m > 100 else 0
+            u = nets[i] * ppy * (nw - w)
+            weight[i] = nw
+            units += u
+            line_units[i] += u
         cum += units
-        pts = cum // UNITS_PER_POINT
+        pts = cum // unit
         result["breakdown"].append({"source": src, "id": key, "name": name, "multiplier_percent": m,
                                     "points": pts - prev_pts})
         prev_pts = pts
-    if not capped:
-        for i in eligible:
-            line_units[i] = nets[i] * ppy * (everywhere + line_pct[i])
-    total = cum // UNITS_PER_POINT
+    total = cum // unit
     acc = 0
     line_points = []
     for u in line_units:
-        before = acc // UNITS_PER_POINT
+        before = acc // unit
         acc += u
-        line_points.append(acc // UNITS_PER_POINT - before)
+        line_points.append(acc // unit - before)
     result.update(earned=total, line_points=line_points, line_units=line_units)
     return result
+
+
+# The sources a ``highest_of`` group may name; "item" is a line's category or SKU multiplier.
+GROUPABLE = ("tier", "item", "member_day", "birthday", "campaign")
+
+
+def _highest_only(rows: list[tuple], groups) -> list[tuple]:
+    """``rows`` with, for each group of sources in ``highest_of``, only the
+    highest multiplier of the group on each line (the first of equals): the
+    others' rows lose that line, and a row left with no line goes."""
+    if not groups:
+        return rows
+    shares = [list(r[4]) for r in rows]
+    for group in groups:
+        members = [k for k, r in enumerate(rows) if ("item" if r[0] in ("category", "sku") else r[0]) in group]
+        best: dict[int, int] = {}   # line -> row
+        for k in members:
+            for i in shares[k]:
+                if i not in best or rows[k][3] > rows[best[i]][3]:
+                    best[i] = k
+        for k in members:
+            shares[k] = [i for i in shares[k] if best[i] == k]
+    return [(*r[:4], share) for r, share in zip(rows, shares) if share or r[0] == "base"]

@@ -2,13 +2,15 @@
 
 Pure functions over plain data (DESIGN.md principle 1): no I/O, no clock
 reads, deterministic. Money is integer fen, points are integers, no floats.
-Sibling modules: ``allocation`` (rounding and splitting), ``promotions``
-(member discount, promotions, stacking), ``points`` (earning, birthdays),
-``pricing_texts`` (zh-CN/en texts).
+Sibling modules: ``money`` (rounding and splitting), ``promotions``
+(member discount, promotions, stacking), ``exclusive`` (exclusive groups),
+``points`` (earning, birthdays), ``measure`` (weighed goods, scale
+barcodes), ``receipts`` (receipts rendered from finished records),
+``texts`` (zh-CN/en texts).
 
 Inputs
 ------
-``policy``: the effective rule set (wire/RULESET.md v2) with defaults filled:
+``policy``: the effective rule set (wire/RULESET.md v3) with defaults filled:
 ``tiers``, ``card_types``, ``discount_excluded_categories/_skus``, ``earning``,
 ``promotions``, ``redemption``, ``stored_value``, ``packages``, ``coupons``,
 ``fees``, ``max_age_s``. Optional ``version`` is copied into sale records.
@@ -50,7 +52,10 @@ the same as ``rules_age_s``). The counter takes both from
 Public functions and return shapes
 ----------------------------------
 ``quote(lines, member, policy, now, *, store, region, tender=None, rules_age_s=0, sync_age_s=None)``
-  lines: ``[{"sku", "qty", "unit_price" (fen), "name"?, "category"?}]``;
+  lines: ``[{"sku", "qty", "unit_price" (fen), "name"?, "category"?}]``, a measured
+  line ``{"sku", "unit", "qty": "0.532", "unit_price" (per unit)}`` or a scale label
+  ``{"barcode", "unit_price"?}`` (check_lines; the line then carries ``qty`` in
+  steps with ``unit`` and ``scale``, in the answer and the record);
   tender: ``{"points": n, "stored_value_fen": x, "coupons": [codes]}`` or None.
   Returns::
 
@@ -144,11 +149,13 @@ past ``max_age_s``, or past a section's ``max_sync_age_s``, are
 are ``sync_stale``.
 
 Refunds follow the original tender, line by line: for returned units
-``r_before+1..r_after`` of a line sold ``qty``, every recorded per-line value
-(each discount, cash, stored value, redeemed fen and points, earned points) is
-refunded as ``floor(v*r_after/qty) - floor(v*r_before/qty)``. So a return is
-paid back in the same mix (cash as cash, stored value to the balance, redeemed
-points back to points), earned points are taken back, and any set of partial
+``r_before+1..r_after`` of a line sold ``qty``, the units' share of the line's
+price, ``floor(amount*r_after/qty) - floor(amount*r_before/qty)``, is split over
+what is left of the line's money parts and discounts (``return_quote``), and
+points (redeemed, earned) are ``floor(v*r_after/qty) - floor(v*r_before/qty)``.
+So a return is paid back in the same mix (cash as cash, stored value to the
+balance, redeemed points back to points), its receipt rows add up to its
+share of the price, earned points are taken back, and any set of partial
 returns that covers the whole sale reverses it exactly. Discounts are reversed
 pro rata too (no re-pricing of the rest: a customer keeps the share of a
 满减 that belongs to the units kept). Coupons and promotion uses are not
@@ -162,10 +169,14 @@ from datetime import date, datetime
 from typing import Any
 
 from gateway.core import exclusive, points as pts
+from gateway.core.errors import DomainError
+from gateway.core.measure import (BarcodeError, QuantityError, ScaleFormats, format_quantity, line_amount,
+                                  parse_quantity, scale_of)
 from gateway.core.money import allocate, percent_of, prorate
 from gateway.core.promotions import Pricer, card_type_of
-from gateway.core.texts import LANGS, PRICING_REASONS, label as _label, name_of as _name, saving_labels
-from gateway.texts import yuan
+from gateway.core.receipts import render_receipt, render_return_receipt
+from gateway.core.texts import LANGS, PRICING_REASONS, label as _label, name_of as _name
+from gateway.core.reasons import yuan
 from wire.ruleset import is_card_no
 
 MAX_LINES = 500
@@ -174,19 +185,18 @@ MAX_UNIT_PRICE = 100_000_000
 MAX_TOPUP_FEN = 10_000_000  # 100,000 yuan: a sanity bound, HQ's policy may be lower
 
 
-class PricingError(ValueError):
-    """A request that cannot be priced; names the field and carries zh-CN/en text."""
+class PricingError(DomainError, ValueError):
+    """A request that cannot be priced; names the field and carries zh-CN/en
+    text. Malformed input (a code ending ``_invalid``) is a 400; a well-formed
+    request the rules refuse, a 422."""
 
     def __init__(self, code: str, field: str, /, **params: Any):
-        self.code, self.field = code, field
         self.params = {k: v for k, v in params.items() if k != "_fen"}
         zh, en = PRICING_REASONS[code]
         fmt = {k: (yuan(v) if k in params.get("_fen", ()) else v) for k, v in params.items()}
-        self.text = {"zh-CN": zh.format(**fmt), "en": en.format(**fmt)}
-        super().__init__(f"{field}: {self.text['en']}")
-
-    def public(self) -> dict:
-        return {"code": self.code, "field": self.field, "message": str(self), "text": self.text}
+        text = {"zh-CN": zh.format(**fmt), "en": en.format(**fmt)}
+        super().__init__(f"{field}: {text['en']}", code=code, status=400 if code.endswith("_invalid") else 422,
+                         text=text, field=field)
 
 
 class TenderError(PricingError):
@@ -199,10 +209,16 @@ class ReturnError(PricingError):
 
 # ---------------------------------------------------------------- input checks
 
-_LINE_KEYS = frozenset({"sku", "name", "category", "qty", "unit_price"})
+_LINE_KEYS = frozenset({"sku", "name", "category", "qty", "unit_price", "unit", "barcode"})
 
 
-def check_lines(lines: Any) -> list[dict]:
+def check_lines(lines: Any, policy: dict | None = None) -> list[dict]:
+    """The basket's lines checked, each with its ``amount``; PricingError
+    ``basket_invalid`` naming the field otherwise. A line is a count of
+    units (``qty`` a whole number), a measured quantity (``unit``, a key of
+    the rule set's ``units``, and ``qty`` a decimal string), or a scale
+    barcode (``barcode``, read by the rule set's ``scale_barcodes``):
+    gateway/core/measure.py."""
     def bad(field, detail):
         raise PricingError("basket_invalid", field, detail=f"{field}: {detail}")
 
@@ -218,13 +234,21 @@ def check_lines(lines: Any) -> list[dict]:
         if not _LINE_KEYS.issuperset(line):
             unknown = set(line) - _LINE_KEYS
             bad(f"lines[{i}]", f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
-        sku = line.get("sku")
-        if not isinstance(sku, str) or not sku or len(sku) > 64:
-            bad(f"lines[{i}].sku", "required, a string of 1-64 characters")
-        qty = line.get("qty")
-        if type(qty) is not int or not 1 <= qty <= MAX_QTY:
-            bad(f"lines[{i}].qty", f"required, a whole number from 1 to {MAX_QTY}")
-        price = line.get("unit_price")
+        unit, scale = None, 1
+        if "barcode" in line:
+            sku, qty, unit, price = _scale_line(line, i, policy, bad)
+            if unit is not None:
+                scale = scale_of(policy["units"][unit]["decimals"])
+        else:
+            sku = line.get("sku")
+            if not isinstance(sku, str) or not sku or len(sku) > 64:
+                bad(f"lines[{i}].sku", "required, a string of 1-64 characters")
+            qty = line.get("qty")
+            if "unit" in line:
+                unit, scale, qty = _measured_qty(line, i, policy, bad)
+            elif type(qty) is not int or not 1 <= qty <= MAX_QTY:
+                bad(f"lines[{i}].qty", f"required, a whole number from 1 to {MAX_QTY}")
+            price = line.get("unit_price")
         if type(price) is not int or not 0 <= price <= MAX_UNIT_PRICE:
             bad(f"lines[{i}].unit_price", f"required, whole fen from 0 to {MAX_UNIT_PRICE}")
         name = line.get("name")
@@ -233,8 +257,46 @@ def check_lines(lines: Any) -> list[dict]:
         category = line.get("category", "")
         if not isinstance(category, str):
             bad(f"lines[{i}].category", "must be a string")
-        out.append({"sku": sku, "name": name or sku, "category": category, "qty": qty, "unit_price": price})
+        amount = qty * price if scale == 1 else line_amount(qty, price, scale)
+        out.append({"sku": sku, "name": name or sku, "category": category, "qty": qty, "unit_price": price,
+                    "unit": unit, "scale": scale, "amount": amount})
     return out
+
+
+def _measured_qty(line: dict, i: int, policy: dict | None, bad) -> tuple[str, int, int]:
+    """(unit, scale, qty in smallest steps) of a line sold by ``unit``."""
+    unit = line["unit"]
+    spec = ((policy or {}).get("units") or {}).get(unit) if isinstance(unit, str) else None
+    if spec is None:
+        bad(f"lines[{i}].unit", f"{unit!r} is not a unit of these rules")
+    scale = scale_of(spec["decimals"])
+    try:
+        return unit, scale, parse_quantity(line.get("qty"), scale, spec.get("max", MAX_QTY * scale))
+    except QuantityError as e:
+        bad(f"lines[{i}].qty", str(e))
+
+
+def _scale_line(line: dict, i: int, policy: dict | None, bad) -> tuple[str, int, str | None, Any]:
+    """(sku, qty, unit, unit_price) of a line given by its scale barcode: a
+    weight label is ``qty`` steps of its unit at the line's ``unit_price``
+    (per whole unit); a price label is one unit at the price it carries."""
+    for key in ("sku", "qty", "unit"):
+        if key in line:
+            bad(f"lines[{i}].{key}", "not with a barcode: the scale barcode carries it")
+    try:
+        read = ScaleFormats((policy or {}).get("scale_barcodes") or {}).read(line["barcode"])
+    except BarcodeError as e:
+        bad(f"lines[{i}].barcode", str(e))
+    if read.kind == "price":
+        if "unit_price" in line:
+            bad(f"lines[{i}].unit_price", "not with a price label: the barcode carries the price")
+        return read.sku, 1, None, read.value
+    spec = policy["units"][read.unit]
+    most = spec.get("max", MAX_QTY * scale_of(spec["decimals"]))
+    if read.value > most:
+        bad(f"lines[{i}].barcode", f"the weight {format_quantity(read.value, scale_of(spec['decimals']))} "
+                                   f"is above {format_quantity(most, scale_of(spec['decimals']))}")
+    return read.sku, read.value, read.unit, line.get("unit_price")
 
 
 def check_tender(tender: Any) -> dict:
@@ -273,7 +335,9 @@ def _today(member: dict) -> dict:
 # The tender's field and texts of an age refusal, per operation.
 _AGE_WHAT = {"redemption": ("tender.points", "积分抵现", "points redemption"),
              "stored_value": ("tender.stored_value_fen", "储值支付", "stored-value payment"),
-             "coupons": ("tender.coupons", "使用优惠券", "coupon use")}
+             "coupons": ("tender.coupons", "使用优惠券", "coupon use"),
+             "gift": ("gift_id", "积分兑换礼品", "gift redemption"),
+             "package_stored_value": ("payment.method", "储值购买次卡", "paying a package with stored value")}
 # Sections whose max_sync_age_s limits them, with its default (wire/ruleset.py).
 _SYNC_LIMITED = {"stored_value": 86400, "redemption": None}
 
@@ -307,35 +371,68 @@ def _refuse_too_old(old: dict, what: str) -> None:
     raise TenderError(old["reason"], field, age_s=old["age_s"], limit_s=old["limit_s"], what_zh=zh, what_en=en)
 
 
+def _points_refusal(member: dict | None, policy: dict, rules_age_s: int, sync_age_s: int | None) -> dict | None:
+    """Why the member may spend no points at all offline now, or None."""
+    if member is None:
+        return {"reason": "member_required"}
+    # The store's own staleness first: it refuses every member, and a stale
+    # tap also marks the member limited, which would hide it.
+    old = too_old(policy, "redemption", rules_age_s, sync_age_s)
+    if old:
+        return old
+    if member.get("limited"):
+        return {"reason": "member_limited"}
+    return None
+
+
+def _points_caps(member: dict, red: dict, max_share: int | None = None) -> dict:
+    """The caps on the points a member may spend offline now, in the order
+    their refusals are named: what they hold (snapshot and local deltas),
+    the share of the bill (a sale's redemption only), and the offline limits
+    of ``redemption`` per transaction and per store-local day (what the
+    day's records spent already counts, whatever it was spent on)."""
+    caps = {"points_insufficient": max(member.get("points_available", 0), 0)}
+    if max_share is not None:
+        caps["points_max_share"] = max_share
+    caps["points_offline_tx_limit"] = red.get("offline_max_points_per_tx", 0)
+    caps["points_offline_day_limit"] = max(red.get("offline_max_points_per_day", 0)
+                                           - _today(member).get("points_redeemed", 0), 0)
+    return caps
+
+
+def points_spendable(member: dict | None, policy: dict, rules_age_s: int, sync_age_s: int | None = None) -> dict:
+    """The most points the member may spend offline now on something other
+    than a bill (a gift): as ``redeemable`` without the bill's share, its
+    minimum or its steps. ``{"max_points", "reason", "limits"?, ...}``; check
+    an amount with ``check_points``."""
+    out = {"max_points": 0, "reason": None, "min_points": 0, "step_points": 1}
+    refusal = _points_refusal(member, policy, rules_age_s, sync_age_s)
+    if refusal:
+        out.update(refusal)
+        return out
+    caps = _points_caps(member, policy.get("redemption") or {})
+    binding = min(caps, key=lambda k: caps[k])
+    out.update(max_points=max(caps[binding], 0), limits=dict(caps))
+    if caps[binding] <= 0:
+        out["reason"] = binding
+    return out
+
+
 def redeemable(member: dict | None, policy: dict, total_fen: int, rules_age_s: int,
                sync_age_s: int | None = None) -> dict:
     """The most points the member may redeem on a bill of ``total_fen`` offline."""
     red = policy.get("redemption") or {}
     out = {"max_points": 0, "max_fen": 0, "reason": None}
-    if member is None:
-        out["reason"] = "member_required"
-        return out
-    # The store's own staleness first: it refuses every member, and a stale
-    # tap also marks the member limited, which would hide it.
-    old = too_old(policy, "redemption", rules_age_s, sync_age_s)
-    if old:
-        out.update(old)
-        return out
-    if member.get("limited"):
-        out["reason"] = "member_limited"
+    refusal = _points_refusal(member, policy, rules_age_s, sync_age_s)
+    if refusal:
+        out.update(refusal)
         return out
     ppy = red.get("points_per_yuan", 100)  # defaults as in wire/ruleset.py: offline caps default to 0
     if ppy <= 0:
         out["reason"] = "redemption_disabled"
         return out
     step = max(red.get("step_points", 100), 1)
-    caps = {
-        "points_insufficient": max(member.get("points_available", 0), 0),
-        "points_max_share": total_fen * red.get("max_share_percent", 50) // 100 * ppy // 100,
-        "points_offline_tx_limit": red.get("offline_max_points_per_tx", 0),
-        "points_offline_day_limit": max(red.get("offline_max_points_per_day", 0)
-                                        - _today(member).get("points_redeemed", 0), 0),
-    }
+    caps = _points_caps(member, red, total_fen * red.get("max_share_percent", 50) // 100 * ppy // 100)
     binding = min(caps, key=lambda k: caps[k])  # dict order breaks ties deterministically
     most = caps[binding] // step * step
     out.update(min_points=red.get("min_points", 0), step_points=step, points_per_yuan=ppy,
@@ -382,14 +479,17 @@ def stored_value_payable(member: dict | None, policy: dict, due_fen: int, rules_
     return out
 
 
-def _check_points(asked: int, avail: dict, policy: dict) -> None:
-    field = "tender.points"
+def check_points(asked: int, avail: dict, policy: dict, what: str = "redemption") -> None:
+    """Refuse ``asked`` points unless ``avail`` (``redeemable`` or
+    ``points_spendable``) allows them; the refusal names the field of
+    ``what`` (``redemption``: tender.points; ``gift``: gift_id)."""
+    field = _AGE_WHAT[what][0]
     reason = avail["reason"]
     if reason in ("member_required", "member_limited", "redemption_disabled"):
         raise TenderError(reason, field)
     if reason in ("rules_stale", "sync_stale"):
-        _refuse_too_old(avail, "redemption")
-    red = policy["redemption"]
+        _refuse_too_old(avail, what)
+    red = policy.get("redemption") or {}
     step = avail["step_points"]
     if asked % step:
         raise TenderError("points_step", field, asked=asked, limit=step)
@@ -402,13 +502,17 @@ def _check_points(asked: int, avail: dict, policy: dict) -> None:
                               percent=red.get("max_share_percent", 50))
 
 
-def _check_stored_value(asked: int, avail: dict) -> None:
-    field = "tender.stored_value_fen"
+def check_stored_value(asked: int, avail: dict, what: str = "stored_value") -> None:
+    """Refuse ``asked`` fen of stored value unless ``avail``
+    (``stored_value_payable``) allows them; the refusal names the field of
+    ``what`` (``stored_value``: tender.stored_value_fen;
+    ``package_stored_value``: payment.method)."""
+    field = _AGE_WHAT[what][0]
     reason = avail["reason"]
     if reason in ("member_required", "member_limited", "stored_value_not_allowed"):
         raise TenderError(reason, field)
     if reason in ("rules_stale", "sync_stale"):
-        _refuse_too_old(avail, "stored_value")
+        _refuse_too_old(avail, what)
     for code in ("stored_value_exceeds_due", "stored_value_insufficient",
                  "stored_value_offline_tx_limit", "stored_value_offline_day_limit"):
         limit = avail["limits"][code] if code in avail["limits"] else None
@@ -439,38 +543,76 @@ def _coupon_problem(code: str, member: dict, policy: dict, today_iso: str) -> tu
     return None
 
 
-# ---------------------------------------------------------------- quote
+# ---------------------------------------------------------------- quote: a pipeline of named steps
+
+class _Sale:
+    """A quote being worked out. Each step of ``quote`` reads what the steps
+    before it left here and adds its own part; nothing is rendered until the
+    record is finished."""
+
+    __slots__ = ("lines", "member", "policy", "now", "today", "store", "region", "tender", "rules_age_s",
+                 "sync_age_s", "pricer", "nets", "adj", "applied", "coupons_used", "coupons_too_old",
+                 "total", "avail_pts", "avail_sv", "points_fen", "red_pts", "red_fen", "sv_line", "cash",
+                 "earned")
+
+    def __init__(self, lines: list[dict], member: dict | None, policy: dict, now: datetime, store: str | None,
+                 region: str | None, tender: dict, rules_age_s: int, sync_age_s: int | None):
+        self.lines, self.member, self.policy, self.now, self.today = lines, member, policy, now, now.date()
+        self.store, self.region, self.tender = store, region, tender
+        self.rules_age_s, self.sync_age_s = rules_age_s, sync_age_s
+
 
 def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
           store: str | None = None, region: str | None = None, tender: Any = None,
           rules_age_s: int = 0, sync_age_s: int | None = None) -> dict:
-    """Price a basket; with a tender, apply coupons, redemption and stored value."""
+    """Price a basket; with a tender, apply coupons, redemption and stored value.
+
+    A pipeline of named steps over one ``_Sale``: check the lines and the
+    tender; the member's discount and the promotions (``_promotions``);
+    coupons (``_coupons``); redemption, stored value and cash (``_tender``);
+    points earned (``_points``); the finished record and answer
+    (``_finish``). The receipt is rendered from the finished answer alone
+    (gateway/core/receipts.py)."""
     if not isinstance(now, datetime) or now.tzinfo is None:
         raise ValueError("now: an aware datetime in the store's time zone")
-    lines = check_lines(lines)
-    tender = check_tender(tender)
-    today = now.date()
-    today_iso = today.isoformat()
-    pricer = Pricer(lines, member, policy, store=store, region=region,
-                    now_min=now.strftime("%Y-%m-%dT%H:%M"), weekday=today.isoweekday())
-    nets, adj, applied, _ = pricer.price(exclusive.choose(pricer))
+    sale = _Sale(check_lines(lines, policy), member, policy, now, store, region, check_tender(tender),
+                 rules_age_s, sync_age_s)
+    _promotions(sale)
+    _coupons(sale)
+    _tender(sale)
+    _points(sale)
+    q = _finish(sale)
+    q["receipt"] = {lang: render_receipt(q, policy, lang) for lang in LANGS}
+    return q
 
-    # Coupons: order-level, after promotions, in the order given.
-    coupons_used = []
-    coupons_too_old = too_old(policy, "coupons", rules_age_s, sync_age_s)
-    if tender["coupons"] and member is None:
+
+def _promotions(s: _Sale) -> None:
+    """The member's base discount, then the promotions in scope with each
+    exclusive group's pick (gateway/core/promotions.py, exclusive.py)."""
+    s.pricer = Pricer(s.lines, s.member, s.policy, store=s.store, region=s.region,
+                      now_min=s.now.strftime("%Y-%m-%dT%H:%M"), weekday=s.today.isoweekday())
+    s.nets, s.adj, s.applied, _ = s.pricer.price(exclusive.choose(s.pricer))
+
+
+def _coupons(s: _Sale) -> None:
+    """Coupons: order-level, after promotions, in the order given."""
+    coupons, member, nets = s.tender["coupons"], s.member, s.nets
+    s.coupons_used = []
+    s.coupons_too_old = too_old(s.policy, "coupons", s.rules_age_s, s.sync_age_s)
+    if coupons and member is None:
         raise TenderError("member_required", "tender.coupons")
-    if tender["coupons"] and coupons_too_old:  # before limited: see redeemable
-        _refuse_too_old(coupons_too_old, "coupons")
-    if tender["coupons"] and member.get("limited"):
+    if coupons and s.coupons_too_old:  # before limited: see redeemable
+        _refuse_too_old(s.coupons_too_old, "coupons")
+    if coupons and member.get("limited"):
         raise TenderError("member_limited", "tender.coupons")
-    for k, code in enumerate(tender["coupons"]):
+    today_iso = s.today.isoformat()
+    for k, code in enumerate(coupons):
         field = f"tender.coupons[{k}]"
-        problem = _coupon_problem(code, member, policy, today_iso)
+        problem = _coupon_problem(code, member, s.policy, today_iso)
         if problem:
             raise TenderError(problem[0], field, code=code, **problem[1])
-        coupon = policy["coupons"][code]
-        idx = _coupon_lines(coupon, lines, pricer.discountable)
+        coupon = s.policy["coupons"][code]
+        idx = _coupon_lines(coupon, s.lines, s.pricer.discountable)
         weights = [nets[i] for i in idx]
         base = sum(weights)
         need = coupon.get("min_spend_fen", 0)
@@ -482,115 +624,98 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         for i, d in zip(idx, allocate(off, weights)):
             if d:
                 nets[i] -= d
-                adj[i].append((f"coupon:{code}", d, True))
-        coupons_used.append((code, off))
+                s.adj[i].append((f"coupon:{code}", d, True))
+        s.coupons_used.append((code, off))
 
-    subtotal = sum(l["qty"] * l["unit_price"] for l in lines)
-    total = sum(nets)
 
-    # Redemption, then stored value, both allocated to lines by what is left to pay.
-    ppy_red = (policy.get("redemption") or {}).get("points_per_yuan", 100)
-    avail_pts = redeemable(member, policy, total, rules_age_s, sync_age_s)
-    n = len(lines)
-    red_pts, red_fen = [0] * n, [0] * n
-    asked_pts = tender["points"]
-    points_fen = 0
+def _tender(s: _Sale) -> None:
+    """Redemption, then stored value, both allocated to lines by what is left
+    to pay; the rest is cash."""
+    n, nets = len(s.lines), s.nets
+    s.total = sum(nets)
+    ppy = (s.policy.get("redemption") or {}).get("points_per_yuan", 100)
+    s.avail_pts = redeemable(s.member, s.policy, s.total, s.rules_age_s, s.sync_age_s)
+    s.red_pts, s.red_fen, s.points_fen = [0] * n, [0] * n, 0
+    asked_pts = s.tender["points"]
     if asked_pts:
-        _check_points(asked_pts, avail_pts, policy)
-        points_fen = asked_pts * 100 // ppy_red
-        red_fen = allocate(points_fen, nets)
-        red_pts = allocate(asked_pts, nets, capped=False)
-    due = total - points_fen
-    avail_sv = stored_value_payable(member, policy, due, rules_age_s, sync_age_s)
-    sv_line = [0] * n
-    asked_sv = tender["stored_value_fen"]
+        check_points(asked_pts, s.avail_pts, s.policy)
+        s.points_fen = asked_pts * 100 // ppy
+        s.red_fen = allocate(s.points_fen, nets)
+        s.red_pts = allocate(asked_pts, nets, capped=False)
+    s.avail_sv = stored_value_payable(s.member, s.policy, s.total - s.points_fen, s.rules_age_s, s.sync_age_s)
+    s.sv_line = [0] * n
+    asked_sv = s.tender["stored_value_fen"]
     if asked_sv:
-        _check_stored_value(asked_sv, avail_sv)
-        sv_line = allocate(asked_sv, [nets[i] - red_fen[i] for i in range(n)])
-    cash = [nets[i] - red_fen[i] - sv_line[i] for i in range(n)]
+        check_stored_value(asked_sv, s.avail_sv)
+        s.sv_line = allocate(asked_sv, [nets[i] - s.red_fen[i] for i in range(n)])
+    s.cash = [nets[i] - s.red_fen[i] - s.sv_line[i] for i in range(n)]
 
-    # Everything the POS and the receipt show about each saving, in the order
-    # they were applied (member discount, promotions, coupons), with what it
-    # saved in all: (source, fen, info), info as _saving_info gives it.
-    savings = []
+
+def _points(s: _Sale) -> None:
+    """Points on what was paid in money (gateway/core/points.py)."""
+    campaigns = [(p.id, _name(p.rule.src, p.id), p.rule.src["multiplier_percent"], p.lines)
+                 for p, _ in s.applied if p.kind == "points_multiplier"]
+    s.earned = pts.earn(s.lines, [s.nets[i] - s.red_fen[i] for i in range(len(s.lines))], s.member, s.policy,
+                        s.today, campaigns, spend=s.nets)
+
+
+def _savings(s: _Sale) -> list[tuple[str, int, str, dict]]:
+    """Every saving in the order applied (member discount, promotions,
+    coupons): (source, fen saved in all, kind, name). A saving's total is the
+    sum of its line rows: discounts are whole, and shares of an amount no
+    larger than the lines' nets add up to it exactly."""
+    out = []
+    pricer = s.pricer
     if pricer.base_src:
-        savings.append((pricer.base_src, sum(pricer.base_adj),
-                        _saving_info(pricer.base_src, pricer.base_src.split(":")[0], pricer.base_name, pricer)))
-    for p, fen in applied:
-        savings.append((p.id, fen, (p.kind, _name(p.rule.src, p.id), p.rule.labels)))
-    for code, off in coupons_used:
-        savings.append((f"coupon:{code}", off, _saving_info(f"coupon:{code}", "coupon",
-                                                            _name(policy["coupons"][code], code), pricer)))
-    info_of = {s: info for s, _, info in savings}
+        out.append((pricer.base_src, sum(pricer.base_adj), pricer.base_src.split(":")[0], pricer.base_name))
+    for p, fen in s.applied:
+        out.append((p.id, fen, p.kind, _name(p.rule.src, p.id)))
+    for code, off in s.coupons_used:
+        out.append((f"coupon:{code}", off, "coupon", _name(s.policy["coupons"][code], code)))
+    return out
 
-    # Points on what was paid in money.
-    campaigns = [(p.id, info_of[p.id][1], p.rule.src["multiplier_percent"], p.lines)
-                 for p, _ in applied if p.kind == "points_multiplier"]
-    earned = pts.earn(lines, [nets[i] - red_fen[i] for i in range(n)], member, policy, today, campaigns,
-                      spend=nets)
 
-    zh: list[str] = []
-    en: list[str] = []
-    if member:
-        tier = _name(policy["tiers"].get(member.get("tier") or ""), member.get("tier") or "")
-        zh.append(f"{_label('member', 'zh-CN')}: {tier['zh-CN']}")
-        en.append(f"{_label('member', 'en')}: {tier['en']}")
-    zh_add, en_add = zh.append, en.append
-
+def _finish(s: _Sale) -> dict:
+    """The sale record (what the journal stores and HQ applies) and the
+    quote's answer around it."""
+    member, earned, nets = s.member, s.earned, s.nets
+    savings = _savings(s)
+    shown = {src: (kind, name) for src, _, kind, name in savings}
     out_lines, body_lines = [], []
-    amount_text = pricer.catalog.yuan  # fen -> yuan text, kept with the rule set
     line_points = earned["line_points"]
-    for i, l in enumerate(lines):
-        amount = l["qty"] * l["unit_price"]
-        item = f"{l['name']} x{l['qty']}  {amount_text[amount]}"
-        zh_add(item)
-        en_add(item)
-        disc, shown = [], []
-        for s, d, a in adj[i]:
-            kind, name, labels = info_of[s]
-            row = {"source": s, "fen": d, "allocated": a}
+    for i, l in enumerate(s.lines):
+        disc, shown_disc = [], []
+        for src, d, a in s.adj[i]:
+            row = {"source": src, "fen": d, "allocated": a}
             disc.append(row)
-            row = row.copy()  # cheaper than building the shown row anew: a small dict is copied whole
-            row["kind"] = kind
-            row["name"] = name
-            shown.append(row)
-            pz, pe = labels[a]  # an allocated share's labels, or an item row's
-            fen = amount_text[d]
-            zh_add(pz + fen)
-            en_add(pe + fen)
-        row = {"sku": l["sku"], "name": l["name"], "category": l["category"], "qty": l["qty"],
-               "unit_price": l["unit_price"], "amount": amount, "discounts": disc, "net": nets[i],
-               "points_redeemed": red_pts[i], "redeemed_fen": red_fen[i],
-               "stored_value_fen": sv_line[i], "cash_fen": cash[i],
-               "points_earned": line_points[i]}
+            row = row.copy()
+            row["kind"], row["name"] = shown[src]
+            shown_disc.append(row)
+        row = {"sku": l["sku"], "name": l["name"], "category": l["category"], "qty": l["qty"]}
+        if l["unit"] is not None:
+            row["unit"], row["scale"] = l["unit"], l["scale"]
+        row.update(unit_price=l["unit_price"], amount=l["amount"], discounts=disc, net=nets[i],
+                   points_redeemed=s.red_pts[i], redeemed_fen=s.red_fen[i], stored_value_fen=s.sv_line[i],
+                   cash_fen=s.cash[i], points_earned=line_points[i])
         body_lines.append(row)
-        out_lines.append({"index": i, **row, "discount": amount - nets[i], "discounts": shown})
-    # A saving's total is the sum of its rows: discounts are whole, and shares
-    # of an amount no larger than the lines' nets add up to it exactly. Its
-    # receipt rows, in both languages at once.
-    promotions_out = []
-    saved_rows: tuple[list[str], list[str]] = ([], [])
-    for s, fen, (kind, name, labels) in savings:
-        if fen:
-            promotions_out.append({"source": s, "kind": kind, "name": name, "fen": fen})
-            amount = amount_text[fen]
-            saved_rows[0].append(labels[0][0] + amount)
-            saved_rows[1].append(labels[0][1] + amount)
-    uses = {p.id: 1 for p, _ in applied}
+        out_lines.append({"index": i, **row, "discount": l["amount"] - nets[i], "discounts": shown_disc})
+    subtotal, total = sum(l["amount"] for l in s.lines), s.total
+    asked_pts, asked_sv, cash = s.tender["points"], s.tender["stored_value_fen"], sum(s.cash)
+    coupons = [c for c, _ in s.coupons_used]
+    uses = {p.id: 1 for p, _ in s.applied}
     deltas = {"points": earned["earned"] - asked_pts, "points_earned": earned["earned"],
               "points_redeemed": asked_pts, "stored_value_fen": -asked_sv,
-              "promotion_uses": uses, "coupons_used": [c for c, _ in coupons_used]}
+              "promotion_uses": uses, "coupons_used": coupons}
     totals = {"subtotal": subtotal, "discount": subtotal - total, "total": total,
-              "points_redeemed": asked_pts, "redeemed_fen": points_fen, "stored_value_fen": asked_sv,
-              "cash_fen": sum(cash), "points_earned": earned["earned"]}
+              "points_redeemed": asked_pts, "redeemed_fen": s.points_fen, "stored_value_fen": asked_sv,
+              "cash_fen": cash, "points_earned": earned["earned"]}
     record = {
-        "type": "sale", "v": 1, "at": now.isoformat(), "store": store, "region": region,
-        "rules_version": policy.get("version"),
+        "type": "sale", "v": 1, "at": s.now.isoformat(), "store": s.store, "region": s.region,
+        "rules_version": s.policy.get("version"),
         "member": ({"member_id": member.get("member_id"), "card_no": member.get("card_no"),
                     "tier": member.get("tier")} if member else None),
-        "redemption_points_per_yuan": ppy_red,
-        "lines": body_lines, "totals": totals,
-        "coupons": [c for c, _ in coupons_used], "promotions": list(uses),
+        "redemption_points_per_yuan": (s.policy.get("redemption") or {}).get("points_per_yuan", 100),
+        "lines": body_lines, "totals": totals, "coupons": coupons, "promotions": list(uses),
         "deltas": deltas,
     }
     balances = None
@@ -598,145 +723,75 @@ def quote(lines: Any, member: dict | None, policy: dict, now: datetime, *,
         balances = {"points": member.get("points_available", 0) + deltas["points"],
                     "stored_value_fen": member.get("balance_available_fen", 0) - asked_sv}
     usable = []
-    if member is not None and not member.get("limited") and not coupons_too_old:
+    if member is not None and not member.get("limited") and not s.coupons_too_old:
+        today_iso = s.today.isoformat()
         usable = [c for c in member.get("coupons") or ()
-                  if _coupon_problem(c, member, policy, today_iso) is None and c not in tender["coupons"]]
-    result = {
+                  if _coupon_problem(c, member, s.policy, today_iso) is None and c not in s.tender["coupons"]]
+    return {
         "lines": out_lines, "subtotal": subtotal, "discount": subtotal - total, "total": total,
-        "promotions": promotions_out,
+        "promotions": [{"source": src, "kind": kind, "name": name, "fen": fen}
+                       for src, fen, kind, name in savings if fen],
         "points": {k: earned[k] for k in ("earned", "eligible_fen", "points_per_yuan", "breakdown", "reason")},
-        "available": {"points": avail_pts, "stored_value": avail_sv, "coupons": usable},
-        "tender": {"points": asked_pts, "points_fen": points_fen, "stored_value_fen": asked_sv,
-                   "coupons": [c for c, _ in coupons_used], "cash_fen": sum(cash)},
+        "available": {"points": s.avail_pts, "stored_value": s.avail_sv, "coupons": usable},
+        "tender": {"points": asked_pts, "points_fen": s.points_fen, "stored_value_fen": asked_sv,
+                   "coupons": coupons, "cash_fen": cash},
         "balances_after": balances,
         "record": record,
     }
-    result["receipt"] = {"zh-CN": _sale_receipt_tail(zh, result, member, policy, saved_rows[0], "zh-CN"),
-                         "en": _sale_receipt_tail(en, result, member, policy, saved_rows[1], "en")}
-    return result
-
-
-def _source_label(d: dict, pricer: Pricer, lang: str) -> str:
-    if d["kind"] in ("tier", "card_type"):
-        return _label("tier_discount", lang, name=d["name"][lang], percent=pricer.base_pct)
-    if d["kind"] == "coupon":
-        return _label("coupon", lang, code=d["source"].split(":", 1)[1])
-    return d["name"][lang]
-
-
-def _saving_info(source: str, kind: str, name: dict, pricer: Pricer) -> tuple:
-    """(kind, name, receipt labels) of a saving (texts.saving_labels)."""
-    d = {"source": source, "kind": kind, "name": name}
-    return kind, name, saving_labels({lang: _source_label(d, pricer, lang) for lang in LANGS})
-
-
-def _sale_receipt_tail(rows: list[str], q: dict, member: dict | None, policy: dict, saved_rows: list[str],
-                       lang: str) -> list[str]:
-    rows.append(f"{_label('subtotal', lang)}  {yuan(q['subtotal'])}")
-    if q["discount"]:
-        rows.append(f"{_label('discount_total', lang)}  -{yuan(q['discount'])}")
-        rows += saved_rows
-    rows.append(f"{_label('total', lang)}  {yuan(q['total'])}")
-    t = q["tender"]
-    if t["points"]:
-        rows.append(f"{_label('points_redeemed', lang, points=t['points'])}  -{yuan(t['points_fen'])}")
-    if t["stored_value_fen"]:
-        rows.append(f"{_label('stored_value_paid', lang)}  -{yuan(t['stored_value_fen'])}")
-    if t["points"] or t["stored_value_fen"]:
-        rows.append(f"{_label('cash_due', lang)}  {yuan(t['cash_fen'])}")
-    if t["stored_value_fen"]:
-        rows.append(f"{_label('stored_value_left', lang)}  {yuan(q['balances_after']['stored_value_fen'])}")
-    if member:
-        p = q["points"]
-        rows.append(f"{_label('points_earned', lang)}  {p['earned']}")
-        if p["reason"] == "min_spend":
-            rows.append("  " + _label("pts_min_spend", lang, limit=yuan(policy["earning"]["min_spend_fen"])))
-        for b in p["breakdown"]:
-            sign = "+" if b["source"] != "base" and b["points"] >= 0 else ""  # bonuses read as additions
-            rows.append(f"  {_points_label(b, policy, lang)}  {sign}{b['points']}")
-        rows.append(f"{_label('points_balance', lang)}  {q['balances_after']['points']}")
-    return rows
-
-
-def _points_label(b: dict, policy: dict, lang: str) -> str:
-    src, m = b["source"], b["multiplier_percent"]
-    if src == "base":
-        return _label("pts_base", lang, ppy=policy["earning"]["points_per_yuan"])
-    if src == "tier":
-        return _label("pts_tier", lang, name=b["name"][lang], percent=m)
-    if src in ("category", "sku"):
-        return _label(f"pts_{src}", lang, key=b["id"], percent=m)
-    if src == "member_day":
-        return _label("pts_member_day", lang, percent=m)
-    if src == "birthday":
-        day = b["id"] == "day"
-        return _label("pts_birthday", lang, percent=m, period_zh="当日" if day else "月",
-                      period_en="day" if day else "month")
-    return _label("pts_campaign", lang, name=b["name"][lang], percent=m)
 
 
 # ---------------------------------------------------------------- returns
 
 _LINE_VALUES = ("cash_fen", "stored_value_fen", "redeemed_fen", "points_redeemed", "points_earned")
+_MONEY_PARTS = ("redeemed_fen", "stored_value_fen", "cash_fen")
 
 
 def return_quote(original: dict, return_lines: Any, earlier_returns: list[dict] | None,
                  policy: dict, now: datetime) -> dict:
-    """Reverse part or all of a sale, in the sale's own tender mix."""
+    """Reverse part or all of a sale, in the sale's own tender mix.
+
+    Per returned line, units ``before+1..after`` of the ``qty`` sold:
+    the returned units' share of the line's price is
+    ``prorate(amount, before, after, qty)`` (cumulative floors). It is split
+    over what is left of the line's money parts (redeemed points' fen, stored
+    value, cash) and then its discounts, pro rata, floored, the remainder to
+    the last part with room (money.allocate): the discounts reversed take it,
+    or cash when the line had none. The last return of a line takes all that
+    is left. So a return's line rows add up to its share of the price, its
+    refund is that share less the discounts reversed, every part is at least
+    zero, and returns that cover the sale reverse it exactly. Points
+    (redeemed and earned) are prorated by cumulative floors."""
     sold = original["lines"]
     done: dict[int, int] = {}
+    taken: dict[int, dict[str, int]] = {}   # line -> part -> fen returned before
     for k, r in enumerate(earlier_returns or ()):
         if original.get("id") is not None and r.get("sale_id") not in (None, original["id"]):
             raise ReturnError("return_invalid", f"earlier_returns[{k}]",
                               detail=f"earlier_returns[{k}]: a return of another sale")
         for rl in r["lines"]:
-            done[rl["index"]] = done.get(rl["index"], 0) + rl["qty"]
-    if not isinstance(return_lines, list) or not return_lines:
-        raise ReturnError("return_invalid", "return_lines", detail="return_lines: must be a non-empty list")
-    asked: dict[int, int] = {}
-
-    def left(i):
-        return sold[i]["qty"] - done.get(i, 0) - asked.get(i, 0)
-
-    for k, rl in enumerate(return_lines):
-        where = f"return_lines[{k}]"
-        if not isinstance(rl, dict) or set(rl) - {"line", "sku", "qty"} or ("line" in rl) == ("sku" in rl):
-            raise ReturnError("return_invalid", where, detail=f"{where}: an object with qty and one of line, sku")
-        qty = rl.get("qty")
-        if type(qty) is not int or qty < 1:
-            raise ReturnError("return_invalid", f"{where}.qty", detail=f"{where}.qty: a whole number >= 1")
-        if "line" in rl:
-            i = rl["line"]
-            if type(i) is not int or not 0 <= i < len(sold):
-                raise ReturnError("return_unknown_line", f"{where}.line", detail=f"line {i!r}")
-            if qty > left(i):
-                raise ReturnError("return_qty_exceeds", f"{where}.qty", limit=left(i), asked=qty)
-            asked[i] = asked.get(i, 0) + qty
-        else:
-            idx = [i for i, l in enumerate(sold) if l["sku"] == rl["sku"]]
-            if not idx:
-                raise ReturnError("return_unknown_line", f"{where}.sku", detail=f"sku {rl['sku']!r}")
-            avail = sum(left(i) for i in idx)
-            if qty > avail:
-                raise ReturnError("return_qty_exceeds", f"{where}.qty", limit=avail, asked=qty)
-            for i in idx:
-                take = min(left(i), qty)
-                if take:
-                    asked[i] = asked.get(i, 0) + take
-                    qty -= take
+            i = rl["index"]
+            done[i] = done.get(i, 0) + rl["qty"]
+            parts = taken.setdefault(i, {})
+            for key in _MONEY_PARTS:
+                parts[key] = parts.get(key, 0) + rl[key]
+            for d in rl["discounts"]:
+                parts[d["source"]] = parts.get(d["source"], 0) + d["fen"]
+    asked = _returned_units(sold, return_lines, done)
 
     out_lines = []
     totals = {"refund_fen": 0, "discount": 0, **{k: 0 for k in _LINE_VALUES}}
     for i in sorted(asked):
         l = sold[i]
         before, after = done.get(i, 0), done.get(i, 0) + asked[i]
-        discounts = [{"source": d["source"], "fen": prorate(d["fen"], before, after, l["qty"])}
-                     for d in l["discounts"]]
         row = {"index": i, "sku": l["sku"], "name": l["name"], "qty": asked[i]}
+        if "unit" in l:
+            row["unit"], row["scale"] = l["unit"], l["scale"]
+        parts = _returned_parts(l, before, after, taken.get(i, {}))
         for k in _LINE_VALUES:
-            row[k] = prorate(l[k], before, after, l["qty"])
-        row["discounts"] = [d for d in discounts if d["fen"]]
-        row["discount"] = sum(d["fen"] for d in discounts)
+            row[k] = parts[k] if k in parts else prorate(l[k], before, after, l["qty"])
+        row["discounts"] = [{"source": d["source"], "fen": parts[d["source"]]} for d in l["discounts"]
+                            if parts[d["source"]]]
+        row["discount"] = sum(d["fen"] for d in row["discounts"])
         row["refund_fen"] = row["cash_fen"] + row["stored_value_fen"] + row["redeemed_fen"]
         row["amount"] = row["refund_fen"] + row["discount"]
         out_lines.append(row)
@@ -748,26 +803,74 @@ def return_quote(original: dict, return_lines: Any, earlier_returns: list[dict] 
     record = {"type": "return", "v": 1, "at": now.isoformat(), "sale_at": original.get("at"),
               "sale_id": original.get("id"), "member": original.get("member"),
               "lines": out_lines, "totals": totals, "deltas": deltas}
-    receipt = {lang: _return_receipt(record, lang) for lang in LANGS}
+    receipt = {lang: render_return_receipt(record, lang) for lang in LANGS}
     return {"lines": out_lines, "totals": totals, "deltas": deltas, "receipt": receipt, "record": record}
 
 
-def _return_receipt(r: dict, lang: str) -> list[str]:
-    t = r["totals"]
-    rows = [_label("return", lang)]
-    for l in r["lines"]:
-        rows.append(f"{l['name']} x{l['qty']}  {yuan(l['amount'])}")
-        if l["discount"]:
-            rows.append(f"  {_label('discount_reversed', lang)}  -{yuan(l['discount'])}")
-    rows.append(f"{_label('refund_total', lang)}  {yuan(t['refund_fen'])}")
-    if t["redeemed_fen"] or t["points_redeemed"]:
-        rows.append(f"  {_label('refund_points', lang, points=t['points_redeemed'])}  {yuan(t['redeemed_fen'])}")
-    if t["stored_value_fen"]:
-        rows.append(f"  {_label('refund_stored_value', lang)}  {yuan(t['stored_value_fen'])}")
-    rows.append(f"  {_label('refund_cash', lang)}  {yuan(t['cash_fen'])}")
-    if r["member"] and t["points_earned"]:
-        rows.append(f"{_label('points_reversed', lang)}  -{t['points_earned']}")
-    return rows
+def _returned_parts(line: dict, before: int, after: int, taken: dict[str, int]) -> dict[str, int]:
+    """The fen of each money part and discount source of ``line`` that units
+    ``before+1..after`` give back (see return_quote)."""
+    keys = [*_MONEY_PARTS, *(d["source"] for d in line["discounts"])]
+    full = dict.fromkeys(keys, 0)
+    for key in _MONEY_PARTS:
+        full[key] = line[key]
+    for d in line["discounts"]:
+        full[d["source"]] += d["fen"]
+    left = [max(full[k] - taken.get(k, 0), 0) for k in keys]
+    if after >= line["qty"]:
+        return dict(zip(keys, left))
+    return dict(zip(keys, allocate(prorate(line["amount"], before, after, line["qty"]), left)))
+
+
+def _returned_units(sold: list[dict], return_lines: Any, done: dict[int, int]) -> dict[int, int]:
+    """Line index -> units asked back (a SKU spreads over the sale's lines of
+    that SKU in order); ReturnError naming the field otherwise."""
+    if not isinstance(return_lines, list) or not return_lines:
+        raise ReturnError("return_invalid", "return_lines", detail="return_lines: must be a non-empty list")
+    asked: dict[int, int] = {}
+
+    def left(i):
+        return sold[i]["qty"] - done.get(i, 0) - asked.get(i, 0)
+
+    for k, rl in enumerate(return_lines):
+        where = f"return_lines[{k}]"
+        if not isinstance(rl, dict) or set(rl) - {"line", "sku", "qty"} or ("line" in rl) == ("sku" in rl):
+            raise ReturnError("return_invalid", where, detail=f"{where}: an object with qty and one of line, sku")
+        if "line" in rl:
+            i = rl["line"]
+            if type(i) is not int or not 0 <= i < len(sold):
+                raise ReturnError("return_unknown_line", f"{where}.line", detail=f"line {i!r}")
+            qty = _returned_qty(rl.get("qty"), sold[i], f"{where}.qty")
+            if qty > left(i):
+                raise ReturnError("return_qty_exceeds", f"{where}.qty", limit=left(i), asked=qty)
+            asked[i] = asked.get(i, 0) + qty
+        else:
+            idx = [i for i, l in enumerate(sold) if l["sku"] == rl["sku"]]
+            if not idx:
+                raise ReturnError("return_unknown_line", f"{where}.sku", detail=f"sku {rl['sku']!r}")
+            qty = _returned_qty(rl.get("qty"), sold[idx[0]], f"{where}.qty")
+            avail = sum(left(i) for i in idx)
+            if qty > avail:
+                raise ReturnError("return_qty_exceeds", f"{where}.qty", limit=avail, asked=qty)
+            for i in idx:
+                take = min(left(i), qty)
+                if take:
+                    asked[i] = asked.get(i, 0) + take
+                    qty -= take
+    return asked
+
+
+def _returned_qty(qty: Any, line: dict, field: str) -> int:
+    """A returned quantity in the sold line's own terms: whole units, or for
+    a measured line its unit's decimals (as sold), in smallest units."""
+    if "unit" in line:
+        try:
+            return parse_quantity(qty, line["scale"], line["qty"])
+        except QuantityError as e:
+            raise ReturnError("return_invalid", field, detail=f"{field}: {e}") from None
+    if type(qty) is not int or qty < 1:
+        raise ReturnError("return_invalid", field, detail=f"{field}: a whole number >= 1")
+    return qty
 
 
 # ---------------------------------------------------------------- stored value, packages, card services
@@ -911,7 +1014,9 @@ def card_operation(policy: dict, kind: str, member: dict | None = None, *, card_
         months = EXTEND_MONTHS if months is None else months
         if type(months) is not int or not 1 <= months <= MAX_EXTEND_MONTHS:
             raise PricingError("card_op_invalid", "months", detail=f"months: 1 to {MAX_EXTEND_MONTHS}")
-        today = (now or datetime.now()).date()
+        if now is None:
+            raise ValueError("card_operation: extending a card needs now (the core has no clock)")
+        today = now.date()
         start = today
         if expires:
             start = max(today, date.fromisoformat(expires))

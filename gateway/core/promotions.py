@@ -21,9 +21,16 @@ Order of application (RULESET.md "promotions"):
 3. Exclusive groups: of the promotions in scope sharing a non-empty
    ``exclusive_group``, exactly one applies (gateway/core/exclusive.py).
 
-Eligible lines: those whose category is in ``categories`` or SKU in ``skus``;
-if both are empty, every line not excluded from discounts. For member_price,
-the SKUs in ``prices_fen``.
+Eligible lines: those whose category is in ``categories`` or SKU in ``skus``
+(for member_price, the SKUs in ``prices_fen``); if both are empty, every
+line. Then, less the promotion's own ``excluded_categories`` /
+``excluded_skus`` (v3) if it names any; if it names none, a promotion with
+empty ``categories`` and ``skus`` leaves out the lines excluded from
+discounts (``discount_excluded_*``, the v2 rule) and one that names them
+excludes nothing.
+
+Quantities: a measured line (0.532 kg) counts as one item for nth_item, and
+a member price is per unit of its measure (gateway/core/measure.py).
 
 Everything that does not depend on the basket (parsed fields, the SKU and
 category index, receipt labels) is a ``Catalog``, built once when a rule set
@@ -35,6 +42,7 @@ from __future__ import annotations
 from operator import itemgetter
 from typing import NamedTuple
 
+from gateway.core.measure import line_amount
 from gateway.core.money import allocate, half_up, percent_of
 from gateway.core.texts import YuanTexts, name_of, saving_labels
 
@@ -78,6 +86,12 @@ class Rule:
         self.prices = src.get("prices_fen") or {} if kind == "member_price" else None
         self.cats = () if kind == "member_price" else src.get("categories") or ()
         self.skus = tuple(self.prices) if kind == "member_price" else src.get("skus") or ()
+        # v3: the promotion's own exclusions, or None: the v2 rule (the discount exclusions, when
+        # it names no categories or SKUs).
+        self.excluded = None
+        if "excluded_categories" in src or "excluded_skus" in src:
+            self.excluded = (frozenset(src.get("excluded_categories") or ()),
+                             frozenset(src.get("excluded_skus") or ()))
         self.labels = saving_labels(name_of(src, pid))
         self.n = self.steps = None
         self.extra = 0
@@ -91,6 +105,18 @@ class Rule:
                 self.extra = src["multiplier_percent"] - 100
         except Exception as e:  # noqa: BLE001 - re-raised unchanged when the rule is used
             self.error = e
+
+    def eligible(self, lines: list[dict], by_sku: dict[str, list[int]], by_cat: dict[str, list[int]],
+                 discountable: list[int]) -> list[int]:
+        """The lines (in order) the rule applies to: those of its categories
+        and SKUs (every line if it names none), less its own exclusions; with
+        no exclusions of its own, a rule naming no categories or SKUs
+        applies to the lines not excluded from discounts."""
+        if self.excluded is None:
+            return self.lines_in(by_sku, by_cat) if self.cats or self.skus else discountable
+        ex_cat, ex_sku = self.excluded
+        idx = self.lines_in(by_sku, by_cat) if self.cats or self.skus else range(len(lines))
+        return [i for i in idx if lines[i]["category"] not in ex_cat and lines[i]["sku"] not in ex_sku]
 
     def lines_in(self, by_sku: dict[str, list[int]], by_cat: dict[str, list[int]]) -> list[int]:
         """The lines (in order) of the rule's SKUs and categories, in a basket
@@ -131,6 +157,7 @@ class Catalog:
         rules = [Rule(pid, src) for pid, src in promotions.items()
                  if not src.get("disabled") and src.get("kind") in KINDS]
         self.ordered = sorted(rules, key=lambda r: r.key)
+        self.by_id = {r.id: r for r in rules}
         self.by_sku: dict[str, list[int]] = {}
         self.by_cat: dict[str, list[int]] = {}
         self.everywhere: list[int] = []
@@ -238,7 +265,8 @@ class MemberPrice(Promo):
 
     def __init__(self, rule: Rule, lines: list[int], basket: list[dict]):
         super().__init__(rule, lines, basket)
-        self.targets = [(i, rule.prices[basket[i]["sku"]] * basket[i]["qty"]) for i in lines]
+        self.targets = [(i, line_amount(basket[i]["qty"], rule.prices[basket[i]["sku"]], basket[i]["scale"]))
+                        for i in lines]
 
     def apply(self, nets: list[int], record: list | None = None) -> int:
         saved = 0
@@ -263,7 +291,8 @@ class NthItem(Promo):
         self.shares = []
         seen: dict[str, int] = {}
         for i in lines:
-            sku, qty = basket[i]["sku"], basket[i]["qty"]
+            # A measured line (0.532 kg of apples) is one item.
+            sku, qty = basket[i]["sku"], basket[i]["qty"] if basket[i]["scale"] == 1 else 1
             before = seen.get(sku, 0)
             seen[sku] = before + qty
             nth_units = (before + qty) // rule.n - before // rule.n
@@ -357,7 +386,7 @@ class Pricer:
         self.discountable = [i for i, l in enumerate(lines) if l["category"] not in ex_cat and l["sku"] not in ex_sku]
         self.base_src, self.base_pct, self.base_name = base_discount(member, policy)
         discounted = set(self.discountable) if self.base_pct else ()
-        amounts = [l["qty"] * l["unit_price"] for l in lines]
+        amounts = [l["amount"] for l in lines]
         self.base_adj = [percent_of(a, self.base_pct) if i in discounted else 0 for i, a in enumerate(amounts)]
         self.start = [a - d for a, d in zip(amounts, self.base_adj)]
 
@@ -369,7 +398,7 @@ class Pricer:
             rule = scoped[rank]
             if rule is None or (rule.limit is not None and member is not None and uses.get(rule.id, 0) >= rule.limit):
                 continue
-            idx = rule.lines_in(by_sku, by_cat) if rule.cats or rule.skus else self.discountable
+            idx = rule.eligible(lines, by_sku, by_cat, self.discountable)
             if idx:
                 self.promos.append(Promo.bind(rule, idx, lines))
         for before, p in zip(self.promos, self.promos[1:]):

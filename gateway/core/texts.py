@@ -8,7 +8,7 @@ yuan strings already formatted by ``texts.yuan``.
 
 from __future__ import annotations
 
-from gateway.texts import yuan
+from gateway.core.reasons import yuan
 
 PRICING_REASONS: dict[str, tuple[str, str]] = {
     "basket_invalid": ("商品明细有误：{detail}", "The basket is not valid: {detail}"),
@@ -44,6 +44,15 @@ PRICING_REASONS: dict[str, tuple[str, str]] = {
     "package_unknown": ("此会员没有次卡{code}", "The member holds no package {code}"),
     "package_invalid_uses": ("使用次数须为1到{limit}的整数", "Uses must be a whole number from 1 to {limit}"),
     "package_insufficient": ("次卡剩余{limit}次，不足{asked}次", "Only {limit} uses left on the package; asked {asked}"),
+    "package_not_sold": ("次卡{code}不在本店销售", "Package {code} is not sold at the counter"),
+    "package_not_renewable": ("次卡{code}尚有{limit}次未用，用完后方可再买", "Package {code} still has {limit} use(s) left; it cannot be renewed before they are used"),
+    "package_over_limit": ("次卡剩余次数不能超过{limit}次", "A package cannot hold more than {limit} uses"),
+    "package_payment_invalid": ("次卡付款方式有误：{detail}", "The package payment is not valid: {detail}"),
+    "package_stored_value_not_allowed": ("次卡{code}不能用储值购买", "Package {code} cannot be paid with stored value"),
+    "gift_invalid": ("礼品兑换有误：{detail}", "The gift redemption is not valid: {detail}"),
+    "gift_unknown": ("礼品{code}不在兑换目录中", "Gift {code} is not in the gift catalogue"),
+    "gift_not_offered": ("礼品{code}兑换期为{start}至{end}", "Gift {code} can be redeemed from {start} to {end}"),
+    "gift_day_limit": ("礼品{code}每人每天限兑{limit}份，今日已兑{used}份", "Gift {code}: at most {limit} per member a day; {used} redeemed today"),
     "card_op_invalid": ("卡务操作有误：{detail}", "The card operation is not valid: {detail}"),
     "withdrawal_invalid": ("取款有误：{detail}", "The withdrawal is not valid: {detail}"),
     "withdrawal_not_allowed": ("本店不办理储值取款，请联系总部", "Stored value cannot be paid out at the store; please contact HQ"),
@@ -85,6 +94,12 @@ PRICING_RECEIPT: dict[str, tuple[str, str]] = {
     "credited": ("到账", "Credited"),
     "package_use": ("次卡{name}使用{uses}次", "{name}: {uses} use(s)"),
     "package_left": ("剩余次数", "Uses left"),
+    "package_sale": ("购买次卡{name} {uses}次", "{name}: {uses} use(s) bought"),
+    "package_renewal": ("续费次卡{name} {uses}次", "{name}: renewed, {uses} use(s) added"),
+    "package_price": ("应付金额", "Price"),
+    "package_expires": ("有效期至 {date}", "Valid until {date}"),
+    "gift": ("礼品兑换 {name} x{qty}", "Gift {name} x{qty}"),
+    "gift_points": ("使用积分", "Points used"),
     "fee": ("手续费", "Fee"),
     "card_issue": ("办卡", "Card issued"),
     "card_report_lost": ("挂失", "Card reported lost"),

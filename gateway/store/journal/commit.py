@@ -13,6 +13,8 @@ import asyncio
 import logging
 import queue
 import threading
+import time
+from bisect import bisect_left
 from typing import Callable
 
 from gateway.store.journal.errors import JournalError
@@ -22,6 +24,36 @@ log = logging.getLogger("storegate.journal")
 
 GROUP_MAX = 512  # writes the writer thread takes into one group at most
 WRITERS = ("inline", "thread")
+
+
+class CommitStats:
+    """What the group commit has done since the journal opened, for whoever
+    watches (the shell's /metrics reads it; nothing here knows of it): groups
+    written, records and bytes in them, failed writes, and two histograms as
+    counts per bucket over fixed upper bounds: the seconds each group's write
+    and sync took, and the frames in each group. Plain integers: one writer
+    (the thread that writes groups) and readers that may see a scrape one
+    group behind; every count only grows."""
+
+    SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+    SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+    def __init__(self) -> None:
+        self.groups = 0
+        self.frames = 0
+        self.bytes = 0
+        self.failures = 0
+        self.seconds_sum = 0.0
+        self.seconds_buckets = [0] * (len(self.SECONDS) + 1)  # the last: over every bound
+        self.size_buckets = [0] * (len(self.SIZES) + 1)
+
+    def group(self, frames: int, nbytes: int, seconds: float) -> None:
+        self.seconds_buckets[bisect_left(self.SECONDS, seconds)] += 1
+        self.size_buckets[bisect_left(self.SIZES, frames)] += 1
+        self.seconds_sum += seconds
+        self.frames += frames
+        self.bytes += nbytes
+        self.groups += 1
 
 
 class Write:
@@ -50,6 +82,7 @@ class GroupCommit:
         self._append = append
         self.writer = writer
         self.stats = {"appends": 0, "groups": 0, "bytes": 0}
+        self.commit_stats = CommitStats()  # latency and group sizes (read by the shell's /metrics)
         self.inflight_keys: dict[str, Write] = {}  # key -> its record being written now
         self.on_append: Callable[[], None] | None = None  # called once records were indexed
         self.indexed_segment = 0  # the segment of the last group indexed: every record before it is indexed
@@ -119,12 +152,15 @@ class GroupCommit:
         """(segment, offset of the first frame), or the error. Touches no
         index state, so it may run on the writer thread."""
         data = group[0].data if len(group) == 1 else b"".join([w.data for w in group])
+        started = time.perf_counter()
         try:
             placed = self._append(data, any(w.future is not None for w in group))
         except (JournalError, OSError) as exc:
             error = exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc}")
             log.error("journal: %s", error)
+            self.commit_stats.failures += 1
             return None, error
+        self.commit_stats.group(len(group), len(data), time.perf_counter() - started)
         self.stats["groups"] += 1
         self.stats["bytes"] += len(data)
         return placed, None

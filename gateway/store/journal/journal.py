@@ -58,6 +58,7 @@ class Journal:
                                direct=direct, next_seq=lambda: self.index.next_seq)
         self._commit = GroupCommit(self.index, self._files.append, writer)
         self.stats = self._commit.stats
+        self.commit_stats = self._commit.commit_stats  # group commit latency and sizes (commit.CommitStats)
         self._aside_fault: int | None = None  # where in faults the records set aside are reported
         self._keys_in_memory: set[int] = set()  # segments deleted whose keys found no room on disk (invariant 8)
         self._compacting = asyncio.Lock()
