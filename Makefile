@@ -76,7 +76,7 @@ bench: venv-test
 # (gateway.lock: no HQ, no demo broker, no readers: Debian's) and for HQ (hq.lock).
 lock:
 	test -x $(LOCK_TOOLS)/bin/pip-compile || ($(PYTHON) -m venv $(LOCK_TOOLS) && $(LOCK_TOOLS)/bin/pip install -q 'pip-tools>=7.4,<8')
-	$(PIP_COMPILE) -o requirements/gateway.lock pyproject.toml
+	$(PIP_COMPILE) --extra gpio -o requirements/gateway.lock pyproject.toml
 	$(PIP_COMPILE) --extra hq -o requirements/hq.lock pyproject.toml
 
 # dist/storegate-<version>-<arch>.tar.gz (ARCH=aarch64 for a 64-bit Raspberry Pi, from any machine).

@@ -65,7 +65,7 @@ import orjson
 
 from bench.common import emit, note
 from gateway.core import pricing
-from hq_bridge import db
+from hq_bridge import db, migrations
 from hq_bridge.accounts import AccountStore, audit, import_members, snapshot_rows
 from hq_bridge.ledger import Ledger
 from hq_bridge.rules import MEMBERS_PER_PART, _read_doc
@@ -208,7 +208,7 @@ def database(engine_name: str, workdir: Path):
 
         def make(name: str):
             url = server.create_database(name)
-            db.migrate(url)
+            migrations.migrate(url)
             engines.append(db.open_engine(url))
             return engines[-1]
         try:
@@ -220,7 +220,7 @@ def database(engine_name: str, workdir: Path):
     else:
         def make(name: str):
             url = f"sqlite:///{workdir / (name + '.db')}"
-            db.migrate(url)
+            migrations.migrate(url)
             engines.append(db.open_engine(url))
             return engines[-1]
         try:

@@ -114,7 +114,7 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import orjson
 from sqlalchemy import (CheckConstraint, Column, ForeignKey, Index, PrimaryKeyConstraint, String, Table, Text,
-                        and_, func, or_, select)
+                        and_, func, select)
 from sqlalchemy.engine import Connection, Engine
 
 from hq_bridge import db

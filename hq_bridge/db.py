@@ -1,7 +1,7 @@
 """HQ's database, one schema for SQLite (embedded default, the demo) and PostgreSQL (real chains).
 
 SQLAlchemy Core metadata; the schema is created and moved on by the Alembic
-migrations in hq_bridge/migrations/ (``migrate(url)``), never by create_all
+migrations in hq_bridge/migrations/ (``hq_bridge.migrations.migrate(url)``), never by create_all
 outside the tests.
 
 Tables
@@ -53,7 +53,6 @@ from sqlalchemy import (BigInteger, Boolean, CheckConstraint, Column, Engine, Fo
                         MetaData, PrimaryKeyConstraint, String, Table, Text, UniqueConstraint, and_, any_,
                         bindparam, create_engine, event, false, or_, select)
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import OperationalError
 
 # 64-bit everywhere; plain INTEGER on SQLite, where it is 64-bit already and
 # where the existing tables were created with it.
@@ -492,18 +491,6 @@ def run_in_transaction(engine: Engine, fn, *, attempts: int = 8, isolation_level
             delay = min(delay * 2, 0.5)
 
 
-_migrated: set[str] = set()
-
-
-def migrate_once(engine: Engine) -> None:
-    """``migrate`` the first time this process opens the database at the engine's URL."""
-    key = engine.url.render_as_string(hide_password=False)
-    path = sqlite_path(key)
-    if key not in _migrated or (path is not None and not path.exists()):
-        migrate(engine)
-        _migrated.add(key)
-
-
 def is_postgres(conn: Connection | Engine) -> bool:
     return conn.dialect.name == "postgresql"
 
@@ -622,40 +609,3 @@ def ledger_insert(conn: Connection, store: str, records: list, received_at: int 
     if clash:
         insert_rows(conn, conflicts, clash, keys=())
     return LedgerInsert(new, dup, len(clash))
-
-
-# ---------------------------------------------------------------- migrations
-
-_MIGRATION_LOCK = 7391000
-
-
-def migrate(url: str | Engine) -> None:
-    """Bring the database at ``url`` to the newest schema (alembic upgrade head).
-    On PostgreSQL one process at a time (a session advisory lock): the
-    bridge starting and a ``storegate-hq rules publish`` may both find a new
-    database; the second waits and finds it migrated. (SQLite's migration
-    transaction begins IMMEDIATE: the same, by its write lock.)"""
-    from hq_bridge.migrations import upgrade
-    engine = url if isinstance(url, Engine) else open_engine(url)
-    try:
-        if not is_postgres(engine):
-            for attempt in range(50):  # another process is migrating or writing: wait for it
-                try:
-                    upgrade(engine)
-                    return
-                except OperationalError as exc:
-                    # "locked": another process holds the write lock; "already exists": it migrated
-                    # between our reading the version and our step: read the version again
-                    if not ("locked" in str(exc) or "already exists" in str(exc)) or attempt == 49:
-                        raise
-                    time.sleep(0.2)
-        with engine.connect() as lock:
-            lock.exec_driver_sql(f"SELECT pg_advisory_lock({_MIGRATION_LOCK})")
-            try:
-                upgrade(engine)
-            finally:
-                lock.exec_driver_sql(f"SELECT pg_advisory_unlock({_MIGRATION_LOCK})")
-                lock.commit()
-    finally:
-        if engine is not url:
-            engine.dispose()

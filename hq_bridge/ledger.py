@@ -41,7 +41,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, func, select
 
-from hq_bridge import db, policy, reconcile
+from hq_bridge import db, migrations, policy, reconcile
 from hq_bridge.accounts import AccountStore, BatchResult, policy_from_rules
 from wire.messages import UNSENDABLE, TxBatch
 
@@ -122,7 +122,7 @@ class Ledger:
         self.url = engine.url.render_as_string(hide_password=False)
         self.path = db.sqlite_path(self.url)   # None on PostgreSQL
         if migrate:
-            db.migrate_once(engine)
+            migrations.migrate_once(engine)
         self.chain = ChainRules(engine)
         # On ingest, in the batch's transaction: tiers move up, overdrafts are
         # found and settled (hq_bridge/policy.py, hq_bridge/reconcile.py).

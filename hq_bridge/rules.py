@@ -43,7 +43,7 @@ import orjson
 from sqlalchemy import Engine, func, select
 
 from common import mqtt
-from hq_bridge import keys as hq_keys
+from hq_bridge import keys as hq_keys, migrations
 from hq_bridge import accounts as hq_accounts
 from hq_bridge import db
 from hq_bridge.ledger import Ledger
@@ -182,7 +182,7 @@ class Catalog:
             raise ValueError("hq.parts_dir: required when hq.database is not an SQLite file")
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         if migrate:
-            db.migrate_once(engine)
+            migrations.migrate_once(engine)
         self._write_lock = db.writer_lock(engine)
         self._deny_cache: tuple[int, str, int] | None = None
 

@@ -157,9 +157,9 @@ def hq_db_url(request, tmp_path):
 @pytest.fixture
 def hq_engine(hq_db_url):
     """HQ's database on each engine, migrated to the newest schema."""
-    from hq_bridge import db
+    from hq_bridge import db, migrations
 
-    db.migrate(hq_db_url)
+    migrations.migrate(hq_db_url)
     engine = db.open_engine(hq_db_url)
     yield engine
     engine.dispose()

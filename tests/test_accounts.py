@@ -21,7 +21,7 @@ from alembic.runtime.migration import MigrationContext
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hq_bridge import db, policy
+from hq_bridge import db, migrations, policy
 from hq_bridge.accounts import (OWED, Account, AccountPolicy, AccountStore, Book, Card, ImportError_, Lot, StoreRecord,
                                 apply_record, audit, import_members, snapshot_rows)
 from hq_bridge.rules import read_table_file
@@ -68,8 +68,8 @@ def tx(seq: int, body: dict, id_: str | None = None):
 # ---------------------------------------------------------------- schema
 
 def test_migrations_make_the_metadata_on_both_engines(hq_db_url):
-    db.migrate(hq_db_url)
-    db.migrate(hq_db_url)  # again: nothing to do
+    migrations.migrate(hq_db_url)
+    migrations.migrate(hq_db_url)  # again: nothing to do
     engine = db.open_engine(hq_db_url)
     try:
         with engine.connect() as conn:
@@ -116,7 +116,7 @@ def test_an_hq_database_from_before_migrations_is_adopted(tmp_path):
     ledger.commit(SimpleNamespace(store="S001", records=[tx(1, {"type": "sale"})]))
     ledger.close()
     Catalog(path, tmp_path / "parts").close()
-    db.migrate(f"sqlite:///{path}")
+    migrations.migrate(f"sqlite:///{path}")
     engine = db.open_engine(f"sqlite:///{path}")
     with engine.begin() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(db.transactions)).scalar() == 1
@@ -519,7 +519,7 @@ def test_two_workers_on_postgresql_never_lose_an_update(pg_server):  # noqa: F81
     import threading
 
     url = pg_server.create_database()
-    db.migrate(url)
+    migrations.migrate(url)
     engine = db.open_engine(url, pool_size=4)
     try:
         st_ = AccountStore(engine, clock=NOW.timestamp)

@@ -21,7 +21,7 @@ from gateway.shell import config as gw_config
 from gateway.shell.service import Gateway
 from demo.testbed import MosquittoBroker, free_port, make_test_pki
 from hardware.readers import CardRead
-from hq_bridge import keys as hq_keys
+from hq_bridge import keys as hq_keys, migrations
 from hq_bridge.bridge import Bridge
 from hq_bridge.ledger import Ledger
 from hq_bridge.rules import Catalog, Publisher
@@ -230,7 +230,7 @@ async def test_live_account_lookups_reach_only_the_asking_store(secure, tmp_path
 
     broker, pki = secure
     url = f"sqlite:///{tmp_path / 'hq.db'}"
-    db.migrate(url)
+    migrations.migrate(url)
     engine = db.open_engine(url)
     with engine.begin() as conn:
         import_members(conn, list(read_table_file(EX / "members.demo.jsonl")))

@@ -21,7 +21,7 @@ import pytest
 
 from gateway.shell.service import Gateway
 from hq_bridge.accounts import AccountStore, audit, import_members, snapshot_rows
-from hq_bridge import db
+from hq_bridge import db, migrations
 from hq_bridge.rules import _read_doc, read_table_file
 from tests.support import api_client, install_rules
 from tests.test_counter import DIAMOND, EXAMPLES, GOLD, T0, config, tap
@@ -289,7 +289,7 @@ async def test_hq_applies_them_and_its_snapshot_gives_the_same_view(tmp_path):
         assert [r.type for r in journaled] == ["package_sale", "package_sale", "gift_redemption", "gift_redemption"]
 
         url = f"sqlite:///{tmp_path / 'hq.db'}"
-        db.migrate(url)
+        migrations.migrate(url)
         engine = db.open_engine(url)
         try:
             accounts = AccountStore(engine, clock=NOW.timestamp)

@@ -604,13 +604,13 @@ def test_a_lift_in_a_deny_delta_lifts_a_snapshot_row_that_showed_the_card_blocke
 def _overdrawn(tmp_path):
     """HQ's database: M2002 (10000 fen) spent 8000 at S001 and 7000 at S002
     offline; reconciliation recorded the overdraft (policy carry)."""
-    from hq_bridge import db
+    from hq_bridge import db, migrations
     from hq_bridge.accounts import AccountStore, import_members
     from hq_bridge.reconcile import reconcile as find
     from tests.hq_support import RULES, commit, sale_body, tx
 
     url = f"sqlite:///{tmp_path / 'hq.db'}"
-    db.migrate(url)
+    migrations.migrate(url)
     engine = db.open_engine(url)
     store = AccountStore(engine)
     with engine.begin() as conn:

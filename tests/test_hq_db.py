@@ -6,7 +6,7 @@ from unittest import mock
 
 from sqlalchemy.exc import OperationalError
 
-from hq_bridge import db
+from hq_bridge import db, migrations
 
 
 def test_a_migration_that_finds_the_sqlite_database_locked_waits_and_tries_again(tmp_path):
@@ -18,5 +18,5 @@ def test_a_migration_that_finds_the_sqlite_database_locked_waits_and_tries_again
             raise OperationalError("BEGIN IMMEDIATE", {}, Exception("database is locked"))
 
     with mock.patch("hq_bridge.migrations.upgrade", upgrade), mock.patch("hq_bridge.db.time.sleep"):
-        db.migrate(f"sqlite:///{tmp_path / 'hq.db'}")
+        migrations.migrate(f"sqlite:///{tmp_path / 'hq.db'}")
     assert len(tries) == 3

@@ -17,7 +17,7 @@ import time
 import pytest
 from sqlalchemy import select
 
-from hq_bridge import db
+from hq_bridge import db, migrations
 from hq_bridge.accounts import AccountStore, audit, import_members
 from hq_bridge.ledger import Ledger
 from tests.hq_support import NOW, sale_body, topup_body
@@ -30,7 +30,7 @@ CARDS = {"880000000017": "M1", "880000000025": "M2", "880000000033": "M3"}
 @pytest.fixture
 def url(pg_server):  # noqa: F811
     url = pg_server.create_database()
-    db.migrate(url)
+    migrations.migrate(url)
     engine = db.open_engine(url)
     try:
         with engine.begin() as conn:

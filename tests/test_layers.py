@@ -185,15 +185,10 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-# Known and reported (HQ side: the migrations open the engine of hq_bridge.db, which
-# runs the migrations), to be taken out here when fixed; never added to.
-KNOWN_CYCLES = [["hq_bridge.db", "hq_bridge.migrations"]]
-
-
 def test_no_import_cycles():
     # A package imports its own modules to re-export them, and they import
     # their siblings by the package's name: that is the package, not a loop.
     graph = {m: {d for d in deps if d in MODULES and not (MODULES[d].name == "__init__.py" and in_room(m, d))}
              for m, deps in GRAPH.items()}
-    cycles = [c for c in _cycles(graph) if c not in KNOWN_CYCLES]
+    cycles = _cycles(graph)
     assert not cycles, "modules that import each other:\n" + "\n".join(" <-> ".join(c) for c in cycles)

@@ -28,7 +28,7 @@ from gateway.core.members import InMemoryMembers, LiveCache
 from gateway.store.members import MemberStore
 from gateway.shell.service import Gateway
 from hardware.readers import CardRead
-from hq_bridge import db
+from hq_bridge import db, migrations
 from hq_bridge.accounts import AccountStore, import_members
 from hq_bridge.lookup import LookupService
 from hq_bridge.rules import _read_doc, read_table_file
@@ -67,7 +67,7 @@ class HQ:
 
     def __init__(self, tmp_path, port: int) -> None:
         url = f"sqlite:///{tmp_path / 'hq.db'}"
-        db.migrate(url)
+        migrations.migrate(url)
         self.engine = db.open_engine(url)
         self.accounts = AccountStore(self.engine)
         with self.engine.begin() as conn:
@@ -322,7 +322,7 @@ def test_hq_answers_the_snapshot_row_with_the_watermark_on_both_engines(hq_db_ur
     the asking store's watermark, on SQLite and PostgreSQL."""
     from hq_bridge.accounts import snapshot_rows
 
-    db.migrate(hq_db_url)
+    migrations.migrate(hq_db_url)
     engine_ = db.open_engine(hq_db_url)
     try:
         with engine_.begin() as conn:
