@@ -52,7 +52,7 @@ def test_sigkill_gateway_200_times_under_load(tmp_path, broker):
 
 def test_broker_and_hq_restarted_during_a_drain(tmp_path, broker):
     # Small batches and one batch in flight make the drain long enough to interrupt.
-    hq, gw = _store(tmp_path, broker.port, uplink={"batch_max": 5, "window": 1})
+    hq, gw = _store(tmp_path, broker.port, uplink={"batch_max": 10, "window": 1})
     try:
         hq.stop()
         pos = PosLanes(gw, lanes=("1", "2", "3"), pause_s=0).start()
