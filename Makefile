@@ -88,7 +88,7 @@ ROLE ?= gateway
 install: dist
 	bash dist/storegate-$(VERSION)-$(ARCH)/install.sh --role $(ROLE)
 
-# A fresh Debian 12 root (debootstrap, cached in .cache/fresh-check/) runs `make demo` (root).
+# A fresh Debian 12 root (debootstrap, cached in /var/cache/storegate/fresh-check/) runs `make demo` (root).
 fresh-check:
 	bash .ci/fresh-check
 

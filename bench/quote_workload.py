@@ -124,7 +124,7 @@ def _pct(values: list[float], p: float) -> float:
 def run_quote_bench(quick: bool = False, n_promotions: int = 200, catalog: int = 60) -> dict:
     """Wall-clock p50/p99 of one quote (the target); ``cpu_p99_ms`` is this
     thread's CPU time, which shows how much of a bad p99 is a busy machine."""
-    policy, basket = with_catalog(bench_policy(n_promotions, catalog)), bench_basket()  # as engine.Rules applies it
+    policy, basket = with_catalog(bench_policy(n_promotions, catalog)), bench_basket()  # as validate.Rules applies it
     runtime.tune_gc()  # as the gateway does once its rules are loaded
     n = 300 if quick else 2000
     _time(policy, basket, 30)  # warm-up

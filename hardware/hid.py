@@ -59,7 +59,7 @@ from typing import AsyncIterator, Callable, Iterable
 from evdev import InputEvent, ecodes as e
 
 from cards import magstripe
-from hardware.readers import CardRead, CardReader, ReadAgain
+from hardware.readers import CardRead, CardReader, LatestReads, ReadAgain
 
 log = logging.getLogger(__name__)
 
@@ -305,9 +305,6 @@ def find_device(selector: HidSelector, input_dir: str = "/dev/input"):
     raise DeviceGone("absent", f"no input device with {selector.describe()}")
 
 
-_CLOSED = object()
-
-
 class HidReader(CardReader):
     """One keyboard-wedge device (magstripe reader or scanner) for one lane.
 
@@ -327,7 +324,7 @@ class HidReader(CardReader):
         self.input_kind = input_kind
         self.decoder = WedgeDecoder(gap_s)
         self.finder = finder or find_device
-        self._queue: asyncio.Queue = asyncio.Queue(queue_size)
+        self._reads = LatestReads(queue_size, f"lane {lane}: {input_kind}")
         self._task: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.sessions = 0  # times the device was grabbed (1 + replugs)
@@ -349,20 +346,13 @@ class HidReader(CardReader):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self.state = "closed"
-        self._deliver(_CLOSED)
+        self._reads.close()
 
-    async def reads(self) -> AsyncIterator[CardRead | SwipeAgain]:
-        while True:
-            event = await self._queue.get()
-            if event is _CLOSED:
-                return
-            yield event
+    def reads(self) -> AsyncIterator[CardRead | SwipeAgain]:
+        return aiter(self._reads)
 
     def _deliver(self, event) -> None:
-        if self._queue.full():
-            self._queue.get_nowait()  # a stale read is worth less than the newest one
-            log.warning("lane %s: reads() not consumed, dropped the oldest %s event", self.lane, self.input_kind)
-        self._queue.put_nowait(event)
+        self._reads.put(event)
 
     def _set_state(self, state: str, why: str = "") -> None:
         if state != self.state:

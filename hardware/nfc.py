@@ -84,7 +84,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from hardware.readers import CardRead, CardReader, ReadAgain
+from hardware.readers import CardRead, CardReader, LatestReads, ReadAgain
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,6 @@ class _CardGone(Exception):
         self.reason = reason
 
 
-_CLOSED = object()  # ends reads() after close()
-
-
 def _scard():
     from smartcard import scard  # imported here: the simulated twins need no libpcsclite
 
@@ -178,7 +175,7 @@ class PcscReader(CardReader):
         self.read_ndef = read_ndef
         self.reader_name: str | None = None   # the PC/SC name in use, for status pages
         self._queue_size = queue_size
-        self._queue: asyncio.Queue | None = None
+        self._reads: LatestReads | None = None    # made at open(): a reader may be opened again
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -196,7 +193,7 @@ class PcscReader(CardReader):
             raise RuntimeError("reader is already open")
         _scard()  # fail here, not in the thread, when pyscard or libpcsclite is missing
         self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue(self._queue_size)
+        self._reads = LatestReads(self._queue_size, f"lane {self.lane}: nfc")
         self._stop.clear()
         self._first_look.clear()
         self._thread = threading.Thread(target=self._run, name=f"pcsc-lane-{self.lane}", daemon=True)
@@ -215,24 +212,17 @@ class PcscReader(CardReader):
             if thread.is_alive():
                 log.warning("lane %s: PC/SC thread did not stop", self.lane)
         self.state = "closed"
-        if self._queue is not None:
-            self._deliver(_CLOSED)
+        if self._reads is not None:
+            self._reads.close()
 
-    async def reads(self) -> AsyncIterator[NfcRead | TapAgain]:
-        if self._queue is None:
+    def reads(self) -> AsyncIterator[NfcRead | TapAgain]:
+        if self._reads is None:
             raise RuntimeError("open() the reader before reads()")
-        while True:
-            event = await self._queue.get()
-            if event is _CLOSED:
-                return
-            yield event
+        return aiter(self._reads)
 
     def _deliver(self, event) -> None:
-        """On the event loop: queue an event, dropping the oldest when nobody keeps up."""
-        if self._queue.full():
-            self._queue.get_nowait()  # a stale tap is worth less than the newest one
-            log.warning("lane %s: reads() not consumed, dropped the oldest card event", self.lane)
-        self._queue.put_nowait(event)
+        """On the event loop (from the reader thread: call_soon_threadsafe)."""
+        self._reads.put(event)
 
     def _emit(self, event) -> None:
         """From the reader thread."""

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, ClassVar
 
 from hardware.indicators import Pattern
+
+log = logging.getLogger("storegate.readers")
 
 SOURCES = ("nfc", "magstripe", "qr")
 # The verdict reason of a failed read, by source (texts in gateway/core/reasons.py).
@@ -88,6 +91,34 @@ class CardReader(abc.ABC):
     @abc.abstractmethod
     def reads(self) -> AsyncIterator[CardRead | ReadAgain]:
         """Yield one CardRead per tap (a ReadAgain per failed one), for as long as the reader is open."""
+
+
+class LatestReads:
+    """What a device reader hands the gateway: a bounded queue that keeps the
+    newest reads when nobody keeps up (a stale tap is worth less than the
+    newest one), iterated until ``close()``. On the event loop only."""
+
+    _CLOSED = object()
+
+    def __init__(self, maxsize: int, what: str) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize)
+        self._what = what     # for the log: "lane 1: nfc"
+
+    def put(self, event) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            log.warning("%s: reads() not consumed, dropped the oldest event", self._what)
+        self._queue.put_nowait(event)
+
+    def close(self) -> None:
+        self.put(self._CLOSED)
+
+    async def __aiter__(self):
+        while True:
+            event = await self._queue.get()
+            if event is self._CLOSED:
+                return
+            yield event
 
 
 class QueueReader(CardReader):

@@ -39,7 +39,7 @@ Invariants
 Decisions
 ---------
 - An account is keyed by its owner's member_id (the key stores use for
-  their local deltas, gateway/engine.py ``account_id``). A card belongs to
+  their local deltas, gateway/core/validate.py ``account_id``). A card belongs to
   one account: ``primary``, ``subsidiary`` (附属卡, another holder) or
   ``linked`` (a group card sharing the account).
 - Stored value has a paid part (本金) and a bonus part (赠送). A payment takes
@@ -70,7 +70,9 @@ Decisions
 - A count package sold at a counter (``package_sale``) adds its uses to the
   account's package (a new one when it held none), taking the price from
   stored value (paid and bonus parts, as a sale) when it was paid so; the
-  validity the store worked out is in the entry's detail (``expires``). Points
+  validity the store worked out (``expires``) becomes the package's
+  (``packages.expires``, as it is: HQ does not work it out again) and is in
+  the entry's detail. A use after it is applied and reported. Points
   for a gift (``gift_redemption``) are taken as a sale's redemption takes
   them (``take_points``: earliest-expiring lot first, the rest owed). Neither
   earns points nor counts as spend for the tier rules.
@@ -212,6 +214,7 @@ class Account(NamedTuple):
     lots: tuple[Lot, ...] = ()                         # by expiry
     packages: Mapping[str, int] = EMPTY
     coupons: Mapping[str, str] = EMPTY                 # code -> issued | used
+    package_expires: Mapping[str, str] = EMPTY         # package id -> last day of use; absent: no expiry
 
     @property
     def points(self) -> int:
@@ -777,6 +780,10 @@ def _package_use(c: _Apply, b: dict) -> None:
         raise _SetAside("package_unknown", f"account {acct.account_id} holds no package {pid} at HQ")
     if uses > left:
         c.note("package_overdraft", f"account {acct.account_id}: {uses} uses of {pid}, {left} left")
+    expires = acct.package_expires.get(pid)
+    if expires and b["at"][:10] > expires:   # a store that did not know yet: applied (the service is given), seen
+        c.note("package_expired_use", f"account {acct.account_id}: {uses} uses of {pid} on {b['at'][:10]}, "
+                                      f"expired {expires}")
     acct = acct._replace(packages={**acct.packages, pid: left - uses})
     c.accounts[acct.account_id] = acct
     c.entry(acct.account_id, "package_use", package_id=pid, d_uses=-uses, card_no=b["card_no"])
@@ -786,7 +793,10 @@ def _package_sale(c: _Apply, b: dict) -> None:
     """A count package sold or renewed at a counter: its uses added to what the
     account holds (a new package row when it held none), the price taken from
     stored value when it was paid so (as a sale's stored value is). The
-    validity the store worked out (``expires``) is kept in the entry."""
+    validity the store worked out (``expires``: from the later of the sale
+    day and the expiry it knew) becomes the package's, as it is (None: no
+    expiry), so HQ's snapshot says what the store's view said; it is kept
+    in the entry too."""
     pid, uses, price, sv = b["package_id"], b["uses"], b["price_fen"], b["stored_value_fen"]
     by_sv = b["payment"]["method"] == "stored_value"
     if b["deltas"] != {"packages": {pid: uses}, "stored_value_fen": -sv} or sv != (price if by_sv else 0):
@@ -794,7 +804,10 @@ def _package_sale(c: _Apply, b: dict) -> None:
     acct = c.resolve(b["card_no"], b["account_id"])
     acct, paid, bonus = c.spend(acct, sv) if sv else (acct, 0, 0)
     left = acct.packages.get(pid, 0)
-    acct = c.count_today(acct._replace(packages={**acct.packages, pid: left + uses}), sv, 0)
+    expires = {k: v for k, v in acct.package_expires.items() if k != pid}
+    if b.get("expires"):
+        expires[pid] = b["expires"]
+    acct = c.count_today(acct._replace(packages={**acct.packages, pid: left + uses}, package_expires=expires), sv, 0)
     c.accounts[acct.account_id] = acct
     c.entry(acct.account_id, "package_sale", d_paid_fen=-paid, d_bonus_fen=-bonus, package_id=pid, d_uses=uses,
             card_no=b["card_no"],
@@ -1170,15 +1183,19 @@ class AccountStore:
                 db.in_(conn, l.c.account_id, found)).order_by(l.c.account_id, l.c.expires)).all():
             lots.setdefault(aid, []).append(Lot(*lot))
         pkgs: dict[str, dict] = {}
-        for aid, pid, left in conn.execute(select(p.c.account_id, p.c.package_id, p.c.uses_left).where(
+        pkg_expires: dict[str, dict] = {}
+        for aid, pid, left, expires in conn.execute(select(p.c.account_id, p.c.package_id, p.c.uses_left,
+                                                           p.c.expires).where(
                 db.in_(conn, p.c.account_id, found))).all():
             pkgs.setdefault(aid, {})[pid] = left
+            if expires:
+                pkg_expires.setdefault(aid, {})[pid] = expires
         cps: dict[str, dict] = {}
         for aid, code, state in conn.execute(select(c.c.account_id, c.c.code, c.c.state).where(
                 db.in_(conn, c.c.account_id, found))).all():
             cps.setdefault(aid, {})[code] = state
         return {r.account_id: Account(*r, tuple(lots.get(r.account_id, ())), pkgs.get(r.account_id, EMPTY),
-                                      cps.get(r.account_id, EMPTY))
+                                      cps.get(r.account_id, EMPTY), pkg_expires.get(r.account_id, EMPTY))
                 for r in rows}
 
     # -- writing: one statement per table for the whole chunk
@@ -1200,8 +1217,11 @@ class AccountStore:
                               "points": l.points, "remaining": l.remaining}
                              for l in a.lots if old_lots.get(l.expires) != l]
                 old_p = before.packages if before else {}
-                pkg_rows += [{"account_id": a.account_id, "package_id": p, "uses_left": n, "updated_at": now_ms}
-                             for p, n in a.packages.items() if old_p.get(p) != n]
+                old_e = before.package_expires if before else {}
+                pkg_rows += [{"account_id": a.account_id, "package_id": p, "uses_left": n, "updated_at": now_ms,
+                              "expires": a.package_expires.get(p)}
+                             for p, n in a.packages.items()
+                             if old_p.get(p) != n or old_e.get(p) != a.package_expires.get(p)]
                 old_c = before.coupons if before else {}
                 cp_rows += [{"account_id": a.account_id, "code": code, "state": s, "used_tx": None,
                              "updated_at": now_ms} for code, s in a.coupons.items() if old_c.get(code) != s]
@@ -1316,7 +1336,8 @@ def _entry_row(e: HistoryEntry, now_ms: int) -> dict:
 
 # ================================================================ member snapshot
 
-_DENYING_ACCOUNT = {"frozen": "frozen", "blocked": "frozen", "cancelled": "cancelled", "expired": "expired"}
+# blocked: reconciliation's block of an overdrawn account (hq_bridge/reconcile.py): its active cards say "blocked"
+_DENYING_ACCOUNT = {"frozen": "frozen", "blocked": "blocked", "cancelled": "cancelled", "expired": "expired"}
 _FETCH = 10_000
 
 
@@ -1375,8 +1396,8 @@ def member_rows_query():
 def _snapshot_iter(conn: Connection) -> Iterator[dict]:
     a, c = db.accounts, db.cards
     q = member_rows_query().order_by(a.c.account_id, c.c.card_no)
-    pkg = select(db.packages.c.account_id, db.packages.c.package_id, db.packages.c.uses_left) \
-        .order_by(db.packages.c.account_id, db.packages.c.package_id)
+    pkg = select(db.packages.c.account_id, db.packages.c.package_id, db.packages.c.uses_left,
+                 db.packages.c.expires).order_by(db.packages.c.account_id, db.packages.c.package_id)
     cp = select(db.coupons.c.account_id, db.coupons.c.code).where(db.coupons.c.state == "issued") \
         .order_by(db.coupons.c.account_id, db.coupons.c.code)
     if db.is_postgres(conn):   # merged in Python: the database must order ids as Python compares them
@@ -1415,11 +1436,13 @@ class Grouped:
         return out
 
 
-def account_rows(group: list, packages: _grouped, coupons: _grouped, limited: set = frozenset()) -> Iterator[dict]:
+def account_rows(group: list, packages: Grouped, coupons: Grouped, limited: set = frozenset()) -> Iterator[dict]:
     aid, tier, a_status, a_type, paid, bonus, points = group[0][:7]
     primaries = [r for r in group if r[9] == "primary"]
     main = next((r for r in primaries if r[10] == "active"), primaries[-1] if primaries else group[0])
-    pk = {p: max(0, min(n, 100_000)) for _a, p, n in packages.take(aid)}
+    held = packages.take(aid)     # (account_id, package_id, uses_left, expires?)
+    pk = {r[1]: max(0, min(r[2], 100_000)) for r in held}
+    pk_expires = {r[1]: r[3] for r in held if len(r) > 3 and r[3]}
     codes = [code for _a, code in coupons.take(aid)]
     if aid in limited:   # reconciliation's "limit": offline allowances 0 until settled
         paid, bonus, points, pk, codes = 0, 0, 0, {p: 0 for p in pk}, []
@@ -1453,6 +1476,8 @@ def account_rows(group: list, packages: _grouped, coupons: _grouped, limited: se
                                 "points_redeemed": max(0, day_points)}
             if pk:
                 row["packages"] = pk
+            if pk_expires:
+                row["package_expires"] = pk_expires
             if codes:
                 row["coupons"] = codes
         else:
@@ -1580,8 +1605,9 @@ def _import_primary(conn: Connection, batch: list, out: ImportResult, consent: b
                 "terminal": None, "operator": None, "at": None, "recorded_at": now_ms, "detail": None}
         h_rows.append({**base, "kind": "import", "d_paid_fen": bal, "d_points": pts,
                        "detail": orjson.dumps({"source": source, **detail}).decode()})
-        for pid, uses in (r.get("packages") or {}).items():
-            p_rows.append({"account_id": mid, "package_id": pid, "uses_left": uses, "updated_at": now_ms})
+        for pid, uses in (r.get("packages") or {}).items():   # without package_expires: no expiry
+            p_rows.append({"account_id": mid, "package_id": pid, "uses_left": uses, "updated_at": now_ms,
+                           "expires": (r.get("package_expires") or {}).get(pid)})
             h_rows.append({**base, "kind": "import", "package_id": pid, "d_uses": uses})
         out.members += 1
         out.accounts += 1

@@ -81,7 +81,6 @@ def register_command(name: str, register_fn, run_fn) -> None:
 def _run_registered(run_fn, args, cfg: dict) -> int:
     ledger = open_hq(cfg)
     try:
-        publish = None
         if cfg["hq"].get("signing_key"):
             publisher = make_publisher(cfg, ledger)
 
@@ -93,6 +92,8 @@ def _run_registered(run_fn, args, cfg: dict) -> int:
                     async with mqtt.client(cfg["mqtt"], identifier=f"storegate-hq-{args.command}-{os.getpid()}") as c:
                         return await publisher.deny_entries(entries, reason, client=c)
                 return asyncio.run(go())
+        else:
+            publish = None
         return run_fn(args, ledger.engine, publish=publish)
     finally:
         ledger.close()
@@ -440,7 +441,9 @@ def _broker_down(args, cfg: dict, exc: Exception) -> int:
         return 3
     ledger = open_hq(cfg)
     try:
-        queued = Catalog(parts_dir=cfg["hq"].get("parts_dir"), engine=ledger.engine).queued()
+        catalog = Catalog(parts_dir=cfg["hq"].get("parts_dir"), engine=ledger.engine)
+        catalog.release()          # this command cannot send them: the bridge will
+        queued = catalog.queued()
     finally:
         ledger.close()
     if not queued:

@@ -21,7 +21,7 @@ HQ's accounts of record (hq_bridge/accounts.py applies records to them):
 - ``accounts``         balances: stored value (paid part, bonus part), points, tier, status
 - ``cards``            card -> account; role primary | subsidiary (附属卡) | linked (group card)
 - ``points_lots``      points by expiry date (one lot per account and expiry), what is left of each
-- ``packages``         count packages (计次卡): uses left per account and package
+- ``packages``         count packages (计次卡): uses left per account and package, and until when
 - ``coupons``          single-use coupons held by an account: issued | used
 - ``account_history``  every change of every balance, with the record that made it
 - ``set_aside``        store records HQ could not apply, with the reason (never dropped)
@@ -184,14 +184,17 @@ retained_parts = Table(
     Column("published_at", Int64, nullable=False),
 )
 
-# What HQ stored but could not send yet (the broker was down): sent by the bridge
-# (hq_bridge/bridge.py) on connecting and every minute, or by the next command that
-# publishes. An item leaves once something built after it was queued has gone out.
+# What HQ stored but could not send yet (the broker was down). The command that
+# queued an item sends it itself; if it cannot, it releases the item, and the bridge
+# (hq_bridge/bridge.py) sends released items on connecting and every minute, and any
+# item whose command died without a word once it is OUTBOX_ORPHANED_S old. An item
+# leaves once something built after it was queued has gone out.
 outbox = Table(
     "outbox", metadata,
     Column("item", String(80), primary_key=True),     # "store:S001": its rule set; "deny": the latest deny delta
     Column("reason", String(200), nullable=False),    # the command that queued it
     Column("queued_at", Int64, nullable=False),       # epoch ms
+    Column("released_at", Int64),                     # epoch ms: its command gave up; the bridge sends it
 )
 
 LEDGER_TABLES = ("transactions", "conflicts", "unsendable", "card_services", "stores", "rule_versions")
@@ -276,6 +279,7 @@ packages = Table(
     Column("package_id", String(ID), nullable=False),
     Column("uses_left", Int64, nullable=False),         # may go below 0 (offline overdraft)
     Column("updated_at", Int64, nullable=False),
+    Column("expires", String(DAY)),                     # last day of use (store time); NULL: no expiry (0005)
     PrimaryKeyConstraint("account_id", "package_id"),
 )
 

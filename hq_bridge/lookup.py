@@ -96,7 +96,8 @@ def lookup_account(conn, store: str, card_no: str) -> tuple[dict | None, dict | 
     group = list(conn.execute(q))
     if not group:
         return None, None, mark
-    pkg = conn.execute(select(db.packages.c.account_id, db.packages.c.package_id, db.packages.c.uses_left)
+    pkg = conn.execute(select(db.packages.c.account_id, db.packages.c.package_id, db.packages.c.uses_left,
+                              db.packages.c.expires)
                        .where(db.packages.c.account_id == aid).order_by(db.packages.c.package_id)).all()
     cp = conn.execute(select(db.coupons.c.account_id, db.coupons.c.code)
                       .where(db.coupons.c.account_id == aid, db.coupons.c.state == "issued")

@@ -72,7 +72,7 @@ from hq_bridge.accounts import (AccountStore, HistoryEntry, ImportError_, _entry
                                 import_members, overdrafts, policy_from_rules)
 from wire.ruleset import is_card_no
 
-DENY = ("not_activated", "lost", "frozen", "cancelled", "replaced", "expired")
+DENY = ("not_activated", "lost", "frozen", "blocked", "cancelled", "replaced", "expired")
 COLUMNS = ("card_no", "tier", "member_id", "name", "consent", "birthday", "birthday_calendar", "phone", "points",
            "balance_fen", "card_type", "expires", "primary_card", "group_id")
 REQUIRED = ("card_no", "tier")
@@ -477,9 +477,22 @@ def _against_hq(conn: Connection, rows: list[tuple[int, dict]]) -> list[ImportPr
 # ================================================================ show
 
 def _effective_status(card_status: str, account_status: str) -> str:
+    """What a store is told of a card: its own status, or an active card's
+    account's (``blocked``: reconciliation's block of an overdrawn account)."""
     if card_status != "active":
         return card_status
-    return {"blocked": "frozen"}.get(account_status, account_status)
+    return account_status
+
+
+def _blocked(conn: Connection, account_id: str) -> bool:
+    return conn.execute(select(db.accounts.c.status).where(db.accounts.c.account_id == account_id)).scalar() \
+        == "blocked"
+
+
+def _refuse_lifting_a_block(card_no: str, op: str) -> None:
+    raise MemberError(f"{op}: card {card_no} is active; its account is blocked for an overdraft "
+                      "(reconciliation.overdraft_policy = \"block\"), which only settling lifts: a top-up or "
+                      "return at any store, or storegate-hq reconcile --settle ACCOUNT --kind KIND")
 
 
 def account_view(conn: Connection, card_no: str, *, history: int = 20) -> dict:
@@ -620,6 +633,8 @@ def card_op(conn: Connection, op: str, card_no: str, *, user: str = "admin", new
             raise MemberError(f"freeze: card {card_no} is {before}")
         after = "frozen"
     elif op == "unfreeze":
+        if before == "active" and _blocked(conn, card["account_id"]):
+            _refuse_lifting_a_block(card_no, op)
         if before not in ("frozen", "lost"):
             raise MemberError(f"unfreeze: card {card_no} is {before}, not frozen or lost")
         after = "active"
@@ -680,6 +695,11 @@ def card_op(conn: Connection, op: str, card_no: str, *, user: str = "admin", new
                      .values(status=after, updated_at=now_ms, **new_values))
     if after != before:
         res.cards_changed.insert(0, (card_no, before, after, new_values.get("replaced_by")))
+    if res.cards_changed and _blocked(conn, card["account_id"]):
+        # The account is blocked (reconciliation): an active card on it is "blocked" at the stores, never
+        # lifted by a card service (an unfreeze, a cancelled loss report, a new or replacement card).
+        res.cards_changed = [(no, _effective_status(b, "blocked") if b else b, _effective_status(a, "blocked"), r)
+                             for no, b, a, r in res.cards_changed]
     e = _hq_entry(card["account_id"], "card_op", user, at, card_no=card_no,
                   detail={**detail, "status": [before, after]})
     conn.execute(db.account_history.insert().values(_entry_row(e, now_ms)))
@@ -708,7 +728,10 @@ def deny_list_action(conn: Connection, action: str, card_no: str, *, status: str
     if op is None:
         raise MemberError(f"card {card_no} is held at HQ: {action} --status {status} is not a card service; "
                           "use storegate-hq members card")
-    current = _card(conn, card_no)["status"]
+    held = _card(conn, card_no)
+    current = held["status"]
+    if op == "unfreeze" and current == "active" and _blocked(conn, held["account_id"]):
+        _refuse_lifting_a_block(card_no, "card unfreeze")   # the deny list's "active" would lift the block
     if (op, current) in (("report_lost", "lost"), ("freeze", "frozen"), ("cancel", "cancelled"),
                          ("unfreeze", "active")):
         return None

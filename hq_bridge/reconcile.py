@@ -35,9 +35,12 @@ Policy (rule set ``[reconciliation]``, wire/RULESET.md):
   ``snapshot_rows``); online look-ups at HQ see the real account. The caller
   refreshes the snapshots of ``Reconciliation.limited`` / ``unlimited``.
 - ``block``: while open, the account is ``blocked`` and every active card on
-  it goes out as a ``frozen`` deny delta; settled, they are lifted
-  (``cards_changed``: (card_no, before, after, None), the shape of
-  AccountStore's BatchResult, for ``members.deny_entries``).
+  it goes out as a ``blocked`` deny delta (欠款冻结: a store identifies the
+  card, lets it spend nothing and takes a top-up to settle); settled, they are
+  lifted (``cards_changed``: (card_no, before, after, None), the shape of
+  AccountStore's BatchResult, for ``members.deny_entries``). Only settling
+  lifts a block: neither a counter's unfreeze nor HQ's ``card unfreeze``
+  (hq_bridge/members.py ``card_op``, ``deny_list_action``).
 
 Overdrafts of stored value below ``tolerance_fen`` and points below
 ``tolerance_points`` are carried whatever the policy. Daily-allowance
@@ -297,9 +300,9 @@ def _apply_policy(conn: Connection, ids: list[str], out: Reconciliation, entries
             out.unlimited.append(aid)
         block = "block" in acts
         if block and status.get(aid) == "active":
-            new, before, after = "blocked", "active", "frozen"
+            new, before, after = "blocked", "active", "blocked"
         elif not block and status.get(aid) == "blocked":
-            new, before, after = "active", "frozen", "active"
+            new, before, after = "active", "blocked", "active"
         else:
             continue
         conn.execute(update(a).where(a.c.account_id == aid).values(status=new, updated_at=now_ms))

@@ -398,6 +398,19 @@ class Catalog:
         return self._read(lambda c: [tuple(r) for r in c.execute(
             select(t.c.item, t.c.reason, t.c.queued_at).order_by(t.c.queued_at, t.c.item))])
 
+    def release(self) -> None:
+        """The command's own sending failed: the bridge takes what waits."""
+        t = db.outbox
+        self._write(lambda c: c.execute(t.update().where(t.c.released_at.is_(None)).values(released_at=now_ms())))
+
+    def for_the_bridge(self, orphaned_before_ms: int) -> dict[str, int]:
+        """{item: queued_at} the bridge sends: released, or queued before
+        ``orphaned_before_ms`` (its command died without a word). Others are
+        being sent by the command that queued them."""
+        t = db.outbox
+        return self._read(lambda c: dict(c.execute(select(t.c.item, t.c.queued_at).where(
+            (t.c.released_at.is_not(None)) | (t.c.queued_at < orphaned_before_ms))).all()))
+
     def sent(self, item: str, built_at_ms: int) -> None:
         """``item`` has gone out as built at ``built_at_ms``: it leaves the
         outbox unless it was queued again after that."""
@@ -406,6 +419,7 @@ class Catalog:
 
 
 DENY_ITEM = "deny"
+OUTBOX_ORPHANED_S = 600   # an item not released by then: its command died; the bridge sends it
 
 
 def store_item(store: str) -> str:
@@ -641,10 +655,10 @@ class Publisher:
         return built.manifest
 
     async def send_queued(self, client: aiomqtt.Client) -> list[str]:
-        """Send what commands stored while the broker was down: the latest
-        deny delta, and the queued stores' rule sets built now from what HQ
-        holds. Returns the items sent."""
-        items = {item: at for item, _reason, at in self.catalog.queued()}
+        """Send what commands stored and could not send (the broker was
+        down): the latest deny delta, and the queued stores' rule sets built
+        now from what HQ holds. Returns the items sent."""
+        items = self.catalog.for_the_bridge(now_ms() - OUTBOX_ORPHANED_S * 1000)
         done = []
         if DENY_ITEM in items:
             delta = self.catalog.latest_delta()
@@ -789,6 +803,9 @@ def card_entries(action: str, card_no: str, *, status: str | None = None, new_ca
         status = status or "lost"
         if status not in DENY_STATUSES:
             raise PublishError(f"--status {status!r}: one of {', '.join(DENY_STATUSES)}")
+        if status == "blocked":   # an account's debt: reconciliation's to set and to lift, not a card's
+            raise PublishError("--status blocked: set by reconciliation (storegate-hq reconcile) on an overdrawn "
+                               "account and lifted when it is settled; not by hand")
         entries = [{"card_no": card_no, "status": status, "since": since}]
     elif action == "freeze":
         entries = [{"card_no": card_no, "status": "frozen", "since": since}]

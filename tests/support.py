@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from demo.testbed import free_port, http_json, provision_terminals, role_for, wait_for_port
@@ -202,6 +203,30 @@ terminals_file = "{self.terminals_file}"
         from gateway.store.journal import read_index
 
         return sorted(read_index(self.data_dir / "journal").pending)
+
+
+def start_shop(tmp: Path, broker_port: int, *, database: str | None = None,
+               rules_file: Path = RULES_FILE) -> tuple[HQ, GatewayProc]:
+    """A store as the end-to-end tests start it: HQ running with the rule set
+    published (its inline members imported into HQ's accounts) and a gateway
+    that has applied it (rules version 1). The caller stops both."""
+    hq = HQ(tmp, broker_port, database=database).start()
+    published = hq.publish_rules(rules_file=rules_file)
+    assert published.returncode == 0, published.stderr
+    gw = GatewayProc(tmp, broker_port).start()
+    wait_until(lambda: gw.status()["rules_version"] == 1, what="rules applied at the gateway")
+    return hq, gw
+
+
+@contextmanager
+def running_shop(tmp: Path, broker_port: int, **kw):
+    """``start_shop`` for a ``with`` block (or a fixture): (hq, gw), both stopped after."""
+    hq, gw = start_shop(tmp, broker_port, **kw)
+    try:
+        yield hq, gw
+    finally:
+        gw.stop()
+        hq.stop()
 
 
 def api_client(gw):

@@ -74,7 +74,7 @@ def test_migrations_make_the_metadata_on_both_engines(hq_db_url):
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-            assert ctx.get_current_revision() == "0004"
+            assert ctx.get_current_revision() == "0005"
             assert compare_metadata(ctx, db.metadata) == []
     finally:
         engine.dispose()

@@ -131,3 +131,51 @@ def test_inconsistent_records_are_set_aside_and_change_nothing(hq_engine, store)
     assert [code.split(":")[0] for _s, code in res.set_aside] == ["inconsistent"] * 3
     after = balances(hq_engine, store, MEMBER)
     assert (after.points, after.paid_fen, after.packages) == (before.points, before.paid_fen, before.packages)
+
+
+# ---------------------------------------------------------------- a package's expiry, kept with the package
+
+def _sale_until(seq: int, held: dict, until: dict) -> object:
+    view = {**member(held=held), "package_expires": until}
+    out = packages.sell_package(POLICY, view, "car_wash10", payment_method="cash", now=AT)
+    return tx(seq, journaled(out, seq, payment={"method": "cash"}))
+
+
+def _package_row(engine, store):
+    with engine.begin() as conn:
+        assert audit(conn) == []
+        return {r["card_no"]: r for r in snapshot_rows(conn, "S001")}[CARD]
+
+
+def test_a_sale_sets_the_packages_expiry_and_a_renewal_extends_it_from_there(hq_engine, store):
+    open_account(hq_engine, store)
+    commit(hq_engine, store, "S001", [package_sale(1)])                        # 2026-11-25 + 12 months
+    a = balances(hq_engine, store, MEMBER)
+    assert (a.packages, a.package_expires) == ({"car_wash10": 10}, {"car_wash10": "2027-11-25"})
+    row = _package_row(hq_engine, store)
+    assert (row["packages"], row["package_expires"]) == ({"car_wash10": 10}, {"car_wash10": "2027-11-25"})
+    # The store renews from the expiry its view holds (HQ's snapshot): 2027-11-25 + 12 months.
+    # HQ takes the record's expiry as it is: the store's view and HQ's account agree.
+    res = commit(hq_engine, store, "S001", [_sale_until(2, row["packages"], row["package_expires"])])
+    assert (res.applied, res.problems) == ([2], [])
+    row = _package_row(hq_engine, store)
+    assert (row["packages"], row["package_expires"]) == ({"car_wash10": 20}, {"car_wash10": "2028-11-25"})
+
+
+def test_a_package_given_without_validity_does_not_expire_and_a_late_use_is_reported(hq_engine, store):
+    with hq_engine.begin() as conn:                     # imported: no package_expires, no expiry
+        import_members(conn, [{"card_no": CARD, "member_id": MEMBER, "tier": "normal", "packages": {"car_wash10": 2}},
+                              {"card_no": "880000000501", "member_id": "M501", "tier": "normal",
+                               "packages": {"car_wash10": 4}, "package_expires": {"car_wash10": "2026-11-24"}}],
+                       policy=store.policy, clock=NOW.timestamp)
+        rows = {r["card_no"]: r for r in snapshot_rows(conn, "S001")}
+    assert "package_expires" not in rows[CARD]
+    assert rows["880000000501"]["package_expires"] == {"car_wash10": "2026-11-24"}
+    # a store that did not know of the expiry used it on 2026-11-25: applied (the wash was given), reported
+    from gateway.core import pricing
+    late = {"member_id": "M501", "card_no": "880000000501", "packages": {"car_wash10": 4}}
+    body = {**pricing.consume_package(POLICY, late, "car_wash10", 1, now=AT)["record"], "lane": "1",
+            "idempotency_key": "pos-1/key-000001", "account_id": "M501", "day": "2026-11-25", "terminal": "pos-1"}
+    res = commit(hq_engine, store, "S001", [tx(1, body)])
+    assert res.applied == [1] and [p.code for _s, p in res.problems] == ["package_expired_use"]
+    assert balances(hq_engine, store, "M501").packages == {"car_wash10": 3}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.support import GOLD_UID, HQ, GatewayProc, sale_body, wait_until
+from tests.support import GOLD_UID, running_shop, sale_body
 
 
 @pytest.fixture(scope="module")
@@ -11,13 +11,8 @@ def gw(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("api")
     broker = MosquittoBroker(tmp / "broker").start()
-    hq = HQ(tmp, broker.port).start()
-    assert hq.publish_rules().returncode == 0
-    gw = GatewayProc(tmp, broker.port).start()
-    wait_until(lambda: gw.status()["rules_version"] == 1, what="rules applied")
-    yield gw
-    gw.stop()
-    hq.stop()
+    with running_shop(tmp, broker.port) as (_hq, gw):
+        yield gw
     broker.stop()
 
 

@@ -269,3 +269,81 @@ async def test_a_local_state_failure_never_fails_a_durable_sale(gw, monkeypatch)
     await gw.counter.sale("1", {"idempotency_key": "held-0003", "lines": basket(1000)})
     assert not gw.counter.faults
     assert gw.counter.archive.sale({"seq": sale.seq}) is not None     # the held sale is archived after all
+
+
+# ---------------------------------------------------------------- a card HQ blocked for an overdraft (欠款冻结)
+
+def hq_delta(gw: Gateway, entries: list[dict]) -> bytes:
+    """A deny delta as HQ signs it (reconcile's block, and its lift)."""
+    from tests.support import test_hq_key
+    from wire.messages import DenyDelta
+    from wire.signing import sign
+    doc = {"version": gw.rules.deny_version + 1, "issued_at": int(T0), "entries": entries}
+    return DenyDelta(sign(doc, test_hq_key())).encode()
+
+
+def hq_block(gw: Gateway, card: str) -> None:
+    assert gw.rules.apply_deny(hq_delta(gw, [{"card_no": card, "status": "blocked", "since": "2026-11-20"}]))
+
+
+async def test_a_blocked_card_buys_and_tops_up_but_spends_nothing(gw):
+    hq_block(gw, GOLD)                       # GOLD: 5,230 points, 200.00 yuan, coupon C2026-0001, car_wash10 x3
+    v = await tap(gw, GOLD)
+    assert (v.verdict, v.reason) == ("accept_limited", "blocked")
+    depth = await journal_depth(gw)
+    for n, (tender, field) in enumerate([({"stored_value_fen": 1000}, "tender.stored_value_fen"),
+                                         ({"points": 500}, "tender.points"),
+                                         ({"coupons": ["C2026-0001"]}, "tender.coupons")]):
+        await tap(gw, GOLD)
+        with pytest.raises(PricingError) as refused:
+            await gw.counter.sale("1", {"idempotency_key": f"blocked-spend-{n}", "lines": basket(5000),
+                                        "tender": tender})
+        assert (refused.value.code, refused.value.field) == ("member_limited", field)
+    await tap(gw, GOLD)
+    with pytest.raises(PricingError) as refused:
+        await gw.counter.use_package("1", "car_wash10", {"idempotency_key": "blocked-pkg-01"})
+    assert refused.value.code == "member_blocked" and refused.value.text["en"]
+    assert await journal_depth(gw) == depth                                 # nothing written
+    q = gw.counter.quote("1", {"lines": basket(5000)})
+    assert q["available"]["stored_value"]["max_fen"] == 0 and q["member"]["reason"] == "blocked"
+
+    sale = await gw.counter.sale("1", {"idempotency_key": "blocked-cash-01", "lines": basket(5000)})
+    assert sale.response["tender"]["stored_value_fen"] == 0 and sale.response["points_earned"] > 0  # accrues
+
+    await tap(gw, GOLD)                                                      # a top-up to settle
+    top = await gw.counter.topup("1", {"idempotency_key": "blocked-top-01", "amount_fen": 5000, "payment": CASH})
+    assert top.response["record"]["credit_fen"] == 5000
+    v = await tap(gw, GOLD)
+    assert v.reason == "blocked" and v.member["balance_fen"] == 25000      # still HQ's to lift
+
+
+async def test_a_counter_unfreeze_does_not_lift_hqs_block(gw):
+    hq_block(gw, GOLD)
+    depth = await journal_depth(gw)
+    with pytest.raises(CounterError) as refused:
+        await gw.counter.card_service({"idempotency_key": "blocked-unfrz-1", "kind": "unfreeze", "card_no": GOLD})
+    assert (refused.value.code, refused.value.status) == ("card_blocked", 409)
+    assert refused.value.text["zh-CN"] and refused.value.text["en"]
+    assert await journal_depth(gw) == depth
+    assert (await tap(gw, GOLD)).reason == "blocked"
+    # a freeze made here on top of the block: the desk lifts its own freeze, the block stays
+    frozen = await gw.counter.card_service({"idempotency_key": "blocked-frz-01", "kind": "freeze", "card_no": GOLD})
+    assert frozen.response["status_before"] == "blocked"
+    assert (await tap(gw, GOLD)).reason == "frozen"
+    done = await gw.counter.card_service({"idempotency_key": "blocked-unfrz-2", "kind": "unfreeze", "card_no": GOLD})
+    assert done.response["status_before"] == "frozen" and done.response["hq_decides"] is True
+    assert (await tap(gw, GOLD)).reason == "blocked"
+
+
+async def test_hqs_lift_of_a_block_makes_the_card_fully_usable(gw):
+    hq_block(gw, GOLD)
+    assert (await tap(gw, GOLD)).reason == "blocked"
+    assert gw.rules.apply_deny(hq_delta(gw, [{"card_no": GOLD, "status": "active"}]))   # settled at HQ
+    v = await tap(gw, GOLD)
+    assert (v.verdict, v.reason) == ("accept", "ok")
+    sale = await gw.counter.sale("1", {"idempotency_key": "lifted-sale-01", "lines": basket(10000),
+                                       "tender": {"stored_value_fen": 3000, "points": 500}})
+    assert sale.response["tender"]["stored_value_fen"] == 3000
+    await tap(gw, GOLD)
+    used = await gw.counter.use_package("1", "car_wash10", {"idempotency_key": "lifted-pkg-01"})
+    assert used.response["record"]["remaining_after"] == 2

@@ -318,6 +318,55 @@ async def test_hq_applies_them_and_its_snapshot_gives_the_same_view(tmp_path):
         for card in (GOLD, DIAMOND):
             hq = await view(gw, card)
             mine = store_view[card]
-            assert (hq["points"], hq["balance_fen"], hq["packages"]) == \
-                (mine["points"], mine["balance_fen"], mine["packages"]), card
+            assert (hq["points"], hq["balance_fen"], hq["packages"], hq["package_expires"]) == \
+                (mine["points"], mine["balance_fen"], mine["packages"], mine["package_expires"]), card
         assert json.dumps(store_view[GOLD]["packages"]) == json.dumps({"car_wash10": 13})
+        assert store_view[GOLD]["package_expires"] == {"car_wash10": "2027-11-25"}    # HQ's snapshot says it too
+
+
+# ---------------------------------------------------------------- a package's expiry (HQ's snapshot, sales here)
+
+def members_with(card: str, **more) -> list[dict]:
+    return [{**m, **more} if m["card_no"] == card else m for m in members()]
+
+
+async def test_an_expired_package_is_shown_apart_refused_by_name_and_renewed_from_today(tmp_path):
+    async with Gateway(config(tmp_path), clock=lambda: T0) as gw:       # 2026-11-25
+        install(gw, members=members_with(GOLD, package_expires={"car_wash10": "2026-11-24"}))
+        client = api_client(gw)
+        m = await view(gw, GOLD)
+        assert "car_wash10" not in m["packages"]
+        assert m["packages_expired"] == {"car_wash10": {"uses": 3, "expires": "2026-11-24"}}
+        await tap(gw, GOLD)
+        before = await depth(gw)
+        res = await client.post("/lanes/1/packages/car_wash10/uses", body={"idempotency_key": "pkg-exp-use1"})
+        assert res.status_code == 422, res.json
+        assert (res.json["error"]["code"], res.json["error"]["field"]) == ("package_expired", "package_id")
+        assert res.json["error"]["text"]["zh-CN"] == "次卡洗车10次卡已于2026-11-24到期，续费后可继续使用"
+        assert await depth(gw) == before
+        # renewed: 12 months from today (its expiry is past), the 3 left usable again with the 10 bought
+        await tap(gw, GOLD)
+        res = await client.post("/lanes/1/packages", body=sale_of("car_wash10", "pkg-exp-sale1"))
+        assert res.status_code == 201, res.json
+        assert (res.json["record"]["expires"], res.json["record"]["remaining_after"]) == ("2027-11-25", 13)
+        m = await view(gw, GOLD)
+        assert (m["packages"], m["package_expires"], m["packages_expired"]) == \
+            ({"car_wash10": 13}, {"car_wash10": "2027-11-25"}, {})
+        await tap(gw, GOLD)
+        assert (await client.post("/lanes/1/packages/car_wash10/uses",
+                                  body={"idempotency_key": "pkg-exp-use2"})).status_code == 201
+
+
+async def test_a_renewal_at_the_counter_extends_from_the_snapshots_expiry(tmp_path):
+    async with Gateway(config(tmp_path), clock=lambda: T0) as gw:
+        install(gw, members=members_with(GOLD, package_expires={"car_wash10": "2027-03-31"}))
+        client = api_client(gw)
+        assert (await view(gw, GOLD))["package_expires"] == {"car_wash10": "2027-03-31"}
+        await tap(gw, GOLD)
+        res = await client.post("/lanes/1/packages", body=sale_of("car_wash10", "pkg-ext-0001"))
+        assert res.status_code == 201 and res.json["record"]["expires"] == "2028-03-31", res.json
+        assert res.json["receipt"]["zh-CN"][-1] == "有效期至 2028-03-31"
+        # the sale here is the view's expiry at once (local deltas), and again after a restart
+        assert (await view(gw, GOLD))["package_expires"] == {"car_wash10": "2028-03-31"}
+    async with Gateway(config(tmp_path), clock=lambda: T0) as gw:
+        assert (await view(gw, GOLD))["package_expires"] == {"car_wash10": "2028-03-31"}

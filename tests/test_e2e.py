@@ -5,19 +5,13 @@ import time
 
 import pytest
 
-from tests.support import GOLD_UID, HQ, LOST_CARD, GatewayProc, sale_body, wait_until
+from tests.support import GOLD_UID, LOST_CARD, running_shop, sale_body, wait_until
 
 
 @pytest.fixture
 def store(tmp_path, broker):
-    hq = HQ(tmp_path, broker.port).start()
-    published = hq.publish_rules()
-    assert published.returncode == 0, published.stderr
-    gw = GatewayProc(tmp_path, broker.port).start()
-    wait_until(lambda: gw.status()["rules_version"] == 1, what="rules applied at the gateway")
-    yield hq, gw
-    gw.stop()
-    hq.stop()
+    with running_shop(tmp_path, broker.port) as shop:
+        yield shop
 
 
 def test_tap_quote_commit_reaches_hq_and_journal_empties(store):

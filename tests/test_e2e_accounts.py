@@ -25,8 +25,9 @@ still count on that snapshot.
 Reconciliation (``overdraft_policy = "block"``): both stores, offline, spend
 the same stored value; HQ reports the exact overdraft (``storegate-hq
 reconcile --json``), blocks the card at both stores with a signed deny delta
-(kept through a republish), and lifts it at both once the balance is settled
-(here by returns: a blocked card cannot be topped up, see the xfail below),
+(``blocked``: identified, nothing to spend, kept through a republish), and
+lifts it at both once the balance is settled (here by returns; a top-up at the
+counter settles too: test_a_card_blocked_for_an_overdraft_can_be_topped_up_to_settle),
 offline too.
 
 A cut link goes dark (tests/support.py DarkProxyThread): the store notices at
@@ -44,7 +45,6 @@ import time
 
 import pytest
 
-from gateway.core.errors import NoMember
 from tests.pg import pg_server  # noqa: F401  (fixture)
 from tests.support import (BIN, HQ, RULES_FILE, DarkProxyThread, GatewayProc, hq_public_key, ledger_by_id,
                            wait_until)
@@ -498,7 +498,7 @@ def test_both_stores_spend_the_same_stored_value_offline_blocked_then_lifted_at_
 
     # HQ applied both and reports the exact overdraft
     account = chain.hq_view(RECON)
-    assert (account["stored_value_fen"], account["paid_fen"], account["status"]) == (-15000, -15000, "frozen")
+    assert (account["stored_value_fen"], account["paid_fen"], account["status"]) == (-15000, -15000, "blocked")
     assert [(o["kind"], o["amount"], o["action"]) for o in account["overdrafts"]] == [("stored_value", 15000, "block")]
     report = reconcile(chain)
     [od] = report["overdrafts"]
@@ -509,26 +509,27 @@ def test_both_stores_spend_the_same_stored_value_offline_blocked_then_lifted_at_
     assert report["totals"]["stored_value"] == 15000
     assert report["cards_changed"] == []                          # blocked already on ingest, not again
 
-    # the policy reached both stores: a signed deny delta, the card refused at each
+    # the policy reached both stores: a signed deny delta, the card blocked at each (identified, nothing to spend)
     for st in (a, b):
-        wait_until(lambda: st.verdict(RECON)["verdict"] == "deny", timeout=20, what=f"the block at {st.id}")
-        assert st.verdict(RECON)["reason"] == "frozen"
+        wait_until(lambda: st.verdict(RECON)["verdict"] == "accept_limited", timeout=20,
+                   what=f"the block at {st.id}")
+        assert st.verdict(RECON)["reason"] == "blocked"
         assert st.status()["deny_version"] == deny[st.id] + 1
 
     # HQ republishes while the card is blocked (a key rotation): the new snapshots keep the block
     chain.rotate_keys()
     for st in (a, b):
-        assert st.verdict(RECON)["reason"] == "frozen"
+        assert st.verdict(RECON)["reason"] == "blocked"
 
     # part of the overdraft paid back (goods returned to stored value): still blocked, the amount follows
-    chain.give_back(a, sale_a, [{"line": 0, "qty": 2}], live=False)    # (the card is refused: no tap)
+    chain.give_back(a, sale_a, [{"line": 0, "qty": 2}], live=False)    # (by the receipt: no tap)
     a.drained()
     account = chain.hq_view(RECON)
-    assert (account["stored_value_fen"], account["status"]) == (-5000, "frozen")
+    assert (account["stored_value_fen"], account["status"]) == (-5000, "blocked")
     assert [(o["kind"], o["amount"]) for o in account["overdrafts"]] == [("stored_value", 5000)]
     assert [(o["amount"], o["state"]) for o in reconcile(chain)["overdrafts"]] == [(5000, "open")]
     for st in (a, b):
-        assert st.verdict(RECON)["reason"] == "frozen"
+        assert st.verdict(RECON)["reason"] == "blocked"
         assert st.status()["deny_version"] == deny[st.id] + 1
 
     # settled: HQ's own lift goes out to every store
@@ -574,20 +575,20 @@ def _tap(rules, card: str = RECON):
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 def test_a_lift_in_a_deny_delta_lifts_a_snapshot_row_that_showed_the_card_blocked(tmp_path, kind):
     """HQ built the store's snapshot while the account was blocked (its
-    card's row says ``frozen``, and the deny list too); the deny delta that
+    card's row says ``blocked``, and the deny list too); the deny delta that
     lifts the block must make the card usable offline, not only take it off
     the deny list. Also when a snapshot older than the lift loads after it."""
     from gateway.core.members import InMemoryMembers
     from gateway.store.members import MemberStore
 
-    row = {"card_no": RECON, "member_id": "M2002", "tier": "normal", "status": "frozen", "balance_fen": 0}
+    row = {"card_no": RECON, "member_id": "M2002", "tier": "normal", "status": "blocked", "balance_fen": 0}
     other = {"card_no": GOLD, "member_id": "M1001", "tier": "gold", "status": "lost"}
-    deny = [{"card_no": RECON, "status": "frozen", "since": "2026-12-05"}]
+    deny = [{"card_no": RECON, "status": "blocked", "since": "2026-12-05"}]
     store = InMemoryMembers() if kind == "memory" else MemberStore(tmp_path / "m")
     try:
         store.replace_snapshot([row, other], deny, version=3, as_of=1, store_seq=7, deny_version=4)
         rules = _demo_rules(store)
-        assert (_tap(rules).verdict, _tap(rules).reason) == ("deny", "frozen")
+        assert (_tap(rules).verdict, _tap(rules).reason) == ("accept_limited", "blocked")
         store.apply_deny_delta(5, {RECON: None})                    # HQ: settled, lifted
         assert _tap(rules).verdict == "accept" and store.get(RECON)["status"] == "active"
         assert store.get(GOLD)["status"] == "lost"                  # a card the delta did not name stays as it was
@@ -595,8 +596,8 @@ def test_a_lift_in_a_deny_delta_lifts_a_snapshot_row_that_showed_the_card_blocke
         store.replace_snapshot([row, other], deny, version=4, as_of=1, store_seq=7, deny_version=4)
         assert _tap(_demo_rules(store)).verdict == "accept"
         # a snapshot made after the lift (deny list at v5) says what HQ says then
-        store.replace_snapshot([{**row, "status": "frozen"}], [], version=5, as_of=2, store_seq=8, deny_version=5)
-        assert _tap(_demo_rules(store)).reason == "frozen"
+        store.replace_snapshot([{**row, "status": "blocked"}], [], version=5, as_of=2, store_seq=8, deny_version=5)
+        assert _tap(_demo_rules(store)).reason == "blocked"
     finally:
         store.close()
 
@@ -666,12 +667,6 @@ def test_a_snapshot_of_an_overdrawn_account_keeps_the_debt_at_the_store(tmp_path
     assert view.member["balance_fen"] == max(0, hq) == 0  # the store's view (before the fix: 30.00, the debt forgotten)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a card blocked for an overdraft (reconciliation.overdraft_policy = \"block\") goes out as a plain "
-    "\"frozen\" deny entry, so the counter refuses it at the tap and nothing can be journaled for it: the "
-    "member cannot top up to settle (only a return of an earlier sale, or HQ by hand, can); needs a block "
-    "the counter can tell from a freeze (HQ's deny entry) and a top-up path for it (gateway/shell/counter.py)"),
-    raises=NoMember)
 async def test_a_card_blocked_for_an_overdraft_can_be_topped_up_to_settle(tmp_path):
     from gateway.shell.service import Gateway
     from hardware.readers import CardRead
@@ -680,7 +675,7 @@ async def test_a_card_blocked_for_an_overdraft_can_be_topped_up_to_settle(tmp_pa
     async with Gateway(gw_config_for(tmp_path, "S002", 1)) as gw:       # offline: no broker
         install(gw)
         gw.rules.members.apply_deny_delta(gw.rules.deny_version + 1, {
-            "880000000013": {"status": "frozen", "since": "2026-12-05"}})   # HQ's block of M1001
+            "880000000013": {"status": "blocked", "since": "2026-12-05"}})   # HQ's block of M1001
         await gw.handle_read(CardRead("1", "magstripe", "880000000013", time.time()))
         top = await gw.counter.topup("1", {"idempotency_key": "settle-000001", "amount_fen": 5000,
                                            "payment": CASH})

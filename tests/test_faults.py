@@ -3,19 +3,11 @@
 import threading
 import time
 
-from tests.support import HQ, GatewayProc, ledger_by_id, sale_body, wait_until
-
-
-def _start_store(tmp_path, broker):
-    hq = HQ(tmp_path, broker.port).start()
-    assert hq.publish_rules().returncode == 0
-    gw = GatewayProc(tmp_path, broker.port).start()
-    wait_until(lambda: gw.status()["rules_version"] == 1, what="rules applied")
-    return hq, gw
+from tests.support import ledger_by_id, sale_body, start_shop, wait_until
 
 
 def test_broker_killed_during_sales_nothing_lost_or_doubled(tmp_path, broker):
-    hq, gw = _start_store(tmp_path, broker)
+    hq, gw = start_shop(tmp_path, broker.port)
     told_committed: dict[str, int] = {}
     errors: list = []
 
@@ -52,7 +44,7 @@ def test_broker_killed_during_sales_nothing_lost_or_doubled(tmp_path, broker):
 
 
 def test_gateway_sigkilled_after_ok_sale_reaches_hq_once(tmp_path, broker):
-    hq, gw = _start_store(tmp_path, broker)
+    hq, gw = start_shop(tmp_path, broker.port)
     try:
         hq.stop()  # HQ away: the sale can only be in the gateway's journal
         status, sale = gw.call("POST", "/lanes/1/sales", sale_body("pos1-kill-01", member=False))

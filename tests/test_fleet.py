@@ -41,3 +41,22 @@ def test_a_refused_rule_set_is_named():
     s = status(rules_rejection="signature does not verify")
     assert store_problems(s, sent=5, hq_deny=7) == ["rules refused: signature does not verify",
                                                    "rules behind: runs v4, sent v5"]
+
+
+def test_the_bridge_leaves_alone_what_a_running_command_is_sending(tmp_path):
+    """A command queues before it sends; the bridge sends only what a command
+    released (its broker was down) or what a dead command left for long."""
+    from hq_bridge.rules import Catalog, now_ms
+
+    catalog = Catalog(tmp_path / "hq.db", tmp_path / "parts")
+    try:
+        t = now_ms()
+        catalog.queue(["store:S001"], "rules publish", t)
+        assert catalog.for_the_bridge(t - 1) == {}                   # being sent by its command
+        assert catalog.for_the_bridge(t + 1) == {"store:S001": t}    # orphaned: its command is long gone
+        catalog.release()                                            # the command's broker was down
+        assert catalog.for_the_bridge(t - 1) == {"store:S001": t}
+        catalog.sent("store:S001", t)
+        assert catalog.queued() == []
+    finally:
+        catalog.close()

@@ -312,5 +312,5 @@ def test_tiers_move_and_overdrafts_block_on_ingest_with_the_chains_rules(tmp_pat
     assert [(m.before, m.after) for m in spent.accounts.tier_moves] == [("normal", "silver")]
     over = ledger.commit(batch("S002", [tx(1, sale_body("880000000017", "M1", sv=7000, key="b"))]))
     assert [(o.kind, o.amount, o.action) for o in over.accounts.overdrafts] == [("stored_value", 5000, "block")]
-    assert [c[:3] for c in over.accounts.hq_cards_changed] == [("880000000017", "active", "frozen")]  # -> a deny delta
+    assert [c[:3] for c in over.accounts.hq_cards_changed] == [("880000000017", "active", "blocked")]  # -> a deny delta
     ledger.close()

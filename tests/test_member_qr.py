@@ -113,7 +113,7 @@ def test_cut_short_or_padded_codes_are_bad_format(app):
 
 # -- replay store and the gateway's check -----------------------------------------
 class PolicyOnly:
-    """A rule set reduced to the one section MemberQrCheck reads (engine.Rules.data)."""
+    """A rule set reduced to the one section MemberQrCheck reads (validate.Rules.data)."""
 
     def __init__(self, qr_section=None):
         self.data = {} if qr_section is None else {"member_qr": qr_section}

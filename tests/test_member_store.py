@@ -206,13 +206,15 @@ def test_local_deltas_and_snapshot_apply(store):
     store.record_deltas(101, "M1", day, {"points": -500, "points_redeemed": 500, "stored_value_fen": -3000,
                                          "promotion_uses": {"spend100": 1}, "coupons_used": ["C1"]})
     store.record_deltas(102, "M1", "2026-11-23", {"points": 120, "points_earned": 120, "stored_value_fen": -1000})
-    store.record_deltas(103, "M1", day, {"stored_value_fen": 50000, "packages": {"car_wash10": 10}})   # top-up, package sold
+    store.record_deltas(103, "M1", day, {"stored_value_fen": 50000, "packages": {"car_wash10": 10},
+                                         "package_expires": {"car_wash10": "2027-11-24"}})   # top-up, package sold
     store.record_deltas(104, "M1", day, {"stored_value_fen": 1000, "points_redeemed": -200, "points": 200})   # a return
     store.record_deltas(105, "M2", day, {"points": 7})
     store.record_deltas(101, "M1", day, {"points": -500, "points_redeemed": 500, "stored_value_fen": -3000,
                                          "promotion_uses": {"spend100": 1}, "coupons_used": ["C1"]})  # retry: once
     t = store.local_totals("M1", day)
-    assert t == {"points": -180, "stored_value_fen": 47000, "packages": {"car_wash10": 10}, "coupons_used": ["C1"],
+    assert t == {"points": -180, "stored_value_fen": 47000, "packages": {"car_wash10": 10},
+                 "package_expires": {"car_wash10": "2027-11-24"}, "coupons_used": ["C1"],
                  "today": {"points_redeemed": 500, "stored_value_paid_fen": 3000,
                            "promotion_uses": {"spend100": 1}, "coupons_used": ["C1"]}}
     assert store.local_totals("M3", day)["points"] == 0
@@ -220,6 +222,7 @@ def test_local_deltas_and_snapshot_apply(store):
     store.replace_snapshot(members(10), (), version=2, as_of=0, store_seq=103)
     t = store.local_totals("M1", day)
     assert (t["points"], t["stored_value_fen"], t["today"]["points_redeemed"]) == (200, 1000, 0)
+    assert t["package_expires"] == {}                            # the package's sale is in the snapshot now
     assert store.local_totals("M2", day)["points"] == 7
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import HQ, RULES_FILE, GatewayProc, wait_until
+from tests.support import HQ, RULES_FILE, running_shop, wait_until
 from tests.test_republish import member_view
 
 GOLD_CARD = "880000000013"
@@ -22,14 +22,9 @@ points_expiry_months = 1
 def shop(tmp_path, broker):
     rules = tmp_path / "rules-expiring.toml"
     rules.write_text(RULES_FILE.read_text(encoding="utf-8") + EXPIRING, encoding="utf-8")
-    hq = HQ(tmp_path, broker.port).start()
-    published = hq.publish_rules(rules_file=rules)      # imports the inline members: lots expire in a month or so
-    assert published.returncode == 0, published.stderr
-    gw = GatewayProc(tmp_path, broker.port).start()
-    wait_until(lambda: gw.status()["rules_version"] == 1, what="rules applied at the gateway")
-    yield hq, gw
-    gw.stop()
-    hq.stop()
+    # publishing imports the inline members: lots expire in a month or so
+    with running_shop(tmp_path, broker.port, rules_file=rules) as shop:
+        yield shop
 
 
 def points_at_store(gw) -> int:

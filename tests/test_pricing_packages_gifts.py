@@ -166,3 +166,29 @@ def test_gift_and_sale_share_one_points_availability():
     assert spend["max_points"] == 5000                    # 20,000 - 15,000 left today
     assert red["max_points"] == 5000                      # in steps of 100: the same here
     assert pricing.points_spendable(None, P, 0)["reason"] == "member_required"
+
+
+# ---------------------------------------------------------------- a package's expiry
+
+def test_a_use_after_the_package_expired_is_refused_naming_it():
+    # GOLD's 3 car washes were valid through 2026-11-25 (WED): used that day, refused the next (THU).
+    held = {**GOLD, "package_expires": {"car_wash10": "2026-11-25"}}
+    assert pricing.consume_package(P, held, "car_wash10", 1, now=WED)["record"]["remaining_after"] == 2
+    with pytest.raises(PricingError) as late:
+        pricing.consume_package(P, held, "car_wash10", 1, now=THU)
+    assert (late.value.code, late.value.field, late.value.status) == ("package_expired", "package_id", 422)
+    assert late.value.text == {"zh-CN": "次卡洗车10次卡已于2026-11-25到期，续费后可继续使用",
+                               "en": "Package Car wash x10 expired on 2026-11-25; renew it to use it again"}
+    # a package without an expiry never expires
+    assert pricing.consume_package(P, GOLD, "car_wash10", 1, now=THU)["record"]["remaining_after"] == 2
+
+
+def test_a_renewal_counts_from_the_expiry_the_member_view_carries():
+    # The counter passes no ``expires``: the member's view says 2027-03-31 -> 12 months on, 2028-03-31.
+    held = {**GOLD, "package_expires": {"car_wash10": "2027-03-31"}}
+    assert packages.sell_package(P, held, "car_wash10", payment_method="cash", now=THU)["record"]["expires"] \
+        == "2028-03-31"
+    # expired on 2026-11-25: from the sale day, and the 3 uses left come back with the 10 bought
+    lapsed = {**GOLD, "package_expires": {"car_wash10": "2026-11-25"}}
+    rec = packages.sell_package(P, lapsed, "car_wash10", payment_method="cash", now=THU)["record"]
+    assert (rec["expires"], rec["remaining_before"], rec["remaining_after"]) == ("2027-11-26", 3, 13)

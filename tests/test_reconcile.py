@@ -71,11 +71,11 @@ def test_two_stores_spend_the_same_stored_value_block_until_settled(engine):
                                                                                "open", True)
     assert [(r["store"], r["seq"], r["amount"]) for r in od.records] == [("S001", 1, 8000), ("S002", 1, 7000)]
     assert od.card_no == CARD
-    # block: the account's cards are denied at every store
-    assert sorted(res.cards_changed) == [(CARD, "active", "frozen", None), (SUB, "active", "frozen", None)]
-    assert {e["status"] for e in deny_entries(res.cards_changed)} == {"frozen"}
+    # block: the account's cards are blocked (欠款冻结) at every store
+    assert sorted(res.cards_changed) == [(CARD, "active", "blocked", None), (SUB, "active", "blocked", None)]
+    assert {e["status"] for e in deny_entries(res.cards_changed)} == {"blocked"}
     snap = snapshot(engine)
-    assert snap[CARD]["status"] == snap[SUB]["status"] == "frozen" and snap[CARD]["balance_fen"] == -5000   # owed
+    assert snap[CARD]["status"] == snap[SUB]["status"] == "blocked" and snap[CARD]["balance_fen"] == -5000   # owed
     assert snap["880000000609"]["status"] == "active"
     with engine.begin() as conn:    # reconciling again finds nothing new and changes nothing
         again = reconcile(conn, rules("block"), clock=clock)
@@ -93,7 +93,7 @@ def test_two_stores_spend_the_same_stored_value_block_until_settled(engine):
         row = conn.execute(sa.select(rc_mod.overdrafts)).mappings().one()
         assert audit(conn) == []
     assert res.overdrafts == [] and [(o.kind, o.state) for o in res.settled] == [("stored_value", "settled")]
-    assert sorted(res.cards_changed) == [(CARD, "frozen", "active", None), (SUB, "frozen", "active", None)]
+    assert sorted(res.cards_changed) == [(CARD, "blocked", "active", None), (SUB, "blocked", "active", None)]
     assert deny_entries(res.cards_changed)[0]["status"] == "active"
     assert (row["state"], row["settled_by"]) == ("settled", "auto")
     assert snapshot(engine)[CARD]["status"] == "active"
@@ -150,7 +150,7 @@ def test_points_coupon_and_daily_allowance_overdrafts(engine):
         res = reconcile(conn, tight, clock=clock)
         hist = [h.detail for h in AccountStore().history(conn, "M500") if h.kind == "reconcile"]
         assert audit(conn) == []
-    assert sorted(c[:3] for c in res.cards_changed) == [(CARD, "frozen", "active"), (SUB, "frozen", "active")]
+    assert sorted(c[:3] for c in res.cards_changed) == [(CARD, "blocked", "active"), (SUB, "blocked", "active")]
     assert any(d.get("settled") == "coupon" for d in hist) and any(d.get("overdraft") == "points" for d in hist)
 
 
@@ -159,10 +159,10 @@ def test_on_ingest_hook_blocks_and_lifts_at_once(engine):
     setup(engine)
     a, b = two_stores_spend(engine, store)
     assert a.hq_cards_changed == [] and b.cards_changed == []      # HQ's decision, not the store's records
-    assert sorted(b.hq_cards_changed) == [(CARD, "active", "frozen", None), (SUB, "active", "frozen", None)]
+    assert sorted(b.hq_cards_changed) == [(CARD, "active", "blocked", None), (SUB, "active", "blocked", None)]
     assert [(o.kind, o.amount) for o in b.overdrafts] == [("stored_value", 5000)]
     res = commit(engine, store, "S001", [tx(2, topup_body(CARD, "M500", 5000, key="t"))])
-    assert sorted(res.hq_cards_changed) == [(CARD, "frozen", "active", None), (SUB, "frozen", "active", None)]
+    assert sorted(res.hq_cards_changed) == [(CARD, "blocked", "active", None), (SUB, "blocked", "active", None)]
     assert [e["status"] for e in deny_entries(res.hq_cards_changed)] == ["active", "active"]   # lifts go out
     with engine.begin() as conn:
         assert audit(conn) == []
@@ -185,3 +185,42 @@ def test_reconcile_cli_table_and_json(engine, capsys):
                       publish=lambda e, why: published.append(e)) == 0
     assert "M500" in out.getvalue() and "50.00" in out.getvalue() and "S001/1, S002/1" in out.getvalue()
     assert published == []          # carry (no rules stored): nothing to deny
+
+
+def test_hqs_card_services_never_lift_a_block_only_settling_does(engine):
+    """A blocked account's cards (欠款冻结) stay ``blocked`` at the stores
+    through HQ's own card services: ``card unfreeze`` on its active card is
+    refused (the deny list's ``active`` would lift the block everywhere), a
+    freeze lifted again, and a replacement card, go out as ``blocked``; a
+    block is not set by hand either. Settling lifts what is active."""
+    from hq_bridge.members import MemberError, card_op, deny_list_action
+    from hq_bridge.rules import PublishError, card_entries
+
+    store = AccountStore(engine, clock=clock)
+    setup(engine)
+    two_stores_spend(engine, store)
+    with engine.begin() as conn:
+        reconcile(conn, rules("block"), clock=clock)
+    for unfreeze in (lambda c: card_op(c, "unfreeze", CARD, clock=clock),
+                     lambda c: deny_list_action(c, "unfreeze", CARD, reason="member asked", clock=clock)):
+        with engine.begin() as conn, pytest.raises(MemberError, match="blocked for an overdraft"):
+            unfreeze(conn)
+    with pytest.raises(PublishError, match="reconciliation"):
+        card_entries("deny", CARD, status="blocked")
+    with engine.begin() as conn:
+        frozen = card_op(conn, "freeze", CARD, clock=clock)
+        thawed = card_op(conn, "unfreeze", CARD, clock=clock)
+        new = card_op(conn, "replace", SUB, new_card_no="880000000526", clock=clock)
+    assert frozen.cards_changed == [(CARD, "blocked", "frozen", None)]
+    assert deny_entries(thawed.cards_changed, "2026-11-25") == [{"card_no": CARD, "status": "blocked",
+                                                                 "since": "2026-11-25"}]   # not a lift
+    assert sorted((e["card_no"], e["status"]) for e in deny_entries(new.cards_changed)) == \
+        [(SUB, "replaced"), ("880000000526", "blocked")]
+    assert snapshot(engine)["880000000526"]["status"] == "blocked"
+
+    commit(engine, store, "S001", [tx(2, topup_body(CARD, "M500", 5000, key="t"))])    # settled
+    with engine.begin() as conn:
+        res = reconcile(conn, rules("block"), clock=clock)
+    assert sorted(res.cards_changed) == [(CARD, "blocked", "active", None),
+                                         ("880000000526", "blocked", "active", None)]
+    assert {r["status"] for r in snapshot(engine).values()} == {"active", "replaced"}

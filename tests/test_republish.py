@@ -19,7 +19,7 @@ import asyncio
 import pytest
 
 from tests.pg import pg_server  # noqa: F401  (fixture)
-from tests.support import GOLD_UID, HQ, RULES_FILE, GatewayProc, wait_until
+from tests.support import GOLD_UID, HQ, RULES_FILE, running_shop, wait_until
 from wire.messages import ResyncRequest
 from wire.topics import Topics
 
@@ -38,14 +38,8 @@ priority = 50
 @pytest.fixture(params=["sqlite", "postgresql"])
 def shop(request, tmp_path, broker):
     database = request.getfixturevalue("pg_server").create_database() if request.param == "postgresql" else None
-    hq = HQ(tmp_path, broker.port, database=database).start()
-    published = hq.publish_rules()
-    assert published.returncode == 0, published.stderr
-    gw = GatewayProc(tmp_path, broker.port).start()
-    wait_until(lambda: gw.status()["rules_version"] == 1, what="rules applied at the gateway")
-    yield hq, gw
-    gw.stop()
-    hq.stop()
+    with running_shop(tmp_path, broker.port, database=database) as shop:
+        yield shop
 
 
 def member_view(gw) -> dict:

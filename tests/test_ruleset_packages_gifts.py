@@ -48,3 +48,13 @@ def test_bad_entries_are_named(change, message):
         rules.setdefault(table, {}).update(entries)
     with pytest.raises(RulesetError, match=message):
         validate_ruleset(rules)
+
+
+def test_a_member_row_may_carry_its_packages_expiry():
+    from wire.ruleset import RulesetError, check_member
+    row = {"card_no": "880000000013", "member_id": "M1001", "tier": "gold", "packages": {"car_wash10": 3},
+           "package_expires": {"car_wash10": "2027-11-25"}}
+    assert check_member(row)["package_expires"] == {"car_wash10": "2027-11-25"}
+    for bad in ({"car_wash10": "2027-11"}, {"car_wash10": 20271125}, {"car wash": "2027-11-25"}):
+        with pytest.raises(RulesetError, match="package_expires"):
+            check_member({**row, "package_expires": bad})

@@ -163,6 +163,66 @@ def test_subsidiary_of_a_frozen_or_missing_primary():
     assert v.member["allowed"] == engine.NOT_OFFLINE
 
 
+def _block(members, card: str, how: str) -> None:
+    """HQ's block of an overdrawn account (reconciliation.overdraft_policy =
+    "block"): a deny delta saying ``blocked``, or a snapshot built while the
+    account was blocked (its rows say so)."""
+    if how == "deny":
+        members.apply_deny_delta(members.deny_version + 1, {card: {"status": "blocked", "since": "2026-11-20"}})
+    else:
+        rows = [{**members.get(no), "card_no": no, "status": "blocked" if no == card else members.get(no)["status"]}
+                for no in (GOLD, DIAMOND, FAMILY)]
+        members.replace_snapshot(rows, [], version=6, as_of=ISSUED, store_seq=0, rules=with_defaults(EFFECTIVE))
+
+
+@pytest.mark.parametrize("how", ["deny", "row"])
+def test_a_blocked_card_is_identified_with_nothing_to_spend(members, how):
+    """欠款冻结: the card is known (so the counter can take a top-up to settle)
+    but nothing on it can be spent offline: no stored value, no redemption,
+    no coupons (and, in pricing, no package uses); points accrue."""
+    _block(members, GOLD, how)
+    v = engine.validate("magstripe", GOLD, _rules(members), NOW)
+    assert (v.verdict, v.reason) == ("accept_limited", "blocked")
+    m = v.member
+    assert m["member_id"] == "M1001" and m["account_id"] == "M1001" and m["points"] == 5230
+    assert m["allowed"] == engine.NOT_OFFLINE and m["limits"] == ["blocked"]
+    assert m["offline_left"] == {"stored_value_fen": 0, "redemption_points": 0}
+    assert v.public()["text"] == {"zh-CN": "此卡有欠款未结清，仅可充值，请到服务台办理",
+                                  "en": "This card owes the store money: top-ups only until it is settled; "
+                                        "see the service desk"}
+    assert v.public()["pattern"] == "accept"
+    ctx = engine.member_context(v)
+    assert ctx["limited"] is True and ctx["blocked"] is True and ctx["account_id"] == "M1001"
+    # other members are untouched; a plain freeze still refuses
+    assert engine.validate("magstripe", DIAMOND, _rules(members), NOW).reason == "ok"
+    assert engine.member_context(engine.validate("magstripe", DIAMOND, _rules(members), NOW))["blocked"] is False
+
+
+@pytest.mark.parametrize("how", ["deny", "row"])
+def test_a_subsidiary_card_of_a_blocked_primary_is_blocked_too(members, how):
+    _block(members, DIAMOND, how)
+    v = engine.validate("magstripe", FAMILY, _rules(members), NOW)
+    assert (v.verdict, v.reason) == ("accept_limited", "blocked")
+    assert v.member["account_id"] == "M1005" and v.member["allowed"] == engine.NOT_OFFLINE
+    assert engine.member_context(v)["blocked"] is True
+
+
+def test_a_blocked_card_on_stale_rules_names_both_limits(members):
+    _block(members, GOLD, "deny")
+    v = engine.validate("magstripe", GOLD, _rules(members, issued_at=int(NOW.timestamp()) - 700000), NOW)
+    assert (v.verdict, v.reason, v.member["limits"]) == ("accept_limited", "blocked", ["blocked", "rules_stale"])
+
+
+@pytest.mark.parametrize("how", ["deny", "row"])
+def test_hqs_lift_of_a_block_makes_the_card_fully_usable(members, how):
+    _block(members, GOLD, how)
+    members.apply_deny_delta(members.deny_version + 1, {GOLD: None})     # HQ: {"status": "active"}
+    v = engine.validate("magstripe", GOLD, _rules(members), NOW)
+    assert (v.verdict, v.reason) == ("accept", "ok")
+    assert v.member["allowed"] == {"stored_value": True, "redemption": True, "coupons": True}
+    assert engine.member_context(v)["blocked"] is False
+
+
 def test_not_in_snapshot_gets_the_default_tier_and_no_risky_operations(members):
     v = engine.validate("qr", "880000000062", _rules(members), NOW)
     assert v.member["tier"]["code"] == "normal" and v.member["member_id"] is None

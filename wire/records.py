@@ -52,7 +52,7 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -80,8 +80,8 @@ SEQ_MAX = 2 ** 53 - 1             # wire/messages.py SEQ_MAX
 
 CARD_OPS = ("issue", "report_lost", "freeze", "unfreeze", "replace", "annual_fee", "extend",
             "issue_subsidiary")                                                  # gateway/core/pricing.py CARD_OPS
-CARD_STATUSES = ("active", "not_activated", "lost", "frozen", "cancelled", "replaced", "expired")
-PAYMENT_METHODS = ("cash", "bank_card", "wechat", "alipay", "unionpay", "other")     # gateway/shell/counter.py
+CARD_STATUSES = ("active", "not_activated", "lost", "frozen", "blocked", "cancelled", "replaced", "expired")
+PAYMENT_METHODS = ("cash", "bank_card", "wechat", "alipay", "unionpay", "other")     # gateway/shell/counter.py, api_schema.py
 
 _KEY = r"^[A-Za-z0-9_.-]{1,64}$"               # ids of packages, coupons, promotions (wire/ruleset.py _KEY)
 _CARD = r"^[0-9]{6,19}$"
@@ -135,35 +135,32 @@ def card() -> Any:
     return f(pattern=_CARD)
 
 
-# The fields gateway/shell/counter.py adds to every journaled body.
-def _idem() -> Any:     # "<terminal id>/<the POS's key of 8-128 characters>"
-    return text(200, 1)
-
-
-def _day() -> Any:
-    return f(pattern=_DAY)
-
-
-def _terminal() -> Any:
-    return text(64, 1)
-
+# ---------------------------------------------------------------- shared parts
 
 _OPERATOR = r"^[A-Za-z0-9_.-]{1,32}$"    # the cashier's id, as gateway/shell/api_schema.py OPERATOR takes it
 
 
-def _operator() -> Any:
-    return opt(pattern=_OPERATOR, maxLength=32)
+@dataclass(frozen=True, kw_only=True)
+class CounterRecord:
+    """What every journaled body carries: its ``type`` (each record sets it),
+    the format version ``v``, when it happened (``at``), and the fields
+    gateway/shell/counter.py adds (see the module docstring)."""
+    type: str = f()
+    v: Literal[1] = const(RECORD_VERSION)
+    at: str = f(pattern=_AT, maxLength=40)
+    idempotency_key: str = text(200, 1)      # "<terminal id>/<the POS's key of 8-128 characters>"
+    account_id: str | None = f(minLength=1, maxLength=64)   # the primary's member_id (gateway/core/validate.py),
+    #                                                         None when not in the snapshot
+    day: str = f(pattern=_DAY)               # store-local
+    terminal: str = text(64, 1)
+    operator: str | None = opt(pattern=_OPERATOR, maxLength=32)
 
 
-def _lane() -> Any:
-    return text(32, 1)
+@dataclass(frozen=True, kw_only=True)
+class LaneRecord(CounterRecord):
+    """A counter record made at a lane (sale, topup, package_use, package_sale, gift_redemption)."""
+    lane: str = text(32, 1)
 
-
-def _account() -> Any:  # the primary's member_id (gateway/core/validate.py), None when not in the snapshot
-    return f(minLength=1, maxLength=64)
-
-
-# ---------------------------------------------------------------- shared parts
 
 @dataclass(frozen=True, kw_only=True)
 class MemberRef:
@@ -187,10 +184,20 @@ class ReturnedDiscount:
     fen: int = money()
 
 
+@dataclass(frozen=True, kw_only=True)
+class Tender:
+    """How a line or a whole sale (or return) was paid, and the points it earned."""
+    points_redeemed: int = pts()
+    redeemed_fen: int = money()
+    stored_value_fen: int = money()
+    cash_fen: int = money()
+    points_earned: int = pts()
+
+
 # ---------------------------------------------------------------- sale
 
 @dataclass(frozen=True, kw_only=True)
-class SaleLine:
+class SaleLine(Tender):
     sku: str = text(64, 1)
     name: str = text(1000)          # the POS's text: check_lines bounds neither name nor category
     category: str = text(256)
@@ -201,23 +208,13 @@ class SaleLine:
     amount: int = money()
     discounts: list[Discount] = f(maxItems=256)
     net: int = money()
-    points_redeemed: int = pts()
-    redeemed_fen: int = money()
-    stored_value_fen: int = money()
-    cash_fen: int = money()
-    points_earned: int = pts()
 
 
 @dataclass(frozen=True, kw_only=True)
-class SaleTotals:
+class SaleTotals(Tender):
     subtotal: int = money()
     discount: int = money()
     total: int = money()
-    points_redeemed: int = pts()
-    redeemed_fen: int = money()
-    stored_value_fen: int = money()
-    cash_fen: int = money()
-    points_earned: int = pts()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,11 +229,9 @@ class SaleDeltas:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Sale:
+class Sale(LaneRecord):
     """A sale (gateway/core/pricing.py quote()["record"], journaled by Counter.sale)."""
     type: Literal["sale"] = const("sale")
-    v: Literal[1] = const(RECORD_VERSION)
-    at: str = f(pattern=_AT, maxLength=40)
     store: str | None = f(pattern=_KEY)
     region: str | None = f(pattern=_KEY)
     rules_version: int | None = f(minimum=0, maximum=SEQ_MAX)
@@ -247,29 +242,18 @@ class Sale:
     coupons: list[str] = f(maxItems=64, uniqueItems=True, items={"pattern": _KEY})
     promotions: list[str] = f(maxItems=1000, items={"minLength": 1, "maxLength": 200})
     deltas: SaleDeltas = f()
-    lane: str = _lane()
-    idempotency_key: str = _idem()
-    account_id: str | None = _account()
-    day: str = _day()
-    terminal: str = _terminal()
-    operator: str | None = _operator()
 
 
 # ---------------------------------------------------------------- return
 
 @dataclass(frozen=True, kw_only=True)
-class ReturnLine:
+class ReturnLine(Tender):
     index: int = f(minimum=0, maximum=MAX_LINES - 1)
     sku: str = text(64, 1)
     name: str = text(1000)
     qty: int = f(minimum=1, maximum=MAX_MEASURED)   # as the sale line's qty
     unit: str | None = opt(pattern=_KEY)
     scale: int | None = opt(minimum=1, maximum=1000)
-    cash_fen: int = money()
-    stored_value_fen: int = money()
-    redeemed_fen: int = money()
-    points_redeemed: int = pts()
-    points_earned: int = pts()
     discounts: list[ReturnedDiscount] = f(maxItems=256)
     discount: int = money()
     refund_fen: int = money()
@@ -277,14 +261,9 @@ class ReturnLine:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReturnTotals:
+class ReturnTotals(Tender):
     refund_fen: int = money()
     discount: int = money()
-    cash_fen: int = money()
-    stored_value_fen: int = money()
-    redeemed_fen: int = money()
-    points_redeemed: int = pts()
-    points_earned: int = pts()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,12 +275,10 @@ class ReturnDeltas:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Return:
+class Return(CounterRecord):
     """A full or partial return of one sale, in the sale's tender mix
     (gateway/core/pricing.py return_quote()["record"], journaled by Counter.sale_return)."""
     type: Literal["return"] = const("return")
-    v: Literal[1] = const(RECORD_VERSION)
-    at: str = f(pattern=_AT, maxLength=40)
     sale_at: str | None = f(pattern=_AT, maxLength=40)
     sale_id: str | None = text(64, 8)                  # the sale's tx id
     sale_seq: int = f(minimum=1, maximum=SEQ_MAX)      # the sale's journal seq (same store)
@@ -309,18 +286,13 @@ class Return:
     lines: list[ReturnLine] = f(minItems=1, maxItems=MAX_LINES)
     totals: ReturnTotals = f()
     deltas: ReturnDeltas = f()
-    idempotency_key: str = _idem()
-    account_id: str | None = _account()
-    day: str = _day()
-    terminal: str = _terminal()
-    operator: str | None = _operator()
 
 
 # ---------------------------------------------------------------- top-up
 
 @dataclass(frozen=True, kw_only=True)
 class Payment:
-    method: Literal["cash", "bank_card", "wechat", "alipay", "unionpay", "other"] = f()
+    method: Literal[PAYMENT_METHODS] = f()
     reference: str | None = opt(minLength=1, maxLength=64, pattern=r"^[\x20-\x7e]+$")
 
 
@@ -330,12 +302,10 @@ class StoredValueDelta:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Topup:
+class Topup(LaneRecord):
     """Stored value bought: ``pay_fen`` paid (the paid part), ``bonus_fen``
     given by a top-up package (the bonus part)."""
     type: Literal["topup"] = const("topup")
-    v: Literal[1] = const(RECORD_VERSION)
-    at: str = f(pattern=_AT, maxLength=40)
     member_id: str | None = f(minLength=1, maxLength=64)
     card_no: str | None = card()
     package_id: str | None = f(pattern=_KEY)
@@ -346,12 +316,6 @@ class Topup:
     balance_after_fen: int = money(-MAX_FEN)
     deltas: StoredValueDelta = f()
     payment: Payment = f()
-    lane: str = _lane()
-    idempotency_key: str = _idem()
-    account_id: str | None = _account()
-    day: str = _day()
-    terminal: str = _terminal()
-    operator: str | None = _operator()
 
 
 # ---------------------------------------------------------------- package use
@@ -363,11 +327,9 @@ class PackageDeltas:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PackageUse:
+class PackageUse(LaneRecord):
     """Uses of a count package (计次卡)."""
     type: Literal["package_use"] = const("package_use")
-    v: Literal[1] = const(RECORD_VERSION)
-    at: str = f(pattern=_AT, maxLength=40)
     member_id: str | None = f(minLength=1, maxLength=64)
     card_no: str | None = card()
     package_id: str = key()
@@ -375,12 +337,6 @@ class PackageUse:
     remaining_before: int = f(minimum=0, maximum=MAX_PACKAGE_USES)
     remaining_after: int = f(minimum=0, maximum=MAX_PACKAGE_USES)
     deltas: PackageDeltas = f()
-    lane: str = _lane()
-    idempotency_key: str = _idem()
-    account_id: str | None = _account()
-    day: str = _day()
-    terminal: str = _terminal()
-    operator: str | None = _operator()
 
 
 # ---------------------------------------------------------------- card services
@@ -391,7 +347,7 @@ class NoDeltas:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CardOp:
+class CardOp(CounterRecord):
     """A counter card service (issue, report_lost, freeze, unfreeze, replace,
     annual_fee, extend, issue_subsidiary); ``status_after`` is the card's (for
     replace: the old card's). ``unfreeze`` lifts a freeze or a loss report
@@ -401,10 +357,8 @@ class CardOp:
     card, ``primary_card_no`` the primary it pays from and earns to,
     ``member_id``/``account_id`` the primary's account."""
     type: Literal["card_op"] = const("card_op")
-    v: Literal[1] = const(RECORD_VERSION)
     op: Literal["issue", "report_lost", "freeze", "unfreeze", "replace", "annual_fee", "extend",
                 "issue_subsidiary"] = f()
-    at: str = f(pattern=_AT, maxLength=40)
     member_id: str | None = f(minLength=1, maxLength=64)
     card_no: str = card()
     new_card_no: str | None = card()
@@ -412,30 +366,23 @@ class CardOp:
     status_after: Literal["active", "not_activated", "lost", "frozen", "cancelled", "replaced", "expired"] = f()
     deltas: NoDeltas = f()
     reason: str | None = text(500)
-    status_before: Literal["active", "not_activated", "lost", "frozen", "cancelled", "replaced",
+    status_before: Literal["active", "not_activated", "lost", "frozen", "blocked", "cancelled", "replaced",
                            "expired"] | None = opt()
     primary_card_no: str | None = opt(pattern=_CARD)
     months: int | None = opt(minimum=1, maximum=120)
     expires: str | None = opt(pattern=_DAY)
-    idempotency_key: str = _idem()
-    account_id: str | None = _account()
-    day: str = _day()
-    terminal: str = _terminal()
-    operator: str | None = _operator()
 
 
 # ---------------------------------------------------------------- registration
 
 @dataclass(frozen=True, kw_only=True)
-class Registration:
+class Registration(CounterRecord):
     """A new member registered at the counter (offline too) with a new card,
     usable at once at the base tier. Minimal PII: a masked name, a birthday
     (MM-DD) and the member's consent to the programme's terms; no phone
     number reaches the store box. ``member_id`` is made by the store (unique
     chain-wide, e.g. prefixed by the store id); HQ opens the account under it."""
     type: Literal["registration"] = const("registration")
-    v: Literal[1] = const(RECORD_VERSION)
-    at: str = f(pattern=_AT, maxLength=40)
     member_id: str = text(64, 1)
     card_no: str = card()
     consent: bool = f()
@@ -446,11 +393,7 @@ class Registration:
     nfc_uid: str | None = opt(pattern=r"^([0-9A-F]{8}|[0-9A-F]{14}|[0-9A-F]{20})$")
     fee_fen: int | None = opt(minimum=0, maximum=MAX_FEN)
     lane: str | None = opt(minLength=1, maxLength=32)
-    idempotency_key: str = _idem()
-    account_id: str | None = opt(minLength=1, maxLength=64)
-    day: str = _day()
-    terminal: str = _terminal()
-    operator: str | None = _operator()
+    account_id: str | None = opt(minLength=1, maxLength=64)     # the new member_id
 
 
 # ---------------------------------------------------------------- withdrawal
@@ -461,7 +404,7 @@ class StoredValueDebit:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Withdrawal:
+class Withdrawal(CounterRecord):
     """取款: the paid part (本金) of stored value paid out to the member at the
     service desk, as the chain's policy allows (``accounts.withdrawal`` =
     ``paid_part``). ``paid_fen`` is what leaves the paid part (all of
@@ -469,8 +412,6 @@ class Withdrawal:
     paid part this store could vouch for (snapshot ``paid_fen`` + its own
     top-ups since - its withdrawals since), for HQ's reconciliation."""
     type: Literal["withdrawal"] = const("withdrawal")
-    v: Literal[1] = const(RECORD_VERSION)
-    at: str = f(pattern=_AT, maxLength=40)
     member_id: str | None = f(minLength=1, maxLength=64)
     card_no: str = card()
     amount_fen: int = money(1, MAX_TOPUP_FEN)
@@ -481,21 +422,15 @@ class Withdrawal:
     deltas: StoredValueDebit = f()
     payout: Payment = f()
     reason: str | None = opt(maxLength=500)
-    idempotency_key: str = _idem()
-    account_id: str | None = _account()
-    day: str = _day()
-    terminal: str = _terminal()
-    operator: str | None = _operator()
 
 
 # ---------------------------------------------------------------- package sale
 
 @dataclass(frozen=True, kw_only=True)
-class PackagePayment:
+class PackagePayment(Payment):
     """How a package was paid: as a top-up is, or from stored value when the
     package's rule allows it (``stored_value_fen`` is then its price)."""
-    method: Literal["cash", "bank_card", "wechat", "alipay", "unionpay", "other", "stored_value"] = f()
-    reference: str | None = opt(minLength=1, maxLength=64, pattern=r"^[\x20-\x7e]+$")
+    method: Literal[(*PAYMENT_METHODS, "stored_value")] = f()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -506,13 +441,11 @@ class PackageSaleDeltas:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PackageSale:
+class PackageSale(LaneRecord):
     """A count package (计次卡) sold to a member, or renewed (``renewal``: the
     member held uses of it): ``uses`` added for ``price_fen``, valid until
     ``expires`` (None: the package does not expire). No points are earned."""
     type: Literal["package_sale"] = const("package_sale")
-    v: Literal[1] = const(RECORD_VERSION)
-    at: str = f(pattern=_AT, maxLength=40)
     member_id: str | None = f(minLength=1, maxLength=64)
     card_no: str | None = card()
     package_id: str = key()
@@ -525,12 +458,6 @@ class PackageSale:
     expires: str | None = f(pattern=_DAY)
     deltas: PackageSaleDeltas = f()
     payment: PackagePayment = f()
-    lane: str = _lane()
-    idempotency_key: str = _idem()
-    account_id: str | None = _account()
-    day: str = _day()
-    terminal: str = _terminal()
-    operator: str | None = _operator()
 
 
 # ---------------------------------------------------------------- gift redemption
@@ -544,13 +471,11 @@ class GiftDeltas:
 
 
 @dataclass(frozen=True, kw_only=True)
-class GiftRedemption:
+class GiftRedemption(LaneRecord):
     """Points redeemed for a gift of the rule set's catalogue (礼品兑换):
     ``qty`` gifts of ``points_each``, ``points`` in all, within the offline
     limits of points redemption."""
     type: Literal["gift_redemption"] = const("gift_redemption")
-    v: Literal[1] = const(RECORD_VERSION)
-    at: str = f(pattern=_AT, maxLength=40)
     member_id: str | None = f(minLength=1, maxLength=64)
     card_no: str | None = card()
     gift_id: str = key()
@@ -560,12 +485,6 @@ class GiftRedemption:
     points_before: int = pts(-MAX_POINTS)                # the store's view, for the receipt
     points_after: int = pts(-MAX_POINTS)
     deltas: GiftDeltas = f()
-    lane: str = _lane()
-    idempotency_key: str = _idem()
-    account_id: str | None = _account()
-    day: str = _day()
-    terminal: str = _terminal()
-    operator: str | None = _operator()
 
 
 RECORD_TYPES: dict[str, type] = {

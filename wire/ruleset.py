@@ -39,7 +39,9 @@ SCHEMA_BASE = "https://storegate.example/schemas/"
 FORMAT_VERSION = 3
 FORMATS = (2, 3)   # what a layer document may say it is; v2 is migrated (migrate_layer)
 
-CARD_STATUSES = ["active", "not_activated", "lost", "frozen", "cancelled", "replaced", "expired"]
+# blocked (欠款冻结): HQ blocked the account for an overdraft (reconciliation.overdraft_policy = "block"):
+# identified, nothing to spend, top-ups to settle (wire/RULESET.md "Card status verdicts").
+CARD_STATUSES = ["active", "not_activated", "lost", "frozen", "blocked", "cancelled", "replaced", "expired"]
 DENY_STATUSES = [s for s in CARD_STATUSES if s != "active"]
 CARD_KINDS = ["personal", "subsidiary", "group", "stored_value", "points", "discount"]
 # Sources of point multipliers a highest_of group may name (item: a category's or SKU's multiplier).
@@ -354,7 +356,8 @@ RECONCILIATION = _obj({
     "overdraft_policy": {"enum": ["carry", "limit", "block"], "default": "carry",
                          "description": "carry: the negative balance is carried; limit: the account's offline "
                                         "balances are 0 in every snapshot until settled; block: its cards are "
-                                        "denied (frozen) at every store until settled"},
+                                        "blocked at every store until settled (identified, nothing to "
+                                        "spend, top-ups only)"},
     "tolerance_fen": {**_FEN, "default": 0, "description": "stored-value overdrafts up to this are carried"},
     "tolerance_points": {**_POINTS, "default": 0, "description": "points overdrafts up to this are carried"},
 }, default={})
@@ -383,6 +386,8 @@ _MEMBER_PROPS = {
     "balance_fen": {"type": "integer", "minimum": -MAX_FEN, "maximum": MAX_FEN, "default": 0},
     "packages": {"type": "object", "propertyNames": _KEY,
                  "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 100_000}, "default": {}},
+    "package_expires": {"type": "object", "propertyNames": _KEY, "additionalProperties": _DATE,
+                        "description": "a package's last day of use (store time); a package not named: no expiry"},
     "primary_card": {**_CARD_NO, "description": "a subsidiary card's primary card"},
     "group_id": {"type": "string", "maxLength": 64},
     "coupons": {"type": "array", "items": _KEY, "uniqueItems": True, "default": []},
@@ -937,6 +942,9 @@ def _member_refs(rules: dict, card_no: str, m: dict, packages: dict, where: str 
     for k in ("expires",):
         if k in m and not _date_ok(m[k]):
             p.append(f"{where}.{k}: {m[k]!r} is not a valid date")
+    for pkg, day in m.get("package_expires", {}).items():
+        if not _date_ok(day):
+            p.append(f"{where}.package_expires.{pkg}: {day!r} is not a valid date")
     if m.get("primary_card") == card_no:
         p.append(f"{where}.primary_card: a card cannot be its own primary")
     return p
@@ -1019,6 +1027,8 @@ _FIELD_OK = {
     "balance_fen": lambda v: _is_int(v, MAX_FEN),
     "packages": lambda v: type(v) is dict and all(type(k) is str and _RX_KEY.fullmatch(k) and _is_int(n, 100_000)
                                                   for k, n in v.items()),
+    "package_expires": lambda v: type(v) is dict and all(type(k) is str and _RX_KEY.fullmatch(k) and type(d) is str
+                                                         and _RX_DATE.fullmatch(d) for k, d in v.items()),
     "primary_card": lambda v: type(v) is str and _RX_CARD.fullmatch(v) is not None,
     "group_id": lambda v: _str(v, 0, 64),
     "coupons": lambda v: type(v) is list and all(type(c) is str and _RX_KEY.fullmatch(c) for c in v)
@@ -1091,7 +1101,8 @@ def member_checker(rules: dict | None = None, fill_defaults: bool = True):
                   and ("packages" not in record or all(p in packages for p in record["packages"]))
                   and card_no.startswith(prefixes.get(len(card_no), ("-",)))
                   and record.get("primary_card") != card_no
-                  and ("expires" not in record or _date_ok(record["expires"])))
+                  and ("expires" not in record or _date_ok(record["expires"]))
+                  and all(_date_ok(d) for d in record.get("package_expires", {}).values()))
             if not ok:
                 _raise(_member_refs(rules, card_no, record, packages, where))
         if not fill_defaults:

@@ -2,9 +2,11 @@
 
     python -m wire.schema
 
-Messages (tx_batch, ack, status, rules) and the rule-set format v2
+The messages of wire/messages.py (tx_batch, ack, status, manifest,
+deny_delta, resync, account_query, account_reply) and the rule-set format v3
 (ruleset = the effective rule set, layer = one layer document, member and
-deny = one record of the snapshot parts; see wire/RULESET.md).
+deny = one record of the snapshot parts; see wire/RULESET.md). The record
+bodies' schema, records.json, is written by ``python -m wire.records``.
 """
 
 import json

@@ -20,7 +20,9 @@ from wire.ruleset import check_deny_entry, check_member
 MEMBER_DEFAULTS = {"status": "active", "birthday_calendar": "solar", "points": 0, "balance_fen": 0}
 DELTA_INTS = ("points", "points_earned", "points_redeemed", "stored_value_fen")
 DELTA_MAPS = ("packages", "promotion_uses", "gifts")   # gifts: gift id -> gifts redeemed (the day's limits)
-DELTA_KEYS = set(DELTA_INTS) | set(DELTA_MAPS) | {"coupons_used"}
+# package_expires: package id -> its expiry after a package_sale here ("YYYY-MM-DD", None: no expiry);
+# not in the record's deltas: the counter adds it from the record's ``expires`` (package_expiry_delta).
+DELTA_KEYS = set(DELTA_INTS) | set(DELTA_MAPS) | {"coupons_used", "package_expires"}
 
 
 class DenyDeltaGap(Exception):
@@ -62,6 +64,10 @@ def check_deltas(deltas: dict) -> dict:
         if not isinstance(deltas.get(k, {}), dict) or \
                 not all(isinstance(i, str) and type(n) is int for i, n in deltas.get(k, {}).items()):
             raise ValueError(f"deltas.{k}: must map ids to integers")
+    expires = deltas.get("package_expires", {})
+    if not isinstance(expires, dict) or not all(
+            isinstance(i, str) and (d is None or (isinstance(d, str) and len(d) == 10)) for i, d in expires.items()):
+        raise ValueError("deltas.package_expires: must map ids to YYYY-MM-DD or null")
     used = deltas.get("coupons_used", [])
     if not isinstance(used, list) or not all(isinstance(c, str) for c in used):
         raise ValueError("deltas.coupons_used: must be a list of codes")
@@ -127,9 +133,19 @@ def expand_row(rec: dict) -> dict:
     return out
 
 
+def package_expiry_delta(type_: str, body: dict) -> dict:
+    """What a journaled record says about a package's expiry, as a local
+    delta: a ``package_sale`` sets it to the record's ``expires`` (None: no
+    expiry), as HQ does when it applies the record; other records nothing."""
+    if type_ != "package_sale" or not isinstance(body.get("package_id"), str):
+        return {}
+    return {"package_expires": {body["package_id"]: body.get("expires")}}
+
+
 def empty_totals() -> dict:
-    """Since the snapshot: net changes; ``today``: the store-local day's use."""
-    return {"points": 0, "stored_value_fen": 0, "packages": {}, "coupons_used": [],
+    """Since the snapshot: net changes (``package_expires``: set by the
+    latest package sale here); ``today``: the store-local day's use."""
+    return {"points": 0, "stored_value_fen": 0, "packages": {}, "package_expires": {}, "coupons_used": [],
             "today": {"points_redeemed": 0, "stored_value_paid_fen": 0, "promotion_uses": {}, "coupons_used": []}}
 
 
@@ -138,6 +154,7 @@ def add_deltas(totals: dict, row_day: str, day: str, d: dict) -> None:
     totals["stored_value_fen"] += d.get("stored_value_fen", 0)
     for pkg, n in d.get("packages", {}).items():
         totals["packages"][pkg] = totals["packages"].get(pkg, 0) + n
+    totals["package_expires"].update(d.get("package_expires", {}))   # in seq order: the latest sale's
     totals["coupons_used"] += [c for c in d.get("coupons_used", []) if c not in totals["coupons_used"]]
     if row_day == day:
         today = totals["today"]

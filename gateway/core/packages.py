@@ -11,8 +11,10 @@ raises PricingError naming the field. The rule is ``packages.<id>``
   to what is left; with ``renewable = false`` that is refused until they are
   used up (``package_not_renewable``); at most ``MAX_PACKAGE_USES`` in all;
 - with ``validity_months`` the package is valid until that many months after
-  the later of the sale day and ``expires`` (its expiry so far, when the
-  caller knows it); without it, it does not expire (``expires`` None);
+  the later of the sale day and its expiry so far (``expires``, by default
+  the member's ``package_expires``: HQ's snapshot and the sales here since);
+  without it, it does not expire (``expires`` None). A renewal of an expired
+  package counts from the sale day and makes the uses left usable again;
 - paid as a top-up is (cash, bank card, wallets: ``payment.method``), or
   from stored value (``stored_value``) when the rule says
   ``stored_value = true``: the price then goes through the very checks of a
@@ -71,6 +73,8 @@ def sell_package(policy: dict, member: dict | None, package_id: str, *, payment_
                            "package_stored_value")
         sv = price
 
+    if expires is None:
+        expires = (member.get("package_expires") or {}).get(package_id)
     valid_until = None
     if pkg.get("validity_months"):
         start = max(today, date.fromisoformat(expires)) if held and expires else today

@@ -36,6 +36,8 @@ dict (as a new Rules does), never as an edit in place.
       },
       "limited": False,   # accepted offline without a snapshot entry, or rules stale:
                           # no stored value, no redemption, no coupons (points accrue)
+      "blocked": False,   # HQ blocked the account for an overdraft (limited too): no package
+                          # uses either; a top-up is allowed (it settles the debt)
     }
 
 Missing optional keys mean: no birthday, 0 points/balance, no packages or
@@ -47,7 +49,7 @@ member days, birthdays and coupon dates are store-local). ``rules_age_s``:
 now minus the rule set's issue time; ``sync_age_s``: now minus when HQ last
 sent the balances (the older of the rule set and the member snapshot; None:
 the same as ``rules_age_s``). The counter takes both from
-``engine.offline_ages``, as the tap's verdict does.
+``validate.offline_ages``, as the tap's verdict does.
 
 Public functions and return shapes
 ----------------------------------
@@ -887,8 +889,8 @@ def topup(policy: dict, member: dict, *, package_id: str | None = None, amount_f
     from/to dates are not offered (checked when ``now`` is given)."""
     if not isinstance(member, dict):
         raise PricingError("member_required", "member")
-    if member.get("limited"):
-        raise PricingError("member_limited", "member")
+    if member.get("limited") and not (member.get("blocked") and member.get("account_id")):
+        raise PricingError("member_limited", "member")   # a blocked card may top up: that settles its debt
     ctype = card_type_of(member, policy)
     if ctype is not None and not ctype.get("stored_value", False):
         raise PricingError("stored_value_not_allowed", "member.card_type")
@@ -939,13 +941,23 @@ def topup(policy: dict, member: dict, *, package_id: str | None = None, amount_f
 
 def consume_package(policy: dict, member: dict, package_id: str, uses: int, *,
                     now: datetime | None = None) -> dict:
-    """Use a count package (计次卡); remaining uses never go below zero."""
+    """Use a count package (计次卡); remaining uses never go below zero. Past
+    its last day (``member["package_expires"]``, store time, valid through
+    that day) a use is refused ``package_expired`` naming the package; a
+    renewal makes its uses usable again."""
     if not isinstance(member, dict):
         raise PricingError("member_required", "member")
+    if member.get("blocked"):
+        raise PricingError("member_blocked", "member")
     pkg = (policy.get("packages") or {}).get(package_id)
     remaining = (member.get("packages") or {}).get(package_id)
     if pkg is None or remaining is None:
         raise PricingError("package_unknown", "package_id", code=package_id)
+    until = (member.get("package_expires") or {}).get(package_id)
+    if until and now is not None and now.date().isoformat() > until:
+        names = _name(pkg, package_id)
+        raise PricingError("package_expired", "package_id", code=package_id, date=until,
+                           name_zh=names["zh-CN"], name_en=names["en"])
     if type(uses) is not int or not 1 <= uses <= MAX_QTY:
         raise PricingError("package_invalid_uses", "uses", limit=MAX_QTY)
     if uses > remaining:

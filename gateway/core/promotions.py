@@ -204,7 +204,7 @@ class Promotions(dict):
 
 def with_catalog(policy: dict) -> dict:
     """``policy`` with its promotions compiled, as a rule set is when it is
-    applied (engine.Rules); quotes on it reuse the Catalog."""
+    applied (validate.Rules); quotes on it reuse the Catalog."""
     promotions = policy.get("promotions")
     if isinstance(promotions, Promotions):
         return policy

@@ -13,6 +13,9 @@ REASONS: dict[str, tuple[str, str]] = {
     "unknown_nfc_card": ("未登记的会员卡，请到服务台办理", "This NFC card is not registered; please see the service desk"),
     "lost": ("此卡已挂失，请到服务台办理", "This card has been reported lost; please see the service desk"),
     "frozen": ("此卡已冻结，请到服务台办理", "This card is frozen; please see the service desk"),
+    # HQ blocked the account for an overdraft (欠款冻结): accept_limited, nothing to spend, top-ups to settle
+    "blocked": ("此卡有欠款未结清，仅可充值，请到服务台办理",
+                "This card owes the store money: top-ups only until it is settled; see the service desk"),
     "cancelled": ("此卡已注销", "This card has been cancelled"),
     "replaced": ("此卡已换新卡，请使用新卡", "This card was replaced; please use the new card"),
     "expired": ("会员卡已过期，请续期", "This membership card has expired; please renew"),

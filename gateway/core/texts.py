@@ -1,7 +1,6 @@
 """zh-CN / en texts of the pricing core: error reasons and receipt labels.
 
-Kept beside gateway/texts.py (the verdict texts) so the pricing core can
-evolve without touching a file other work edits. Reason codes are stable
+The verdict texts are gateway/core/reasons.py. Reason codes are stable
 (POS software switches on them); the texts may change. Amounts in texts are
 yuan strings already formatted by ``texts.yuan``.
 """
@@ -15,6 +14,7 @@ PRICING_REASONS: dict[str, tuple[str, str]] = {
     "tender_invalid": ("支付方式有误：{detail}", "The tender is not valid: {detail}"),
     "member_required": ("需先识别会员", "A member card is needed for this"),
     "member_limited": ("离线受限会员，不能使用储值、积分或优惠券", "Limited offline member: no stored value, points redemption or coupons"),
+    "member_blocked": ("此卡有欠款未结清，仅可充值", "This card owes the store money: top-ups only until it is settled"),
     "rules_stale": ("门店规则已过期（{age_s}秒，上限{limit_s}秒），暂不能{what_zh}", "The store's rules are too old ({age_s} s, limit {limit_s} s): {what_en} refused"),
     "sync_stale": ("会员余额已{age_s}秒未与总部同步（上限{limit_s}秒），暂不能{what_zh}", "The member balances were last synced with HQ {age_s} s ago (limit {limit_s} s): {what_en} refused"),
     "redemption_disabled": ("本店不支持积分抵现", "Points redemption is not offered"),
@@ -44,6 +44,7 @@ PRICING_REASONS: dict[str, tuple[str, str]] = {
     "package_unknown": ("此会员没有次卡{code}", "The member holds no package {code}"),
     "package_invalid_uses": ("使用次数须为1到{limit}的整数", "Uses must be a whole number from 1 to {limit}"),
     "package_insufficient": ("次卡剩余{limit}次，不足{asked}次", "Only {limit} uses left on the package; asked {asked}"),
+    "package_expired": ("次卡{name_zh}已于{date}到期，续费后可继续使用", "Package {name_en} expired on {date}; renew it to use it again"),
     "package_not_sold": ("次卡{code}不在本店销售", "Package {code} is not sold at the counter"),
     "package_not_renewable": ("次卡{code}尚有{limit}次未用，用完后方可再买", "Package {code} still has {limit} use(s) left; it cannot be renewed before they are used"),
     "package_over_limit": ("次卡剩余次数不能超过{limit}次", "A package cannot hold more than {limit} uses"),

@@ -264,8 +264,11 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime, *,
         return Verdict("deny", "source_not_allowed", card_no)
     members = rules.members
     denied = members.denied(card_no)
-    if denied:
+    if denied and denied["status"] != "blocked":
         return _deny_verdict(denied["status"], card_no, denied)
+    # 欠款冻结: HQ blocked the account for an overdraft. Identified, nothing to
+    # spend (like rules_stale), so the counter can take a top-up to settle it.
+    blocked = bool(denied)
     data = rules.data
     today = now.date()
     ages = offline_ages(rules, now, clock)
@@ -279,6 +282,7 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime, *,
     if record is None:
         # A valid card number HQ has not sent us yet (issued elsewhere today):
         # identify as a basic member, points accrue, HQ reconciles.
+        # (Blocked too: it holds nothing here either, and without its account no top-up.)
         return Verdict("accept_limited", "member_not_in_snapshot", card_no, {
             "member_id": None, "account_id": None, "name": None,
             "tier": _tier_summary(_default_tier(rules), rules),
@@ -288,7 +292,9 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime, *,
             "allowed": dict(NOT_OFFLINE),
             "offline_left": {"stored_value_fen": 0, "redemption_points": 0},
             "limits": ["member_not_in_snapshot", *limits], "source": "snapshot"})
-    if record["status"] != "active":
+    if record["status"] == "blocked":
+        blocked = True
+    elif record["status"] != "active" and not blocked:     # a newer deny entry says blocked: it wins
         return _deny_verdict(record["status"], card_no)
     if _expired(record, today):
         return Verdict("deny", "expired", card_no)
@@ -307,6 +313,8 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime, *,
         if (primary_denied and primary_denied["status"] in ("frozen", "cancelled")) or \
                 (primary and (primary["status"] in ("frozen", "cancelled") or _expired(primary, today))):
             return Verdict("deny", "primary_inactive", card_no)
+        if (primary_denied and primary_denied["status"] == "blocked") or (primary or {}).get("status") == "blocked":
+            blocked = True      # the account owes: its 附属卡 too
         if primary is None:
             reason, account = "primary_not_in_snapshot", None
             limits.append("primary_not_in_snapshot")
@@ -314,6 +322,9 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime, *,
             account = primary
     if stale and reason == "ok":
         reason = "rules_stale"
+    if blocked:
+        reason = "blocked"
+        limits.insert(0, "blocked")
     summary = _summary(record, account, card_no, primary_card, tier, card_type, rules, now, ages, limits,
                        live.store_seq if live else None)
     return Verdict("accept" if reason == "ok" else "accept_limited", reason, card_no, summary)
@@ -376,7 +387,8 @@ def _summary(record: dict, account: dict | None, card_no: str, primary_card: str
         "expires": record.get("expires"),
         "birthday": record.get("birthday"),            # MM-DD, for the birthday earning bonus
         "birthday_calendar": record.get("birthday_calendar", "solar"),
-        "points": None, "balance_fen": None, "packages": {}, "coupons": [],
+        "points": None, "balance_fen": None, "packages": {}, "package_expires": {}, "packages_expired": {},
+        "coupons": [],
         "today": {"points_redeemed": 0, "stored_value_paid_fen": 0, "promotion_uses": {}, "coupons_used": []},
         "allowed": dict(NOT_OFFLINE),
         "offline_left": {"stored_value_fen": 0, "redemption_points": 0},
@@ -400,14 +412,22 @@ def _summary(record: dict, account: dict | None, card_no: str, primary_card: str
     balance = max(0, account["balance_fen"] + totals["stored_value_fen"])
     out["points"], out["balance_fen"] = points, balance
     held = account.get("packages", {})
-    out["packages"] = {pkg: max(0, held.get(pkg, 0) + totals["packages"].get(pkg, 0))   # sold here since: too
-                       for pkg in [*held, *(k for k in totals["packages"] if k not in held)]
-                       if pkg in data["packages"]}
+    uses = {pkg: max(0, held.get(pkg, 0) + totals["packages"].get(pkg, 0))   # sold here since: too
+            for pkg in [*held, *(k for k in totals["packages"] if k not in held)]
+            if pkg in data["packages"]}
+    # A package's expiry: HQ's, or the latest sale's here since (None: no expiry). Valid through
+    # that day; after it the uses stay the account's but are not usable: listed apart.
+    until = {**(account.get("package_expires") or {}), **totals["package_expires"]}
+    until = {pkg: d for pkg, d in until.items() if d and pkg in uses}
+    out["packages"] = {pkg: n for pkg, n in uses.items() if not _past(until.get(pkg), day)}
+    out["package_expires"] = {pkg: d for pkg, d in until.items() if pkg in out["packages"]}
+    out["packages_expired"] = {pkg: {"uses": n, "expires": until[pkg]} for pkg, n in uses.items()
+                               if pkg not in out["packages"]}
     coupons = data["coupons"]
     out["coupons"] = [c for c in record.get("coupons", []) if c in coupons
                       and coupons[c]["member_id"] == record["member_id"] and c not in totals["coupons_used"]]
     out["today"] = totals["today"]
-    if "rules_stale" in limits:
+    if "rules_stale" in limits or "blocked" in limits:
         return out  # identify and accrue only
 
     sv = data["stored_value"]
@@ -429,6 +449,11 @@ def _summary(record: dict, account: dict | None, card_no: str, primary_card: str
     return out
 
 
+def _past(day: str | None, today: str) -> bool:
+    """A last day of use (YYYY-MM-DD, None: none) before ``today``."""
+    return day is not None and day < today
+
+
 def member_context(verdict: Verdict | None) -> dict | None:
     """The ``member`` argument of gateway/core/pricing.py from an accepted verdict
     (the full card number is in the verdict, never in the public summary)."""
@@ -441,7 +466,15 @@ def member_context(verdict: Verdict | None) -> dict | None:
         "tier": m["tier"]["code"], "card_type": m["card_type"]["code"],
         "birthday": m.get("birthday"), "birthday_calendar": m.get("birthday_calendar", "solar"),
         "points_available": m.get("points") or 0, "balance_available_fen": m.get("balance_fen") or 0,
-        "packages": dict(m.get("packages") or {}), "coupons": list(m.get("coupons") or []),
+        # every package held, with its expiry (expired ones too: pricing refuses their use by name,
+        # and a renewal counts from the expiry and adds to the uses left)
+        "packages": {**(m.get("packages") or {}),
+                     **{pkg: e["uses"] for pkg, e in (m.get("packages_expired") or {}).items()}},
+        "package_expires": {**(m.get("package_expires") or {}),
+                            **{pkg: e["expires"] for pkg, e in (m.get("packages_expired") or {}).items()}},
+        "coupons": list(m.get("coupons") or []),
         "today": dict(m.get("today") or {}),
         "limited": limited,
+        # HQ's block (欠款冻结): nothing to spend (no package uses either); a top-up settles it.
+        "blocked": "blocked" in (m.get("limits") or ()),
     }

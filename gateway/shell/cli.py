@@ -237,19 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--input-dir", default="/dev/input", help=argparse.SUPPRESS)  # for tests
     args = parser.parse_args(argv)
 
-    if args.command == "status":
-        try:
-            return _status(args)
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
-            return 2
     if args.command == "terminals":
         if args.action in ("add", "revoke") and not args.id:
             parser.error(f"terminals {args.action}: give the terminal id")
         if args.action == "add" and not args.role:
             parser.error("terminals add: --role is required")
+    if args.command in ("status", "terminals"):
         try:
-            return _terminals(args)
+            return _status(args) if args.command == "status" else _terminals(args)
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return 2

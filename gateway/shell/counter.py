@@ -55,6 +55,7 @@ from typing import Any, Callable, Protocol
 from gateway.core import gifts, packages, pricing, validate
 from gateway.core.clock import ClockCheck
 from gateway.core.errors import DomainError, NoMember, QuoteChanged
+from gateway.core.members import package_expiry_delta
 from gateway.core.reasons import reason_text
 from gateway.shell.lanes import Lane
 from gateway.shell.terminals import Terminal
@@ -70,7 +71,7 @@ RETURN_WINDOW_DAYS = 90
 JOURNALED = ("sale", "return", "topup", "package_use", "card_op", "registration", "withdrawal", "package_sale",
              "gift_redemption")
 OPERATOR = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")   # the cashier's id (gateway/shell/api_schema.py OPERATOR)
-PAYMENT_METHODS = ("cash", "bank_card", "wechat", "alipay", "unionpay", "other")
+PAYMENT_METHODS = records.PAYMENT_METHODS          # the record schema's, one list
 
 
 class CounterError(DomainError, ValueError):
@@ -245,6 +246,7 @@ class Counter:
         account = body.get("account_id")
         members = self.gw.rules.members
         if deltas and account and members is not None:
+            deltas = {**deltas, **package_expiry_delta(type_, body)}   # a package sold here: its expiry too
             members.record_deltas(seq, account, body.get("day") or self._day(ts_ms), deltas)
         self.archive.apply(seq, tx_id, type_, ts_ms, body)
 
@@ -698,6 +700,10 @@ class Counter:
             raise CounterError("card_exists", f"card {validate.mask_card(card)} is already issued", 409,
                                {"zh-CN": "此卡已发行", "en": "This card has already been issued"})
         before = self._status_now(card, record)
+        if kind == "unfreeze" and before == "blocked":
+            # HQ's block of an overdrawn account: lifted by HQ alone, once the debt is settled (a top-up here does).
+            raise CounterError("card_blocked", f"card {validate.mask_card(card)} is blocked by HQ for an overdraft: "
+                               "a top-up settles it, and HQ lifts the block", 409, reason_text("blocked"))
         account, extra = None, {}
         if kind in ("replace", "issue_subsidiary") and is_card_no(new_card) and new_card != card:
             if kind == "issue_subsidiary":

@@ -301,7 +301,7 @@ class MemberStore:
     def record_deltas(self, seq: int, member_id: str, day: str, deltas: dict) -> None:
         """Record what journal record ``seq`` changed for the member (idempotent by seq)."""
         deltas = check_deltas(deltas)
-        extra = {k: deltas[k] for k in (*DELTA_MAPS, "coupons_used") if deltas.get(k)}
+        extra = {k: deltas[k] for k in (*DELTA_MAPS, "coupons_used", "package_expires") if deltas.get(k)}
         with self._deltas:
             self._deltas.execute("INSERT OR REPLACE INTO deltas VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
                 seq, member_id, day, *(deltas.get(k, 0) for k in DELTA_INTS),

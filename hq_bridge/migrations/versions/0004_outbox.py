@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("item", sa.String(length=80), nullable=False),
         sa.Column("reason", sa.String(length=200), nullable=False),
         sa.Column("queued_at", Int64, nullable=False),
+        sa.Column("released_at", Int64, nullable=True),
         sa.PrimaryKeyConstraint("item", name=op.f("pk_outbox")))
 
 
