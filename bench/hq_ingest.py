@@ -16,7 +16,9 @@ Metrics:
   layer is the demo's with the account rules of wire/RULESET.md (tier
   upgrades, points expiry, reconciliation's block). ``--workers N``: N
   ingest processes, each with its own connections and a share of the
-  stores (as N bridge processes would be); the rate is over the span from
+  stores (N bridges in one ``hq.share_group`` get batches round robin
+  instead, so two may hold one store's batches, and the per-store lock
+  makes one wait: this is the better case); the rate is over the span from
   the first start to the last end. ``python_cpu_us_per_record``: the
   ingest processes' CPU (the database server's not included). Every batch
   is then sent again, and must apply nothing. Baseline, in the same run on

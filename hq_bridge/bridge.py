@@ -18,6 +18,11 @@ counted, and no message, however bad, ends the bridge's loop. A batch that
 is refused is not acked (nothing was committed); a store's placeholder for a
 record it could not send is kept in the ledger and acked.
 
+Several bridges may share the ingest (``hq.share_group``: MQTT shared
+subscriptions, each batch to one of them; each with its own
+``hq.client_id``): the ledger applies every record exactly once and in
+order per store whichever bridge a batch reaches (hq_bridge/ledger.py).
+
 What a command stored at HQ while the broker was down (a rule set, a deny
 delta: hq_bridge/rules.py's outbox) is sent on connecting and every
 ``outbox_interval_s``.
@@ -49,12 +54,16 @@ log = logging.getLogger("storegate.hq")
 
 class Bridge:
     def __init__(self, mqtt_settings: dict, ledger: Ledger, *, client_id: str = "storegate-hq",
-                 publisher=None, resync_min_interval_s: float = 5.0, outbox_interval_s: float = 60.0) -> None:
+                 publisher=None, resync_min_interval_s: float = 5.0, outbox_interval_s: float = 60.0,
+                 share_group: str | None = None) -> None:
         self.mqtt_settings = mqtt_settings
         self.ledger = ledger
         self.publisher = publisher  # hq_bridge.rules.Publisher, to answer resync requests
         self.resync_min_interval_s = resync_min_interval_s
         self.outbox_interval_s = outbox_interval_s
+        # Several bridges in one share group divide the stores' messages between them (each
+        # batch to one of them); each needs its own client_id.
+        self.share_group = share_group or None
         self._last_resync: dict[str, float] = {}
         self.client_id = client_id
         self.topics = Topics(mqtt_settings.get("prefix", "sg/v1"))
@@ -70,9 +79,8 @@ class Bridge:
                 # A persistent session: the broker keeps QoS 1 batches for us while we are down.
                 async with mqtt.client(self.mqtt_settings, identifier=self.client_id, clean_session=False) as client:
                     backoff.reset()
-                    await client.subscribe(self.topics.all_tx(), qos=1)
-                    await client.subscribe(self.topics.all_status(), qos=1)
-                    await client.subscribe(self.topics.all_resync(), qos=1)
+                    for topic in (self.topics.all_tx, self.topics.all_status, self.topics.all_resync):
+                        await client.subscribe(topic(self.share_group), qos=1)
                     self.connected.set()
                     log.info("HQ bridge connected")
                     outbox = asyncio.create_task(self._send_outbox(client)) if self.publisher else None

@@ -119,7 +119,8 @@ async def _run(cfg: dict) -> None:
     publisher = make_publisher(cfg, ledger) if cfg["hq"].get("signing_key") else None
     if publisher is None:
         logging.getLogger("storegate.hq").warning("no hq.signing_key: resync requests from stores go unanswered")
-    bridge = Bridge(cfg["mqtt"], ledger, publisher=publisher,
+    bridge = Bridge(cfg["mqtt"], ledger, publisher=publisher, client_id=cfg["hq"]["client_id"],
+                    share_group=cfg["hq"]["share_group"],
                     resync_min_interval_s=cfg["hq"]["resync_min_interval_s"])
     task = asyncio.create_task(bridge.run())
     # Live account look-ups for the stores' taps, on a client of its own

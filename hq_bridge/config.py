@@ -27,6 +27,13 @@ HQ_CONFIG_SCHEMA = {
                                 "description": "HQ's Ed25519 private key (PEM, mode 0600); its .pub goes to gateways"},
                 "resync_min_interval_s": {"type": "number", "minimum": 0, "default": 5,
                                           "description": "answer a store's resync requests at most this often"},
+                "client_id": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$", "default": "storegate-hq",
+                              "description": "this bridge's MQTT client id (its persistent session); "
+                                             "unique per bridge process"},
+                "share_group": {"type": "string", "pattern": "^[A-Za-z0-9_-]{0,64}$", "default": "",
+                                "description": "run several bridges on one database: the same share group "
+                                               "(MQTT shared subscriptions) and each its own client_id; "
+                                               "empty: this bridge takes every store's messages"},
                 "timezone": {"type": "string", "default": "Asia/Shanghai",
                              "description": "the chain's business day: `nightly` runs tiers and points expiry "
                                             "for the day in this zone"},

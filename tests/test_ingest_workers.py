@@ -153,3 +153,59 @@ def test_a_new_stores_watermark_is_never_set_back_by_a_worker_holding_a_later_ba
     finally:
         a.close()
         b.close()
+
+
+async def test_two_bridges_in_a_share_group_divide_the_stores_batches_and_apply_each_record_once(url, broker):
+    """Two bridge processes' worth (two Bridges, each its own ledger
+    connections and client id) in one share group on a real mosquitto: each
+    store batch reaches one of them, both get work, and the accounts end as
+    if one bridge had applied every record once, in seq order."""
+    import asyncio
+
+    import aiomqtt
+
+    from hq_bridge.bridge import Bridge
+    from wire.messages import Ack
+    from wire.topics import Topics
+
+    rng = random.Random(5)
+    journals = {s: store_records(s, 40, rng) for s in ("S1", "S2", "S3", "S4")}
+    settings = {"host": "127.0.0.1", "port": broker.port}
+    ledgers = [Ledger(url), Ledger(url)]
+    bridges = [Bridge(settings, ledger, client_id=f"hq-ingest-{i}", share_group="ingest")
+               for i, ledger in enumerate(ledgers)]
+    tasks = [asyncio.create_task(b.run()) for b in bridges]
+    topics, acked = Topics(), {s: set() for s in journals}
+    try:
+        for b in bridges:
+            await asyncio.wait_for(b.connected.wait(), 10)
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="stores") as client:
+            for s in journals:
+                await client.subscribe(topics.ack(s), qos=1)
+            for i in range(0, 40, 5):                   # every store's batches, interleaved
+                for s, records in journals.items():
+                    await client.publish(topics.tx(s), TxBatch(s, records[i:i + 5]).encode(), qos=1)
+            async with asyncio.timeout(60):
+                async for message in client.messages:
+                    ack = Ack.decode(message.payload)
+                    acked[ack.store].update(seq for lo, hi in ack.acked for seq in range(lo, hi + 1))
+                    if all(len(v) == 40 for v in acked.values()):
+                        break
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for ledger in ledgers:
+            ledger.close()
+    assert all(b.stats["batches"] > 0 for b in bridges), [b.stats for b in bridges]   # both took work
+    assert sum(b.stats["batches"] for b in bridges) == 32 and sum(b.stats["duplicates"] for b in bridges) == 0
+    engine = db.open_engine(url)
+    try:
+        with engine.begin() as conn:
+            assert audit(conn) == []
+            assert AccountStore().watermarks(conn) == {s: 40 for s in journals}
+            got = {a.account_id: (a.stored_value_fen, a.points)
+                   for a in AccountStore().load_accounts(conn, CARDS.values()).values()}
+        assert got == expected([r for rs in journals.values() for r in rs])
+    finally:
+        engine.dispose()

@@ -43,6 +43,10 @@ def check_store_id(store: str) -> str:
     return store
 
 
+def _shared(topic: str, share_group: str | None) -> str:
+    return f"$share/{share_group}/{topic}" if share_group else topic
+
+
 @dataclass(frozen=True)
 class Topics:
     prefix: str = DEFAULT_PREFIX
@@ -91,22 +95,21 @@ class Topics:
                 return True
         return False
 
-    # HQ side subscriptions over all stores
-    def all_tx(self) -> str:
-        return f"{self.prefix}/stores/+/tx"
+    # HQ side subscriptions over all stores. With a share group, an MQTT shared
+    # subscription ($share/<group>/...): each message goes to one of the HQ
+    # workers subscribed in the group.
+    def all_tx(self, share_group: str | None = None) -> str:
+        return _shared(f"{self.prefix}/stores/+/tx", share_group)
 
-    def all_status(self) -> str:
-        return f"{self.prefix}/stores/+/status"
+    def all_status(self, share_group: str | None = None) -> str:
+        return _shared(f"{self.prefix}/stores/+/status", share_group)
 
-    def all_resync(self) -> str:
-        return f"{self.prefix}/stores/+/resync"
+    def all_resync(self, share_group: str | None = None) -> str:
+        return _shared(f"{self.prefix}/stores/+/resync", share_group)
 
     def all_account_queries(self, share_group: str | None = "hq") -> str:
-        """Every store's look-ups; with a share group, an MQTT shared
-        subscription ($share/<group>/...): each query goes to one of the HQ
-        workers subscribed in the group."""
-        topic = f"{self.prefix}/stores/+/account/query"
-        return f"$share/{share_group}/{topic}" if share_group else topic
+        """Every store's look-ups (by default shared among the HQ workers)."""
+        return _shared(f"{self.prefix}/stores/+/account/query", share_group)
 
     def store_of_account_query(self, topic: str) -> str:
         """The asking store of an account query topic; ValueError for anything else."""
