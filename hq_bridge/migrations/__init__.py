@@ -70,13 +70,15 @@ def migrate(url: str | Engine) -> None:
     try:
         if not db.is_postgres(engine):
             for attempt in range(50):  # another process is migrating or writing: wait for it
+                before = current(engine)
                 try:
                     upgrade(engine)
                     return
                 except OperationalError as exc:
-                    # "locked": another process holds the write lock; "already exists": it migrated
-                    # between our reading the version and our step: read the version again
-                    if not ("locked" in str(exc) or "already exists" in str(exc)) or attempt == 49:
+                    # "locked": another process holds the write lock. Or it migrated between our
+                    # reading the version and our step ("table ... already exists", "duplicate
+                    # column name"): the version moved on; read it again.
+                    if not ("locked" in str(exc) or current(engine) != before) or attempt == 49:
                         raise
                     time.sleep(0.2)
         with engine.connect() as lock:
