@@ -175,6 +175,15 @@ def _block(members, card: str, how: str) -> None:
         members.replace_snapshot(rows, [], version=6, as_of=ISSUED, store_seq=0, rules=with_defaults(EFFECTIVE))
 
 
+def test_what_an_overdrawn_account_owes_is_shown_so_the_desk_knows_the_top_up_that_settles_it(members):
+    rows = [{**members.get(no), "card_no": no, "balance_fen": -15000 if no == GOLD else members.get(no)["balance_fen"],
+             "status": "blocked" if no == GOLD else members.get(no)["status"]} for no in (GOLD, DIAMOND)]
+    members.replace_snapshot(rows, [], version=6, as_of=ISSUED, store_seq=0, rules=with_defaults(EFFECTIVE))
+    v = engine.validate("magstripe", GOLD, _rules(members), NOW)
+    assert (v.reason, v.member["balance_fen"], v.member["owed_fen"]) == ("blocked", 0, 15000)
+    assert "owed_fen" not in engine.validate("magstripe", DIAMOND, _rules(members), NOW).member   # owes nothing
+
+
 @pytest.mark.parametrize("how", ["deny", "row"])
 def test_a_blocked_card_is_identified_with_nothing_to_spend(members, how):
     """欠款冻结: the card is known (so the counter can take a top-up to settle)

@@ -411,6 +411,9 @@ def _summary(record: dict, account: dict | None, card_no: str, primary_card: str
     points = max(0, account["points"] + totals["points"])
     balance = max(0, account["balance_fen"] + totals["stored_value_fen"])
     out["points"], out["balance_fen"] = points, balance
+    owed = -min(0, account["balance_fen"] + totals["stored_value_fen"])
+    if owed:   # an overdraft HQ carries: what a top-up must bring before there is anything to spend
+        out["owed_fen"] = owed
     held = account.get("packages", {})
     uses = {pkg: max(0, held.get(pkg, 0) + totals["packages"].get(pkg, 0))   # sold here since: too
             for pkg in [*held, *(k for k in totals["packages"] if k not in held)]
