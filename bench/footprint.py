@@ -54,7 +54,7 @@ IDLE_S = 5.0
 # -- /proc of the gateway ----------------------------------------------------------------
 
 def proc_status(pid: int, field: str) -> float:
-    """A VmXXX field of /proc/<pid>/status, in MB."""
+    """A memory field of /proc/<pid>/status (``VmRSS``, ``VmHWM``), in MB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field + ":"):

@@ -39,6 +39,7 @@ is applied (``with_catalog``) and carried by its promotions table.
 
 from __future__ import annotations
 
+import abc
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -218,7 +219,7 @@ def catalog_of(policy: dict) -> Catalog:
 
 # ---------------------------------------------------------------- one implementation per kind
 
-class Promo:
+class Promo(abc.ABC):
     """A rule in scope for this basket, bound to the lines it applies to.
     One subclass per kind (``bind`` picks it), each with its ``apply``."""
 
@@ -238,11 +239,17 @@ class Promo:
             raise rule.error
         return _KIND[rule.kind](rule, lines, basket)
 
+    @abc.abstractmethod
     def apply(self, nets: list[int], record: list | None = None) -> int:
         """Apply to ``nets`` in place and return the fen saved; with
         ``record`` (a list per line) also note each line's adjustment as
         (promotion id, fen, allocated)."""
-        raise NotImplementedError
+
+    def take(self, nets: list[int], record: list | None, i: int, fen: int, allocated: bool = False) -> None:
+        """``fen`` off line ``i``, noted in ``record`` when there is one."""
+        nets[i] -= fen
+        if record is not None:
+            record[i].append((self.id, fen, allocated))
 
 
 class PercentOff(Promo):
@@ -253,10 +260,8 @@ class PercentOff(Promo):
         for i in self.lines:
             d = percent_of(nets[i], percent)
             if d:
-                nets[i] -= d
+                self.take(nets, record, i, d)
                 saved += d
-                if record is not None:
-                    record[i].append((self.id, d, False))
         return saved
 
 
@@ -273,10 +278,8 @@ class MemberPrice(Promo):
         for i, target in self.targets:
             d = nets[i] - target
             if d > 0:
-                nets[i] = target
+                self.take(nets, record, i, d)
                 saved += d
-                if record is not None:
-                    record[i].append((self.id, d, False))
         return saved
 
 
@@ -304,10 +307,8 @@ class NthItem(Promo):
         for i, numerator, denominator in self.shares:
             d = half_up(nets[i] * numerator, denominator)
             if d:
-                nets[i] -= d
+                self.take(nets, record, i, d)
                 saved += d
-                if record is not None:
-                    record[i].append((self.id, d, False))
         return saved
 
 
@@ -337,9 +338,7 @@ class Threshold(Promo):
             return 0
         for i, d in zip(self.lines, allocate(off, weights)):
             if d:
-                nets[i] -= d
-                if record is not None:
-                    record[i].append((self.id, d, True))
+                self.take(nets, record, i, d, allocated=True)
         return off
 
 
