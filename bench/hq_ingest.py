@@ -66,6 +66,7 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from bench.common import emit, note
+from common import runtime
 from gateway.core import pricing
 from hq_bridge import db, migrations
 from hq_bridge.accounts import AccountStore, audit, import_members, snapshot_rows
@@ -274,6 +275,7 @@ def _ingest_worker(url: str, payloads: list[bytes], ready, out) -> None:
         engine = db.open_engine(url)
         try:
             ledger = Ledger(engine=engine, migrate=False)
+            runtime.tune_gc()   # as the bridge does once its ledger is open (common/runtime.py)
             ready.wait(600)
             t0, c0 = time.perf_counter(), time.process_time()
             elapsed, applied = ingest(ledger, payloads)
@@ -345,6 +347,7 @@ def main() -> None:
 
             ledger = Ledger(engine=main_engine, migrate=False)
             if workers == 1:
+                runtime.tune_gc()
                 c0 = time.process_time()
                 elapsed, applied = ingest(ledger, payloads)
                 cpu = time.process_time() - c0

@@ -1,4 +1,4 @@
-"""Process-wide runtime settings of the gateway: CPython's garbage collector.
+"""Process-wide runtime settings of the gateway and the HQ bridge: CPython's garbage collector.
 
 A quote allocates a few thousand small containers (lines, discounts, receipt
 rows, the sale record) that die young, by reference counting. With CPython's
@@ -13,6 +13,12 @@ the threshold).
 ``tune_gc()`` collects once, freezes what survives (the rules just loaded, the
 modules) into the permanent generation so later collections never walk it,
 and raises the gen-0 threshold so a quote seldom triggers a collection at all.
+The HQ bridge has the same shape: decoding and applying a batch of 500
+records allocates some 50,000 containers that die with the batch, and with
+the defaults the collector walked the bridge's whole heap many times a batch
+(bench/hq_ingest.py measures it). The bridge calls ``tune_gc`` once its
+ledger is open.
+
 Cyclic garbage is still collected, only less often; objects freed by
 reference counting (nearly all) are freed at once as always. Call it at
 start, after the rules are loaded, and again after a rule-set switch (it

@@ -361,8 +361,10 @@ def keys_of(record: StoreRecord) -> Keys:
 
 
 def keys_of_all(records: Iterable[StoreRecord]) -> Keys:
-    """What the records read, all of them together (``keys_of``)."""
+    """What the records read, all of them together (``keys_of``): a return's
+    sale only when the sale is not among them (applied before it, in order)."""
     cards, accounts, sales, members = set(), set(), set(), set()
+    records = list(records)
     for record in records:
         b = record.body if isinstance(record.body, dict) else {}
         member = b.get("member")
@@ -379,6 +381,7 @@ def keys_of_all(records: Iterable[StoreRecord]) -> Keys:
             accounts.add(b["member_id"])
         if record.type == "card_op" and _text(b.get("card_no")):
             accounts.add(f"card-{b['card_no']}")
+    sales.difference_update(r.tx_id for r in records if r.type == "sale")
     return Keys(frozenset(cards), frozenset(accounts), frozenset(sales), frozenset(members))
 
 
@@ -987,6 +990,8 @@ class BatchResult:
     # HQ's decisions, so a lift goes out too, which a store's record never makes.
     hq_cards_changed: list[tuple[str, str | None, str, str | None]] = field(default_factory=list)
     accounts_changed: set[str] = field(default_factory=set)   # for live look-ups / caches
+    # Accounts whose tier windows grew (a sale's spend or points earned): the only ones a batch can move up.
+    tier_window_grew: set[str] = field(default_factory=set)
     tier_moves: list = field(default_factory=list)            # hq_bridge/policy.py tier_hook
     overdrafts: list = field(default_factory=list)            # hq_bridge/reconcile.py reconcile_hook
 
@@ -1122,6 +1127,7 @@ class AccountStore:
                 out.cards_changed.append((no, old.status if old else None, card.status, card.replaced_by))
         out.accounts_changed.update(a for a, acct in work.accounts.items() if old_accounts.get(a) is not acct)
         out.accounts_changed.update(e.account_id for e in entries)   # zero entries too (spend for tier rules)
+        out.tier_window_grew.update(e.account_id for e in entries if any(n > 0 for n in tier_counts(e.kind, e.detail)))
         return run[-1].seq if run else done
 
     # -- loading: one query per table for the whole chunk
@@ -1658,7 +1664,8 @@ def _import_secondary(conn: Connection, batch: list, out: ImportResult, consent:
 
 def audit(conn: Connection, account_ids: Iterable[str] | None = None) -> list[str]:
     """Invariant 1 checked in the database: every balance equals the sum of
-    its history entries, and points equal the lots less points owed. The
+    its history entries, points equal the lots less points owed, and every
+    entry belongs to an account (no foreign key checks that on ingest). The
     discrepancies found (none: an empty list)."""
     a, h, l, p = db.accounts, db.account_history, db.points_lots, db.packages
     sums = select(h.c.account_id, func.sum(h.c.d_paid_fen).label("paid"), func.sum(h.c.d_bonus_fen).label("bonus"),
@@ -1687,4 +1694,10 @@ def audit(conn: Connection, account_ids: Iterable[str] | None = None) -> list[st
     for aid, pid, left, s_uses in conn.execute(pq):
         if left != s_uses:
             out.append(f"account {aid}: package {pid} has {left} uses left, history says {s_uses}")
+    orphans = select(h.c.account_id, func.count()).where(
+        ~select(a.c.account_id).where(a.c.account_id == h.c.account_id).exists()).group_by(h.c.account_id)
+    if account_ids is not None:
+        orphans = orphans.where(h.c.account_id.in_(ids))
+    for aid, n in conn.execute(orphans):
+        out.append(f"account {aid}: {n} history entries, and no such account")
     return out

@@ -38,7 +38,7 @@ import time
 import aiomqtt
 from sqlalchemy.exc import SQLAlchemyError
 
-from common import eventloop, journald, mqtt, sdnotify
+from common import eventloop, journald, mqtt, runtime, sdnotify
 from common.configfile import ConfigError
 from common.version import package_version
 from hq_bridge import config as hq_config
@@ -116,6 +116,7 @@ def make_publisher(cfg: dict, ledger: Ledger) -> Publisher:
 
 async def _run(cfg: dict) -> None:
     ledger = open_hq(cfg)
+    runtime.tune_gc()  # a batch allocates ~100 containers a record: keep GC passes off the loaded modules
     publisher = make_publisher(cfg, ledger) if cfg["hq"].get("signing_key") else None
     if publisher is None:
         logging.getLogger("storegate.hq").warning("no hq.signing_key: resync requests from stores go unanswered")
@@ -334,6 +335,7 @@ def _command(args, cfg: dict) -> int:
     if args.command == "fleet":
         return _fleet(args, cfg)
     ledger = open_hq(cfg)
+    runtime.tune_gc()  # a batch allocates ~100 containers a record: keep GC passes off the loaded modules
     publisher = make_publisher(cfg, ledger)
     scope = {"store": getattr(args, "store", None), "region": getattr(args, "region", None),
              "all_": getattr(args, "all", False)}

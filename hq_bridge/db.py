@@ -51,7 +51,7 @@ import orjson
 
 from sqlalchemy import (BigInteger, Boolean, CheckConstraint, Column, Engine, ForeignKey, Index, Integer,
                         MetaData, PrimaryKeyConstraint, String, Table, Text, UniqueConstraint, and_, any_,
-                        bindparam, create_engine, event, false, or_, select)
+                        bindparam, create_engine, event, false, or_, select, text)
 from sqlalchemy.engine import Connection, make_url
 
 # 64-bit everywhere; plain INTEGER on SQLite, where it is 64-bit already and
@@ -297,7 +297,8 @@ coupons = Table(
 account_history = Table(
     "account_history", metadata,
     Column("id", Int64, primary_key=True, autoincrement=True),
-    Column("account_id", String(ID), ForeignKey("accounts.account_id"), nullable=False),
+    # No foreign key (0006): written only beside its account, never orphaned; audit() checks it.
+    Column("account_id", String(ID), nullable=False),
     Column("kind", String(24), nullable=False),         # sale, return, topup, package_use, card_op, registration, import, ...
     Column("d_paid_fen", Int64, nullable=False, server_default="0"),
     Column("d_bonus_fen", Int64, nullable=False, server_default="0"),
@@ -320,7 +321,8 @@ account_history = Table(
     Column("d_earned", Int64, nullable=False, server_default="0"),
     Index(None, "account_id", "id"),
     Index(None, "tx_id"),
-    Index(None, "ref_tx_id"),
+    Index(None, "ref_tx_id", postgresql_where=text("ref_tx_id IS NOT NULL"),   # returns and refunds only
+          sqlite_where=text("ref_tx_id IS NOT NULL")),
 )
 
 set_aside = Table(

@@ -209,13 +209,14 @@ def evaluate_tiers(conn: Connection, account_ids: Iterable[str], rules: Mapping,
 
 
 def tier_hook(rules: Mapping | Callable[[], Mapping], clock=time.time) -> Callable:
-    """A hook for AccountStore(hooks=[...]): upgrades the accounts a batch
-    changed, in the batch's transaction. ``rules``: the chain's rule set or a
-    callable giving the current one."""
+    """A hook for AccountStore(hooks=[...]): upgrades the accounts whose tier
+    windows a batch grew (a return or a top-up moves no one up), in the
+    batch's transaction. ``rules``: the chain's rule set or a callable giving
+    the current one."""
     def hook(conn: Connection, store: str, result) -> None:
         r = rules() if callable(rules) else rules
-        if _windows(_tier_table(r)):
-            result.tier_moves = evaluate_tiers(conn, result.accounts_changed, r, nightly=False, clock=clock)
+        if _windows(_tier_table(r)) and result.tier_window_grew:
+            result.tier_moves = evaluate_tiers(conn, result.tier_window_grew, r, nightly=False, clock=clock)
     return hook
 
 

@@ -74,7 +74,7 @@ def test_migrations_make_the_metadata_on_both_engines(hq_db_url):
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-            assert ctx.get_current_revision() == "0005"
+            assert ctx.get_current_revision() == "0006"
             assert compare_metadata(ctx, db.metadata) == []
     finally:
         engine.dispose()
@@ -103,6 +103,32 @@ def test_the_tier_counts_of_entries_before_0003_are_filled_in_from_their_detail(
             assert [tuple(r) for r in got] == [("sale", 5990, 59), ("return", -2995, -29), ("topup", 0, 0),
                                                ("sale", 0, 0)]
             assert policy.window_totals(conn, ["A1"], 0) == {"A1": (2995, 30)}
+    finally:
+        engine.dispose()
+
+
+def test_0006_keeps_the_history_and_the_audit_finds_an_entry_without_its_account(hq_db_url):
+    """0006 drops the history's foreign key (ingest no longer checks every
+    entry against accounts): entries are kept, and audit() is what finds an
+    entry whose account does not exist."""
+    from hq_bridge.migrations import upgrade
+    upgrade(hq_db_url, "0005")
+    engine = db.open_engine(hq_db_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO members (member_id, source, created_at, updated_at) "
+                                 "VALUES ('A1', 'import', 0, 0)")
+            conn.exec_driver_sql("INSERT INTO accounts (account_id, owner_member_id, tier, paid_fen, created_at, "
+                                 "updated_at) VALUES ('A1', 'A1', 'normal', 500, 0, 0)")
+            conn.exec_driver_sql("INSERT INTO account_history (account_id, kind, d_paid_fen, d_bonus_fen, d_points, "
+                                 "d_uses, recorded_at, ref_tx_id) VALUES ('A1', 'topup', 500, 0, 0, 0, 1, NULL)")
+        upgrade(hq_db_url)
+        with engine.begin() as conn:
+            assert audit(conn) == []
+            conn.exec_driver_sql("INSERT INTO account_history (account_id, kind, d_paid_fen, d_bonus_fen, d_points, "
+                                 "d_uses, recorded_at) VALUES ('GHOST', 'topup', 100, 0, 0, 0, 2)")
+            assert audit(conn) == ["account GHOST: 1 history entries, and no such account"]
+            assert audit(conn, ["A1"]) == []
     finally:
         engine.dispose()
 
