@@ -50,16 +50,16 @@ def test_sigkill_gateway_200_times_under_load(tmp_path, broker):
     _sigkill_under_load(tmp_path, broker, kills=200)
 
 
-def test_broker_and_hq_restarted_during_a_drain(tmp_path, broker):
+def _restarted_during_a_drain(tmp_path, broker, selling_s: float, min_backlog: int) -> None:
     # Small batches and one batch in flight make the drain long enough to interrupt.
     hq, gw = _store(tmp_path, broker.port, uplink={"batch_max": 10, "window": 1})
     try:
         hq.stop()
         pos = PosLanes(gw, lanes=("1", "2", "3"), pause_s=0).start()
-        time.sleep(3)
+        time.sleep(selling_s)
         pos.stop()
         backlog = gw.status()["backlog"]
-        assert backlog > 200
+        assert backlog > min_backlog
         hq.start()
         wait_until(lambda: 0 < len(hq.rows()) < len(pos.told), what="the drain to begin")
         broker.kill()                                   # broker dies mid-drain
@@ -74,6 +74,15 @@ def test_broker_and_hq_restarted_during_a_drain(tmp_path, broker):
     finally:
         gw.stop()
         hq.stop()
+
+
+def test_broker_and_hq_restarted_during_a_drain(tmp_path, broker):
+    _restarted_during_a_drain(tmp_path, broker, selling_s=1, min_backlog=60)
+
+
+@pytest.mark.slow
+def test_broker_and_hq_restarted_during_a_long_drain(tmp_path, broker):
+    _restarted_during_a_drain(tmp_path, broker, selling_s=3, min_backlog=200)
 
 
 def test_link_latency_drop_and_stall(tmp_path, broker):
