@@ -1450,9 +1450,12 @@ def account_rows(group: list, packages: Grouped, coupons: Grouped, limited: set 
     pk = {r[1]: max(0, min(r[2], 100_000)) for r in held}
     pk_expires = {r[1]: r[3] for r in held if len(r) > 3 and r[3]}
     codes = [code for _a, code in coupons.take(aid)]
-    if aid in limited:   # reconciliation's "limit": offline allowances 0 until settled
-        paid, bonus, points, pk, codes = 0, 0, 0, {p: 0 for p in pk}, []
+    if aid in limited:   # reconciliation's "limit": nothing to spend until settled; a debt goes as it is,
+        # so a top-up at a store counts from it (as under "carry"), never from 0
+        paid, bonus, points, pk, codes = min(paid + bonus, 0), 0, min(points, 0), {p: 0 for p in pk}, []
     deny = _DENYING_ACCOUNT.get(a_status)
+    if deny is None and aid in limited:
+        deny = "limited"            # its active cards say so, as the deny delta did (hq_bridge/reconcile.py)
     balance = paid + bonus          # below zero: what the account owes goes to the stores as it is
     for r in group:
         (_aid, _t, _s, _ct, _p, _b, _pts, card_no, member_id, role, status, card_type, nfc_uid, expires, name,

@@ -194,7 +194,9 @@ class Bridge:
         expired, lost, frozen, replaced) go out as a deny delta too; a card
         the accounts made active is never broadcast as active from a store.
         What HQ's own policy decided on ingest (``hq_cards_changed``: an
-        overdraft's block, and its lift once settled) goes out as it is."""
+        overdraft's block or limit, and its lift once settled; a card the
+        batch issued on an account held so, with the account's ``blocked`` /
+        ``limited``: hq_bridge/reconcile.py) goes out as it is."""
         broadcast: set[str] = set()
         for r in batch.records:
             if r.type != "card_op" or r.id not in new_ids:

@@ -72,7 +72,7 @@ from hq_bridge.accounts import (AccountStore, HistoryEntry, ImportError_, _entry
                                 import_members, overdrafts, policy_from_rules)
 from wire.ruleset import is_card_no
 
-DENY = ("not_activated", "lost", "frozen", "blocked", "cancelled", "replaced", "expired")
+DENY = ("not_activated", "lost", "frozen", "blocked", "limited", "cancelled", "replaced", "expired")
 COLUMNS = ("card_no", "tier", "member_id", "name", "consent", "birthday", "birthday_calendar", "phone", "points",
            "balance_fen", "card_type", "expires", "primary_card", "group_id")
 REQUIRED = ("card_no", "tier")
@@ -478,10 +478,19 @@ def _against_hq(conn: Connection, rows: list[tuple[int, dict]]) -> list[ImportPr
 
 def _effective_status(card_status: str, account_status: str) -> str:
     """What a store is told of a card: its own status, or an active card's
-    account's (``blocked``: reconciliation's block of an overdrawn account)."""
+    account's (``blocked`` / ``limited``: reconciliation's block or limit of
+    an overdrawn account)."""
     if card_status != "active":
         return card_status
     return account_status
+
+
+def _restriction(conn: Connection, account_id: str) -> str | None:
+    """``blocked`` / ``limited`` while reconciliation holds the account (hq_bridge/reconcile.py), else None
+    (also for a frozen, cancelled or expired account: the stores are told that, as its snapshot rows say)."""
+    from hq_bridge.reconcile import restrictions
+    status = conn.execute(select(db.accounts.c.status).where(db.accounts.c.account_id == account_id)).scalar()
+    return restrictions(conn, [account_id]).get(account_id) if status in ("active", "blocked") else None
 
 
 def _blocked(conn: Connection, account_id: str) -> bool:
@@ -520,7 +529,7 @@ def account_view(conn: Connection, card_no: str, *, history: int = 20) -> dict:
         "consent": bool(member["consent"]) if member else False,
         "birthday": member["birthday"] if member else None,
         "tier": acct.tier,
-        "status": _effective_status(card["status"], acct.status),
+        "status": _effective_status(card["status"], _restriction(conn, aid) or acct.status),
         "card_status": card["status"],
         "account_status": acct.status,
         "points": acct.points,
@@ -695,10 +704,12 @@ def card_op(conn: Connection, op: str, card_no: str, *, user: str = "admin", new
                      .values(status=after, updated_at=now_ms, **new_values))
     if after != before:
         res.cards_changed.insert(0, (card_no, before, after, new_values.get("replaced_by")))
-    if res.cards_changed and _blocked(conn, card["account_id"]):
-        # The account is blocked (reconciliation): an active card on it is "blocked" at the stores, never
-        # lifted by a card service (an unfreeze, a cancelled loss report, a new or replacement card).
-        res.cards_changed = [(no, _effective_status(b, "blocked") if b else b, _effective_status(a, "blocked"), r)
+    held = _restriction(conn, card["account_id"]) if res.cards_changed else None
+    if held:
+        # The account is blocked or limited (reconciliation): an active card on it is "blocked" / "limited" at
+        # the stores, never lifted by a card service (an unfreeze, a cancelled loss report, a new or
+        # replacement card, a 附属卡): it goes out with the account's restriction, lifted with the account.
+        res.cards_changed = [(no, _effective_status(b, held) if b else b, _effective_status(a, held), r)
                              for no, b, a, r in res.cards_changed]
     e = _hq_entry(card["account_id"], "card_op", user, at, card_no=card_no,
                   detail={**detail, "status": [before, after]})

@@ -32,8 +32,13 @@ Policy (rule set ``[reconciliation]``, wire/RULESET.md):
   pays it first (accounts.py); nothing else happens.
 - ``limit``: while open, the account's snapshot rows say it holds nothing to
   spend offline (balance, points, coupons, package uses 0: accounts.py
-  ``snapshot_rows``); online look-ups at HQ see the real account. The caller
-  refreshes the snapshots of ``Reconciliation.limited`` / ``unlimited``.
+  ``snapshot_rows``), and so do HQ's live answers (hq_bridge/lookup.py).
+  Every active card on it goes out at once as a ``limited`` deny delta
+  (欠款限用: a store identifies the card, it accrues and takes top-ups,
+  offline it spends nothing; online HQ's live answer decides), and its snapshot
+  rows say ``limited`` too; settled, they are lifted (``cards_changed``, as
+  for ``block``). ``Reconciliation.limited`` / ``unlimited``: the accounts
+  under the policy now / lifted this run.
 - ``block``: while open, the account is ``blocked`` and every active card on
   it goes out as a ``blocked`` deny delta (欠款冻结: a store identifies the
   card, lets it spend nothing and takes a top-up to settle); settled, they are
@@ -41,6 +46,10 @@ Policy (rule set ``[reconciliation]``, wire/RULESET.md):
   AccountStore's BatchResult, for ``members.deny_entries``). Only settling
   lifts a block: neither a counter's unfreeze nor HQ's ``card unfreeze``
   (hq_bridge/members.py ``card_op``, ``deny_list_action``).
+
+A card issued on a blocked or limited account (a replacement 补办, a 附属卡;
+at a counter: ``reconcile_hook``; at HQ: members.py ``card_op``) goes out
+with the account's restriction at once, and is lifted with the account.
 
 Overdrafts of stored value below ``tolerance_fen`` and points below
 ``tolerance_points`` are carried whatever the policy. Daily-allowance
@@ -95,7 +104,7 @@ class Overdraft:
 class Reconciliation:
     overdrafts: list[Overdraft] = field(default_factory=list)   # open ones and those found this run
     settled: list[Overdraft] = field(default_factory=list)      # settled this run
-    cards_changed: list = field(default_factory=list)           # deny (block) and lift
+    cards_changed: list = field(default_factory=list)           # deny (block, limit) and lift
     limited: list[str] = field(default_factory=list)            # accounts now under "limit": refresh snapshots
     unlimited: list[str] = field(default_factory=list)
 
@@ -233,6 +242,7 @@ def reconcile(conn: Connection, rules: Mapping | None = None, *, account_ids: It
     if ids is not None:
         q = q.where(db.in_(conn, o.c.account_id, ids)) if ids else q.where(o.c.account_id.is_(None))
     existing = {(r["account_id"], r["kind"], r["ref"]): dict(r) for r in conn.execute(q).mappings()}
+    was_limited = {k[0] for k, r in existing.items() if r["state"] == "open" and r["action"] == "limit"}
     out = Reconciliation()
     entries: list[HistoryEntry] = []
     seen = set()
@@ -274,7 +284,7 @@ def reconcile(conn: Connection, rules: Mapping | None = None, *, account_ids: It
                                                   "action": old["action"]}))
         out.settled.append(Overdraft(key[0], key[1], key[2], old["amount"], [], old["action"], "settled"))
         touched.add(key[0])
-    _apply_policy(conn, sorted(touched), out, entries, user, now, now_ms)
+    _apply_policy(conn, sorted(touched), out, entries, user, now, now_ms, was_limited)
     if entries:
         db.insert_rows(conn, db.account_history, [_entry_row(e, now_ms) for e in entries])
     _card_of(conn, out.overdrafts + out.settled)
@@ -282,8 +292,11 @@ def reconcile(conn: Connection, rules: Mapping | None = None, *, account_ids: It
 
 
 def _apply_policy(conn: Connection, ids: list[str], out: Reconciliation, entries: list, user: str,
-                  now: datetime, now_ms: int) -> None:
-    """Block or lift each touched account by its open overdrafts' actions."""
+                  now: datetime, now_ms: int, was_limited: set[str] = frozenset()) -> None:
+    """Block, limit or lift each touched account by its open overdrafts'
+    actions (``was_limited``: the accounts with an open ``limit`` before this
+    run); the account's active cards go out as the change of what the stores
+    are told (active, ``limited``, ``blocked``: a block wins over a limit)."""
     if not ids:
         return
     o, a, c = overdrafts, db.accounts, db.cards
@@ -296,20 +309,54 @@ def _apply_policy(conn: Connection, ids: list[str], out: Reconciliation, entries
         acts = actions.get(aid, set())
         if "limit" in acts:
             out.limited.append(aid)
-        elif any(x.account_id == aid and x.action == "limit" for x in out.settled):
+        elif aid in was_limited or any(x.account_id == aid and x.action == "limit" for x in out.settled):
             out.unlimited.append(aid)
+        if status.get(aid) not in ("active", "blocked"):
+            continue     # frozen, cancelled, expired: the stores are told that, whatever the policy
         block = "block" in acts
-        if block and status.get(aid) == "active":
-            new, before, after = "blocked", "active", "blocked"
-        elif not block and status.get(aid) == "blocked":
-            new, before, after = "active", "blocked", "active"
-        else:
+        before = "blocked" if status[aid] == "blocked" else "limited" if aid in was_limited else "active"
+        after = "blocked" if block else "limited" if "limit" in acts else "active"
+        if before == after:
             continue
-        conn.execute(update(a).where(a.c.account_id == aid).values(status=new, updated_at=now_ms))
         cards = conn.execute(select(c.c.card_no).where(c.c.account_id == aid, c.c.status == "active")
                              .order_by(c.c.card_no)).scalars().all()
         out.cards_changed += [(no, before, after, None) for no in cards]
-        entries.append(_entry(aid, user, now, {"account_status": [status[aid], new], "cards": cards}))
+        new = "blocked" if block else "active"
+        if new != status[aid]:
+            conn.execute(update(a).where(a.c.account_id == aid).values(status=new, updated_at=now_ms))
+            entries.append(_entry(aid, user, now, {"account_status": [status[aid], new], "cards": cards}))
+        else:
+            entries.append(_entry(aid, user, now, {"cards_told": [before, after], "cards": cards}))
+
+
+def restrictions(conn: Connection, account_ids: Iterable[str]) -> dict[str, str]:
+    """{account_id: ``blocked`` | ``limited``} of the accounts reconciliation
+    holds now (a block wins over a limit); the others are not in it."""
+    ids = sorted(set(account_ids))
+    if not ids:
+        return {}
+    a, o = db.accounts, overdrafts
+    out = {aid: "limited" for aid in conn.execute(select(o.c.account_id).where(
+        db.in_(conn, o.c.account_id, ids), o.c.state == "open", o.c.action == "limit").distinct()).scalars()}
+    out.update((aid, "blocked") for aid in conn.execute(select(a.c.account_id).where(
+        db.in_(conn, a.c.account_id, ids), a.c.status == "blocked")).scalars())
+    return out
+
+
+def new_cards_restricted(conn: Connection, cards_changed: Iterable[tuple]) -> list[tuple]:
+    """The cards a store's records issued (a replacement 补办, a 附属卡, a card
+    issued to a member) on an account reconciliation holds: (card_no, None,
+    ``blocked`` | ``limited``, None), for the deny delta, so that every store
+    is told at once, not at the next snapshot. Only new cards: a store's
+    record never lifts, and an unfreeze at a counter is HQ's to broadcast."""
+    new = sorted({no for no, before, after, _r in cards_changed if before is None and after == "active"})
+    if not new:
+        return []
+    c = db.cards
+    owner = dict(conn.execute(select(c.c.card_no, c.c.account_id).where(db.in_(conn, c.c.card_no, new),
+                                                                        c.c.status == "active")).all())
+    held = restrictions(conn, owner.values())
+    return [(no, None, held[owner[no]], None) for no in new if owner.get(no) in held]
 
 
 def _card_of(conn: Connection, ods: list[Overdraft]) -> None:
@@ -338,12 +385,14 @@ def settle(conn: Connection, account_id: str, kind: str, ref: str = "", *, user:
                                        o.c.state == "open")).mappings().first()
     if row is None:
         raise ValueError(f"no open {kind} overdraft {ref!r} on account {account_id}")
+    was_limited = {account_id} if conn.execute(select(o.c.account_id).where(
+        o.c.account_id == account_id, o.c.state == "open", o.c.action == "limit")).first() else set()
     conn.execute(update(o).where(o.c.account_id == account_id, o.c.kind == kind, o.c.ref == ref)
                  .values(state="settled", settled_at=now_ms, settled_by=f"hq:{user}"[:64], updated_at=now_ms))
     out = Reconciliation(settled=[Overdraft(account_id, kind, ref, row["amount"], [], row["action"], "settled")])
     entries = [_entry(account_id, user, now, {"settled": kind, "ref": ref, "amount": row["amount"],
                                               "action": row["action"]})]
-    _apply_policy(conn, [account_id], out, entries, user, now, now_ms)
+    _apply_policy(conn, [account_id], out, entries, user, now, now_ms, was_limited)
     db.insert_rows(conn, db.account_history, [_entry_row(e, now_ms) for e in entries])
     return out
 
@@ -351,7 +400,8 @@ def settle(conn: Connection, account_id: str, kind: str, ref: str = "", *, user:
 def reconcile_hook(rules, clock=time.time):
     """A hook for AccountStore(hooks=[...]): reconciles the accounts a batch
     changed that are overdrawn or have open overdrafts (found and settled on
-    ingest); adds block/lift cards to the batch's ``hq_cards_changed``."""
+    ingest); adds block/limit/lift cards to the batch's ``hq_cards_changed``,
+    and the cards the batch issued on an account held (``new_cards_restricted``)."""
     def hook(conn: Connection, store: str, result) -> None:
         ids = sorted(result.accounts_changed)
         if not ids:
@@ -368,6 +418,8 @@ def reconcile_hook(rules, clock=time.time):
         r = rules() if callable(rules) else rules
         res = reconcile(conn, r, account_ids=hot, clock=clock, since_ms=int(clock() * 1000) - 2 * DAY_MS)
         result.hq_cards_changed += res.cards_changed
+        told = {no for no, *_ in res.cards_changed}
+        result.hq_cards_changed += [x for x in new_cards_restricted(conn, result.cards_changed) if x[0] not in told]
         result.overdrafts = res.overdrafts
     return hook
 

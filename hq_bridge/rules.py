@@ -803,8 +803,8 @@ def card_entries(action: str, card_no: str, *, status: str | None = None, new_ca
         status = status or "lost"
         if status not in DENY_STATUSES:
             raise PublishError(f"--status {status!r}: one of {', '.join(DENY_STATUSES)}")
-        if status == "blocked":   # an account's debt: reconciliation's to set and to lift, not a card's
-            raise PublishError("--status blocked: set by reconciliation (storegate-hq reconcile) on an overdrawn "
+        if status in ("blocked", "limited"):   # an account's debt: reconciliation's to set and lift, not a card's
+            raise PublishError(f"--status {status}: set by reconciliation (storegate-hq reconcile) on an overdrawn "
                                "account and lifted when it is settled; not by hand")
         entries = [{"card_no": card_no, "status": status, "since": since}]
     elif action == "freeze":

@@ -99,22 +99,31 @@ def test_two_stores_spend_the_same_stored_value_block_until_settled(engine):
     assert snapshot(engine)[CARD]["status"] == "active"
 
 
-def test_limit_zeroes_the_offline_balances_until_settled(engine):
+def test_limit_holds_the_offline_balances_until_settled_and_sends_the_debt(engine):
     store = AccountStore(engine, clock=clock)
     setup(engine, coupons=["C1"])
     two_stores_spend(engine, store, sv=(6000, 6000), red=(1000, 1000))
     with engine.begin() as conn:
         res = reconcile(conn, rules("limit", tolerance_points=0), clock=clock)
     assert {(o.kind, o.amount, o.action) for o in res.overdrafts} == {("stored_value", 2000, "limit")}
-    assert res.limited == ["M500"] and res.cards_changed == []
+    # limit: the account's cards go to every store at once as "limited" (欠款限用), the snapshot rows agree
+    assert res.limited == ["M500"]
+    assert sorted(res.cards_changed) == [(CARD, "active", "limited", None), (SUB, "active", "limited", None)]
+    assert {e["status"] for e in deny_entries(res.cards_changed)} == {"limited"}
     row = snapshot(engine)[CARD]
-    assert (row["status"], row["balance_fen"], row["points"], row.get("coupons")) == ("active", 0, 0, None)
+    # nothing to spend; the debt goes as it is, so a top-up at a store counts from it
+    assert (row["status"], row["balance_fen"], row["points"], row.get("coupons")) == ("limited", -2000, 0, None)
+    assert snapshot(engine)[SUB]["status"] == "limited"
+    with engine.begin() as conn:    # still limited: nothing told again
+        assert reconcile(conn, rules("limit", tolerance_points=0), clock=clock).cards_changed == []
     commit(engine, store, "S001", [tx(2, topup_body(CARD, "M500", 5000, key="t"))])
     with engine.begin() as conn:
         res = reconcile(conn, rules("limit"), clock=clock)
     assert res.unlimited == ["M500"] and res.overdrafts == []
+    assert sorted(res.cards_changed) == [(CARD, "limited", "active", None), (SUB, "limited", "active", None)]
+    assert [e["status"] for e in deny_entries(res.cards_changed)] == ["active", "active"]    # lifted
     row = snapshot(engine)[CARD]
-    assert (row["balance_fen"], row["points"], row["coupons"]) == (3000, 1000, ["C1"])
+    assert (row["status"], row["balance_fen"], row["points"], row["coupons"]) == ("active", 3000, 1000, ["C1"])
 
 
 def test_points_coupon_and_daily_allowance_overdrafts(engine):

@@ -439,7 +439,8 @@ _PUBKEY = {"type": "string", "pattern": "^[A-Za-z0-9+/]{43}=$", "description": "
 _EPOCH = {"type": "integer", "minimum": 0, "description": "epoch seconds"}
 PART_NAME = r"^(layer:chain|layer:region:[A-Za-z0-9_-]{1,64}|layer:store:[A-Za-z0-9_-]{1,64}|members|deny)$"
 TABLE_PARTS = ("members", "deny")
-DENY_STATUSES = ["not_activated", "lost", "frozen", "blocked", "cancelled", "replaced", "expired"]   # wire/ruleset.py
+DENY_STATUSES = ["not_activated", "lost", "frozen", "blocked", "limited", "cancelled", "replaced",
+                 "expired"]   # wire/ruleset.py
 
 PART_SCHEMA = {
     "type": "object",

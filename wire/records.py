@@ -80,7 +80,8 @@ SEQ_MAX = 2 ** 53 - 1             # wire/messages.py SEQ_MAX
 
 CARD_OPS = ("issue", "report_lost", "freeze", "unfreeze", "replace", "annual_fee", "extend",
             "issue_subsidiary")                                                  # gateway/core/pricing.py CARD_OPS
-CARD_STATUSES = ("active", "not_activated", "lost", "frozen", "blocked", "cancelled", "replaced", "expired")
+CARD_STATUSES = ("active", "not_activated", "lost", "frozen", "blocked", "limited", "cancelled", "replaced",
+                 "expired")
 PAYMENT_METHODS = ("cash", "bank_card", "wechat", "alipay", "unionpay", "other")     # gateway/shell/counter.py, api_schema.py
 
 _KEY = r"^[A-Za-z0-9_.-]{1,64}$"               # ids of packages, coupons, promotions (wire/ruleset.py _KEY)
@@ -366,8 +367,8 @@ class CardOp(CounterRecord):
     status_after: Literal["active", "not_activated", "lost", "frozen", "cancelled", "replaced", "expired"] = f()
     deltas: NoDeltas = f()
     reason: str | None = text(500)
-    status_before: Literal["active", "not_activated", "lost", "frozen", "blocked", "cancelled", "replaced",
-                           "expired"] | None = opt()
+    status_before: Literal["active", "not_activated", "lost", "frozen", "blocked", "limited", "cancelled",
+                           "replaced", "expired"] | None = opt()
     primary_card_no: str | None = opt(pattern=_CARD)
     months: int | None = opt(minimum=1, maximum=120)
     expires: str | None = opt(pattern=_DAY)

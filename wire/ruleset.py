@@ -41,7 +41,10 @@ FORMATS = (2, 3)   # what a layer document may say it is; v2 is migrated (migrat
 
 # blocked (欠款冻结): HQ blocked the account for an overdraft (reconciliation.overdraft_policy = "block"):
 # identified, nothing to spend, top-ups to settle (wire/RULESET.md "Card status verdicts").
-CARD_STATUSES = ["active", "not_activated", "lost", "frozen", "blocked", "cancelled", "replaced", "expired"]
+# limited (欠款限用): HQ limited the account for an overdraft (reconciliation.overdraft_policy = "limit"):
+# identified, accrues, top-ups taken; offline nothing to spend (HQ's live answer decides online).
+CARD_STATUSES = ["active", "not_activated", "lost", "frozen", "blocked", "limited", "cancelled", "replaced",
+                 "expired"]
 DENY_STATUSES = [s for s in CARD_STATUSES if s != "active"]
 CARD_KINDS = ["personal", "subsidiary", "group", "stored_value", "points", "discount"]
 # Sources of point multipliers a highest_of group may name (item: a category's or SKU's multiplier).
@@ -354,8 +357,9 @@ ACCOUNTS = _obj({
 
 RECONCILIATION = _obj({
     "overdraft_policy": {"enum": ["carry", "limit", "block"], "default": "carry",
-                         "description": "carry: the negative balance is carried; limit: the account's offline "
-                                        "balances are 0 in every snapshot until settled; block: its cards are "
+                         "description": "carry: the negative balance is carried; limit: its cards are limited "
+                                        "at every store until settled (identified, nothing to spend offline, "
+                                        "HQ's live answer decides online); block: its cards are "
                                         "blocked at every store until settled (identified, nothing to "
                                         "spend, top-ups only)"},
     "tolerance_fen": {**_FEN, "default": 0, "description": "stored-value overdrafts up to this are carried"},

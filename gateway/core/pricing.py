@@ -38,6 +38,8 @@ dict (as a new Rules does), never as an edit in place.
                           # no stored value, no redemption, no coupons (points accrue)
       "blocked": False,   # HQ blocked the account for an overdraft (limited too): no package
                           # uses either; a top-up is allowed (it settles the debt)
+      "hq_limited": False,  # HQ limited the account for an overdraft, seen offline (limited
+                            # too): the same as blocked, by its own name
     }
 
 Missing optional keys mean: no birthday, 0 points/balance, no packages or
@@ -889,8 +891,8 @@ def topup(policy: dict, member: dict, *, package_id: str | None = None, amount_f
     from/to dates are not offered (checked when ``now`` is given)."""
     if not isinstance(member, dict):
         raise PricingError("member_required", "member")
-    if member.get("limited") and not (member.get("blocked") and member.get("account_id")):
-        raise PricingError("member_limited", "member")   # a blocked card may top up: that settles its debt
+    if member.get("limited") and not ((member.get("blocked") or member.get("hq_limited")) and member.get("account_id")):
+        raise PricingError("member_limited", "member")   # a blocked or limited card may top up: that settles its debt
     ctype = card_type_of(member, policy)
     if ctype is not None and not ctype.get("stored_value", False):
         raise PricingError("stored_value_not_allowed", "member.card_type")
@@ -949,6 +951,8 @@ def consume_package(policy: dict, member: dict, package_id: str, uses: int, *,
         raise PricingError("member_required", "member")
     if member.get("blocked"):
         raise PricingError("member_blocked", "member")
+    if member.get("hq_limited"):
+        raise PricingError("member_limited", "member")
     pkg = (policy.get("packages") or {}).get(package_id)
     remaining = (member.get("packages") or {}).get(package_id)
     if pkg is None or remaining is None:

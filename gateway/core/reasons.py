@@ -16,6 +16,11 @@ REASONS: dict[str, tuple[str, str]] = {
     # HQ blocked the account for an overdraft (欠款冻结): accept_limited, nothing to spend, top-ups to settle
     "blocked": ("此卡有欠款未结清，仅可充值，请到服务台办理",
                 "This card owes the store money: top-ups only until it is settled; see the service desk"),
+    # HQ limited the account for an overdraft (欠款限用): accept_limited offline, nothing to spend, top-ups
+    # taken; online HQ's live answer decides
+    "limited": ("此卡有欠款未结清，离线时暂停储值、积分抵现、优惠券和计次，请联网后使用或到服务台办理",
+                "This card is limited by HQ for a debt: no stored value, points, coupons or package uses "
+                "offline; online HQ decides; see the service desk"),
     "cancelled": ("此卡已注销", "This card has been cancelled"),
     "replaced": ("此卡已换新卡，请使用新卡", "This card was replaced; please use the new card"),
     "expired": ("会员卡已过期，请续期", "This membership card has expired; please renew"),

@@ -219,6 +219,8 @@ def _expired(record: dict, today: date) -> bool:
 
 
 NOT_OFFLINE = {"stored_value": False, "redemption": False, "coupons": False}
+# Statuses HQ holds an overdrawn account's cards in (hq_bridge/reconcile.py): identified, not refused.
+HELD = ("blocked", "limited")
 
 
 def offline_ages(rules: Rules, now: datetime, clock: ClockCheck | None = None) -> dict[str, int]:
@@ -264,11 +266,15 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime, *,
         return Verdict("deny", "source_not_allowed", card_no)
     members = rules.members
     denied = members.denied(card_no)
-    if denied and denied["status"] != "blocked":
+    if denied and denied["status"] not in HELD:
         return _deny_verdict(denied["status"], card_no, denied)
     # 欠款冻结: HQ blocked the account for an overdraft. Identified, nothing to
     # spend (like rules_stale), so the counter can take a top-up to settle it.
-    blocked = bool(denied)
+    blocked = bool(denied) and denied["status"] == "blocked"
+    # 欠款限用: HQ limited the account for an overdraft. Offline as blocked (but
+    # its own reason); online HQ's live answer decides (it says whether the
+    # account is still limited, and holds its allowances back while it is).
+    limited = bool(denied) and denied["status"] == "limited"
     data = rules.data
     today = now.date()
     ages = offline_ages(rules, now, clock)
@@ -279,11 +285,15 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime, *,
     record = live.row if live else members.get(card_no)
     if live and record.get("primary_card") and (live.primary or {}).get("card_no") != record["primary_card"]:
         return validate_without_live(source, raw, rules, now, clock=clock)   # the account's row did not come: no mixing
+    if live:
+        limited = False     # HQ's answer now says whether the account is limited (a lift may be on its way)
     if record is None:
         # A valid card number HQ has not sent us yet (issued elsewhere today):
         # identify as a basic member, points accrue, HQ reconciles.
-        # (Blocked too: it holds nothing here either, and without its account no top-up.)
-        return Verdict("accept_limited", "member_not_in_snapshot", card_no, {
+        # Blocked or limited too (a card HQ issued on a held account, told by the deny delta):
+        # it holds nothing here either, and without its account no top-up; the reason names HQ's hold.
+        held = "blocked" if blocked else "limited" if limited else None
+        return Verdict("accept_limited", held or "member_not_in_snapshot", card_no, {
             "member_id": None, "account_id": None, "name": None,
             "tier": _tier_summary(_default_tier(rules), rules),
             "card_type": _card_type_summary(prog["card_type"], rules),
@@ -291,10 +301,12 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime, *,
             "today": {"points_redeemed": 0, "stored_value_paid_fen": 0, "promotion_uses": {}, "coupons_used": []},
             "allowed": dict(NOT_OFFLINE),
             "offline_left": {"stored_value_fen": 0, "redemption_points": 0},
-            "limits": ["member_not_in_snapshot", *limits], "source": "snapshot"})
+            "limits": [*([held] if held else []), "member_not_in_snapshot", *limits], "source": "snapshot"})
     if record["status"] == "blocked":
         blocked = True
-    elif record["status"] != "active" and not blocked:     # a newer deny entry says blocked: it wins
+    elif record["status"] == "limited":
+        limited = True
+    elif record["status"] != "active" and not (blocked or limited):   # a newer deny entry says held: it wins
         return _deny_verdict(record["status"], card_no)
     if _expired(record, today):
         return Verdict("deny", "expired", card_no)
@@ -315,6 +327,9 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime, *,
             return Verdict("deny", "primary_inactive", card_no)
         if (primary_denied and primary_denied["status"] == "blocked") or (primary or {}).get("status") == "blocked":
             blocked = True      # the account owes: its 附属卡 too
+        if (not live and primary_denied and primary_denied["status"] == "limited") or \
+                (primary or {}).get("status") == "limited":
+            limited = True
         if primary is None:
             reason, account = "primary_not_in_snapshot", None
             limits.append("primary_not_in_snapshot")
@@ -325,6 +340,11 @@ def validate(source: str, raw: str, rules: Rules | None, now: datetime, *,
     if blocked:
         reason = "blocked"
         limits.insert(0, "blocked")
+    elif limited and live:
+        limits.insert(0, "limited")     # HQ's live answer holds the allowances back: it decides
+    elif limited:
+        reason = "limited"
+        limits.insert(0, "limited")
     summary = _summary(record, account, card_no, primary_card, tier, card_type, rules, now, ages, limits,
                        live.store_seq if live else None)
     return Verdict("accept" if reason == "ok" else "accept_limited", reason, card_no, summary)
@@ -430,7 +450,7 @@ def _summary(record: dict, account: dict | None, card_no: str, primary_card: str
     out["coupons"] = [c for c in record.get("coupons", []) if c in coupons
                       and coupons[c]["member_id"] == record["member_id"] and c not in totals["coupons_used"]]
     out["today"] = totals["today"]
-    if "rules_stale" in limits or "blocked" in limits:
+    if "rules_stale" in limits or "blocked" in limits or ("limited" in limits and live_seq is None):
         return out  # identify and accrue only
 
     sv = data["stored_value"]
@@ -480,4 +500,6 @@ def member_context(verdict: Verdict | None) -> dict | None:
         "limited": limited,
         # HQ's block (欠款冻结): nothing to spend (no package uses either); a top-up settles it.
         "blocked": "blocked" in (m.get("limits") or ()),
+        # HQ's limit (欠款限用), offline: the same, by its own name; online the live answer decided.
+        "hq_limited": verdict.reason == "limited",
     }

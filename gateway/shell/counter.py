@@ -704,6 +704,10 @@ class Counter:
             # HQ's block of an overdrawn account: lifted by HQ alone, once the debt is settled (a top-up here does).
             raise CounterError("card_blocked", f"card {validate.mask_card(card)} is blocked by HQ for an overdraft: "
                                "a top-up settles it, and HQ lifts the block", 409, reason_text("blocked"))
+        if kind == "unfreeze" and before == "limited":
+            # HQ's limit of an overdrawn account: the same, HQ lifts it once settled.
+            raise CounterError("card_limited", f"card {validate.mask_card(card)} is limited by HQ for an overdraft: "
+                               "a top-up settles it, and HQ lifts the limit", 409, reason_text("limited"))
         account, extra = None, {}
         if kind in ("replace", "issue_subsidiary") and is_card_no(new_card) and new_card != card:
             if kind == "issue_subsidiary":

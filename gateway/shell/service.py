@@ -213,7 +213,9 @@ class Gateway:
         card_no, _ = validate.card_number_of(source, raw, rules)
         if card_no is None:
             return
-        if not self.live.online or not 6 <= len(card_no) <= 19 or rules.members.denied(card_no) \
+        denied = rules.members.denied(card_no)
+        # HQ's limit (欠款限用) is the one deny status the live answer decides online
+        if not self.live.online or not 6 <= len(card_no) <= 19 or (denied and denied["status"] != "limited") \
                 or validate.program_for(card_no, rules)[2]:
             self.live.cache.forget(card_no)
             return

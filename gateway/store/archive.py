@@ -35,7 +35,8 @@ log = logging.getLogger("storegate.counter")
 
 LOCAL_DENY = {"lost", "frozen", "replaced"}  # take effect here at once; HQ's deny delta takes them elsewhere
 LIFTABLE = ("lost", "frozen")                 # what a service-desk unfreeze lifts here
-# Never here: "blocked" (HQ's block of an overdrawn account, from its deny list or snapshot): only HQ lifts it.
+# Never here: "blocked" / "limited" (HQ's block or limit of an overdrawn account, from its deny list or
+# snapshot): only HQ lifts it.
 LOCAL_CALLER = "local"  # the terminal of operations called in-process (demo, tools), not over the API
 
 ARCHIVE_SCHEMA = """
@@ -261,11 +262,11 @@ class LocalMembers:
             old = self.get(rec["alias_of"], depth + 1)
             if old is None:
                 return None
-            # HQ's block of the account (the old card's row or deny entry) goes with it
-            blocked = old.get("status") == "blocked" or \
-                (self._base.denied(rec["alias_of"]) or {}).get("status") == "blocked"
+            # HQ's block or limit of the account (the old card's row or deny entry) goes with it
+            held = (self._base.denied(rec["alias_of"]) or {}).get("status")
+            held = held if held in ("blocked", "limited") else old.get("status")
             return {**{k: v for k, v in old.items() if k != "nfc_uid"}, "card_no": card_no,
-                    "status": "blocked" if blocked else "active"}
+                    "status": held if held in ("blocked", "limited") else "active"}
         if "subsidiary_of" in rec:   # 附属卡: pays from and earns to the primary's account
             primary = self.get(rec["subsidiary_of"], depth + 1)
             if primary is None:
