@@ -996,6 +996,32 @@ class BatchResult:
     overdrafts: list = field(default_factory=list)            # hq_bridge/reconcile.py reconcile_hook
 
 
+# Card statuses that go to the stores as denies (a lift is a card back to active).
+DENY = ("not_activated", "lost", "frozen", "blocked", "limited", "cancelled", "replaced", "expired")
+
+
+def deny_entries(cards_changed: Iterable[tuple], today: str | None = None, *, lifts: bool = True,
+                 skip: Iterable[str] = ()) -> list[dict]:
+    """The deny-delta entries (wire/schemas/deny_delta.json) of cards whose
+    status changed, but those in ``skip``: denied statuses go out as denies,
+    a card back to ``active`` from a denied status (or new) as a lift, unless
+    ``lifts`` is False (what a store's records did: lifting is HQ's decision)."""
+    since = today or time.strftime("%Y-%m-%d")
+    skip = set(skip)
+    out = []
+    for card_no, before, after, replaced_by in cards_changed:
+        if card_no in skip or before == after:
+            continue
+        if after in DENY:
+            e = {"card_no": card_no, "status": after, "since": since}
+            if after == "replaced" and replaced_by:
+                e["replaced_by"] = replaced_by
+            out.append(e)
+        elif after == "active" and lifts:
+            out.append({"card_no": card_no, "status": "active"})
+    return out
+
+
 _CHUNK = 2000   # records loaded and written together
 
 

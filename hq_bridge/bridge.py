@@ -1,7 +1,10 @@
 """The HQ bridge: store transactions in, ledger commit, acks out; resyncs.
 
 An ack is published only after the batch is committed in the ledger, so the
-gateway frees exactly what HQ holds. Duplicates are acked again. The ledger
+gateway frees exactly what HQ holds. Duplicates are acked again. Every ack
+carries HQ's time when the batch was committed (``hq_time_ms``): the store
+checks its clock against it (gateway/core/clock.py; an older gateway refuses
+it, so gateways are upgraded first: README "Wire contract"). The ledger
 applies the new records to HQ's accounts in the same transaction
 (hq_bridge/ledger.py); records the accounts set aside are counted and logged
 (they stay in ``set_aside`` for ops), and acked like any record.
@@ -42,7 +45,7 @@ import aiomqtt
 
 from common import mqtt
 from hq_bridge.ledger import Ledger
-from hq_bridge.members import deny_entries
+from hq_bridge.accounts import deny_entries
 from wire.messages import Ack, ResyncRequest, Status, TxBatch, WireError
 from wire.topics import Topics
 
@@ -55,8 +58,9 @@ log = logging.getLogger("storegate.hq")
 class Bridge:
     def __init__(self, mqtt_settings: dict, ledger: Ledger, *, client_id: str = "storegate-hq",
                  publisher=None, resync_min_interval_s: float = 5.0, outbox_interval_s: float = 60.0,
-                 share_group: str | None = None) -> None:
+                 share_group: str | None = None, clock=time.time) -> None:
         self.mqtt_settings = mqtt_settings
+        self.clock = clock   # HQ's time in the acks
         self.ledger = ledger
         self.publisher = publisher  # hq_bridge.rules.Publisher, to answer resync requests
         self.resync_min_interval_s = resync_min_interval_s
@@ -170,7 +174,8 @@ class Bridge:
         for seq, original, error in committed.unsendable:
             log.error("store %s: record seq %d (%s) could not be sent by the store (%s); its placeholder is kept "
                       "in the ledger's unsendable table, the original stays at the store", store, seq, original, error)
-        for ack in Ack.for_seqs(store, committed.seqs):
+        hq_time_ms = int(self.clock() * 1000)   # after the commit: a time known to have passed at the store
+        for ack in Ack.for_seqs(store, committed.seqs, hq_time_ms):
             await client.publish(self.topics.ack(store), ack.encode(), qos=1)
         if committed.accounts is not None and committed.accounts.set_aside:
             self.stats["set_aside"] += len(committed.accounts.set_aside)

@@ -48,7 +48,7 @@ from hq_bridge.bridge import Bridge
 from hq_bridge.lookup import LookupService
 from hq_bridge.ledger import Ledger
 from hq_bridge.rules import DENY_ITEM, Catalog, PublishError, Publisher
-from wire.messages import Status, WireError
+from wire.messages import CLOCK_TOLERANCE_S, Status, WireError
 from wire.ruleset import RulesetError
 from wire.topics import Topics
 
@@ -168,13 +168,38 @@ READER_OK = ("ready", "terminal")
 SILENT_AFTER_S = 120     # a store's gateway publishes its status at least every minute
 
 
+def clock_drift(s: dict) -> str:
+    """The store's clock against HQ's at its last ack (``clock_offset_ms``,
+    HQ's time minus the store's): ``+10m`` a store behind, ``-1h`` ahead,
+    ``-`` not measured (an older gateway, or no ack with HQ's time yet)."""
+    offset = s.get("clock_offset_ms")
+    if offset is None:
+        return "-"
+    return ("+" if offset >= 0 else "-") + _age(abs(offset) / 1000)
+
+
+def clock_problem(s: dict) -> str | None:
+    """A drift past the gateways' tolerance (CLOCK_TOLERANCE_S), unless the
+    store's own clock fault already says it."""
+    offset = s.get("clock_offset_ms")
+    if offset is None or abs(offset) <= CLOCK_TOLERANCE_S * 1000:
+        return None
+    if any(str(f).startswith(("clock not trusted", "clock ahead")) for f in s.get("faults") or ()):
+        return None
+    return f"clock {_age(abs(offset) / 1000)} {'behind' if offset > 0 else 'ahead of'} HQ's"
+
+
 def store_problems(s: dict, sent: int | None, hq_deny: int | None) -> list[str]:
     """Everything wrong a store's status shows, one line each: the rules it
-    refused, every fault it reports, readers not ready, versions behind."""
+    refused, every fault it reports, its clock off HQ's, readers not ready,
+    versions behind."""
     out = []
     if s.get("rules_rejection"):
         out.append(f"rules refused: {s['rules_rejection']}")
     out += [str(f) for f in s.get("faults") or ()]
+    drift = clock_problem(s)
+    if drift:
+        out.append(drift)
     out += [f"reader {name}: {state}" for name, state in sorted((s.get("readers") or {}).items())
             if state not in READER_OK]
     applied = s.get("rules_version")
@@ -189,7 +214,7 @@ def store_problems(s: dict, sent: int | None, hq_deny: int | None) -> list[str]:
 def render_fleet(statuses: dict[str, dict], expected: dict[str, int | None], now: float,
                  hq_deny: int | None = None) -> str:
     head = (f"{'store':<10} {'state':<8} {'rules':>6} {'sent':>6} {'deny':>6} {'backlog':>8} {'oldest':>8} "
-            f"{'seen':>8}  problems")
+            f"{'seen':>8} {'clock':>6}  problems")
     lines = [head]
     for store in sorted(set(statuses) | set(expected)):
         s = statuses.get(store) or {}
@@ -206,8 +231,9 @@ def render_fleet(statuses: dict[str, dict], expected: dict[str, int | None], now
                      f"{str(expected.get(store) or '-'):>6} "
                      f"{str(s.get('deny_version') if s.get('deny_version') is not None else '-'):>6} "
                      f"{s.get('backlog', '-'):>8} {(_age(oldest) if oldest else '-'):>8} "
-                     f"{(_age(seen) + ' ago' if seen is not None else '-'):>8}  {problems[0] if problems else ''}")
-        lines += [f"{'':>70}{p}" for p in problems[1:]]
+                     f"{(_age(seen) + ' ago' if seen is not None else '-'):>8} {clock_drift(s):>6}  "
+                     f"{problems[0] if problems else ''}")
+        lines += [f"{'':>76}{p}" for p in problems[1:]]
     return "\n".join(lines)
 
 
@@ -260,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     card.add_argument("--user", default=os.environ.get("USER", "admin"), help="the operator (history: hq:<user>)")
     card.add_argument("--config", required=True)
 
-    fleet = sub.add_parser("fleet", help="every store's rules and deny versions, state, backlog")
+    fleet = sub.add_parser("fleet", help="every store's rules and deny versions, state, backlog, clock drift")
     fleet.add_argument("--config", required=True)
     fleet.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained status messages")
     fleet.add_argument("--json", action="store_true")

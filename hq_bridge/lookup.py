@@ -17,9 +17,19 @@ and the asking store's watermark. ``store_seq`` in the reply means exactly:
 this answer includes that store's records up to that seq, so the store adds
 its own records after it, once.
 
+The row with the account's balances carries the day's use of the offline
+allowances at every store (``today``: the account's latest store-local day
+HQ has records of); its ``today.gifts`` adds the account's gifts of that day
+({gift id: gifts}, from the ``gift_redemption`` history entries:
+hq_bridge/reconcile.py ``day_gift_counts``, the counting reconciliation
+uses), read in the same transaction as the watermark, so a store's
+``per_member_day_limit`` counts every store's gifts while it is online.
+Only live answers carry it (a snapshot row has no ``today.gifts``).
+
 Bounded work: a query is one card (a few indexed reads: the card, at most
 ``MAX_PRIMARIES`` primary cards and the first card of its account, the
-account's packages and issued coupons); at most ``max_queue`` queries wait,
+account's packages and issued coupons, and on a day with allowances used its
+newest ``GIFT_SCAN`` history entries for the day's gifts); at most ``max_queue`` queries wait,
 and one that waited longer than ``max_wait_s`` is dropped unanswered (the
 store decided from its snapshot long ago). Hostile input (a query on
 another store's topic, malformed, a bomb) is refused by the bounded decode
@@ -47,7 +57,8 @@ from sqlalchemy.engine import Engine
 from common import mqtt
 from hq_bridge import db
 from hq_bridge.accounts import Grouped, account_rows, limited_accounts, member_rows_query
-from wire.messages import AccountQuery, AccountReply, WireError
+from hq_bridge.reconcile import day_gift_counts
+from wire.messages import MAX_DAY_GIFT_COUNT, MAX_DAY_GIFT_KINDS, AccountQuery, AccountReply, WireError
 from wire.topics import Topics
 
 log = logging.getLogger("storegate.hq.lookup")
@@ -108,7 +119,20 @@ def lookup_account(conn, store: str, card_no: str) -> tuple[dict | None, dict | 
     if row is None:
         return None, None, mark
     primary = rows.get(row["primary_card"]) if row.get("primary_card") else None
+    holder = primary if row.get("primary_card") else row    # the row with the account's balances and day
+    today = (holder or {}).get("today")
+    if today:
+        gifts = day_gift_counts(conn, aid, today["day"])
+        if gifts:
+            today["gifts"] = day_gifts(gifts)
     return row, primary, mark
+
+
+def day_gifts(counts: dict[str, int]) -> dict[str, int]:
+    """The day's gift counts within the wire's bounds (account_reply
+    ``today.gifts``): at most MAX_DAY_GIFT_KINDS ids (the most given first)."""
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_DAY_GIFT_KINDS]
+    return {gid: min(n, MAX_DAY_GIFT_COUNT) for gid, n in sorted(top)}
 
 
 class LookupService:

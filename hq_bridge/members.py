@@ -44,7 +44,7 @@ Decisions
   (取款: hq_bridge/policy.py ``withdraw``). Fees are paid at the desk: recorded
   in the entry's detail, no balance moves. Each returns ``CardResult`` with
   ``cards_changed`` [(card_no, before, after, replaced_by)] — the caller
-  publishes ``deny_entries(cards_changed)`` as a signed deny delta.
+  publishes ``deny_entries(cards_changed)`` (hq_bridge/accounts.py) as a signed deny delta.
 """
 
 from __future__ import annotations
@@ -68,11 +68,10 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Connection, Engine
 
 from hq_bridge import db
-from hq_bridge.accounts import (AccountStore, HistoryEntry, ImportError_, _entry_row, add_months,
+from hq_bridge.accounts import (AccountStore, HistoryEntry, ImportError_, _entry_row, add_months, deny_entries,
                                 import_members, overdrafts, policy_from_rules)
 from wire.ruleset import is_card_no
 
-DENY = ("not_activated", "lost", "frozen", "blocked", "limited", "cancelled", "replaced", "expired")
 COLUMNS = ("card_no", "tier", "member_id", "name", "consent", "birthday", "birthday_calendar", "phone", "points",
            "balance_fen", "card_type", "expires", "primary_card", "group_id")
 REQUIRED = ("card_no", "tier")
@@ -747,28 +746,6 @@ def deny_list_action(conn: Connection, action: str, card_no: str, *, status: str
                          ("unfreeze", "active")):
         return None
     return card_op(conn, op, card_no, user=user, new_card_no=new_card_no, reason=reason, rules=rules, clock=clock)
-
-
-def deny_entries(cards_changed: Iterable[tuple], today: str | None = None, *, lifts: bool = True,
-                 skip: Iterable[str] = ()) -> list[dict]:
-    """The deny-delta entries (wire/schemas/deny_delta.json) of cards whose
-    status changed, but those in ``skip``: denied statuses go out as denies,
-    a card back to ``active`` from a denied status (or new) as a lift, unless
-    ``lifts`` is False (what a store's records did: lifting is HQ's decision)."""
-    since = today or time.strftime("%Y-%m-%d")
-    skip = set(skip)
-    out = []
-    for card_no, before, after, replaced_by in cards_changed:
-        if card_no in skip or before == after:
-            continue
-        if after in DENY:
-            e = {"card_no": card_no, "status": after, "since": since}
-            if after == "replaced" and replaced_by:
-                e["replaced_by"] = replaced_by
-            out.append(e)
-        elif after == "active" and lifts:
-            out.append({"card_no": card_no, "status": "active"})
-    return out
 
 
 # ================================================================ CLI

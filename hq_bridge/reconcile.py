@@ -19,8 +19,12 @@ coupon             a coupon used by more than one sale     extra uses (ref: code
 day_stored_value   stored value paid in one store-local    fen over the cap
                    day at 2+ stores beyond                 (ref: the day)
                    ``stored_value.offline_max_per_day_fen``
-day_points         points redeemed likewise beyond         points over the cap
+day_points         points redeemed likewise (a sale's and  points over the cap
+                   gifts') beyond
                    ``redemption.offline_max_points_per_day``
+day_gifts          gifts of one id redeemed in one         gifts over the limits
+                   store-local day at 2+ stores beyond     (ref: the day; each
+                   its ``gifts.<id>.per_member_day_limit`` record names its gift)
 =================  ======================================  =====================
 
 Each is a row of ``overdrafts`` (account, kind, ref) with the records that
@@ -43,7 +47,7 @@ Policy (rule set ``[reconciliation]``, wire/RULESET.md):
   it goes out as a ``blocked`` deny delta (欠款冻结: a store identifies the
   card, lets it spend nothing and takes a top-up to settle); settled, they are
   lifted (``cards_changed``: (card_no, before, after, None), the shape of
-  AccountStore's BatchResult, for ``members.deny_entries``). Only settling
+  AccountStore's BatchResult, for ``accounts.deny_entries``). Only settling
   lifts a block: neither a counter's unfreeze nor HQ's ``card unfreeze``
   (hq_bridge/members.py ``card_op``, ``deny_list_action``).
 
@@ -53,7 +57,8 @@ with the account's restriction at once, and is lifted with the account.
 
 Overdrafts of stored value below ``tolerance_fen`` and points below
 ``tolerance_points`` are carried whatever the policy. Daily-allowance
-overruns are reported and recorded (settled at once, ``settled_by =
+overruns (gift day limits too: online a store counts the day's gifts of
+every store from HQ's live answer, offline only its own) are reported and recorded (settled at once, ``settled_by =
 "report"``: there is nothing to pay back beyond the balance itself, which
 has its own row when it went below zero) and never limit or block.
 
@@ -78,12 +83,66 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from hq_bridge import db
-from hq_bridge.accounts import HistoryEntry, _entry_row, overdrafts
+from hq_bridge.accounts import HistoryEntry, _entry_row, deny_entries, overdrafts
 
 POLICIES = ("carry", "limit", "block")
 BALANCE_KINDS = ("stored_value", "points", "package", "coupon")
-DAY_KINDS = ("day_stored_value", "day_points")
+DAY_KINDS = ("day_stored_value", "day_points", "day_gifts")
 DAY_MS = 86_400_000
+GIFT_ENTRY = "gift_redemption"   # the history entry of accounts.py _gift_redemption (detail: gift_id, qty, points)
+GIFT_SCAN = 2000                 # an account's newest history entries a live answer counts the day's gifts in
+
+
+# ================================================================ the day's gifts (one place: reconcile and lookup)
+
+def gift_of(at: str | None, detail: Mapping) -> tuple[str, str, int] | None:
+    """(store-local day, gift id, gifts) of a ``gift_redemption`` history
+    entry (``at``: the record's store time, whose date is its store-local
+    day, as for the other daily allowances), None if it names none."""
+    gid, qty = detail.get("gift_id"), detail.get("qty")
+    if not at or not isinstance(gid, str) or type(qty) is not int or qty <= 0:
+        return None
+    return at[:10], gid, qty
+
+
+def add_gift(counts: dict[str, int], gift_id: str, qty: int) -> dict[str, int]:
+    counts[gift_id] = counts.get(gift_id, 0) + qty
+    return counts
+
+
+def day_gift_counts(conn: Connection, account_id: str, day: str, *, scan: int = GIFT_SCAN) -> dict[str, int]:
+    """The account's gifts of the store-local ``day`` at every store, as HQ
+    has applied them ({gift id: gifts}): HQ's live answer (hq_bridge/lookup.py),
+    read in its transaction. Bounded: the account's newest ``scan`` history
+    entries (the index on account_id, id), where the day's are unless a store
+    sends a backlog of more than that afterwards (then fewer are counted and
+    reconciliation reports what went past the limit)."""
+    h = db.account_history
+    recent = select(h.c.kind, h.c.at, h.c.detail).where(h.c.account_id == account_id) \
+        .order_by(h.c.id.desc()).limit(scan).subquery()
+    counts: dict[str, int] = {}
+    for at, detail in conn.execute(select(recent.c.at, recent.c.detail).where(recent.c.kind == GIFT_ENTRY)):
+        g = gift_of(at, orjson.loads(detail) if detail else {})
+        if g and g[0] == day:
+            add_gift(counts, g[1], g[2])
+    return counts
+
+
+def gifts_over(recs: Iterable[Mapping], gifts: Mapping | None) -> dict[str, int]:
+    """Pure: {gift id: gifts beyond its ``per_member_day_limit``} of one
+    account's gift records of one day ([{store, gift_id, amount}]), for the
+    gifts given at two or more stores (one store keeps its own limit)."""
+    counts: dict[str, int] = {}
+    stores: dict[str, set] = {}
+    for r in recs:
+        add_gift(counts, r["gift_id"], r["amount"])
+        stores.setdefault(r["gift_id"], set()).add(r["store"])
+    out = {}
+    for gid, n in counts.items():
+        limit = ((gifts or {}).get(gid) or {}).get("per_member_day_limit")
+        if limit is not None and n > limit and len(stores[gid]) > 1:
+            out[gid] = n - limit
+    return out
 
 
 @dataclass
@@ -109,7 +168,6 @@ class Reconciliation:
     unlimited: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict:
-        from hq_bridge.members import deny_entries
         return {"overdrafts": [asdict(o) for o in self.overdrafts], "settled": [asdict(o) for o in self.settled],
                 "cards_changed": [list(c) for c in self.cards_changed], "deny": deny_entries(self.cards_changed),
                 "limited": self.limited, "unlimited": self.unlimited,
@@ -186,8 +244,9 @@ def find_overdrafts(conn: Connection, rules: Mapping | None = None, *, account_i
             select(h.c.store, h.c.seq, h.c.tx_id, h.c.d_uses).where(h.c.account_id == aid, h.c.package_id == pid,
                                                                      h.c.d_uses < 0).order_by(h.c.id.desc()).limit(20))]
         found.append(Overdraft(aid, "package", pid, -left, list(reversed(recs))))
-    # coupons and daily allowances: from the sale entries
-    q = select(h.c.account_id, h.c.store, h.c.seq, h.c.tx_id, h.c.at, h.c.detail).where(h.c.kind == "sale")
+    # coupons and daily allowances: from the sale entries, and the gift entries (points, gifts)
+    q = select(h.c.account_id, h.c.store, h.c.seq, h.c.tx_id, h.c.at, h.c.detail, h.c.kind) \
+        .where(h.c.kind.in_(("sale", GIFT_ENTRY)))
     if since_ms is not None:
         q = q.where(h.c.recorded_at >= since_ms)
     q = scoped(q, h.c.account_id).order_by(h.c.id)
@@ -195,9 +254,16 @@ def find_overdrafts(conn: Connection, rules: Mapping | None = None, *, account_i
     pts_cap = int(((rules or {}).get("redemption") or {}).get("offline_max_points_per_day", 0) or 0)
     coupon_uses: dict[tuple, list] = {}
     days: dict[tuple, list] = {}
-    for aid, store, seq, tx_id, at, detail in conn.execute(q):
+    gift_days: dict[tuple, list] = {}
+    for aid, store, seq, tx_id, at, detail, kind in conn.execute(q):
         d = orjson.loads(detail) if detail else {}
         rec = {"store": store, "seq": seq, "tx_id": tx_id}
+        if kind == GIFT_ENTRY:   # its points count in the day's redeemed points, as at the counter
+            g = gift_of(at, d)
+            if g:
+                days.setdefault((aid, g[0]), []).append({**rec, "sv": 0, "points": d.get("points", 0)})
+                gift_days.setdefault((aid, g[0]), []).append({**rec, "gift_id": g[1], "amount": g[2]})
+            continue
         for code in d.get("coupons") or ():
             coupon_uses.setdefault((aid, code), []).append({**rec, "amount": 1})
         if (d.get("sv") or d.get("redeemed")) and at:
@@ -218,6 +284,12 @@ def find_overdrafts(conn: Connection, rules: Mapping | None = None, *, account_i
             found.append(Overdraft(aid, "day_points", day, pts - pts_cap,
                                    [{k: r[k] for k in ("store", "seq", "tx_id")} | {"amount": r["points"]}
                                     for r in recs if r["points"]]))
+    gift_rules = (rules or {}).get("gifts") or {}
+    for (aid, day), recs in gift_days.items():
+        over = gifts_over(recs, gift_rules)
+        if over:
+            found.append(Overdraft(aid, "day_gifts", day, sum(over.values()),
+                                   [r for r in recs if r["gift_id"] in over]))
     return found
 
 
@@ -456,7 +528,6 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace, engine: Engine, *, out=None, publish=None) -> int:
     """``publish(entries, reason)``: the caller's deny-delta publisher (block / lift)."""
-    from hq_bridge.members import deny_entries
     from hq_bridge.policy import chain_rules
 
     out = out or sys.stdout

@@ -771,7 +771,8 @@ class Publisher:
         counter did (the accounts applied that record already)."""
         entries = card_entries(action, card_no, status=status, new_card=new_card, activate_new=activate_new)
         if hq_own:
-            from hq_bridge.members import MemberError, deny_entries, deny_list_action
+            from hq_bridge.accounts import deny_entries
+            from hq_bridge.members import MemberError, deny_list_action
             from hq_bridge.policy import chain_rules
             try:
                 done = db.run_in_transaction(self.ledger.engine, lambda conn: deny_list_action(

@@ -80,16 +80,21 @@ def test_migrations_make_the_metadata_on_both_engines(hq_db_url):
         engine.dispose()
 
 
+def _bare_account(conn, account_id: str, paid_fen: int = 0) -> None:
+    """A member and its account written as SQL, for a database at an older revision."""
+    conn.exec_driver_sql("INSERT INTO members (member_id, source, created_at, updated_at) "
+                         f"VALUES ('{account_id}', 'import', 0, 0)")
+    conn.exec_driver_sql("INSERT INTO accounts (account_id, owner_member_id, tier, paid_fen, created_at, updated_at) "
+                         f"VALUES ('{account_id}', '{account_id}', 'normal', {paid_fen}, 0, 0)")
+
+
 def test_the_tier_counts_of_entries_before_0003_are_filled_in_from_their_detail(hq_db_url):
     from hq_bridge.migrations import upgrade
     upgrade(hq_db_url, "0002")
     engine = db.open_engine(hq_db_url)
     try:
         with engine.begin() as conn:
-            conn.exec_driver_sql("INSERT INTO members (member_id, source, created_at, updated_at) "
-                                 "VALUES ('A1', 'import', 0, 0)")
-            conn.exec_driver_sql("INSERT INTO accounts (account_id, owner_member_id, tier, created_at, updated_at) "
-                                 "VALUES ('A1', 'A1', 'normal', 0, 0)")
+            _bare_account(conn, "A1")
             for kind, detail in (("sale", {"spend": 5990, "earned": 59}), ("return", {"spend": -2995, "earned": 29}),
                                  ("topup", {"fee": 1}), ("sale", None)):
                 conn.exec_driver_sql(
@@ -116,10 +121,7 @@ def test_0006_keeps_the_history_and_the_audit_finds_an_entry_without_its_account
     engine = db.open_engine(hq_db_url)
     try:
         with engine.begin() as conn:
-            conn.exec_driver_sql("INSERT INTO members (member_id, source, created_at, updated_at) "
-                                 "VALUES ('A1', 'import', 0, 0)")
-            conn.exec_driver_sql("INSERT INTO accounts (account_id, owner_member_id, tier, paid_fen, created_at, "
-                                 "updated_at) VALUES ('A1', 'A1', 'normal', 500, 0, 0)")
+            _bare_account(conn, "A1", paid_fen=500)
             conn.exec_driver_sql("INSERT INTO account_history (account_id, kind, d_paid_fen, d_bonus_fen, d_points, "
                                  "d_uses, recorded_at, ref_tx_id) VALUES ('A1', 'topup', 500, 0, 0, 0, 1, NULL)")
         upgrade(hq_db_url)

@@ -201,6 +201,12 @@ TX_BATCH_SCHEMA = {
     },
 }
 
+# HQ's time in an ack and a gateway's offset from it (README "Keeping time"):
+# epoch milliseconds up to 2100-01-01, and a drift beyond CLOCK_TOLERANCE_S is
+# a fault (gateway/core/clock.py; `storegate-hq fleet` flags it).
+MAX_EPOCH_MS = 4_102_444_800_000
+CLOCK_TOLERANCE_S = 300
+
 ACK_SCHEMA = {
     "$id": SCHEMA_BASE + "ack.json",
     "title": "Sequence numbers committed in HQ's database, HQ -> gateway, topic {prefix}/stores/{store}/ack",
@@ -214,6 +220,12 @@ ACK_SCHEMA = {
             "type": "array",
             "maxItems": MAX_ACK_RANGES,
             "items": {"type": "array", "items": [_SEQ, _SEQ], "minItems": 2, "maxItems": 2},
+        },
+        "hq_time_ms": {
+            "description": "HQ's clock when the batch was committed, epoch ms: a time known to have passed "
+                           "when the ack arrives (the gateway checks its clock against it). Optional; a "
+                           "gateway older than it refuses an ack that carries it (upgrade gateways first)",
+            "type": "integer", "minimum": 0, "maximum": MAX_EPOCH_MS,
         },
     },
 }
@@ -236,6 +248,9 @@ STATUS_SCHEMA = {
                             "description": "why the last rule set or delta offered was refused (null: none)"},
         "readers": {"type": "object", "additionalProperties": {"type": "string"}},
         "faults": {"type": "array", "items": {"type": "string"}},
+        "clock_offset_ms": {"type": ["integer", "null"], "minimum": -MAX_EPOCH_MS, "maximum": MAX_EPOCH_MS,
+                            "description": "HQ's time in the last ack minus the gateway's clock when it came "
+                                           "(positive: the gateway is behind; null: no ack with HQ's time yet)"},
     },
 }
 
@@ -376,13 +391,15 @@ def ranges_text(ranges, most: int = 3) -> str:
 class Ack:
     store: str
     acked: list[list[int]] = field(default_factory=list)
+    hq_time_ms: int | None = None   # HQ's clock at the commit (absent from older HQs' acks)
 
     @classmethod
-    def for_seqs(cls, store: str, seqs) -> list["Ack"]:
+    def for_seqs(cls, store: str, seqs, hq_time_ms: int | None = None) -> list["Ack"]:
         """The acks for these seqs: one, or more if they make more than
         MAX_ACK_RANGES ranges."""
         ranges = seqs_to_ranges(seqs)
-        return [cls(store, ranges[i:i + MAX_ACK_RANGES]) for i in range(0, len(ranges), MAX_ACK_RANGES)]
+        return [cls(store, ranges[i:i + MAX_ACK_RANGES], hq_time_ms)
+                for i in range(0, len(ranges), MAX_ACK_RANGES)]
 
     @classmethod
     def of(cls, store: str, seqs) -> "Ack":
@@ -393,7 +410,10 @@ class Ack:
         return acks[0] if acks else cls(store, [])
 
     def encode(self) -> bytes:
-        return _dumps({"store": self.store, "acked": self.acked})
+        obj = {"store": self.store, "acked": self.acked}
+        if self.hq_time_ms is not None:
+            obj["hq_time_ms"] = self.hq_time_ms
+        return _dumps(obj)
 
     @classmethod
     def decode(cls, payload: bytes) -> "Ack":
@@ -402,7 +422,8 @@ class Ack:
         for lo, hi in obj["acked"]:
             if lo > hi:
                 raise WireError(f"ack: range [{lo}, {hi}] runs backwards")
-        return cls(obj["store"], obj["acked"])
+        hq_time = obj.get("hq_time_ms")   # 1.7e12 is an integer to JSON Schema: made one
+        return cls(obj["store"], obj["acked"], int(hq_time) if hq_time is not None else None)
 
 
 @dataclass(frozen=True)
@@ -418,6 +439,7 @@ class Status:
     deny_version: int | None = None
     rules_rejection: str | None = None
     rules_issued_at: int | None = None
+    clock_offset_ms: int | None = None   # HQ's time in the last ack minus this clock when it came
 
     def encode(self) -> bytes:
         return _dumps(self.__dict__)
@@ -427,6 +449,8 @@ class Status:
         obj = _loads(payload, "status")
         _check("status.json", obj, "status")
         known = {k: obj[k] for k in cls.__dataclass_fields__ if k in obj}
+        if known.get("clock_offset_ms") is not None:
+            known["clock_offset_ms"] = int(known["clock_offset_ms"])
         return cls(**known)
 
 
@@ -644,9 +668,24 @@ _CARD = {"type": "string", "pattern": "^[0-9]{6,19}$"}
 _EPOCH_MS = {"type": "integer", "minimum": 0, "maximum": SEQ_MAX, "description": "epoch milliseconds"}
 
 
+MAX_DAY_GIFT_KINDS = 64         # gift ids in a live answer's today.gifts
+MAX_DAY_GIFT_COUNT = 100_000    # gifts of one id in a day (per_member_day_limit is at most 1,000)
+DAY_GIFTS = {"type": "object", "propertyNames": {"pattern": r"^[A-Za-z0-9_.-]{1,64}$"},
+             "maxProperties": MAX_DAY_GIFT_KINDS,
+             "additionalProperties": {"type": "integer", "minimum": 1, "maximum": MAX_DAY_GIFT_COUNT},
+             "description": "live answers only: the account's gifts of that day at every store, as HQ has "
+                          "applied them (gift id -> gifts; absent: none); a store adds its own records after "
+                          "store_seq (per_member_day_limit, wire/RULESET.md \"Points for gifts\")"}
+
+
 def _member_row_schema() -> dict:
-    from wire.ruleset import MEMBER_SCHEMA  # the snapshot's member row: one definition
-    return {k: v for k, v in MEMBER_SCHEMA.items() if k not in ("$id", "title")}
+    """The snapshot's member row (one definition, wire/ruleset.py) whose
+    ``today`` may carry the day's ``gifts`` too: a snapshot row never does."""
+    from wire.ruleset import MEMBER_SCHEMA
+    row = {k: v for k, v in MEMBER_SCHEMA.items() if k not in ("$id", "title")}
+    today = row["properties"]["today"]
+    return {**row, "properties": {**row["properties"], "today": {
+        **today, "properties": {**today["properties"], "gifts": DAY_GIFTS}}}}
 
 
 ACCOUNT_QUERY_SCHEMA = {
@@ -676,7 +715,9 @@ ACCOUNT_REPLY_SCHEMA = {
         "card_no": _CARD,
         "found": {"type": "boolean", "description": "false: HQ has no such card (account is null)"},
         "account": {"anyOf": [_member_row_schema(), {"type": "null"}],
-                    "description": "the card's row exactly as in a member snapshot part (wire/schemas/member.json)"},
+                    "description": "the card's row exactly as in a member snapshot part (wire/schemas/member.json); "
+                                   "the row with the account's balances may add the day's gift counts "
+                                   "(today.gifts)"},
         "primary": {"anyOf": [_member_row_schema(), {"type": "null"}],
                     "description": "for a card whose row names a primary_card: that primary card's row, "
                                    "which carries the account's balances"},

@@ -8,9 +8,13 @@ is ``gifts.<id>`` (wire/RULESET.md "Points for gifts"):
 - the gift must be in the catalogue (``gift_unknown``) and inside its
   optional ``from``/``to`` dates, store time (``gift_not_offered``);
 - ``per_member_day_limit``: at most that many of it per account and
-  store-local day, counted from this store's records of the day (the
-  ``gifts`` of the member's ``today``; HQ does not send other stores' gift
-  counts, so the limit is per store when a member visits two in a day);
+  store-local day (``gift_day_limit``), counted in the ``gifts`` of the
+  member's ``today`` (gateway/core/validate.py): online, HQ's live answer's
+  gifts of the day at every store plus this store's own records after its
+  ``store_seq``, so the limit is chain-wide; offline (or past the look-up's
+  wait) this store's records of the day alone, so a member visiting two
+  stores in a day gets it at each, and HQ's reconciliation reports the
+  overrun (``day_gifts``, hq_bridge/reconcile.py);
 - the points (``points`` x ``qty``) are spent the way a sale's redemption
   spends them, through the same checks (gateway/core/pricing.py
   ``points_spendable``/``check_points``): the member's points, the

@@ -428,6 +428,9 @@ def _summary(record: dict, account: dict | None, card_no: str, primary_card: str
     if hq_today.get("day") == day:  # every store's use today, as far as HQ has it
         totals["today"]["stored_value_paid_fen"] += hq_today.get("stored_value_paid_fen", 0)
         totals["today"]["points_redeemed"] += hq_today.get("points_redeemed", 0)
+        for gid, n in (hq_today.get("gifts") or {}).items():   # a live answer's only (gifts.py day limits)
+            gifts = totals["today"].setdefault("gifts", {})
+            gifts[gid] = gifts.get(gid, 0) + n
     points = max(0, account["points"] + totals["points"])
     balance = max(0, account["balance_fen"] + totals["stored_value_fen"])
     out["points"], out["balance_fen"] = points, balance

@@ -13,7 +13,10 @@ validate.validate finds it: the tap and the counter's re-validation on quote
 and sale see the same live account without a second round trip. Offline,
 past the wait, or with an answer that cannot be used, the store decides
 from its snapshot plus its own records (the verdict's ``source`` says
-which).
+which). An answer's account carries the day's use at every store as HQ has
+it (``today``: stored value, points, and the gifts that a gift's
+``per_member_day_limit`` counts); validate adds this store's own records
+journaled after the reply's ``store_seq`` to it, so none is counted twice.
 
 Anything on the reply topic may be hostile: a reply is decoded bounded
 (wire.messages), and used only if it is for this store, answers a query

@@ -95,6 +95,7 @@ class Gateway:
         self.counter = Counter(self, data_dir / "counter.db")
         self.uplink = Uplink(config["mqtt"], self.store_id, self.journal, self.rules, self.status_message,
                              UplinkSettings(**config["uplink"]), on_connection_change=self._on_link)
+        self.uplink.on_hq_time = self.clockwatch.hq_time   # HQ's time in each ack checks the clock while online
         # HQ's live answers are held as long as the lane holds its member, for the counter's re-validation.
         self.live = self.uplink.live
         self.live.clock = clock
@@ -307,7 +308,8 @@ class Gateway:
         return Status(self.store_id, state, int(self.clock()), backlog["depth"], backlog["oldest_age_s"],
                       rules.version if rules else None, readers, self.faults(),
                       deny_version=self.rules.deny_version, rules_rejection=self.rules.last_rejection,
-                      rules_issued_at=rules.issued_at if rules else None)
+                      rules_issued_at=rules.issued_at if rules else None,
+                      clock_offset_ms=self.clockwatch.hq.offset_ms if self.clockwatch.hq else None)
 
     def sim_reader(self, lane_id: str) -> SimulatedReader:
         reader = self.lane(lane_id).reader

@@ -10,6 +10,10 @@
   other part of it (seqs never sent, never journaled; malformed; another
   store's) is ignored, logged and counted (``state.rejected_acks``, a fault).
   The work per ack is bounded by its ranges, never by the seqs they span.
+- An ack carries HQ's time at the commit (``hq_time_ms``, optional: older
+  HQs send none). From an ack that was not ignored it goes to
+  ``on_hq_time`` (the clock watch, gateway/shell/clock_watch.py) with the
+  batch's round trip (since the acked records were first sent, when known).
 - A record that cannot be sent as it is (not encodable, nested too deep, too
   big, refused by the record schema, unreadable) never stops delivery: the
   journal keeps a copy aside and reports it, HQ gets a placeholder record of
@@ -82,10 +86,18 @@ class InFlight:
     def __init__(self) -> None:
         self.ranges: list[list[int]] = []
         self.batches: dict[int, float] = {}  # last seq of a batch -> when sent
+        self.first_sent: dict[int, float] = {}  # last seq of a batch -> when first sent (kept across resends)
 
     def sent(self, records: list[TxRecord], now: float) -> None:
         self.ranges = normal_ranges(self.ranges + seqs_to_ranges(r.seq for r in records))
         self.batches[records[-1].seq] = now
+        self.first_sent.setdefault(records[-1].seq, now)
+
+    def sent_at(self, ranges: list[list[int]]) -> float | None:
+        """When the earliest batch these (normal) ranges ack was first sent
+        (None: none of them in flight): HQ committed it after that."""
+        times = [t for last, t in self.first_sent.items() if intersect_ranges([[last, last]], ranges)]
+        return min(times) if times else None
 
     def acked(self, ranges: list[list[int]]) -> list[list[int]]:
         """The part of these (normal) ranges that was in flight; it is not any more."""
@@ -94,6 +106,8 @@ class InFlight:
             self.ranges = subtract_ranges(self.ranges, hits)
             for last in [s for s in self.batches if intersect_ranges([[s, s]], hits)]:
                 del self.batches[last]
+            for last in [s for s in self.first_sent if not intersect_ranges([[s, s]], self.ranges)]:
+                del self.first_sent[last]
         return hits
 
 
@@ -110,6 +124,7 @@ class Uplink:
         self.topics = Topics(mqtt_settings.get("prefix", "sg/v1"))
         self.state = UplinkState()
         self.on_connection_change = on_connection_change
+        self.on_hq_time: Callable[[int, float | None], None] | None = None   # HQ's time in an ack, round trip
         self._wake = asyncio.Event()
         self._stopping = False
         journal.on_append = self._wake.set
@@ -227,6 +242,7 @@ class Uplink:
             self._ignored_ack(str(exc))
             return
         asked = normal_ranges(ack.acked)
+        sent_at = inflight.sent_at(asked)
         hits = inflight.acked(asked)
         if hits:
             self.state.acked_records += await self.journal.mark_acked_ranges(hits)
@@ -241,6 +257,12 @@ class Uplink:
             self._ignored_ack(f"seq {ranges_text(stray)} not in flight")
         else:
             self.state.last_hq_contact = time.time()
+            if ack.hq_time_ms is not None and self.on_hq_time is not None:
+                rtt = time.monotonic() - sent_at if hits and sent_at is not None else None
+                try:
+                    self.on_hq_time(ack.hq_time_ms, rtt)
+                except Exception:  # the clock check must not take the uplink down
+                    log.exception("HQ's time not taken")
             if self._last_ignored_ack and time.monotonic() - self._last_ignored_ack > ACK_FAULT_CLEARS_S:
                 self._clear_fault("ack")  # acks have been right for a while: a past glitch, not a fault now
 

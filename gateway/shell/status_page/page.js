@@ -24,6 +24,8 @@
       clock_ok: "时钟正常", clock_untrusted: "网关的时钟检查未通过：比已知时间早 {n}（见下方故障）。",
       synced_yes: "已同步", synced_unknown: "未知", time_sync: "时间同步", clock_behind_rules: "网关时钟早于总部签发规则的时间 {n}，时钟可能有误。",
       clock_browser: "网关时钟与本机相差 {n}，请检查时间同步。",
+      hq_diff: "与总部时间相差", hq_unknown: "未知（尚无总部确认）", hq_behind: "（网关慢）", hq_ahead: "（网关快）",
+      clock_ahead: "网关时钟比总部时间快 {n}：记录的时间将是未来时间（见下方故障）。",
       storage: "日志与磁盘", journal_size: "日志占用", disk_free: "磁盘可用", records_since_start: "本次启动后记录",
       readers: "读卡器", lane: "收银通道", input: "输入", kind: "类型", state: "状态",
       taps: "本次启动后刷卡 {taps} 次（通过 {accepted}，拒绝 {denied}，需重刷 {retries}）；销售 {sales} 笔",
@@ -48,6 +50,8 @@
       clock_ok: "Clock looks right", clock_untrusted: "The gateway's clock check fails: {n} before a time known to have passed (see the faults).",
       synced_yes: "synchronized", synced_unknown: "unknown", time_sync: "Time sync", clock_behind_rules: "The gateway's clock is {n} before HQ issued the rules: the clock is probably wrong.",
       clock_browser: "The gateway's clock differs from this computer's by {n}: check time sync.",
+      hq_diff: "Difference from HQ", hq_unknown: "unknown (no acknowledgement from HQ yet)", hq_behind: " (gateway behind)", hq_ahead: " (gateway ahead)",
+      clock_ahead: "The gateway's clock is {n} ahead of HQ's: records are stamped in the future (see the faults).",
       storage: "Journal and disk", journal_size: "Journal size", disk_free: "Disk free", records_since_start: "Records since start",
       readers: "Readers", lane: "Lane", input: "Input", kind: "Kind", state: "State",
       taps: "Taps since start: {taps} ({accepted} accepted, {denied} denied, {retries} to tap again); sales: {sales}",
@@ -188,6 +192,11 @@
     const check = d.clock.check;
     if (check && check.sane === false) problems.push(fill(t("clock_untrusted"), { n: duration((check.known || 0) - check.now) }));
     set("clock-sync", check ? t(check.synchronized ? "synced_yes" : "synced_unknown") : "–");
+    // HQ's time in its last acknowledgement minus the gateway's clock when it came (positive: the gateway is behind).
+    const hq = check ? check.offset_ms : null;
+    set("clock-hq", hq == null ? t("hq_unknown") : Math.abs(hq) < 1000 ? duration(0)
+      : duration(Math.abs(hq) / 1000) + t(hq > 0 ? "hq_behind" : "hq_ahead"), hq != null && Math.abs(hq) > 300000 ? "bad" : "");
+    if (check && check.sane !== false && check.ahead_s) problems.push(fill(t("clock_ahead"), { n: duration(check.ahead_s) }));
     if (d.clock.behind_rules_s != null) problems.push(fill(t("clock_behind_rules"), { n: duration(d.clock.behind_rules_s) }));
     if (Math.abs(diff) > 120) problems.push(fill(t("clock_browser"), { n: duration(diff) }));
     set("clock-verdict", problems.length ? problems.join(" ") : t("clock_ok"), problems.length ? "bad" : "ok");
