@@ -29,21 +29,22 @@ Metrics:
   read transaction with the store's watermark, encoded into parts as
   ``rules publish`` sends them (wire.messages.encode_table, 100,000 rows per part).
 
-Where the time goes (full run, one worker, the 2-core development machine
-with PostgreSQL 15 on the same cores; phase timers, cProfile and
-pg_stat_statements, December 2026): per record about 190 us of Python in the
-ingest process and 110 us of PostgreSQL server CPU. Python: decoding the
-wire batch 32 (``TxBatch.decode``: inflate, JSON, the batch schema, the depth
-check), the ledger insert 14, the body schemas 10, loading the accounts 31,
-applying the records 33, writing the accounts 27, the tier hook 17, the
-reconciliation hook 5, the rest (transaction, watermark, keys) about 20.
-Server: the history COPY 23 (of which its foreign key to accounts about 10),
-the ledger COPY 14, points lots 10, accounts 10, the tier hook's reading of
-history 9, loading accounts, lots and cards 19, the sales of returns 7, the
-reconciliation hook's look-ups 6, the rest about 12. About 300 us of CPU a
-record: two cores, shared by the workers and the server, do at most about
-6,600 records/s, and two workers' batches of 500 records on 100,000 accounts
-share about 2.5 accounts, whose row locks make one wait for the other.
+Where the time goes (one worker, 20,000 records on 20,000 accounts, the
+2-core development machine with PostgreSQL 15 on the same cores; phase
+timers and pg_stat_statements, December 2026): per record about 240 us of
+wall time, of which about 160 us of Python in the ingest process and about
+100 us of PostgreSQL server CPU. By phase (wall, Python and server): decoding
+the wire batch 21 (of which JSON 11), the ledger insert 28 (its COPY 16),
+the body schemas 17, loading the accounts 39, applying the records 27,
+writing the accounts 51 (history 12, accounts 16, points lots 13), the tier
+hook 21 (the window sums 9 of server time), the reconciliation hook 9. With
+the collector at CPython's defaults the same run took 290 us a record
+(common/runtime.py). Two workers: the cores are busy (about 270 us of CPU a
+record between the workers and the server: at most about 7,400 records/s),
+and sampling pg_stat_activity shows the two backends waiting on each
+other's row locks a fifth of the time (two batches of 500 records on
+100,000 accounts share a few accounts); store batches of 250 halve the
+waits but cost more per record, for the same rate.
 
 ``--engine postgresql`` (the default where it is installed) starts a
 throw-away PostgreSQL on a free port (tests/pg.py); ``sqlite`` uses a file
