@@ -224,6 +224,12 @@ class Account(NamedTuple):
     def stored_value_fen(self) -> int:
         return self.paid_fen + self.bonus_fen
 
+    @property
+    def overdrawn(self) -> bool:
+        """Spent beyond what it held (offline at several stores): paid part,
+        points or a package's uses below zero. Reconciliation looks at it."""
+        return self.paid_fen < 0 or self.points_owed > 0 or any(n < 0 for n in self.packages.values())
+
 
 class Card(NamedTuple):
     card_no: str
@@ -992,6 +998,8 @@ class BatchResult:
     accounts_changed: set[str] = field(default_factory=set)   # for live look-ups / caches
     # Accounts whose tier windows grew (a sale's spend or points earned): the only ones a batch can move up.
     tier_window_grew: set[str] = field(default_factory=set)
+    # Every account the batch read, as the batch left it (the hooks read tiers and overdrafts here).
+    accounts_after: dict[str, Account] = field(default_factory=dict)
     tier_moves: list = field(default_factory=list)            # hq_bridge/policy.py tier_hook
     overdrafts: list = field(default_factory=list)            # hq_bridge/reconcile.py reconcile_hook
 
@@ -1154,6 +1162,7 @@ class AccountStore:
         out.accounts_changed.update(a for a, acct in work.accounts.items() if old_accounts.get(a) is not acct)
         out.accounts_changed.update(e.account_id for e in entries)   # zero entries too (spend for tier rules)
         out.tier_window_grew.update(e.account_id for e in entries if any(n > 0 for n in tier_counts(e.kind, e.detail)))
+        out.accounts_after.update(work.accounts)
         return run[-1].seq if run else done
 
     # -- loading: one query per table for the whole chunk

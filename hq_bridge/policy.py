@@ -170,9 +170,10 @@ def _held_since(conn: Connection, ids: list[str]) -> dict[str, int]:
 
 
 def evaluate_tiers(conn: Connection, account_ids: Iterable[str], rules: Mapping, *, nightly: bool,
-                   clock=time.time, user: str = "policy") -> list[TierMove]:
+                   clock=time.time, user: str = "policy", current: Mapping[str, str] | None = None) -> list[TierMove]:
     """Move the accounts' tiers by the rules (``nightly``: down too), each
-    move a ``tier`` history entry. In the caller's transaction."""
+    move a ``tier`` history entry. In the caller's transaction. ``current``:
+    the accounts' tiers as the caller holds them (locked); read when absent."""
     tiers = _tier_table(rules)
     windows = _windows(tiers)
     ids = sorted(set(account_ids))
@@ -183,23 +184,24 @@ def evaluate_tiers(conn: Connection, account_ids: Iterable[str], rules: Mapping,
     moves: list[TierMove] = []
     for i in range(0, len(ids), 5000):
         chunk = ids[i:i + 5000]
-        current = dict(conn.execute(select(a.c.account_id, a.c.tier).where(db.in_(conn, a.c.account_id, chunk))).all())
+        tiers_now = current if current is not None else dict(conn.execute(
+            select(a.c.account_id, a.c.tier).where(db.in_(conn, a.c.account_id, chunk))).all())
         by_window = {w: window_totals(conn, chunk, now_ms - w * DAY_MS) for w in windows}
         held = _held_since(conn, chunk) if nightly else {}
         entries = []
         for aid in chunk:
-            if aid not in current:
+            if aid not in tiers_now:
                 continue
             totals = {w: t.get(aid, (0, 0)) for w, t in by_window.items()}
             held_days = (now_ms - held.get(aid, now_ms)) / DAY_MS
-            got = decide_tier(current[aid], totals, held_days, rules, nightly)
+            got = decide_tier(tiers_now[aid], totals, held_days, rules, nightly)
             if got is None:
                 continue
             new, rule, window = got
             spend, earned = totals[window]
-            moves.append(TierMove(aid, current[aid], new, rule, spend, earned, window))
+            moves.append(TierMove(aid, tiers_now[aid], new, rule, spend, earned, window))
             entries.append(_hq_entry(aid, "tier", user, now, detail={
-                "tier": [current[aid], new], "rule": rule, "spend_fen": spend, "points_earned": earned,
+                "tier": [tiers_now[aid], new], "rule": rule, "spend_fen": spend, "points_earned": earned,
                 "window_days": window}))
         for m in moves[len(moves) - len(entries):]:
             conn.execute(update(a).where(a.c.account_id == m.account_id).values(tier=m.after, updated_at=now_ms))
@@ -216,7 +218,11 @@ def tier_hook(rules: Mapping | Callable[[], Mapping], clock=time.time) -> Callab
     def hook(conn: Connection, store: str, result) -> None:
         r = rules() if callable(rules) else rules
         if _windows(_tier_table(r)) and result.tier_window_grew:
-            result.tier_moves = evaluate_tiers(conn, result.tier_window_grew, r, nightly=False, clock=clock)
+            after = result.accounts_after
+            held = all(aid in after for aid in result.tier_window_grew)   # else read from the database
+            result.tier_moves = evaluate_tiers(conn, result.tier_window_grew, r, nightly=False, clock=clock,
+                                               current={aid: after[aid].tier for aid in result.tier_window_grew}
+                                               if held else None)
     return hook
 
 

@@ -478,13 +478,11 @@ def reconcile_hook(rules, clock=time.time):
         ids = sorted(result.accounts_changed)
         if not ids:
             return
-        a, o = db.accounts, overdrafts
-        hot = set(conn.execute(select(a.c.account_id).where(db.in_(conn, a.c.account_id, ids),
-                                                              or_(a.c.paid_fen < 0, a.c.points_owed > 0))).scalars())
+        o = overdrafts
+        after = result.accounts_after   # an account the batch did not hold is looked at anyway
+        hot = {aid for aid in ids if aid not in after or after[aid].overdrawn}
         hot |= set(conn.execute(select(o.c.account_id).where(db.in_(conn, o.c.account_id, ids),
                                                                o.c.state == "open")).scalars())
-        hot |= set(conn.execute(select(db.packages.c.account_id).where(
-            db.in_(conn, db.packages.c.account_id, ids), db.packages.c.uses_left < 0)).scalars())
         if not hot:
             return
         r = rules() if callable(rules) else rules
