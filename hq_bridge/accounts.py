@@ -1414,11 +1414,14 @@ def snapshot_rows(conn: Connection, store: str, *, as_of: int | None = None) -> 
     return MemberSnapshot(store, mark, int(time.time()) if as_of is None else as_of, _snapshot_iter(conn))
 
 
-def limited_accounts(conn: Connection) -> set[str]:
-    """Accounts with an open overdraft under the ``limit`` policy: nothing to spend offline."""
+def limited_accounts(conn: Connection, account_ids: Iterable[str] | None = None) -> set[str]:
+    """Accounts with an open overdraft under the ``limit`` policy: nothing to
+    spend offline (``account_ids``: only among those; None: all of them)."""
     o = overdrafts
-    return set(conn.execute(select(o.c.account_id).where(o.c.state == "open", o.c.action == "limit")
-                            .distinct()).scalars())
+    q = select(o.c.account_id).where(o.c.state == "open", o.c.action == "limit").distinct()
+    if account_ids is not None:
+        q = q.where(db.in_(conn, o.c.account_id, sorted(set(account_ids))))
+    return set(conn.execute(q).scalars())
 
 
 def member_rows_query():

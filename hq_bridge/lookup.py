@@ -113,7 +113,7 @@ def lookup_account(conn, store: str, card_no: str) -> tuple[dict | None, dict | 
     cp = conn.execute(select(db.coupons.c.account_id, db.coupons.c.code)
                       .where(db.coupons.c.account_id == aid, db.coupons.c.state == "issued")
                       .order_by(db.coupons.c.code)).all()
-    limited = limited_accounts(conn) & {aid}   # reconciliation's "limit" holds online too
+    limited = limited_accounts(conn, [aid])   # reconciliation's "limit" holds online too
     rows = {r["card_no"]: r for r in account_rows(group, Grouped(pkg), Grouped(cp), limited)}
     row = rows.get(card_no)
     if row is None:

@@ -35,7 +35,7 @@ Policy (rule set ``[reconciliation]``, wire/RULESET.md):
 - ``carry``: the negative balance is carried; the next top-up or earning
   pays it first (accounts.py); nothing else happens.
 - ``limit``: while open, the account's snapshot rows say it holds nothing to
-  spend offline (balance, points, coupons, package uses 0: accounts.py
+  spend (a debt as it is; points, coupons, package uses 0: accounts.py
   ``snapshot_rows``), and so do HQ's live answers (hq_bridge/lookup.py).
   Every active card on it goes out at once as a ``limited`` deny delta
   (欠款限用: a store identifies the card, it accrues and takes top-ups,
@@ -83,7 +83,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from hq_bridge import db
-from hq_bridge.accounts import HistoryEntry, _entry_row, deny_entries, overdrafts
+from hq_bridge.accounts import HistoryEntry, _entry_row, deny_entries, limited_accounts, overdrafts
 
 POLICIES = ("carry", "limit", "block")
 BALANCE_KINDS = ("stored_value", "points", "package", "coupon")
@@ -407,9 +407,8 @@ def restrictions(conn: Connection, account_ids: Iterable[str]) -> dict[str, str]
     ids = sorted(set(account_ids))
     if not ids:
         return {}
-    a, o = db.accounts, overdrafts
-    out = {aid: "limited" for aid in conn.execute(select(o.c.account_id).where(
-        db.in_(conn, o.c.account_id, ids), o.c.state == "open", o.c.action == "limit").distinct()).scalars()}
+    a = db.accounts
+    out = {aid: "limited" for aid in limited_accounts(conn, ids)}
     out.update((aid, "blocked") for aid in conn.execute(select(a.c.account_id).where(
         db.in_(conn, a.c.account_id, ids), a.c.status == "blocked")).scalars())
     return out
