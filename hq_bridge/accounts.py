@@ -146,6 +146,7 @@ overdrafts = Table(
     Index(None, "state"),
 )
 OWED = "owed"      # the pseudo-lot of points spent beyond the lots
+GIFT_ENTRY = "gift_redemption"   # the history entry of a gift redemption (detail: gift_id, qty, points)
 EMPTY: Mapping = MappingProxyType({})   # no packages, coupons, ...: shared, read-only
 SPEND_ORDERS = ("proportional", "bonus_first", "paid_first")
 
@@ -835,7 +836,7 @@ def _gift_redemption(c: _Apply, b: dict) -> None:
     acct, taken, lots = c.take_points(acct, n)
     acct = c.count_today(acct, 0, n)
     c.accounts[acct.account_id] = acct
-    c.entry(acct.account_id, "gift_redemption", d_points=-n, card_no=b["card_no"],
+    c.entry(acct.account_id, GIFT_ENTRY, d_points=-n, card_no=b["card_no"],
             detail={"gift_id": gid, "qty": qty, "points": n, "taken": taken, "lots": lots})
 
 
@@ -1000,6 +1001,10 @@ class BatchResult:
     tier_window_grew: set[str] = field(default_factory=set)
     # Every account the batch read, as the batch left it (the hooks read tiers and overdrafts here).
     accounts_after: dict[str, Account] = field(default_factory=dict)
+    # Accounts a record was applied to with a problem for reconciliation (a coupon not held, an
+    # overdraft), and accounts that redeemed a gift: reconcile_hook looks at them on ingest.
+    flagged: set[str] = field(default_factory=set)
+    gifted: set[str] = field(default_factory=set)
     tier_moves: list = field(default_factory=list)            # hq_bridge/policy.py tier_hook
     overdrafts: list = field(default_factory=list)            # hq_bridge/reconcile.py reconcile_hook
 
@@ -1143,6 +1148,7 @@ class AccountStore:
                     out.set_aside.append((r.seq, f"{p.code}: {p.message}"))
                 elif p.applied:
                     out.problems.append((r.seq, p))
+                    out.flagged.update(change.accounts)
                 else:   # duplicate or gap: cannot happen in a contiguous run
                     raise RuntimeError(f"store {store} seq {r.seq}: {p.message}")
             if not any(p.set_aside for p in change.problems):
@@ -1163,6 +1169,7 @@ class AccountStore:
         out.accounts_changed.update(e.account_id for e in entries)   # zero entries too (spend for tier rules)
         out.tier_window_grew.update(e.account_id for e in entries if any(n > 0 for n in tier_counts(e.kind, e.detail)))
         out.accounts_after.update(work.accounts)
+        out.gifted.update(e.account_id for e in entries if e.kind == GIFT_ENTRY)
         return run[-1].seq if run else done
 
     # -- loading: one query per table for the whole chunk
@@ -1549,6 +1556,9 @@ class ImportResult:
     watermarks: dict = field(default_factory=dict)       # stores whose accounts begin now
 
 
+ANALYZE_AFTER_ROWS = 1000   # an import at least this large refreshes the planner's statistics
+
+
 def import_members(conn: Connection, rows: Iterable[dict], *, policy: AccountPolicy | None = None,
                    consent: bool = False, source: str = "import", clock=time.time,
                    start_watermarks: bool = True) -> ImportResult:
@@ -1608,6 +1618,11 @@ def import_members(conn: Connection, rows: Iterable[dict], *, policy: AccountPol
         _import_secondary(conn, later[i:i + 5000], out, consent, source, now_ms)
     if start_watermarks:
         out.watermarks = AccountStore(policy=policy, clock=clock).start_watermarks(conn)
+    if out.cards >= ANALYZE_AFTER_ROWS:
+        # A bulk load leaves the planner's statistics behind until autovacuum comes by: meanwhile the
+        # ingest's look-ups by account (ANY of 500 ids) were planned as scans of the whole table.
+        db.analyze(conn, [db.members, db.accounts, db.cards, db.points_lots, db.packages, db.coupons,
+                          db.account_history])
     return out
 
 

@@ -497,6 +497,17 @@ def run_in_transaction(engine: Engine, fn, *, attempts: int = 8, isolation_level
             delay = min(delay * 2, 0.5)
 
 
+def analyze(conn: Connection, tables: Iterable[Table]) -> None:
+    """Refresh the planner's statistics of ``tables`` (after a bulk load), in the caller's transaction."""
+    q = conn.dialect.identifier_preparer.quote
+    names = [q(t.name) for t in tables]
+    if is_postgres(conn):
+        conn.exec_driver_sql(f"ANALYZE {', '.join(names)}")
+    else:
+        for name in names:
+            conn.exec_driver_sql(f"ANALYZE {name}")
+
+
 def is_postgres(conn: Connection | Engine) -> bool:
     return conn.dialect.name == "postgresql"
 

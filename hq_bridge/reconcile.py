@@ -28,7 +28,9 @@ day_gifts          gifts of one id redeemed in one         gifts over the limits
 =================  ======================================  =====================
 
 Each is a row of ``overdrafts`` (account, kind, ref) with the records that
-spent it (store, seq, tx id), recorded in the caller's transaction.
+spent it (store, seq, tx id), recorded in the caller's transaction. Every
+kind is found on ingest too (``reconcile_hook``: the accounts a batch
+changed that may hold one), and by ``reconcile`` for all accounts.
 
 Policy (rule set ``[reconciliation]``, wire/RULESET.md):
 
@@ -83,13 +85,12 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from hq_bridge import db
-from hq_bridge.accounts import HistoryEntry, _entry_row, deny_entries, limited_accounts, overdrafts
+from hq_bridge.accounts import GIFT_ENTRY, HistoryEntry, _entry_row, deny_entries, limited_accounts, overdrafts
 
 POLICIES = ("carry", "limit", "block")
 BALANCE_KINDS = ("stored_value", "points", "package", "coupon")
 DAY_KINDS = ("day_stored_value", "day_points", "day_gifts")
 DAY_MS = 86_400_000
-GIFT_ENTRY = "gift_redemption"   # the history entry of accounts.py _gift_redemption (detail: gift_id, qty, points)
 GIFT_SCAN = 2000                 # an account's newest history entries a live answer counts the day's gifts in
 
 
@@ -197,6 +198,24 @@ def action_for(kind: str, amount: int, rules: Mapping | None) -> str:
 
 # ================================================================ finding
 
+def day_caps(rules: Mapping | None) -> tuple[int, int]:
+    """The offline daily allowances: (stored value fen, points); 0: none."""
+    r = rules or {}
+    return (int((r.get("stored_value") or {}).get("offline_max_per_day_fen", 0) or 0),
+            int((r.get("redemption") or {}).get("offline_max_points_per_day", 0) or 0))
+
+
+def past_a_day_cap(acct, caps: tuple[int, int]) -> bool:
+    """The account's day (chain-wide at HQ) is past an allowance: maybe overrun at 2+ stores."""
+    sv_cap, pts_cap = caps
+    return bool(sv_cap and acct.day_stored_value_paid_fen > sv_cap or pts_cap and acct.day_points_redeemed > pts_cap)
+
+
+def gift_day_limits(rules: Mapping | None) -> bool:
+    return any(isinstance(g, Mapping) and g.get("per_member_day_limit")
+               for g in ((rules or {}).get("gifts") or {}).values())
+
+
 def _spenders(conn: Connection, aid: str, column, current: int) -> list[dict]:
     """Walking the history back from now: the entries that spent while the
     balance after them was below zero (the records that overdrew it)."""
@@ -250,8 +269,7 @@ def find_overdrafts(conn: Connection, rules: Mapping | None = None, *, account_i
     if since_ms is not None:
         q = q.where(h.c.recorded_at >= since_ms)
     q = scoped(q, h.c.account_id).order_by(h.c.id)
-    sv_cap = int(((rules or {}).get("stored_value") or {}).get("offline_max_per_day_fen", 0) or 0)
-    pts_cap = int(((rules or {}).get("redemption") or {}).get("offline_max_points_per_day", 0) or 0)
+    sv_cap, pts_cap = day_caps(rules)
     coupon_uses: dict[tuple, list] = {}
     days: dict[tuple, list] = {}
     gift_days: dict[tuple, list] = {}
@@ -470,21 +488,27 @@ def settle(conn: Connection, account_id: str, kind: str, ref: str = "", *, user:
 
 def reconcile_hook(rules, clock=time.time):
     """A hook for AccountStore(hooks=[...]): reconciles the accounts a batch
-    changed that are overdrawn or have open overdrafts (found and settled on
-    ingest); adds block/limit/lift cards to the batch's ``hq_cards_changed``,
+    changed that may hold an overdraft (overdrawn, a record applied with a
+    problem such as a coupon not held, the day past an allowance, a gift
+    redeemed under day limits) or have open ones: found and settled on
+    ingest. Adds block/limit/lift cards to the batch's ``hq_cards_changed``,
     and the cards the batch issued on an account held (``new_cards_restricted``)."""
     def hook(conn: Connection, store: str, result) -> None:
         ids = sorted(result.accounts_changed)
         if not ids:
             return
         o = overdrafts
+        r = rules() if callable(rules) else rules
+        caps = day_caps(r)
         after = result.accounts_after   # an account the batch did not hold is looked at anyway
-        hot = {aid for aid in ids if aid not in after or after[aid].overdrawn}
+        hot = {aid for aid in ids if aid not in after or after[aid].overdrawn or past_a_day_cap(after[aid], caps)}
+        hot |= result.flagged
+        if gift_day_limits(r):
+            hot |= result.gifted
         hot |= set(conn.execute(select(o.c.account_id).where(db.in_(conn, o.c.account_id, ids),
                                                                o.c.state == "open")).scalars())
         if not hot:
             return
-        r = rules() if callable(rules) else rules
         res = reconcile(conn, r, account_ids=hot, clock=clock, since_ms=int(clock() * 1000) - 2 * DAY_MS)
         result.hq_cards_changed += res.cards_changed
         told = {no for no, *_ in res.cards_changed}

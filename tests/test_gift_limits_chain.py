@@ -225,6 +225,16 @@ def test_gifts_past_the_day_limit_at_two_stores_are_reported_never_blocked(hq_en
         assert not any(o.kind == "day_gifts" for o in find(conn, rules(gifts=free)))
 
 
+def test_gifts_past_the_day_limit_are_found_on_ingest(hq_engine):  # noqa: F811
+    from hq_bridge.reconcile import reconcile_hook
+    store = AccountStore(hq_engine, clock=clock, hooks=[reconcile_hook(rules(), clock=clock)])
+    setup(hq_engine)
+    a = commit(hq_engine, store, "S001", [gift_tx(1, "umbrella")])
+    b = commit(hq_engine, store, "S002", [gift_tx(1, "umbrella", card=SUB, key="b")])
+    assert a.overdrafts == [] and b.hq_cards_changed == []
+    assert [(o.kind, o.ref, o.amount, o.state) for o in b.overdrafts] == [("day_gifts", DAY, 1, "settled")]
+
+
 def find(conn, r):
     from hq_bridge.reconcile import find_overdrafts
     return find_overdrafts(conn, r)

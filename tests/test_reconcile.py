@@ -163,6 +163,28 @@ def test_points_coupon_and_daily_allowance_overdrafts(engine):
     assert any(d.get("settled") == "coupon" for d in hist) and any(d.get("overdraft") == "points" for d in hist)
 
 
+def test_on_ingest_hook_finds_coupons_and_daily_allowances_without_a_balance_overdraft(engine):
+    """Before, the hook looked only at accounts overdrawn: a coupon used at two
+    stores, or a day's allowance overrun at two, waited for ``reconcile``."""
+    tight = rules("block")
+    tight["stored_value"] = {**RULES["stored_value"], "offline_max_per_day_fen": 40000}
+    store = AccountStore(engine, clock=clock, hooks=[reconcile_hook(tight, clock=clock)])
+    setup(engine, coupons=["C1"])
+    a, b = two_stores_spend(engine, store, sv=(1000, 1000), coupons=("C1",))
+    assert a.overdrafts == [] and [(o.kind, o.ref, o.amount, o.action) for o in b.overdrafts] == [
+        ("coupon", "C1", 1, "block")]
+    assert sorted(b.hq_cards_changed) == [(CARD, "active", "blocked", None), (SUB, "active", "blocked", None)]
+    c = commit(engine, store, "S001", [tx(2, sale_body("880000000609", "M600", sv=30000, key="c"))])
+    d = commit(engine, store, "S002", [tx(2, sale_body("880000000609", "M600", sv=15000, key="d"))])
+    assert c.overdrafts == [] and d.hq_cards_changed == []      # reported, never blocks
+    assert [(o.account_id, o.kind, o.ref, o.amount, o.state) for o in d.overdrafts] == [
+        ("M600", "day_stored_value", "2026-11-25", 5000, "settled")]
+    with engine.begin() as conn:
+        kept = {(r.account_id, r.kind) for r in conn.execute(sa.select(rc_mod.overdrafts))}
+        assert audit(conn) == []
+    assert kept == {("M500", "coupon"), ("M600", "day_stored_value")}
+
+
 def test_on_ingest_hook_blocks_and_lifts_at_once(engine):
     store = AccountStore(engine, clock=clock, hooks=[reconcile_hook(rules("block"), clock=clock)])
     setup(engine)
