@@ -9,7 +9,7 @@
     storegate-hq keys generate|rotate [--promote]|show --config hq.toml
     storegate-hq members add|import FILE|show CARD [--json]|card OP CARD --config hq.toml
     storegate-hq reconcile [--json] [--settle ACCOUNT ...] --config hq.toml
-    storegate-hq nightly [--no-snapshots] [--json] --config hq.toml   # tiers, points expiry, fresh snapshots
+    storegate-hq nightly [--no-snapshots] [--json] --config hq.toml   # tiers, points expiry, reconciliation, fresh snapshots
     storegate-hq topup-refund TX_ID --config hq.toml
     storegate-hq review [--json] [--store S] | review resolve STORE SEQ --config hq.toml
 
@@ -54,6 +54,7 @@ from wire.topics import Topics
 
 
 _EXTRA: list = [members.register, reconcile.register, policy.register, review.register]
+NIGHTLY_RECONCILE_DAYS = 2   # the history the nightly reconciliation reads: today's and yesterday's late records
 _RUNNERS: dict = {
     "members": members.run,
     "reconcile": reconcile.run,
@@ -81,22 +82,22 @@ def register_command(name: str, register_fn, run_fn) -> None:
 def _run_registered(run_fn, args, cfg: dict) -> int:
     ledger = open_hq(cfg)
     try:
-        if cfg["hq"].get("signing_key"):
-            publisher = make_publisher(cfg, ledger)
-
-            def publish(entries: list[dict], reason: str = f"storegate-hq {args.command}"):
-                if not entries:
-                    return None
-
-                async def go():
-                    async with mqtt.client(cfg["mqtt"], identifier=f"storegate-hq-{args.command}-{os.getpid()}") as c:
-                        return await publisher.deny_entries(entries, reason, client=c)
-                return asyncio.run(go())
-        else:
-            publish = None
-        return run_fn(args, ledger.engine, publish=publish)
+        return run_fn(args, ledger.engine, publish=_deny_publisher(cfg, ledger))
     finally:
         ledger.close()
+
+
+def _deny_publisher(cfg: dict, ledger: Ledger):
+    """``publish(entries, reason)``: a signed deny delta to every store, kept
+    in the outbox first (the bridge sends it if the broker is down: the
+    caller sees MqttError); None without hq.signing_key."""
+    if not cfg["hq"].get("signing_key"):
+        return None
+    publisher = make_publisher(cfg, ledger)
+
+    def publish(entries: list[dict], reason: str):
+        return asyncio.run(publisher.deny_entries(entries, reason)) if entries else None
+    return publish
 
 
 def open_hq(cfg: dict) -> Ledger:
@@ -388,10 +389,12 @@ def _command(args, cfg: dict) -> int:
 
 def _nightly(args, cfg: dict) -> int:
     """The chain's nightly run (deploy/systemd/storegate-hq-nightly.timer):
-    the account policy for the business day, committed; then every store's
-    member snapshot refreshed from the accounts (on demand: ``rules
-    snapshot``). With the broker down the accounts have moved and the
-    snapshots wait for the next run: said, and exit 1."""
+    the account policy for the business day, committed; reconciliation of
+    every account over the last NIGHTLY_RECONCILE_DAYS days (what ingest did
+    not see: an overrun of an earlier day, a policy changed since), its
+    blocks, limits and lifts to every store; then every store's member
+    snapshot refreshed from the accounts (on demand: ``rules snapshot``).
+    With the broker down what was committed waits in the outbox: said, exit 75."""
     from datetime import datetime
     from zoneinfo import ZoneInfo
 
@@ -399,6 +402,18 @@ def _nightly(args, cfg: dict) -> int:
     ledger = open_hq(cfg)
     try:
         code = policy.run(args, ledger.engine, today=today)
+        if code != 0:
+            return code
+        said = sys.stderr if args.json else sys.stdout
+        publish = _deny_publisher(cfg, ledger)
+        recent = argparse.Namespace(settle=None, days=NIGHTLY_RECONCILE_DAYS, json=False)
+        print(f"nightly reconciliation (records applied in the last {NIGHTLY_RECONCILE_DAYS} days; "
+              "balances whole):", file=said)
+        try:
+            code = reconcile.run(recent, ledger.engine, out=said, publish=publish)
+        except aiomqtt.MqttError as exc:
+            print("nightly: the account policy and the reconciliation are committed", file=sys.stderr)
+            return _broker_down(args, cfg, exc)
         if code != 0 or args.no_snapshots or not cfg["stores"]:
             return code
         if not cfg["hq"].get("signing_key"):
@@ -409,11 +424,10 @@ def _nightly(args, cfg: dict) -> int:
         try:
             manifests = asyncio.run(publisher.publish_stores([s for s in publisher.affected(all_=True) if s in have]))
         except aiomqtt.MqttError as exc:
-            print("nightly: the account policy is committed", file=sys.stderr)
+            print("nightly: the account policy and the reconciliation are committed", file=sys.stderr)
             return _broker_down(args, cfg, exc)
-        out = sys.stderr if args.json else sys.stdout
         for m in manifests:
-            print(f"published member snapshot in rules v{m.version} to store {m.store}", file=out)
+            print(f"published member snapshot in rules v{m.version} to store {m.store}", file=said)
         return 0
     finally:
         ledger.close()

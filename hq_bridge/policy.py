@@ -380,11 +380,11 @@ def topup_refund(conn: Connection, tx_id: str, *, user: str = "admin", clock=tim
 # ================================================================ CLI
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("nightly", help="nightly: tier moves, points expiry, then fresh member snapshots "
-                                              "to every store")
+    p = subparsers.add_parser("nightly", help="nightly: tier moves, points expiry, reconciliation, then fresh "
+                                              "member snapshots to every store")
     p.add_argument("--config", required=True)
     p.add_argument("--date", help="the day to run for (YYYY-MM-DD, default: today in hq.timezone)")
-    p.add_argument("--no-snapshots", action="store_true", help="the account policy only; publish nothing")
+    p.add_argument("--no-snapshots", action="store_true", help="no member snapshots (what reconciliation blocks or lifts still goes out)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(policy_command="nightly")
     r = subparsers.add_parser("topup-refund", help="refund a top-up (its bonus taken back first)")

@@ -747,8 +747,10 @@ class Publisher:
                           source=str(members_file or "members"))
         return await self.publish_stores(stores, as_of=as_of)
 
-    async def deny_entries(self, entries: list[dict], reason: str, client: aiomqtt.Client) -> DenyDelta:
-        """A signed deny delta of ready entries (checked against the schema) to every store."""
+    async def deny_entries(self, entries: list[dict], reason: str, client: aiomqtt.Client | None = None) -> DenyDelta:
+        """A signed deny delta of ready entries (checked against the schema) to
+        every store. Kept in the outbox before the broker is tried (``client``
+        None: a connection of its own), so the bridge sends it if this cannot."""
         try:
             _check("deny_delta.json", {"version": 1, "issued_at": 0, "entries": entries, "key_id": "0" * 16,
                                        "sig": "x" * 8}, "deny entries")
@@ -756,9 +758,16 @@ class Publisher:
             raise PublishError(str(exc)) from None
         at = now_ms()
         delta = self.catalog.record_delta(entries, reason, self.sign, queued_at=at)
-        await client.publish(self.topics.deny(), delta.encode(), qos=1, retain=True)
-        self.catalog.sent(DENY_ITEM, at)
+        await self._send_delta(delta, at, client)
         return delta
+
+    async def _send_delta(self, delta: DenyDelta, queued_at: int, client: aiomqtt.Client | None) -> None:
+        if client is None:
+            async with mqtt.client(self.mqtt_settings, identifier=f"storegate-hq-deny-{os.getpid()}") as c:
+                await c.publish(self.topics.deny(), delta.encode(), qos=1, retain=True)
+        else:
+            await client.publish(self.topics.deny(), delta.encode(), qos=1, retain=True)
+        self.catalog.sent(DENY_ITEM, queued_at)
 
     async def card_action(self, action: str, card_no: str, reason: str, *, status: str | None = None,
                           new_card: str | None = None, activate_new: bool = True,
@@ -784,12 +793,7 @@ class Publisher:
                 entries = deny_entries(done.cards_changed)
         at = now_ms()
         delta = self.catalog.record_delta(entries, reason, self.sign, queued_at=at)
-        if client is None:
-            async with mqtt.client(self.mqtt_settings, identifier=f"storegate-hq-card-{os.getpid()}") as c:
-                await c.publish(self.topics.deny(), delta.encode(), qos=1, retain=True)
-        else:
-            await client.publish(self.topics.deny(), delta.encode(), qos=1, retain=True)
-        self.catalog.sent(DENY_ITEM, at)
+        await self._send_delta(delta, at, client)
         log.info("deny delta v%d: %s card ****%s", delta.version, action, card_no[-4:])
         return delta
 

@@ -74,7 +74,7 @@ def test_migrations_make_the_metadata_on_both_engines(hq_db_url):
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-            assert ctx.get_current_revision() == "0006"
+            assert ctx.get_current_revision() == "0007"
             assert compare_metadata(ctx, db.metadata) == []
     finally:
         engine.dispose()
@@ -131,6 +131,29 @@ def test_0006_keeps_the_history_and_the_audit_finds_an_entry_without_its_account
                                  "d_uses, recorded_at) VALUES ('GHOST', 'topup', 100, 0, 0, 0, 2)")
             assert audit(conn) == ["account GHOST: 1 history entries, and no such account"]
             assert audit(conn, ["A1"]) == []
+    finally:
+        engine.dispose()
+
+
+def test_reconciliations_read_of_the_last_days_has_an_index(hq_db_url):
+    """0007: reconciliation reads the entries applied in the last days over all
+    accounts; before, nothing but a scan of the whole history found them."""
+    migrations.migrate(hq_db_url)
+    engine = db.open_engine(hq_db_url)
+    try:
+        with engine.begin() as conn:
+            query = "SELECT id FROM account_history WHERE recorded_at >= 1000 ORDER BY id"
+            if db.is_postgres(conn):
+                kind = conn.exec_driver_sql(
+                    "SELECT am.amname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "JOIN pg_am am ON am.oid = c.relam WHERE c.relname = 'ix_account_history_recorded_at'").scalar()
+                assert kind == "brin"
+                conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN {query}").scalars())
+            else:    # no statistics on an empty table: ask for the index (an error where it cannot serve)
+                query = query.replace("account_history", "account_history INDEXED BY ix_account_history_recorded_at")
+                plan = "\n".join(str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {query}"))
+        assert "ix_account_history_recorded_at" in plan, plan
     finally:
         engine.dispose()
 

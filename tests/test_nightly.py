@@ -45,6 +45,7 @@ def test_nightly_expires_points_and_every_store_gets_the_fresh_snapshot(shop):
     out = hq.cli("nightly", "--date", "2030-01-01")             # long after every imported lot's expiry
     assert out.returncode == 0, out.stderr
     assert "points expired" in out.stdout and "to store S001" in out.stdout
+    assert "nightly reconciliation" in out.stdout and "(no overdrafts)" in out.stdout
     assert hq_points(hq) == 0
     wait_until(lambda: gw.status()["rules_version"] == 2, timeout=30, what="the nightly snapshot at the store")
     assert points_at_store(gw) == 0
