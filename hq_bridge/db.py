@@ -323,9 +323,8 @@ account_history = Table(
     Index(None, "tx_id"),
     Index(None, "ref_tx_id", postgresql_where=text("ref_tx_id IS NOT NULL"),   # returns and refunds only
           sqlite_where=text("ref_tx_id IS NOT NULL")),
-    # The last days' entries, for reconciliation (0007): BRIN on PostgreSQL (entries come in time order,
-    # a few pages of index for the whole table, next to nothing per insert); a B-tree on SQLite.
-    Index(None, "recorded_at", postgresql_using="brin"),
+    # The last days' entries, for reconciliation (0007).
+    Index(None, "recorded_at"),
 )
 
 set_aside = Table(

@@ -143,11 +143,7 @@ def test_reconciliations_read_of_the_last_days_has_an_index(hq_db_url):
     try:
         with engine.begin() as conn:
             query = "SELECT id FROM account_history WHERE recorded_at >= 1000 ORDER BY id"
-            if db.is_postgres(conn):
-                kind = conn.exec_driver_sql(
-                    "SELECT am.amname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                    "JOIN pg_am am ON am.oid = c.relam WHERE c.relname = 'ix_account_history_recorded_at'").scalar()
-                assert kind == "brin"
+            if db.is_postgres(conn):    # no statistics on an empty table: make a scan of it the dearest plan
                 conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
                 plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN {query}").scalars())
             else:    # no statistics on an empty table: ask for the index (an error where it cannot serve)
