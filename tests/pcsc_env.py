@@ -83,6 +83,38 @@ def _bindable(port: int) -> bool:
 _NAMESPACE_SCRIPT = 'mount -t tmpfs tmpfs /run && mkdir /run/pcscd && mount --bind "$1" /run/pcscd && shift && exec "$@"'
 
 
+def wait_for_no_card(reader: str = READER_NAME, timeout: float = 15.0) -> None:
+    """Block until pcscd reports the reader empty: it has polled the slot
+    since the card left, so a card presented again is a new insertion. (A
+    wait on the event itself, instead of sleeping past pcscd's 400 ms poll.)"""
+    from smartcard import scard
+
+    def code(hresult: int) -> int:
+        return hresult & 0xFFFFFFFF  # pyscard may hand back a signed LONG
+
+    hr, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    if code(hr) != scard.SCARD_S_SUCCESS:
+        raise AssertionError(f"no PC/SC context: {scard.SCardGetErrorMessage(hr)}")
+    try:
+        known = scard.SCARD_STATE_UNAWARE
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"pcscd still sees a card on {reader!r} after {timeout} s")
+            hr, states = scard.SCardGetStatusChange(context, int(min(left, 1.0) * 1000), [(reader, known)])
+            if code(hr) == code(scard.SCARD_E_TIMEOUT):
+                continue
+            if code(hr) != scard.SCARD_S_SUCCESS:
+                raise AssertionError(f"waiting for {reader!r} to be empty: {scard.SCardGetErrorMessage(hr)}")
+            _, state, _atr = states[0]
+            if state & scard.SCARD_STATE_EMPTY:
+                return
+            known = state & ~scard.SCARD_STATE_CHANGED
+    finally:
+        scard.SCardReleaseContext(context)
+
+
 class PcscDaemon:
     """pcscd in the foreground with vpcd slots on `port` and `port + 1`."""
 

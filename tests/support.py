@@ -229,6 +229,59 @@ def running_shop(tmp: Path, broker_port: int, **kw):
         hq.stop()
 
 
+@contextmanager
+def offline_gateway(tmp: Path, *, lanes: str, api: str = "", nofile: int | None = None):
+    """`storegate run` on its own, the link to HQ down (no broker at its
+    address): the demo rules installed on disk, one terminal of each role,
+    the ``lanes`` tables ([[lanes]] TOML), more ``api`` keys, and with
+    ``nofile`` that limit on file descriptors (systemd gives a service 1,024).
+    Yields port, tokens (role -> token), pid, tmp and log(); stops it after."""
+    import resource
+    from types import SimpleNamespace
+
+    from gateway.store.rules import RulesStore
+
+    data_dir = tmp / "store"
+    hq_key = test_hq_public_key()
+    install_rules(RulesStore(data_dir / "rules", "S001", public_keys=[hq_key]))
+    tokens = provision_terminals(data_dir / "terminals.json")
+    port = free_port()
+    config = write_toml(tmp / "gateway.toml", f"""
+[store]
+id = "S001"
+data_dir = "{data_dir}"
+[mqtt]
+host = "127.0.0.1"
+port = {free_port()}
+[api]
+host = "127.0.0.1"
+port = {port}
+{api}
+[rules]
+hq_public_keys = ["{hq_key}"]
+{lanes}
+""")
+    log_path = tmp / "gateway.log"
+    limit = None
+    if nofile is not None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))  # noqa: E731
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([str(BIN / "storegate"), "run", "--config", str(config)], stdout=log_file,
+                                stderr=subprocess.STDOUT, preexec_fn=limit)
+    gw = SimpleNamespace(port=port, tokens=tokens, pid=proc.pid, tmp=tmp,
+                         log=lambda: log_path.read_text(errors="replace"))
+    try:
+        try:
+            wait_for_port(port, 20)
+        except TimeoutError:
+            raise AssertionError(f"gateway did not start:\n{gw.log()[-3000:]}") from None
+        yield gw
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 def api_client(gw):
     """The POS API of an in-process Gateway under Microdot's test client,
     each call made as the terminal a POS-side caller of its path would be
@@ -474,3 +527,57 @@ class DarkProxyThread(ProxyThread):
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self._call(self.proxy.start())
+
+
+class RefusingProxyThread(ProxyThread):
+    """A ProxyThread whose ``cut()`` refuses new connections the way a host
+    with nothing listening does (ECONNREFUSED at once): open connections are
+    dropped and the port is closed until ``restore()`` listens on it again.
+    (LinkProxy's own cut accepts each new connection and then resets it; the
+    MQTT client, aiomqtt 2.5, ignores a connection lost before CONNACK and
+    waits out its 10 s timeout on every such attempt.)"""
+
+    def cut(self):
+        def close_port():
+            self.proxy.cut()
+            self.proxy._server.close()     # stops listening at once
+        self._call(close_port)
+
+    def restore(self):
+        import asyncio
+
+        async def listen_again():
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    self.proxy._server = await asyncio.start_server(self.proxy._accept, "127.0.0.1", self.port)
+                    break
+                except OSError:   # the kernel lent the port to a client's connection meanwhile: it is short-lived
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.05)
+            self.proxy.restore()
+        self._call(listen_again())
+
+
+# -- hostile payloads ------------------------------------------------------------
+
+def zlib_bomb(inflated: int, byte: bytes = b" ", step: int = 1 << 20) -> bytes:
+    """A zlib stream of about inflated / 1000 bytes that inflates to ``inflated``
+    bytes of ``byte``. Made without compressing them all (a gigabyte took
+    zlib.compress ~5 s): a full flush resets the compressor, so every step
+    compresses to the same block and the stream is that block repeated, then
+    the end and the Adler-32 of the whole."""
+    assert inflated % step == 0 and len(byte) == 1
+    import struct
+    import zlib
+
+    c = zlib.compressobj(9)
+    head = c.compress(byte * step) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(byte * step) + c.flush(zlib.Z_FULL_FLUSH)
+    assert head[2:] == block                       # the same block, after the 2-byte zlib header
+    end = c.flush(zlib.Z_FINISH)[:-4]             # the final (empty) block, without its Adler-32
+    # Adler-32 of n bytes of value v: A = 1 + n*v, B = n + v*n*(n+1)/2 (both mod 65521).
+    n, v = inflated, byte[0]
+    adler = ((n + v * n * (n + 1) // 2) % 65521) << 16 | (1 + n * v) % 65521
+    return head + block * (inflated // step - 1) + end + struct.pack(">I", adler)

@@ -27,6 +27,7 @@ from hq_bridge.bridge import Bridge
 from hq_bridge.ledger import Ledger
 from hq_bridge.rules import card_entries
 from tests.pg import hq_db_url, pg_server  # noqa: F401  (fixtures)
+from tests.support import zlib_bomb
 from tests.test_rules_distribution import (GOLD_CARD, LOST_CARD, SILVER_CARD, gw_config_for, hq,  # noqa: F401
                                            publish_all, tap, until)
 from wire.messages import (ENVELOPE, MAX_ACK_RANGES, MAX_BODY_DEPTH, MAX_BYTES, SEQ_MAX, Ack, DenyDelta, Manifest,
@@ -40,11 +41,8 @@ BOMB_INFLATED = 256 << 20
 
 @pytest.fixture(scope="module")
 def bomb() -> bytes:
-    """~260 KB of zlib that inflates to 256 MB (made in 1 MB steps, so making it costs no memory)."""
-    c = zlib.compressobj(9)
-    chunk = b" " * (1 << 20)
-    out = [c.compress(chunk) for _ in range(BOMB_INFLATED >> 20)]
-    return b"".join(out) + c.flush()
+    """~260 KB of zlib that inflates to 256 MB."""
+    return zlib_bomb(BOMB_INFLATED)
 
 
 def lying_envelope(bomb: bytes, declared: int = 100) -> bytes:

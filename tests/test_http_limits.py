@@ -17,10 +17,8 @@ import hashlib
 import ipaddress
 import json
 import logging
-import resource
 import socket
 import ssl
-import subprocess
 import time
 
 import pytest
@@ -29,8 +27,6 @@ from microdot.sse import sse_response
 
 from gateway.shell import config as gw_config
 from gateway.shell.http_server import PosServer, ServerLimits, StartError
-from gateway.store.rules import RulesStore
-from demo.testbed import free_port, provision_terminals, wait_for_port
 from tests import support
 
 ATTACKER = "127.0.0.2"
@@ -130,54 +126,19 @@ def tiny_server(limits: ServerLimits = FAST, **kw) -> PosServer:
 def gateway(tmp_path_factory):
     """`storegate run` with the demo rules and a POS credential, 1,024 file
     descriptors, and limits sized so an attacker's sockets outlive the test."""
-    tmp = tmp_path_factory.mktemp("http-limits")
-    data_dir = tmp / "store"
-    hq_key = support.test_hq_public_key()
-    support.install_rules(RulesStore(data_dir / "rules", "S001", public_keys=[hq_key]))
-    tokens = provision_terminals(data_dir / "terminals.json")
-    port = free_port()
-    config = tmp / "gateway.toml"
-    config.write_text(f"""
-[store]
-id = "S001"
-data_dir = "{data_dir}"
-[mqtt]
-host = "127.0.0.1"
-port = {free_port()}
-[api]
-host = "127.0.0.1"
-port = {port}
+    api = """
 max_connections = 64
 max_connections_per_host = 16
 header_timeout_s = 2
 body_timeout_s = 2
-[rules]
-hq_public_keys = ["{hq_key}"]
+"""
+    lanes = """
 [[lanes]]
 id = "1"
 reader = "terminal"
-""")
-    log_path = tmp / "gateway.log"
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([str(support.BIN / "storegate"), "run", "--config", str(config)], stdout=log_file,
-                                stderr=subprocess.STDOUT,
-                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
-    try:
-        wait_for_port(port, 20)
-    except TimeoutError:
-        proc.kill()
-        raise AssertionError(f"gateway did not start:\n{log_path.read_text()[-3000:]}") from None
-
-    class Gw:
-        pass
-
-    gw = Gw()
-    gw.port, gw.token, gw.pid = port, tokens["pos"], proc.pid
-    gw.log = lambda: log_path.read_text(errors="replace")
-    yield gw
-    proc.terminate()
-    proc.wait(15)
+"""
+    with support.offline_gateway(tmp_path_factory.mktemp("http-limits"), api=api, lanes=lanes, nofile=1024) as gw:
+        yield gw
 
 
 def vm_kb(pid: int, field: str) -> int:
@@ -201,7 +162,7 @@ async def test_idle_sockets_from_one_host_leave_the_pos_served(gateway):
     try:
         await asyncio.sleep(0.3)  # the gateway has seen them all
         quote = request_bytes("POST", "/lanes/1/quote", {"lines": basket(3), "member": False},
-                              port=gateway.port, token=gateway.token)
+                              port=gateway.port, token=gateway.tokens["pos"])
         answers, took = [], []
         for _ in range(30):  # a POS, one call after the other
             t0 = time.monotonic()
@@ -256,7 +217,7 @@ async def test_a_500_line_basket_reaches_the_quote_intact(gateway):
     body = json.dumps({"lines": basket(500), "member": False}).encode()
     assert len(body) > 64 * 1024  # Microdot's 16 KiB body default refused ~124 lines
     status, quote = await send(gateway.port, request_bytes("POST", "/lanes/1/quote", body, port=gateway.port,
-                                                           token=gateway.token))
+                                                           token=gateway.tokens["pos"]))
     assert status == 200, quote
     assert len(quote["lines"]) == 500
     assert quote["total"] == sum(l["qty"] * l["unit_price"] for l in basket(500))

@@ -33,7 +33,7 @@ from hq_bridge.accounts import AccountStore, import_members
 from hq_bridge.lookup import LookupService
 from hq_bridge.rules import _read_doc, read_table_file
 from tests.pg import hq_db_url, pg_server  # noqa: F401  (fixtures)
-from tests.support import install_rules
+from tests.support import install_rules, zlib_bomb
 from tests.test_counter import CASH, EXAMPLES, GOLD, basket
 from wire.messages import AccountQuery, AccountReply, WireError
 from wire.topics import Topics
@@ -206,7 +206,7 @@ async def test_offline_tap_does_not_wait(tmp_path, broker):
 
 
 def bomb(declared: int = 1 << 20) -> bytes:
-    return struct.pack(">4sI", b"SGZ1", declared) + zlib.compress(b"[" * declared)
+    return struct.pack(">4sI", b"SGZ1", declared) + zlib_bomb(declared, b"[")
 
 
 async def test_garbage_and_forged_replies_are_ignored(tmp_path, broker, hq):

@@ -113,7 +113,7 @@ async def test_remove_and_present_again_is_a_second_tap(pcscd, cards):
         card.insert()
         await events.wait_for(1)
         card.remove()
-        await asyncio.sleep(1.0)  # let pcscd see it leave (it polls every 400 ms)
+        await asyncio.to_thread(pcsc_env.wait_for_no_card)  # pcscd has seen it leave (it polls every 400 ms)
         card.insert()
         second = await events.wait_for(2)
         assert second.raw == GOLD_UID
@@ -148,7 +148,7 @@ async def test_card_on_the_reader_before_start_is_not_a_tap(pcscd, cards):
         assert reader.state == "ready"
         await events.quiet(0)
         card.remove()
-        await asyncio.sleep(1.0)
+        await asyncio.to_thread(pcsc_env.wait_for_no_card)
         card.insert()
         assert (await events.wait_for(1)).raw == GOLD_UID
     finally:
@@ -170,7 +170,7 @@ async def test_card_pulled_away_mid_read_is_tap_again(pcscd, cards, pulled_at):
         # Presented again, whole: a normal read.
         card.pull_away_on = None
         await until(lambda: not card.present, what="the card to leave")
-        await asyncio.sleep(1.0)
+        await asyncio.to_thread(pcsc_env.wait_for_no_card)
         card.insert()
         read = await events.wait_for(2)
         assert isinstance(read, NfcRead) and read.data[:len(MEMBER_DATA)] == MEMBER_DATA
@@ -274,7 +274,7 @@ async def test_ntag424_sun_taps(pcscd, cards, tmp_path):
             read = await events.wait_for(n)
             assert (read.raw, read.sun, read.counter) == (DNA_UID, "ok", expected_counter)
             card.remove()
-            await asyncio.sleep(1.0)
+            await asyncio.to_thread(pcsc_env.wait_for_no_card)
         assert verifier.counters.last(bytes.fromhex(DNA_UID)) == 43
 
         # A clone that recorded the last message and plays it back.
@@ -285,7 +285,7 @@ async def test_ntag424_sun_taps(pcscd, cards, tmp_path):
         read = await events.wait_for(3)
         assert read.sun == "replayed" and read.counter is None
         clone.remove()
-        await asyncio.sleep(1.0)
+        await asyncio.to_thread(pcsc_env.wait_for_no_card)
 
         # A card of another programme (other keys).
         stranger = Ntag424Dna(pcscd.port, "04AABBCCDDEE80", meta_read_key=KEY_META, file_read_key=bytes(16))
@@ -293,7 +293,7 @@ async def test_ntag424_sun_taps(pcscd, cards, tmp_path):
         stranger.insert()
         assert (await events.wait_for(4)).sun == "bad_mac"
         stranger.remove()
-        await asyncio.sleep(1.0)
+        await asyncio.to_thread(pcsc_env.wait_for_no_card)
 
         # An NTAG215 has no NDEF application to select.
         cards.append(Ntag215(pcscd.port, GOLD_UID).insert())
@@ -476,7 +476,7 @@ async def test_gateway_lane_on_a_pcsc_reader(pcscd, cards, tmp_path, broker):
 
         card.remove()
         await until(lambda: not card.present, what="the card to leave")
-        await asyncio.sleep(1.0)
+        await asyncio.to_thread(pcsc_env.wait_for_no_card)
         card.pull_away_on = lambda apdu: apdu[1] == 0xCA     # pulled away during the UID read
         card.insert()
         tap = await asyncio.wait_for(taps.get(), EVENT_TIMEOUT)

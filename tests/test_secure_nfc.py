@@ -23,6 +23,7 @@ from gateway.core.reasons import reason_text
 from hardware.nfc import NfcRead, PcscReader
 from cards.ntag424 import diversify_key
 from hardware.readers import CardRead
+from tests import pcsc_env
 from tests.test_nfc import EVENT_TIMEOUT, READER, Events, cards, pcscd, until  # noqa: F401 (fixtures)
 from tests.vcard import Ntag215, Ntag424Dna
 
@@ -252,7 +253,7 @@ async def test_pcsc_reader_hands_sun_messages_to_the_gateway_check(pcscd, cards,
         read = await events.wait_for(n)
         c.remove()
         await until(lambda: not c.present, what="the card to leave")
-        await asyncio.sleep(1.0)
+        await asyncio.to_thread(pcsc_env.wait_for_no_card)
         return read, *(await secure.check(read, current["rules"]))
 
     try:
@@ -324,7 +325,7 @@ async def test_gateway_pcsc_lane_refuses_clones_of_secure_cards(pcscd, cards, tm
             event = await asyncio.wait_for(taps.get(), EVENT_TIMEOUT)
             c.remove()
             await until(lambda: not c.present, what="the card to leave")
-            await asyncio.sleep(1.0)
+            await asyncio.to_thread(pcsc_env.wait_for_no_card)
             return event
 
         genuine = Ntag424Dna(pcscd.port, SECURE_UID, meta_read_key=META,

@@ -15,9 +15,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from demo.testbed import free_port, http_json, provision_terminals, wait_for_port
+from demo.testbed import http_json
 from gateway.shell.status_page import choose_language
-from gateway.store.rules import RulesStore
 from tests import support
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -45,25 +44,7 @@ def gateway(tmp_path_factory):
     """`storegate run` with the demo rules, no broker (the link to HQ is down), a
     simulated reader on lane 1, a lane terminal on lane 2 with a scanner that is
     not plugged in; one member tap and one sale waiting for HQ."""
-    tmp = tmp_path_factory.mktemp("status-page")
-    data_dir = tmp / "store"
-    hq_key = support.test_hq_public_key()
-    support.install_rules(RulesStore(data_dir / "rules", "S001", public_keys=[hq_key]))
-    tokens = provision_terminals(data_dir / "terminals.json")
-    port = free_port()
-    config = tmp / "gateway.toml"
-    config.write_text(f"""
-[store]
-id = "S001"
-data_dir = "{data_dir}"
-[mqtt]
-host = "127.0.0.1"
-port = {free_port()}
-[api]
-host = "127.0.0.1"
-port = {port}
-[rules]
-hq_public_keys = ["{hq_key}"]
+    lanes = """
 [[lanes]]
 id = "1"
 reader = "simulated"
@@ -73,29 +54,15 @@ reader = "terminal"
 [[lanes.hid]]
 kind = "scanner"
 device = "/dev/input/by-id/usb-not-plugged-in-event-kbd"
-""")
-    log_path = tmp / "gateway.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([str(support.BIN / "storegate"), "run", "--config", str(config)], stdout=log_file,
-                                stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port, 20)
-        assert http_json(port, "POST", "/lanes/1/taps", {"source": "nfc", "raw": support.GOLD_UID},
-                         token=tokens["lane_terminal"])[1]["verdict"] == "accept"
-        assert http_json(port, "POST", "/lanes/1/sales", support.sale_body("pos1-page-1", member=True),
-                         token=tokens["pos"])[0] == 201
-    except BaseException:
-        proc.kill()
-        raise AssertionError(f"gateway did not start:\n{log_path.read_text()[-3000:]}") from None
-
-    class Gw:
-        pass
-
-    gw = Gw()
-    gw.port, gw.tokens, gw.tmp = port, tokens, tmp
-    yield gw
-    proc.terminate()
-    proc.wait(15)
+"""
+    with support.offline_gateway(tmp_path_factory.mktemp("status-page"), lanes=lanes) as gw:
+        tap = http_json(gw.port, "POST", "/lanes/1/taps", {"source": "nfc", "raw": support.GOLD_UID},
+                        token=gw.tokens["lane_terminal"])
+        assert tap[1]["verdict"] == "accept", (tap, gw.log()[-3000:])
+        sale = http_json(gw.port, "POST", "/lanes/1/sales", support.sale_body("pos1-page-1", member=True),
+                         token=gw.tokens["pos"])
+        assert sale[0] == 201, (sale, gw.log()[-3000:])
+        yield gw
 
 
 class Texts(HTMLParser):

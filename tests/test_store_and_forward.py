@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.support import (HQ, GatewayProc, PosLanes, ProxyThread, assert_hq_holds_exactly, sale_body,
+from tests.support import (HQ, GatewayProc, PosLanes, RefusingProxyThread, assert_hq_holds_exactly, sale_body,
                            wait_until)
 
 
@@ -86,7 +86,7 @@ def test_broker_and_hq_restarted_during_a_long_drain(tmp_path, broker):
 
 
 def test_link_latency_drop_and_stall(tmp_path, broker):
-    proxy = ProxyThread(broker.port, latency_s=0.025)   # 50 ms round trip
+    proxy = RefusingProxyThread(broker.port, latency_s=0.025)   # 50 ms round trip
     hq, gw = _store(tmp_path, proxy.port, broker_port=broker.port)
     pos = PosLanes(gw, lanes=("1", "2")).start()
     try:
@@ -114,7 +114,7 @@ def test_link_latency_drop_and_stall(tmp_path, broker):
 def test_damaged_journal_between_runs_is_recovered_and_reported(tmp_path, broker):
     # The store is offline while it sells, so the records exist only in its
     # journal (with the link up, copies already at the broker would reach HQ).
-    proxy = ProxyThread(broker.port)
+    proxy = RefusingProxyThread(broker.port)
     hq, gw = _store(tmp_path, proxy.port, broker_port=broker.port, uplink={"status_interval_s": 1})
     try:
         hq.stop()
